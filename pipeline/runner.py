@@ -1,0 +1,102 @@
+"""Run stage workers: several in one event loop, or one process per worker.
+
+In one process, every worker gets its own blocking-read connection and shares
+one command connection pool; SIGTERM or SIGINT sets each worker's stop flag,
+every worker finishes the batch in hand, and the process exits. The process
+supervisor starts ``devsched worker NAME`` children, restarts one that crashes
+(with a back-off), and on SIGTERM passes it on and waits for them to drain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from redis.asyncio import Redis
+
+from pipeline.clock import Clock
+from pipeline.connections import blocking_reader
+from pipeline.settings import Settings
+from pipeline.worker import Stage, StageWorker
+
+log = logging.getLogger("devsched.runner")
+
+Background = Callable[[asyncio.Event], Awaitable[None]]
+DRAIN_TIMEOUT_S = 15.0
+"""How long the supervisor waits for children to drain before killing them."""
+
+
+async def run_workers(
+    stages: Sequence[Stage], redis: Redis, settings: Settings, clock: Clock, *,
+    dead_stream: str, background: Sequence[Background] = (), stop: asyncio.Event | None = None,
+    install_signals: bool = True,
+) -> None:
+    stop = stop or asyncio.Event()
+    readers = [blocking_reader(settings) for _ in stages]
+    workers = [
+        StageWorker(stage, redis, reader, settings, clock, dead_stream=dead_stream)
+        for stage, reader in zip(stages, readers)
+    ]
+    if install_signals:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+
+    async def watch() -> None:
+        await stop.wait()
+        for w in workers:
+            w.stop()
+
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    tasks += [asyncio.create_task(job(stop)) for job in background]
+    watcher = asyncio.create_task(watch())
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        stop.set()
+        await watcher
+        for reader in readers:
+            await reader.aclose()
+
+
+def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
+    """Run child processes until SIGTERM/SIGINT; restart crashed ones."""
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    children = [subprocess.Popen(cmd) for cmd in commands]
+    backoff = [0.5] * len(children)
+    while not stopping:
+        time.sleep(0.2)
+        for i, child in enumerate(children):
+            code = child.poll()
+            if code is not None and not stopping and restart:
+                log.error("worker %s exited with %s; restarting", commands[i], code)
+                time.sleep(backoff[i])
+                backoff[i] = min(backoff[i] * 2, 10.0)
+                children[i] = subprocess.Popen(commands[i])
+    for child in children:
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    for child in children:
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()
+    return 0
+
+
+def worker_command(stage: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "worker", stage]

@@ -1,0 +1,335 @@
+"""The consumer-group worker loop: read a batch, hand it to a stage, repeat.
+
+What it promises:
+
+* **At-least-once delivery, exactly-once effects.** A stage's ``handle`` gets a
+  batch and must make its effects and ack the entries in one atomic step (one
+  script or one MULTI/EXEC). If ``handle`` raises, nothing is acked: the
+  entries stay pending and come back. A crash anywhere leaves every entry
+  either fully done and acked, or not done and pending.
+* **A poison entry cannot block a batch.** When a batch fails, its entries are
+  retried one at a time; the ones that still fail stay pending with their
+  error recorded (``<prefix>:errors:<group>``, with a TTL so a crash cannot
+  leave it forever).
+* **Dead consumers are reclaimed.** Every ``claim_every_ms`` the worker runs
+  XAUTOCLAIM for entries idle longer than ``claim_idle_ms``, keeping the
+  cursor between calls so entries beyond the first page are reached too, at
+  most ``RECLAIM_PAGE`` entries per call so one call stays cheap. An entry
+  delivered more than ``max_deliveries`` times is moved to the dead stream
+  with stage, error and delivery count, atomically with its ack.
+* **Reads never hang and are never cut.** XREADGROUP blocks at most
+  ``block_ms`` on a connection of its own whose socket timeout is longer than
+  that; the loop stops by a flag checked between reads, never by cancelling a
+  read in flight. On stop the current batch finishes, then the loop exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from pipeline import metrics
+from pipeline.clock import Clock
+from pipeline.settings import Settings
+
+log = logging.getLogger("devsched.worker")
+
+RECLAIM_PAGE = 100
+"""Most entries one XAUTOCLAIM call takes over."""
+ERROR_TTL_S = 7 * 86_400
+"""How long the last error of a pending entry is remembered."""
+TRANSIENT_BACKOFF_MIN_S = 0.1
+TRANSIENT_BACKOFF_MAX_S = 5.0
+"""Bounds of the back-off while a dependency is down."""
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    stream: str
+    id: str
+    fields: dict[bytes, bytes]
+    deliveries: int = 1
+
+    @property
+    def data(self) -> bytes:
+        return self.fields.get(b"d", b"")
+
+
+class Transient(Exception):
+    """Raised by a stage when a dependency (PostgreSQL, an HTTP service) is down.
+
+    The worker keeps the batch, backs off and retries it until it succeeds or the
+    worker stops, refreshing its claim (XCLAIM JUSTID: no delivery is counted) so
+    that an outage never pushes entries to the dead stream.
+    """
+
+
+class Stage(Protocol):
+    """What the runtime drives. ``group`` is the consumer group's name."""
+
+    group: str
+    streams: Sequence[str]
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        """Make the batch's effects and ack all of ``entries`` atomically; raise to retry."""
+        ...
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+async def ensure_group(redis: Redis, stream: str, group: str) -> None:
+    """Create the group at the start of the stream (so nothing written earlier is skipped)."""
+    try:
+        await redis.xgroup_create(stream, group, id="0", mkstream=True)
+    except ResponseError as exc:
+        if "BUSYGROUP" not in str(exc):
+            raise
+
+
+class StageWorker:
+    def __init__(
+        self,
+        stage: Stage,
+        redis: Redis,
+        reader: Redis,
+        settings: Settings,
+        clock: Clock,
+        *,
+        consumer: str | None = None,
+        dead_stream: str,
+    ) -> None:
+        self.stage = stage
+        self.redis = redis
+        self.reader = reader
+        self.settings = settings
+        self.clock = clock
+        self.consumer = consumer or consumer_name()
+        self.dead_stream = dead_stream
+        self.errors_key = f"{settings.prefix}:errors:{stage.group}"
+        self._stopping = False
+        self._cursors: dict[str, str] = {s: "0-0" for s in stage.streams}
+        self._last_claim = 0.0
+        self._label = stage.group
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def setup(self) -> None:
+        for stream in self.stage.streams:
+            await ensure_group(self.redis, stream, self.stage.group)
+
+    async def run(self) -> None:
+        await self.setup()
+        log.info("worker started", extra={"stage": self.stage.group, "consumer": self.consumer})
+        while not self._stopping:
+            try:
+                await self.run_once()
+            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+                log.warning("redis unavailable, retrying: %s", exc, extra={"stage": self._label})
+                await asyncio.sleep(0.5)
+        log.info("worker stopped", extra={"stage": self.stage.group, "consumer": self.consumer})
+
+    async def run_once(self, block_ms: int | None = None) -> int:
+        """One turn: reclaim if due, read one batch, handle it. Returns entries handled."""
+        done = 0
+        if time.monotonic() - self._last_claim >= self.settings.claim_every_ms / 1000:
+            self._last_claim = time.monotonic()
+            done += await self.reclaim()
+            await self.sample()
+        entries = await self.read(self.settings.block_ms if block_ms is None else block_ms)
+        if entries:
+            done += await self.process(entries)
+        return done
+
+    async def read(self, block_ms: int) -> list[Entry]:
+        reply = await self.reader.xreadgroup(
+            self.stage.group,
+            self.consumer,
+            {s: ">" for s in self.stage.streams},
+            count=self.settings.batch_size,
+            block=block_ms or None,
+        )
+        entries: list[Entry] = []
+        for stream, items in reply or []:
+            name = stream.decode() if isinstance(stream, bytes) else stream
+            for entry_id, fields in items:
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                entries.append(Entry(name, eid, fields or {}))
+        return entries
+
+    async def process(self, entries: list[Entry]) -> int:
+        metrics.CONSUMED.labels(self._label).inc(len(entries))
+        started = time.perf_counter()
+        try:
+            await self._handle_through_outages(entries)
+        except Transient:
+            return 0  # stopping during an outage: the batch stays pending for later
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the batch pending
+            if len(entries) == 1:
+                await self._record_failure(entries[0], exc)
+                return 0
+            log.warning("batch failed, retrying one by one: %r", exc, extra={"stage": self._label})
+            done = 0
+            for entry in entries:
+                try:
+                    await self._handle_through_outages([entry])
+                    done += 1
+                except Transient:
+                    return done
+                except Exception as one_exc:  # noqa: BLE001
+                    await self._record_failure(entry, one_exc)
+            metrics.HANDLED.labels(self._label).inc(done)
+            return done
+        metrics.BATCH_SECONDS.labels(self._label).observe(time.perf_counter() - started)
+        metrics.HANDLED.labels(self._label).inc(len(entries))
+        return len(entries)
+
+    async def _handle_through_outages(self, entries: list[Entry]) -> None:
+        backoff = TRANSIENT_BACKOFF_MIN_S
+        while True:
+            try:
+                await self.stage.handle(entries)
+                return
+            except Transient as exc:
+                if self._stopping:
+                    raise
+                log.warning("dependency down, retrying in %.1fs: %s", backoff, exc,
+                            extra={"stage": self._label})
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, TRANSIENT_BACKOFF_MAX_S)
+                await self._keep_claim(entries)
+
+    async def _keep_claim(self, entries: list[Entry]) -> None:
+        by_stream: dict[str, list[str]] = {}
+        for entry in entries:
+            by_stream.setdefault(entry.stream, []).append(entry.id)
+        for stream, ids in by_stream.items():
+            await self.redis.execute_command(
+                "XCLAIM", stream, self.stage.group, self.consumer, 0, *ids, "JUSTID"
+            )
+
+    async def _record_failure(self, entry: Entry, exc: BaseException) -> None:
+        metrics.FAILED.labels(self._label).inc()
+        text = f"{type(exc).__name__}: {exc}"[:1000]
+        log.error(
+            "entry failed: %s",
+            text,
+            extra={"stage": self._label, "stream": entry.stream, "entry": entry.id},
+        )
+        field = f"{entry.stream}/{entry.id}"
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hset(self.errors_key, field, text)
+            pipe.expire(self.errors_key, ERROR_TTL_S)
+            await pipe.execute()
+
+    async def reclaim(self) -> int:
+        """Take over entries idle past claim_idle_ms; dead-letter those delivered too often."""
+        done = 0
+        for stream in self.stage.streams:
+            cursor = self._cursors[stream]
+            reply = await self.redis.execute_command(
+                "XAUTOCLAIM", stream, self.stage.group, self.consumer,
+                self.settings.claim_idle_ms, cursor, "COUNT", RECLAIM_PAGE,
+            )
+            # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
+            next_cursor, items = reply[0], reply[1]
+            self._cursors[stream] = (
+                next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
+            )
+            claimed: list[Entry] = []
+            vanished: list[str] = []
+            for item in items:
+                if item is None:
+                    continue
+                entry_id, fields = item[0], item[1]
+                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                if fields is None:
+                    vanished.append(eid)
+                    continue
+                pairs = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
+                claimed.append(Entry(stream, eid, pairs))
+            if vanished:
+                await self.redis.xack(stream, self.stage.group, *vanished)
+            if not claimed:
+                continue
+            metrics.RECLAIMED.labels(self._label).inc(len(claimed))
+            counts = await self._delivery_counts(stream, claimed)
+            fresh: list[Entry] = []
+            for entry in claimed:
+                n = counts.get(entry.id, 1)
+                if n > self.settings.max_deliveries:
+                    await self.dead_letter(entry, n)
+                else:
+                    fresh.append(Entry(entry.stream, entry.id, entry.fields, n))
+            if fresh:
+                done += await self.process(fresh)
+        return done
+
+    async def _delivery_counts(self, stream: str, entries: list[Entry]) -> dict[str, int]:
+        rows = await self.redis.xpending_range(
+            stream, self.stage.group, min=entries[0].id, max=entries[-1].id,
+            count=len(entries) + RECLAIM_PAGE, consumername=self.consumer,
+        )
+        counts: dict[str, int] = {}
+        for row in rows:
+            mid = row["message_id"]
+            counts[mid.decode() if isinstance(mid, bytes) else mid] = int(row["times_delivered"])
+        return counts
+
+    async def dead_letter(self, entry: Entry, deliveries: int) -> None:
+        """Move one entry to the dead stream with why, and ack it, atomically."""
+        from schemas.messages import DeadLetter, encoder  # the runtime's one schema
+
+        field = f"{entry.stream}/{entry.id}"
+        error = await self.redis.hget(self.errors_key, field)
+        letter = DeadLetter(
+            stage=self.stage.group,
+            stream=entry.stream,
+            entry_id=entry.id,
+            error=(error.decode() if error else "delivered too many times"),
+            deliveries=deliveries,
+            payload=entry.data.decode("utf-8", "replace"),
+            at_ms=self.clock.now_ms(),
+        )
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.dead_stream, {"d": encoder.encode(letter)})
+            pipe.xack(entry.stream, self.stage.group, entry.id)
+            pipe.hdel(self.errors_key, field)
+            await pipe.execute()
+        metrics.DEAD_LETTERED.labels(self._label).inc()
+        log.error(
+            "dead-lettered after %d deliveries: %s", deliveries, letter.error,
+            extra={"stage": self._label, "stream": entry.stream, "entry": entry.id},
+        )
+
+    async def sample(self) -> None:
+        """Update the pending and lag gauges of this stage's groups."""
+        for stream in self.stage.streams:
+            try:
+                groups = await self.redis.xinfo_groups(stream)
+            except ResponseError:
+                continue
+            for g in groups:
+                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                if name != self.stage.group:
+                    continue
+                metrics.PENDING.labels(self._label, stream).set(int(g.get("pending", 0)))
+                lag = g.get("lag")
+                if lag is not None:
+                    metrics.LAG.labels(self._label, stream).set(int(lag))

@@ -1,0 +1,101 @@
+"""Stream names, consumer-group names and Redis key names, in one place.
+
+Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, so
+each family hashes to one slot. The Lua scripts build the same names from the
+prefix; this module is the reference both follow (see docs/redis-keys.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GROUP_QUOTA = "quota"
+GROUP_SELECT = "select"
+GROUP_PERSIST = "persist"
+GROUP_BILL = "bill"
+GROUP_NOTIFY = "notify"
+GROUP_TIMERS = "timers"
+
+
+@dataclass(frozen=True)
+class Keys:
+    prefix: str = "ds"
+
+    # streams
+    @property
+    def requests(self) -> str:
+        return f"{self.prefix}:requests"
+
+    @property
+    def admitted(self) -> str:
+        return f"{self.prefix}:admitted"
+
+    @property
+    def changes(self) -> str:
+        return f"{self.prefix}:changes"
+
+    @property
+    def ticks(self) -> str:
+        return f"{self.prefix}:ticks"
+
+    @property
+    def dead(self) -> str:
+        return f"{self.prefix}:dead"
+
+    @property
+    def notifications(self) -> str:
+        return f"{self.prefix}:notifications"
+
+    def reply(self, client_id: str) -> str:
+        return f"{self.prefix}:reply:{client_id}"
+
+    def errors(self, group: str) -> str:
+        """Hash entry id -> last error text of a failed delivery (with a TTL)."""
+        return f"{self.prefix}:errors:{group}"
+
+    # device side, tag {pool}
+    @property
+    def pools(self) -> str:
+        return f"{self.prefix}:{{pool}}:pools"
+
+    def free(self, pool: str) -> str:
+        return f"{self.prefix}:{{pool}}:free:{pool}"
+
+    def device(self, device_id: str) -> str:
+        return f"{self.prefix}:{{pool}}:dev:{device_id}"
+
+    @property
+    def devices(self) -> str:
+        return f"{self.prefix}:{{pool}}:devices"
+
+    def allocation(self, allocation_id: str) -> str:
+        return f"{self.prefix}:{{pool}}:alloc:{allocation_id}"
+
+    @property
+    def active(self) -> str:
+        return f"{self.prefix}:{{pool}}:active"
+
+    @property
+    def expiry(self) -> str:
+        return f"{self.prefix}:{{pool}}:expiry"
+
+    @property
+    def stats(self) -> str:
+        return f"{self.prefix}:{{pool}}:stats"
+
+    # user side, tag {u:ID}
+    def quota(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:quota"
+
+    def usage(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:usage"
+
+    def holds(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:holds"
+
+    def user_allocations(self, user_id: str) -> str:
+        return f"{self.prefix}:{{u:{user_id}}}:allocs"
+
+    @property
+    def users(self) -> str:
+        return f"{self.prefix}:users"

@@ -1,0 +1,256 @@
+"""Every message on every stream, as msgspec Structs.
+
+Wire format (see docs/wire-format.md): each stream entry carries one field,
+``d``, whose value is a UTF-8 JSON object. The public request stream takes the
+tagged union :data:`Request` (``"type": "allocate" | "release"``); replies on a
+producer's reply stream are the tagged union :data:`Reply` (``"type":
+"allocated" | "released" | "failed"``). Constraints live in the types, so a
+value out of range fails at decode with a message naming the field.
+
+Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+Id = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:@\-]+$")]
+"""Identifiers: users, tenants, devices, requests. No spaces or braces."""
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+StreamKey = Annotated[str, Meta(min_length=1, max_length=200)]
+Minutes = Annotated[int, Meta(gt=0, le=525_600)]
+"""Allocation length in minutes: more than 0, at most a year."""
+Cores = Annotated[int, Meta(ge=0, le=4096)]
+MegaBytes = Annotated[int, Meta(ge=0, le=1 << 30)]
+Priority = Annotated[int, Meta(ge=0, le=9)]
+
+FailureReason = Literal[
+    "no_available_devices",
+    "quota_exceeded",
+    "user_suspended",
+    "billing_overdue",
+    "invalid_request",
+    "not_owner",
+    "not_found",
+    "timed_out",
+]
+
+
+# --- requests (public stream) ------------------------------------------------
+
+
+class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True, forbid_unknown_fields=True):
+    """Ask for one device for ``duration_minutes``."""
+
+    request_id: Id
+    """Idempotency key: the same id always gets the first answer."""
+    user_id: Id
+    reply_to: StreamKey
+    """Stream the reply is added to (one per producer)."""
+    tenant_id: Id | None = None
+    duration_minutes: Minutes = 60
+    min_cpu_cores: Cores = 0
+    min_memory_mb: MegaBytes = 0
+    pool: Id | None = None
+    model: Name | None = None
+    priority: Priority = 0
+    sent_at_ms: int | None = None
+
+
+class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forbid_unknown_fields=True):
+    """Give a device back, named by allocation id or device id."""
+
+    request_id: Id
+    reply_to: StreamKey
+    allocation_id: Id | None = None
+    device_id: Id | None = None
+    user_id: Id | None = None
+    """When set, only this user's allocation may be released."""
+    sent_at_ms: int | None = None
+
+
+Request = AllocateRequest | ReleaseRequest
+
+
+# --- replies (a producer's reply stream) ------------------------------------
+
+
+class DeviceInfo(Struct, kw_only=True):
+    id: str
+    name: str
+    status: str
+
+
+class Allocated(Struct, tag_field="type", tag="allocated", kw_only=True):
+    request_id: str
+    allocation_id: str
+    device: DeviceInfo
+    user_id: str
+    allocated_at_ms: int
+    expires_at_ms: int
+    adb_host: str
+    adb_port: int
+
+
+class Released(Struct, tag_field="type", tag="released", kw_only=True):
+    request_id: str
+    allocation_id: str
+    device_id: str
+    user_id: str
+    released_at_ms: int
+    duration_seconds: int
+    already_released: bool = False
+    """True when the allocation was closed before: nothing changed."""
+    status: str = "released"
+    """How the allocation ended: released or expired."""
+
+
+class Failed(Struct, tag_field="type", tag="failed", kw_only=True):
+    request_id: str
+    reason: FailureReason
+    message: str
+    remaining_devices: int | None = None
+
+
+Reply = Allocated | Released | Failed
+
+
+# --- internal streams ---------------------------------------------------------
+
+
+class AllocationChange(Struct, tag_field="kind", tag="allocation", kw_only=True):
+    """One state change of one allocation; ``version`` grows by one per change."""
+
+    allocation_id: str
+    device_id: str
+    user_id: str
+    tenant_id: str | None = None
+    request_id: str
+    status: Literal["allocated", "released", "expired"]
+    allocated_at_ms: int
+    expires_at_ms: int
+    released_at_ms: int | None = None
+    duration_minutes: int
+    duration_seconds: int | None = None
+    cpu_cores: int
+    memory_mb: int
+    storage_mb: int
+    pool: str
+    version: int
+    at_ms: int
+
+
+class RequestRejected(Struct, tag_field="kind", tag="rejected", kw_only=True):
+    """A request that got a failure reply (for notify and outbound events)."""
+
+    request_id: str
+    user_id: str | None = None
+    tenant_id: str | None = None
+    reason: FailureReason
+    message: str
+    at_ms: int
+
+
+class DeviceUpserted(Struct, tag_field="kind", tag="device", kw_only=True):
+    device_id: str
+    name: str
+    pool: str
+    model: str
+    host: str
+    adb_host: str
+    adb_port: int
+    cpu_cores: int
+    memory_mb: int
+    storage_mb: int
+    status: str
+    version: int
+    at_ms: int
+
+
+class QuotaSet(Struct, tag_field="kind", tag="quota", kw_only=True):
+    user_id: str
+    status: str
+    expires_at_ms: int | None = None
+    max_devices: int
+    max_cpu_per_device: int
+    max_memory_mb_per_device: int
+    total_cpu_cores: int
+    total_memory_gb: int
+    total_storage_gb: int
+    version: int
+    at_ms: int
+
+
+Change = AllocationChange | RequestRejected | DeviceUpserted | QuotaSet
+
+
+class Tick(Struct, kw_only=True):
+    at_ms: int
+
+
+class DeadLetter(Struct, kw_only=True):
+    """An entry a stage gave up on, with why; replayable onto ``stream``."""
+
+    stage: str
+    stream: str
+    entry_id: str
+    error: str
+    deliveries: int
+    payload: str
+    at_ms: int
+
+
+class Notification(Struct, kw_only=True):
+    event: str
+    user_id: str | None = None
+    tenant_id: str | None = None
+    allocation_id: str | None = None
+    device_id: str | None = None
+    request_id: str | None = None
+    reason: str | None = None
+    message: str
+    channels: list[str] = msgspec.field(default_factory=lambda: ["webhook"])
+    at_ms: int
+
+
+# --- records ------------------------------------------------------------------
+
+
+class DeviceSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    id: Id
+    name: Name | None = None
+    pool: Id = "default"
+    model: Name = "generic"
+    host: Name = "node-1"
+    adb_host: Name = "127.0.0.1"
+    adb_port: Annotated[int, Meta(ge=1, le=65535)] = 5555
+    cpu_cores: Annotated[int, Meta(ge=1, le=4096)] = 2
+    memory_mb: Annotated[int, Meta(ge=1, le=1 << 30)] = 4096
+    storage_mb: Annotated[int, Meta(ge=0, le=1 << 30)] = 32768
+
+
+class QuotaSpec(Struct, kw_only=True, forbid_unknown_fields=True):
+    user_id: Id
+    status: Literal["active", "suspended", "expired", "overdue"] = "active"
+    expires_at_ms: int | None = None
+    max_devices: Annotated[int, Meta(ge=0, le=100_000)] = 10
+    max_cpu_per_device: Annotated[int, Meta(ge=0, le=4096)] = 16
+    max_memory_mb_per_device: Annotated[int, Meta(ge=0, le=1 << 30)] = 65536
+    total_cpu_cores: Annotated[int, Meta(ge=0, le=1 << 30)] = 160
+    total_memory_gb: Annotated[int, Meta(ge=0, le=1 << 30)] = 640
+    total_storage_gb: Annotated[int, Meta(ge=0, le=1 << 30)] = 10240
+
+
+# Encoders and decoders, made once.
+encoder = msgspec.json.Encoder()
+request_decoder = msgspec.json.Decoder(Request)
+reply_decoder = msgspec.json.Decoder(Reply)
+change_decoder = msgspec.json.Decoder(Change)
+dead_decoder = msgspec.json.Decoder(DeadLetter)
+notification_decoder = msgspec.json.Decoder(Notification)
+tick_decoder = msgspec.json.Decoder(Tick)
+
+PUBLIC_TYPES: dict[str, object] = {"Request": Request, "Reply": Reply}

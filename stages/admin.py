@@ -1,0 +1,127 @@
+"""Administrative operations: add devices, set quotas, read live state.
+
+Adding a device and setting a quota go through admin.lua: the Redis state and a
+change record on the changes stream in one step, so PostgreSQL receives them
+by the same write-behind as allocations. The readers here (stats, devices,
+audit) only read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+
+from pipeline.clock import Clock
+from schemas.keys import Keys
+from schemas.messages import DeviceSpec, QuotaSpec
+from stages.scripts import ADMIN
+
+
+async def add_devices(redis: Redis, keys: Keys, clock: Clock, specs: list[DeviceSpec]) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for d in specs:
+            await ADMIN(pipe, [keys.changes], [
+                keys.prefix, clock.now_ms(), "device", d.id, d.name or d.id, d.pool, d.model,
+                d.host, d.adb_host, d.adb_port, d.cpu_cores, d.memory_mb, d.storage_mb,
+            ])
+        await ADMIN.load(redis)
+        await pipe.execute()
+
+
+async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaSpec]) -> None:
+    async with redis.pipeline(transaction=False) as pipe:
+        for q in quotas:
+            await ADMIN(pipe, [keys.changes], [
+                keys.prefix, clock.now_ms(), "quota", q.user_id, q.status,
+                "" if q.expires_at_ms is None else q.expires_at_ms, q.max_devices,
+                q.max_cpu_per_device, q.max_memory_mb_per_device, q.total_cpu_cores,
+                q.total_memory_gb, q.total_storage_gb,
+            ])
+        await ADMIN.load(redis)
+        await pipe.execute()
+
+
+@dataclass
+class Stats:
+    devices: int
+    free: int
+    active: int
+    allocated_total: int
+    released_total: int
+    expired_total: int
+    strategy: str = "resource_based"
+
+
+async def stats(redis: Redis, keys: Keys) -> Stats:
+    pools = [p.decode() for p in await redis.smembers(keys.pools)]
+    free = 0
+    for pool in pools:
+        free += int(await redis.zcard(keys.free(pool)))
+    counters = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+    return Stats(
+        devices=int(await redis.scard(keys.devices)),
+        free=free,
+        active=int(await redis.scard(keys.active)),
+        allocated_total=counters.get("allocated", 0),
+        released_total=counters.get("released", 0),
+        expired_total=counters.get("expired", 0),
+    )
+
+
+async def list_devices(
+    redis: Redis, keys: Keys, *, pool: str | None = None, status: str | None = None,
+    offset: int = 0, limit: int = 50,
+) -> list[dict[str, str]]:
+    ids = sorted(m.decode() for m in await redis.smembers(keys.devices))
+    out: list[dict[str, str]] = []
+    for device_id in ids:
+        raw = await redis.hgetall(keys.device(device_id))
+        d = {k.decode(): v.decode() for k, v in raw.items()}
+        if pool and d.get("pool") != pool:
+            continue
+        if status and d.get("status") != status:
+            continue
+        out.append(d)
+    return out[offset: offset + limit]
+
+
+async def redis_allocations(redis: Redis, keys: Keys) -> dict[str, dict[str, str]]:
+    """Every allocation record still in Redis, active or recently closed."""
+    out: dict[str, dict[str, str]] = {}
+    pattern = keys.allocation("*")
+    async for key in redis.scan_iter(match=pattern, count=1000):
+        raw = await redis.hgetall(key)
+        aid = key.decode().rsplit(":", 1)[1]
+        out[aid] = {k.decode(): v.decode() for k, v in raw.items()}
+    return out
+
+
+async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
+    """Compare Redis with PostgreSQL: every allocation in Redis must be in PostgreSQL
+    with the same status and version, and the active sets must be equal."""
+    in_redis = await redis_allocations(redis, keys)
+    async with pg.acquire() as conn:
+        rows = await conn.fetch("SELECT id::text, status, version, duration_seconds FROM device_allocations")
+    in_pg = {r["id"]: r for r in rows}
+    mismatched = []
+    for aid, rec in in_redis.items():
+        row = in_pg.get(aid)
+        if row is None or row["status"] != rec["status"] or row["version"] != int(rec["version"]):
+            mismatched.append(aid)
+            continue
+        if rec.get("duration_seconds") and row["duration_seconds"] != int(rec["duration_seconds"]):
+            mismatched.append(aid)
+    redis_active = {m.decode() for m in await redis.smembers(keys.active)}
+    pg_active = {aid for aid, r in in_pg.items() if r["status"] == "allocated"}
+    return {
+        "redis_allocations": len(in_redis),
+        "pg_allocations": len(in_pg),
+        "redis_active": len(redis_active),
+        "pg_active": len(pg_active),
+        "mismatched": mismatched[:20],
+        "mismatched_count": len(mismatched),
+        "consistent": not mismatched and redis_active == pg_active,
+    }

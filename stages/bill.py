@@ -1,0 +1,59 @@
+"""bill: meters every closed allocation into the billing ledger, exactly once.
+
+Each ``released`` or ``expired`` change becomes one ledger row keyed by the
+allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
+statement and acked after commit: a redelivered change finds its row and adds
+nothing. Duration is the allocation's exact length in whole seconds. The export
+to an external billing service comes later; rows not yet exported are marked
+by ``exported_at IS NULL``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline.worker import Entry, Transient
+from schemas.keys import GROUP_BILL
+from schemas.messages import AllocationChange
+from stages.context import StageContext
+from stages.persist import TRANSIENT_PG_ERRORS, decode_changes, ts
+
+INSERT_LEDGER = """
+INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
+    duration_seconds, cpu_cores, memory_mb, end_reason)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+    $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[])
+ON CONFLICT (allocation_id) DO NOTHING
+"""
+
+
+class BillStage:
+    group = GROUP_BILL
+
+    def __init__(self, ctx: StageContext) -> None:
+        assert ctx.pg is not None, "bill needs PostgreSQL"
+        self.ctx = ctx
+        self.pg = ctx.pg
+        self.streams = [ctx.keys.changes]
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        closed = {
+            c.allocation_id: c
+            for c in decode_changes(entries)
+            if isinstance(c, AllocationChange) and c.status != "allocated"
+        }
+        if closed:
+            rows = list(closed.values())
+            try:
+                async with self.pg.acquire() as conn:
+                    await conn.execute(
+                        INSERT_LEDGER,
+                        [r.allocation_id for r in rows], [r.user_id for r in rows],
+                        [r.tenant_id for r in rows], [r.device_id for r in rows],
+                        [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
+                        [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
+                        [r.memory_mb for r in rows], [r.status for r in rows],
+                    )
+            except TRANSIENT_PG_ERRORS as exc:
+                raise Transient(f"PostgreSQL unavailable: {exc!r}") from exc
+        await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

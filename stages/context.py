@@ -1,0 +1,24 @@
+"""What every stage is built with: connections, settings, clock and key names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import asyncpg
+from redis.asyncio import Redis
+
+from pipeline.clock import Clock
+from pipeline.settings import Settings
+from schemas.keys import Keys
+
+
+@dataclass
+class StageContext:
+    redis: Redis
+    settings: Settings
+    clock: Clock
+    pg: asyncpg.Pool | None = None
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.settings.prefix)

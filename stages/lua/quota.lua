@@ -1,0 +1,133 @@
+-- quota: admit or refuse a batch of requests, and ack them, in one atomic step.
+-- KEYS: 1 requests stream, 2 admitted stream, 3 changes stream, 4 dead stream
+-- ARGV: 1 prefix, 2 group, 3 now_ms, 4 idempotency ttl s, 5 reply ttl s, 6 fail_open (1/0),
+--       7 item count, then items of STRIDE fields each, first field the op:
+--   A (allocate): entry, request_id, user_id, tenant_id, reply_to, min_cpu, min_mem, payload
+--   F (forward unchanged, e.g. release): entry, payload
+--   R (refuse, invalid input): entry, request_id, user_id, tenant_id, reply_to, reason, message
+--   D (dead-letter): entry, dead-letter json
+-- Per user it touches only keys tagged {u:ID}. An admitted allocation holds the most
+-- it may use (count 1 and per-resource caps) in the user's usage, so concurrent
+-- requests can never take a user past a limit; select settles the hold to the
+-- device's real size or gives it back. A request id already answered gets its
+-- first answer again and changes nothing. Returns {admitted, refused, dead}.
+local STRIDE = 9
+local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local idem_ttl, reply_ttl, fail_open = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
+local n = tonumber(ARGV[7])
+local requests, admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local acks = {}
+local n_admitted, n_refused, n_dead = 0, 0, 0
+
+local function refuse(rid, uid, tenant, reply_to, reason, message, remaining, idem_key)
+  local json = failed_json(rid, reason, message, remaining)
+  send_reply(reply_to, json, reply_ttl)
+  if idem_key then redis.call('SET', idem_key, json, 'EX', idem_ttl) end
+  emit_change(changes, {kind = 'rejected', request_id = rid, user_id = opt(uid), tenant_id = opt(tenant),
+    reason = reason, message = message, at_ms = now})
+  n_refused = n_refused + 1
+end
+
+local function num(v) return tonumber(v) or 0 end
+
+local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local holds = k_user(P, uid, 'holds')
+  local held = redis.call('HGET', holds, rid)
+  if held then
+    -- in flight already: hand it on again, select answers it once
+    redis.call('XADD', admitted, '*', 'd', payload, 'c', held)
+    n_admitted = n_admitted + 1
+    return
+  end
+  local q = redis.call('HMGET', k_user(P, uid, 'quota'), 'status', 'expires_at_ms', 'max_devices',
+    'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb',
+    'total_storage_gb')
+  local usage_key = k_user(P, uid, 'usage')
+  local u = redis.call('HMGET', usage_key, 'devices', 'cpu', 'mem', 'sto')
+  local used_dev, used_cpu, used_mem, used_sto = num(u[1]), num(u[2]), num(u[3]), num(u[4])
+  local cap_cpu, cap_mem, cap_sto
+  if not q[1] then
+    if not fail_open then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'No quota configured for user ' .. uid, 0, idem_key)
+    end
+    cap_cpu, cap_mem, cap_sto = 1073741824, 1073741824, 1073741824
+  else
+    local status = q[1]
+    if status == 'suspended' then
+      return refuse(rid, uid, tenant, reply_to, 'user_suspended', 'User ' .. uid .. ' is suspended', nil, idem_key)
+    elseif status == 'overdue' then
+      return refuse(rid, uid, tenant, reply_to, 'billing_overdue', 'Billing overdue for user ' .. uid, nil, idem_key)
+    elseif status ~= 'active' then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded', 'Quota is ' .. status, 0, idem_key)
+    end
+    if q[2] and q[2] ~= '' and tonumber(q[2]) <= now then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded', 'Quota expired', 0, idem_key)
+    end
+    local max_dev = num(q[3])
+    if used_dev >= max_dev then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'Device quota exceeded. Max: ' .. max_dev .. ', Current: ' .. used_dev, 0, idem_key)
+    end
+    local remaining = max_dev - used_dev
+    local per_cpu, per_mem = num(q[4]), num(q[5])
+    if min_cpu > per_cpu then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'CPU per device exceeds quota. Max: ' .. per_cpu .. ', Requested: ' .. min_cpu, remaining, idem_key)
+    end
+    if min_mem > per_mem then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'Memory per device exceeds quota. Max: ' .. per_mem .. ' MB, Requested: ' .. min_mem .. ' MB',
+        remaining, idem_key)
+    end
+    local total_cpu, total_mem, total_sto = num(q[6]), num(q[7]) * 1024, num(q[8]) * 1024
+    cap_cpu = math.min(per_cpu, total_cpu - used_cpu)
+    cap_mem = math.min(per_mem, total_mem - used_mem)
+    cap_sto = total_sto - used_sto
+    if cap_cpu < math.max(min_cpu, 1) then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'Total CPU quota exceeded. Max: ' .. total_cpu .. ', Current: ' .. used_cpu, remaining, idem_key)
+    end
+    if cap_mem < math.max(min_mem, 1) then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'Total memory quota exceeded. Max: ' .. num(q[7]) .. ' GB, Current: ' .. used_mem .. ' MB',
+        remaining, idem_key)
+    end
+    if cap_sto < 0 then
+      return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+        'Total storage quota exceeded. Max: ' .. num(q[8]) .. ' GB, Current: ' .. used_sto .. ' MB',
+        remaining, idem_key)
+    end
+  end
+  local hold = cap_cpu .. ' ' .. cap_mem .. ' ' .. cap_sto
+  redis.call('HSET', holds, rid, hold)
+  redis.call('HINCRBY', usage_key, 'devices', 1)
+  redis.call('HINCRBY', usage_key, 'cpu', cap_cpu)
+  redis.call('HINCRBY', usage_key, 'mem', cap_mem)
+  redis.call('HINCRBY', usage_key, 'sto', cap_sto)
+  redis.call('XADD', admitted, '*', 'd', payload, 'c', hold)
+  n_admitted = n_admitted + 1
+end
+
+for i = 0, n - 1 do
+  local b = 7 + i * STRIDE
+  local op, entry = ARGV[b + 1], ARGV[b + 2]
+  acks[#acks + 1] = entry
+  if op == 'A' then
+    admit(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]),
+      tonumber(ARGV[b + 8]), ARGV[b + 9])
+  elseif op == 'F' then
+    redis.call('XADD', admitted, '*', 'd', ARGV[b + 3], 'c', '')
+    n_admitted = n_admitted + 1
+  elseif op == 'R' then
+    refuse(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], nil, nil)
+  elseif op == 'D' then
+    redis.call('XADD', dead, '*', 'd', ARGV[b + 3])
+    n_dead = n_dead + 1
+  end
+end
+if #acks > 0 then redis.call('XACK', requests, group, unpack(acks)) end
+return {n_admitted, n_refused, n_dead}

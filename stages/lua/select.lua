@@ -1,0 +1,170 @@
+-- select: decide a batch of admitted requests, answer each producer, record the
+-- changes and ack the batch, in one atomic step.
+-- KEYS: 1 admitted stream, 2 changes stream, 3 dead stream
+-- ARGV: 1 prefix, 2 group, 3 now_ms, 4 idempotency ttl s, 5 reply ttl s, 6 released ttl s,
+--       7 item count, then items of STRIDE fields each, first field the op:
+--   A (allocate): entry, request_id, user_id, tenant_id, reply_to, min_cpu, min_mem,
+--                 duration_minutes, pool, model, hold ("cpu mem sto"), allocation_id
+--   L (release):  entry, request_id, reply_to, allocation_id, device_id, user_id
+--   D (dead-letter): entry, dead-letter json
+-- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
+-- request's minimums and fits in the hold quota granted. Device and allocation keys are
+-- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
+-- device is never given twice and usage always equals holds plus active allocations.
+-- Request ids make it idempotent: a request id already answered gets the stored answer.
+local STRIDE = 13
+local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local idem_ttl, reply_ttl, released_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+local n = tonumber(ARGV[7])
+local admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3]
+local acks = {}
+local n_alloc, n_release, n_failed = 0, 0, 0
+
+local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local pools
+  if pool ~= '' then pools = {pool} else pools = redis.call('SMEMBERS', k_pool(P, 'pools')) end
+  local lo, hi = fit_score(min_cpu, min_mem), fit_score(cap_cpu, CPU_SCALE - 1)
+  local best, best_score, best_pool = nil, nil, nil
+  for _, pl in ipairs(pools) do
+    local key = k_pool(P, 'free:' .. pl)
+    local offset, done = 0, false
+    while not done do
+      local page = redis.call('ZRANGEBYSCORE', key, lo, hi, 'WITHSCORES', 'LIMIT', offset, 32)
+      if #page == 0 then break end
+      for i = 1, #page, 2 do
+        local id, score = page[i], tonumber(page[i + 1])
+        if best_score and score >= best_score then done = true break end
+        local d = redis.call('HMGET', k_pool(P, 'dev:' .. id), 'memory_mb', 'storage_mb', 'model')
+        local m, s = tonumber(d[1]), tonumber(d[2])
+        if m >= min_mem and m <= cap_mem and s <= cap_sto and (model == '' or d[3] == model) then
+          best, best_score, best_pool = id, score, pl
+          done = true
+          break
+        end
+      end
+      offset = offset + 32
+      if #page < 64 then break end
+    end
+  end
+  return best, best_pool
+end
+
+local function settle_hold(uid, rid, hold, cpu, mem, sto)
+  -- replace the hold by the real size (all zero when nothing was allocated)
+  local holds = k_user(P, uid, 'holds')
+  if redis.call('HDEL', holds, rid) == 0 then return end
+  local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
+  local usage = k_user(P, uid, 'usage')
+  if cpu == nil then redis.call('HINCRBY', usage, 'devices', -1) end
+  redis.call('HINCRBY', usage, 'cpu', (cpu or 0) - tonumber(h_cpu))
+  redis.call('HINCRBY', usage, 'mem', (mem or 0) - tonumber(h_mem))
+  redis.call('HINCRBY', usage, 'sto', (sto or 0) - tonumber(h_sto))
+end
+
+local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, minutes, pool, model, hold, aid)
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  if not redis.call('HGET', k_user(P, uid, 'holds'), rid) then
+    local json = failed_json(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
+    send_reply(reply_to, json, reply_ttl)
+    n_failed = n_failed + 1
+    return
+  end
+  local cap_cpu, cap_mem, cap_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
+  local dev, dev_pool = pick_device(pool, model, min_cpu, min_mem, tonumber(cap_cpu),
+    tonumber(cap_mem), tonumber(cap_sto))
+  if not dev then
+    settle_hold(uid, rid, hold, nil, nil, nil)
+    local msg = 'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
+    local json = failed_json(rid, 'no_available_devices', msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    emit_change(changes, {kind = 'rejected', request_id = rid, user_id = uid, tenant_id = opt(tenant),
+      reason = 'no_available_devices', message = msg, at_ms = now})
+    n_failed = n_failed + 1
+    return
+  end
+  local dkey = k_pool(P, 'dev:' .. dev)
+  local d = redis.call('HMGET', dkey, 'name', 'cpu_cores', 'memory_mb', 'storage_mb', 'adb_host', 'adb_port')
+  local cpu, mem, sto = tonumber(d[2]), tonumber(d[3]), tonumber(d[4])
+  local expires = now + minutes * 60000
+  redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
+  redis.call('HSET', dkey, 'status', 'allocated', 'alloc', aid)
+  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid, 'tenant_id', tenant,
+    'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now, 'expires_at_ms', expires,
+    'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem, 'storage_mb', sto,
+    'pool', dev_pool, 'version', 1)
+  redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
+  redis.call('SADD', k_pool(P, 'active'), aid)
+  redis.call('HINCRBY', k_pool(P, 'stats'), 'allocated', 1)
+  settle_hold(uid, rid, hold, cpu, mem, sto)
+  redis.call('HSET', k_user(P, uid, 'allocs'), aid, cpu .. ' ' .. mem .. ' ' .. sto)
+  local json = cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
+    device = {id = dev, name = d[1], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[5], adb_port = tonumber(d[6])})
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  emit_change(changes, {kind = 'allocation', allocation_id = aid, device_id = dev, user_id = uid,
+    tenant_id = opt(tenant), request_id = rid, status = 'allocated', allocated_at_ms = now,
+    expires_at_ms = expires, duration_minutes = minutes, cpu_cores = cpu, memory_mb = mem,
+    storage_mb = sto, pool = dev_pool, version = 1, at_ms = now})
+  n_alloc = n_alloc + 1
+end
+
+local function release(rid, reply_to, aid, device_id, uid)
+  local idem_key = k_pool(P, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local function fail(reason, msg)
+    local json = failed_json(rid, reason, msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    n_failed = n_failed + 1
+  end
+  if aid == '' then
+    local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'last_alloc', 'pool')
+    if not d[3] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
+    aid = (d[1] ~= '' and d[1]) or d[2] or ''
+    if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
+  end
+  local akey = k_pool(P, 'alloc:' .. aid)
+  local a = redis.call('HMGET', akey, 'device_id', 'user_id', 'status', 'released_at_ms', 'duration_seconds')
+  if not a[1] then return fail('not_found', 'Allocation ' .. aid .. ' not found') end
+  if device_id ~= '' and a[1] ~= device_id then
+    return fail('not_found', 'Allocation ' .. aid .. ' is not on device ' .. device_id)
+  end
+  if uid ~= '' and a[2] ~= uid then
+    return fail('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
+  end
+  local json
+  if a[3] ~= 'allocated' then
+    json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = a[1],
+      user_id = a[2], released_at_ms = tonumber(a[4]), duration_seconds = tonumber(a[5]),
+      already_released = true, status = a[3]})
+  else
+    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl)
+    json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = rec.device_id,
+      user_id = rec.user_id, released_at_ms = now, duration_seconds = rec.duration_seconds,
+      already_released = false, status = 'released'})
+    n_release = n_release + 1
+  end
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+end
+
+for i = 0, n - 1 do
+  local b = 7 + i * STRIDE
+  local op, entry = ARGV[b + 1], ARGV[b + 2]
+  acks[#acks + 1] = entry
+  if op == 'A' then
+    allocate(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]),
+      tonumber(ARGV[b + 8]), tonumber(ARGV[b + 9]), ARGV[b + 10], ARGV[b + 11], ARGV[b + 12], ARGV[b + 13])
+  elseif op == 'L' then
+    release(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7])
+  elseif op == 'D' then
+    redis.call('XADD', dead, '*', 'd', ARGV[b + 3])
+  end
+end
+if #acks > 0 then redis.call('XACK', admitted, group, unpack(acks)) end
+return {n_alloc, n_release, n_failed}

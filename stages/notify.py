@@ -1,0 +1,68 @@
+"""notify: one notification per outcome, on the outbound notifications stream.
+
+Every change that a person cares about (allocated, released, expired, refused)
+becomes one Notification; the batch's notifications are added and its entries
+acked in one MULTI/EXEC, so a crash cannot send one twice or drop one. Device
+and quota updates are administrative and produce none. Webhook delivery over
+HTTP comes later, reading this stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pipeline.worker import Entry
+from schemas.keys import GROUP_NOTIFY
+from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
+from stages.context import StageContext
+from stages.persist import decode_changes
+
+NOTIFICATIONS_MAXLEN = 100_000
+"""The outbound stream keeps about this many notifications for its readers."""
+
+
+def notification_for(change: object) -> Notification | None:
+    if isinstance(change, AllocationChange):
+        if change.status == "allocated":
+            event, message = "device.allocated", f"Device {change.device_id} allocated"
+        elif change.status == "released":
+            event = "device.released"
+            message = f"Device {change.device_id} released after {change.duration_seconds} s"
+        else:
+            event = "allocation.expired"
+            message = f"Allocation on device {change.device_id} expired"
+        return Notification(
+            event=event, user_id=change.user_id, tenant_id=change.tenant_id,
+            allocation_id=change.allocation_id, device_id=change.device_id,
+            request_id=change.request_id, message=message, at_ms=change.at_ms,
+            channels=["webhook", "websocket"],
+        )
+    if isinstance(change, RequestRejected):
+        event = ("allocation.quota_exceeded" if change.reason == "quota_exceeded"
+                 else "allocation.failed")
+        return Notification(
+            event=event, user_id=change.user_id, tenant_id=change.tenant_id,
+            request_id=change.request_id, reason=change.reason, message=change.message,
+            at_ms=change.at_ms, channels=["webhook", "websocket"],
+        )
+    return None
+
+
+class NotifyStage:
+    group = GROUP_NOTIFY
+
+    def __init__(self, ctx: StageContext) -> None:
+        self.ctx = ctx
+        self.keys = ctx.keys
+        self.streams = [self.keys.changes]
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        changes = decode_changes(entries)
+        async with self.ctx.redis.pipeline(transaction=True) as pipe:
+            for change in changes:
+                note = notification_for(change)
+                if note is not None:
+                    pipe.xadd(self.keys.notifications, {"d": encoder.encode(note)},
+                              maxlen=NOTIFICATIONS_MAXLEN, approximate=True)
+            pipe.xack(self.streams[0], self.group, *[e.id for e in entries])
+            await pipe.execute()

@@ -1,0 +1,152 @@
+"""persist: the write-behind. Copies every state change into PostgreSQL in batches.
+
+Per batch, at most one statement per table (arrays unnested into one upsert) in
+one transaction, then the acks. Rows only move forward: an upsert applies only
+when the incoming ``version`` is newer than the stored one, so a change that
+arrives late, twice, or out of order (several persist workers) never overwrites
+a newer row. Within a batch only the newest change of each entity is written.
+While PostgreSQL is down the stage raises Transient: the worker keeps the batch
+and retries, and the stream holds the backlog; nothing is acked before commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import asyncpg
+import msgspec
+
+from pipeline.worker import Entry, Transient
+from schemas.keys import GROUP_PERSIST
+from schemas.messages import AllocationChange, DeviceUpserted, QuotaSet, change_decoder
+from stages.context import StageContext
+
+UPSERT_ALLOCATIONS = """
+INSERT INTO device_allocations AS a (id, device_id, user_id, tenant_id, status, allocated_at,
+    released_at, expires_at, duration_minutes, duration_seconds, metadata, version)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+    $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::int[],
+    $11::jsonb[], $12::bigint[])
+ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, released_at = EXCLUDED.released_at,
+    expires_at = EXCLUDED.expires_at, duration_seconds = EXCLUDED.duration_seconds,
+    metadata = EXCLUDED.metadata, version = EXCLUDED.version
+WHERE a.version < EXCLUDED.version
+"""
+
+UPSERT_DEVICES = """
+INSERT INTO devices AS d (id, name, pool, model, host, adb_host, adb_port, cpu_cores, memory_mb,
+    storage_mb, status, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::int[], $8::int[], $9::int[], $10::int[], $11::text[], $12::bigint[])
+ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, pool = EXCLUDED.pool, model = EXCLUDED.model,
+    host = EXCLUDED.host, adb_host = EXCLUDED.adb_host, adb_port = EXCLUDED.adb_port,
+    cpu_cores = EXCLUDED.cpu_cores, memory_mb = EXCLUDED.memory_mb,
+    storage_mb = EXCLUDED.storage_mb, status = EXCLUDED.status, version = EXCLUDED.version
+WHERE d.version < EXCLUDED.version
+"""
+
+UPSERT_QUOTAS = """
+INSERT INTO user_quotas AS q (user_id, status, expires_at, max_devices, max_cpu_per_device,
+    max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version)
+SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::int[], $6::int[],
+    $7::int[], $8::int[], $9::int[], $10::bigint[])
+ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLUDED.expires_at,
+    max_devices = EXCLUDED.max_devices, max_cpu_per_device = EXCLUDED.max_cpu_per_device,
+    max_memory_mb_per_device = EXCLUDED.max_memory_mb_per_device,
+    total_cpu_cores = EXCLUDED.total_cpu_cores, total_memory_gb = EXCLUDED.total_memory_gb,
+    total_storage_gb = EXCLUDED.total_storage_gb, version = EXCLUDED.version
+WHERE q.version < EXCLUDED.version
+"""
+
+TRANSIENT_PG_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    TimeoutError,
+)
+
+
+def ts(ms: int | None) -> datetime | None:
+    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet)
+
+
+def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
+    old = items.get(key)
+    if old is None or old.version < item.version:
+        items[key] = item
+
+
+def decode_changes(entries: Sequence[Entry]) -> list[object]:
+    """Decode the batch; an undecodable change is an error for the worker to dead-letter."""
+    return [change_decoder.decode(e.data) for e in entries]
+
+
+async def write_changes(conn: asyncpg.Connection, changes: Sequence[object]) -> None:
+    allocs: dict[str, AllocationChange] = {}
+    devices: dict[str, DeviceUpserted] = {}
+    quotas: dict[str, QuotaSet] = {}
+    for c in changes:
+        if isinstance(c, AllocationChange):
+            newest(allocs, c.allocation_id, c)
+        elif isinstance(c, DeviceUpserted):
+            newest(devices, c.device_id, c)
+        elif isinstance(c, QuotaSet):
+            newest(quotas, c.user_id, c)
+    if allocs:
+        rows = list(allocs.values())
+        await conn.execute(
+            UPSERT_ALLOCATIONS,
+            [r.allocation_id for r in rows], [r.device_id for r in rows], [r.user_id for r in rows],
+            [r.tenant_id for r in rows], [r.status for r in rows],
+            [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
+            [ts(r.expires_at_ms) for r in rows], [r.duration_minutes for r in rows],
+            [r.duration_seconds for r in rows],
+            [msgspec.json.encode({"request_id": r.request_id, "pool": r.pool,
+                                  "cpu_cores": r.cpu_cores, "memory_mb": r.memory_mb,
+                                  "storage_mb": r.storage_mb}).decode() for r in rows],
+            [r.version for r in rows],
+        )
+    if devices:
+        ds = list(devices.values())
+        await conn.execute(
+            UPSERT_DEVICES,
+            [d.device_id for d in ds], [d.name for d in ds], [d.pool for d in ds],
+            [d.model for d in ds], [d.host for d in ds], [d.adb_host for d in ds],
+            [d.adb_port for d in ds], [d.cpu_cores for d in ds], [d.memory_mb for d in ds],
+            [d.storage_mb for d in ds], [d.status for d in ds], [d.version for d in ds],
+        )
+    if quotas:
+        qs = list(quotas.values())
+        await conn.execute(
+            UPSERT_QUOTAS,
+            [q.user_id for q in qs], [q.status for q in qs], [ts(q.expires_at_ms) for q in qs],
+            [q.max_devices for q in qs], [q.max_cpu_per_device for q in qs],
+            [q.max_memory_mb_per_device for q in qs], [q.total_cpu_cores for q in qs],
+            [q.total_memory_gb for q in qs], [q.total_storage_gb for q in qs],
+            [q.version for q in qs],
+        )
+
+
+class PersistStage:
+    group = GROUP_PERSIST
+
+    def __init__(self, ctx: StageContext) -> None:
+        assert ctx.pg is not None, "persist needs PostgreSQL"
+        self.ctx = ctx
+        self.pg = ctx.pg
+        self.streams = [ctx.keys.changes]
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        changes = decode_changes(entries)
+        try:
+            async with self.pg.acquire() as conn, conn.transaction():
+                await write_changes(conn, changes)
+        except TRANSIENT_PG_ERRORS as exc:
+            raise Transient(f"PostgreSQL unavailable: {exc!r}") from exc
+        await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

@@ -1,0 +1,135 @@
+"""The producer client: ask for devices and give them back, with typed results.
+
+Each client owns a reply stream (``<prefix>:reply:<client id>``) and one reader
+task that blocks on it (on a connection of its own, short BLOCKs, stopped by a
+flag) and resolves the waiting call by request id. A call that gets no reply
+within its timeout returns ``Failed(reason="timed_out")``; a late reply to it is
+dropped. Request ids default to fresh UUIDs; pass your own to make a retry
+idempotent (the same id always gets the first answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+
+from redis.asyncio import Redis
+
+from pipeline.connections import blocking_reader, redis_client
+from pipeline.settings import Settings
+from schemas.keys import Keys
+from schemas.messages import (
+    AllocateRequest,
+    Allocated,
+    Failed,
+    Released,
+    ReleaseRequest,
+    Reply,
+    encoder,
+    reply_decoder,
+)
+
+READ_BLOCK_MS = 100
+"""How long the reply reader blocks per read; bounds how fast close() returns."""
+
+
+class Client:
+    def __init__(self, settings: Settings, *, client_id: str | None = None,
+                 timeout_s: float = 10.0) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.prefix)
+        self.client_id = client_id or uuid.uuid4().hex
+        self.reply_stream = self.keys.reply(self.client_id)
+        self.timeout_s = timeout_s
+        self._redis: Redis | None = None
+        self._reader: Redis | None = None
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def __aenter__(self) -> Client:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        self._redis = redis_client(self.settings)
+        self._reader = blocking_reader(self.settings)
+        await self._redis.ping()
+        self._task = asyncio.create_task(self._read_replies())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._task:
+            await self._task
+        if self._redis:
+            await self._redis.delete(self.reply_stream)
+            await self._redis.aclose()
+        if self._reader:
+            await self._reader.aclose()
+
+    async def allocate(
+        self, user_id: str, *, tenant_id: str | None = None, duration_minutes: int = 60,
+        min_cpu_cores: int = 0, min_memory_mb: int = 0, pool: str | None = None,
+        model: str | None = None, priority: int = 0, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Allocated | Failed:
+        request = AllocateRequest(
+            request_id=request_id or uuid.uuid4().hex, user_id=user_id, reply_to=self.reply_stream,
+            tenant_id=tenant_id, duration_minutes=duration_minutes, min_cpu_cores=min_cpu_cores,
+            min_memory_mb=min_memory_mb, pool=pool, model=model, priority=priority,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert not isinstance(reply, Released)
+        return reply
+
+    async def release(
+        self, *, allocation_id: str | None = None, device_id: str | None = None,
+        user_id: str | None = None, request_id: str | None = None, timeout_s: float | None = None,
+    ) -> Released | Failed:
+        request = ReleaseRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            allocation_id=allocation_id, device_id=device_id, user_id=user_id,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert not isinstance(reply, Allocated)
+        return reply
+
+    async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:
+        """Add a raw request to the request stream and wait for its reply."""
+        assert self._redis is not None, "call start() first"
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            await self._redis.xadd(self.keys.requests, {"d": payload})
+            return await asyncio.wait_for(future, timeout_s or self.timeout_s)
+        except asyncio.TimeoutError:
+            return Failed(request_id=request_id, reason="timed_out",
+                          message=f"No reply within {timeout_s or self.timeout_s} s")
+        finally:
+            self._waiting.pop(request_id, None)
+
+    async def _read_replies(self) -> None:
+        assert self._reader is not None
+        last = "0-0"
+        while not self._closing:
+            try:
+                batch = await self._reader.xread({self.reply_stream: last}, count=512,
+                                                 block=READ_BLOCK_MS)
+            except (ConnectionError, OSError, asyncio.TimeoutError):
+                await asyncio.sleep(0.1)
+                continue
+            for _stream, items in batch or []:
+                for entry_id, fields in items:
+                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    with contextlib.suppress(Exception):
+                        reply = reply_decoder.decode(fields[b"d"])
+                        future = self._waiting.get(reply.request_id)
+                        if future is not None and not future.done():
+                            future.set_result(reply)
+            if batch and self._redis is not None:
+                # replies already read are dropped so the stream stays small
+                await self._redis.xtrim(self.reply_stream, minid=last)

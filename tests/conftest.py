@@ -1,0 +1,123 @@
+"""Fixtures: real Redis and PostgreSQL from the project's own launcher.
+
+With REDIS_URL and DATABASE_URL set the tests use those servers; otherwise the
+embedded launcher starts redis-server and PostgreSQL in .devsched/test (once
+per session) and stops them at the end. Each test gets its own key prefix, so
+tests never see each other's Redis state; tables are emptied per test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+
+from pipeline.clock import ManualClock
+from pipeline.connections import redis_client
+from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
+from pipeline.migrate import migrate
+from pipeline.settings import Settings
+from schemas.keys import Keys
+from schemas.messages import DeviceSpec, QuotaSpec
+from stages.admin import add_devices, set_quotas
+from stages.context import StageContext
+from stages.service import serve
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[ServerUrls]:
+    base = Settings.from_env()
+    if not (base.redis_url and base.database_url):
+        base = replace(base, data_dir=ROOT / ".devsched" / "test")
+    urls, started = ensure_servers(base)
+    asyncio.run(migrate(urls.database_url))
+    yield urls
+    if started:
+        stop_servers(base)
+
+
+@pytest.fixture
+def settings(servers: ServerUrls) -> Settings:
+    """Per-test settings: own key prefix, fast reclaim so fault tests stay short."""
+    base = Settings.from_env().with_urls(servers.redis_url, servers.database_url)
+    return replace(
+        base, prefix=f"t{uuid.uuid4().hex[:10]}", block_ms=50, claim_idle_ms=300,
+        claim_every_ms=100, batch_size=64,
+    )
+
+
+@pytest.fixture
+def keys(settings: Settings) -> Keys:
+    return Keys(settings.prefix)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest_asyncio.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = redis_client(settings)
+    yield client
+    keys = [k async for k in client.scan_iter(match=f"{settings.prefix}:*", count=1000)]
+    for i in range(0, len(keys), 500):
+        await client.delete(*keys[i:i + 500])
+    await client.aclose()
+
+
+@pytest_asyncio.fixture
+async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
+    assert pool is not None
+    async with pool.acquire() as conn:
+        await conn.execute("TRUNCATE device_allocations, devices, user_quotas, billing_ledger")
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def ctx(redis: Redis, settings: Settings, clock: ManualClock) -> StageContext:
+    return StageContext(redis=redis, settings=settings, clock=clock)
+
+
+async def seed(
+    redis: Redis, keys: Keys, clock: ManualClock, *, devices: list[DeviceSpec],
+    quotas: list[QuotaSpec],
+) -> None:
+    await add_devices(redis, keys, clock, devices)
+    await set_quotas(redis, keys, clock, quotas)
+
+
+class RunningPipeline:
+    def __init__(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
+        self.task = task
+        self.stop = stop
+
+    async def close(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(self.task, 10)
+
+
+@pytest_asyncio.fixture
+async def pipeline(
+    settings: Settings, clock: ManualClock, pg: asyncpg.Pool, redis: Redis
+) -> AsyncIterator[RunningPipeline]:
+    """Every stage running in this event loop on the test's prefix and clock."""
+    stop = asyncio.Event()
+    names = ["quota", "select", "persist", "bill", "notify", "timers"]
+    task = asyncio.create_task(serve(names, settings, clock, stop=stop, install_signals=False))
+    running = RunningPipeline(task, stop)
+    await asyncio.sleep(0.05)
+    yield running
+    if not task.done():
+        await running.close()
