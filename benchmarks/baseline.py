@@ -235,14 +235,20 @@ async def release(conn: Any, allocation_id: int) -> float | None:
 
 
 def make_cycle(database_url: str, pool_size: int, users: int = DEFAULT_USERS,
-               seed: int = 1) -> CycleParts:
-    """Loadgen factory: allocate for a random user, then release at once; one cycle each."""
+               seed: int = 1, synchronous_commit: str | None = None) -> CycleParts:
+    """Loadgen factory: allocate for a random user, then release at once; one cycle each.
+
+    ``synchronous_commit`` (``on``/``off``), if given, is set on the pool's sessions;
+    None keeps the server's setting.
+    """
     rng = random.Random(seed)
     state: dict[str, asyncpg.Pool] = {}
 
     async def setup() -> None:
+        settings = {} if synchronous_commit is None else {
+            "synchronous_commit": synchronous_commit}
         state["pool"] = await asyncpg.create_pool(
-            database_url, min_size=pool_size, max_size=pool_size)
+            database_url, min_size=pool_size, max_size=pool_size, server_settings=settings)
 
     async def cycle(i: int) -> str | None:
         user_id = rng.randint(1, users)

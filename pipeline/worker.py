@@ -133,6 +133,10 @@ class StageWorker:
     async def setup(self) -> None:
         for stream in self.stage.streams:
             await ensure_group(self.redis, stream, self.stage.group)
+            # registered now (Redis 6.2 would wait for the first entry): shows the worker is up
+            await self.redis.execute_command(
+                "XGROUP", "CREATECONSUMER", stream, self.stage.group, self.consumer
+            )
 
     async def run(self) -> None:
         await self.setup()

@@ -52,6 +52,8 @@ class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True, fo
     """Stream the reply is added to (one per producer)."""
     tenant_id: Id | None = None
     duration_minutes: Minutes = 60
+    duration_seconds: Annotated[int, Meta(gt=0, le=31_536_000)] | None = None
+    """When set, wins over duration_minutes (for short sessions and tests)."""
     min_cpu_cores: Cores = 0
     min_memory_mb: MegaBytes = 0
     pool: Id | None = None

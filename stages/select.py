@@ -52,7 +52,7 @@ class SelectStage:
             return [
                 "A", entry.id, request.request_id, request.user_id, request.tenant_id or "",
                 request.reply_to, request.min_cpu_cores, request.min_memory_mb,
-                request.duration_minutes, request.pool or "", request.model or "", hold,
+                request.duration_seconds or request.duration_minutes * 60, request.pool or "", request.model or "", hold,
                 allocation_id(request.user_id, request.request_id),
             ]
         return [

@@ -4,7 +4,7 @@
 -- ARGV: 1 prefix, 2 group, 3 now_ms, 4 idempotency ttl s, 5 reply ttl s, 6 released ttl s,
 --       7 item count, then items of STRIDE fields each, first field the op:
 --   A (allocate): entry, request_id, user_id, tenant_id, reply_to, min_cpu, min_mem,
---                 duration_minutes, pool, model, hold ("cpu mem sto"), allocation_id
+--                 duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
 --   L (release):  entry, request_id, reply_to, allocation_id, device_id, user_id
 --   D (dead-letter): entry, dead-letter json
 -- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
@@ -61,7 +61,7 @@ local function settle_hold(uid, rid, hold, cpu, mem, sto)
   redis.call('HINCRBY', usage, 'sto', (sto or 0) - tonumber(h_sto))
 end
 
-local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, minutes, pool, model, hold, aid)
+local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
@@ -88,7 +88,8 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, minutes, p
   local dkey = k_pool(P, 'dev:' .. dev)
   local d = redis.call('HMGET', dkey, 'name', 'cpu_cores', 'memory_mb', 'storage_mb', 'adb_host', 'adb_port')
   local cpu, mem, sto = tonumber(d[2]), tonumber(d[3]), tonumber(d[4])
-  local expires = now + minutes * 60000
+  local expires = now + seconds * 1000
+  local minutes = math.ceil(seconds / 60)
   redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
   redis.call('HSET', dkey, 'status', 'allocated', 'alloc', aid)
   redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid, 'tenant_id', tenant,
