@@ -40,7 +40,7 @@ from typing import Any
 
 import asyncpg
 
-from benchmarks.loadgen import CycleParts, mark
+from benchmarks.loadgen import CycleParts, mark, producer_seed
 
 SCHEMA = "bench_baseline"
 """Every table of the baseline lives here; dropping it removes the baseline."""
@@ -241,7 +241,7 @@ def make_cycle(database_url: str, pool_size: int, users: int = DEFAULT_USERS,
     ``synchronous_commit`` (``on``/``off``), if given, is set on the pool's sessions;
     None keeps the server's setting.
     """
-    rng = random.Random(seed)
+    rng = random.Random(seed * 1_000_003 + producer_seed())
     state: dict[str, asyncpg.Pool] = {}
 
     async def setup() -> None:

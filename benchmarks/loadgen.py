@@ -164,6 +164,16 @@ def latency_of(hist: HdrHistogram) -> Latency:
 
 _intended: contextvars.ContextVar[float] = contextvars.ContextVar("loadgen_intended")
 _marks: dict[str, HdrHistogram] = {}
+_producer_seed = 0
+
+
+def producer_seed() -> int:
+    """This producer process's seed (distinct per process of a run; 0 outside a run).
+
+    Factories mix it into their random generators so that P processes do not
+    all replay the same sequence of users and sizes.
+    """
+    return _producer_seed
 
 
 def mark(name: str) -> None:
@@ -287,6 +297,8 @@ async def _closed_loop(plan: _ChildPlan, cycle: Callable[[int], Awaitable[str | 
 
 
 async def _child_async(plan: _ChildPlan, conn: multiprocessing.connection.Connection) -> None:
+    global _producer_seed
+    _producer_seed = plan.seed
     parts = plan.factory.func(*plan.factory.args)
     await asyncio.wait_for(parts.setup(), SETUP_TIMEOUT_S)
     conn.send(("ready", None))

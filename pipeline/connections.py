@@ -10,19 +10,22 @@ and is never returned half-done to a shared pool.
 from __future__ import annotations
 
 import asyncpg
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 
 from pipeline.settings import Settings
 
 
 def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
-    return Redis.from_url(
+    """A pooled client; callers past ``max_connections`` wait for a free connection."""
+    pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         socket_timeout=settings.socket_timeout_s,
         socket_connect_timeout=settings.socket_timeout_s,
         max_connections=max_connections,
+        timeout=settings.socket_timeout_s,
         health_check_interval=30,
     )
+    return Redis.from_pool(pool)
 
 
 def blocking_reader(settings: Settings) -> Redis:

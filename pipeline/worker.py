@@ -48,6 +48,8 @@ RECLAIM_PAGE = 100
 """Most entries one XAUTOCLAIM call takes over."""
 ERROR_TTL_S = 7 * 86_400
 """How long the last error of a pending entry is remembered."""
+CONSUMER_FORGET_MS = 600_000
+"""A consumer with nothing pending, idle this long, is removed from its group."""
 TRANSIENT_BACKOFF_MIN_S = 0.1
 TRANSIENT_BACKOFF_MAX_S = 5.0
 """Bounds of the back-off while a dependency is down."""
@@ -156,6 +158,7 @@ class StageWorker:
             self._last_claim = time.monotonic()
             done += await self.reclaim()
             await self.sample()
+            await self.forget_idle_consumers()
         entries = await self.read(self.settings.block_ms if block_ms is None else block_ms)
         if entries:
             done += await self.process(entries)
@@ -321,6 +324,20 @@ class StageWorker:
             "dead-lettered after %d deliveries: %s", deliveries, letter.error,
             extra={"stage": self._label, "stream": entry.stream, "entry": entry.id},
         )
+
+    async def forget_idle_consumers(self) -> None:
+        """Delete consumers of this group that hold nothing and were idle for long
+        (workers that exited); one with pending entries stays until reclaimed."""
+        idle_limit = max(CONSUMER_FORGET_MS, 10 * self.settings.claim_idle_ms)
+        for stream in self.stage.streams:
+            try:
+                consumers = await self.redis.xinfo_consumers(stream, self.stage.group)
+            except ResponseError:
+                continue
+            for c in consumers:
+                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > idle_limit:
+                    await self.redis.xgroup_delconsumer(stream, self.stage.group, name)
 
     async def sample(self) -> None:
         """Update the pending and lag gauges of this stage's groups."""

@@ -46,6 +46,9 @@ class Client:
         self._reader: Redis | None = None
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._outbox: list[bytes] = []
+        self._outbox_ready = asyncio.Event()
         self._closing = False
 
     async def __aenter__(self) -> Client:
@@ -60,9 +63,13 @@ class Client:
         self._reader = blocking_reader(self.settings)
         await self._redis.ping()
         self._task = asyncio.create_task(self._read_replies())
+        self._sender = asyncio.create_task(self._send_requests())
 
     async def close(self) -> None:
         self._closing = True
+        self._outbox_ready.set()
+        if self._sender:
+            await self._sender
         if self._task:
             await self._task
         if self._redis:
@@ -105,13 +112,34 @@ class Client:
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
-            await self._redis.xadd(self.keys.requests, {"d": payload})
+            self._outbox.append(payload)
+            self._outbox_ready.set()
             return await asyncio.wait_for(future, timeout_s or self.timeout_s)
         except asyncio.TimeoutError:
             return Failed(request_id=request_id, reason="timed_out",
                           message=f"No reply within {timeout_s or self.timeout_s} s")
         finally:
             self._waiting.pop(request_id, None)
+
+    async def _send_requests(self) -> None:
+        """Send what callers queued, all of it per round trip (one pipeline of XADDs)."""
+        assert self._redis is not None
+        while not (self._closing and not self._outbox):
+            await self._outbox_ready.wait()
+            self._outbox_ready.clear()
+            batch, self._outbox = self._outbox, []
+            if not batch:
+                continue
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for payload in batch:
+                        pipe.xadd(self.keys.requests, {"d": payload})
+                    await pipe.execute()
+            except (ConnectionError, OSError, asyncio.TimeoutError):
+                # not sent: put them back in front and try again shortly
+                self._outbox[:0] = batch
+                await asyncio.sleep(0.1)
+                self._outbox_ready.set()
 
     async def _read_replies(self) -> None:
         assert self._reader is not None

@@ -25,15 +25,21 @@ STRIDE = 9
 
 
 class _Envelope(msgspec.Struct):
-    """The least a broken request must carry for us to answer it."""
+    """The least a broken request must carry for us to answer it. Any JSON value is
+    accepted in each field (a wrongly typed user_id must not cost the reply); only
+    strings are used."""
 
-    request_id: str = ""
-    reply_to: str = ""
-    user_id: str = ""
-    tenant_id: str = ""
+    request_id: object = ""
+    reply_to: object = ""
+    user_id: object = ""
+    tenant_id: object = ""
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
+
+
+def _text(value: object) -> str:
+    return value if isinstance(value, str) else ""
 
 
 def _pad(item: list[str | int | bytes]) -> list[str | int | bytes]:
@@ -57,6 +63,9 @@ class QuotaStage:
             request = request_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return self._invalid(entry, raw, str(exc))
+        if not request.reply_to.startswith(f"{self.keys.prefix}:reply:"):
+            # never write a reply (and its EXPIRE) into a stream that is not a reply stream
+            return self._invalid(entry, raw, f"reply_to must start with {self.keys.prefix}:reply:")
         if isinstance(request, AllocateRequest):
             return [
                 "A", entry.id, request.request_id, request.user_id, request.tenant_id or "",
@@ -72,10 +81,11 @@ class QuotaStage:
             env = _envelope.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             env = _Envelope()
-        reply_to = env.reply_to if 0 < len(env.reply_to) <= 200 else ""
-        if reply_to.startswith(f"{self.keys.prefix}:reply:"):
+        reply_to = _text(env.reply_to)
+        if len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:"):
             return _pad([
-                "R", entry.id, env.request_id[:128], env.user_id[:128], env.tenant_id[:128],
+                "R", entry.id, _text(env.request_id)[:128], _text(env.user_id)[:128],
+                _text(env.tenant_id)[:128],
                 reply_to, "invalid_request", f"Invalid request: {reason}"[:1000],
             ])
         letter = DeadLetter(

@@ -130,11 +130,12 @@ async def test_broken_request_without_a_reply_stream_is_dead_lettered_with_its_r
             "missing required field `reply_to`"),
         "reply_to_not_ours": ({"d": orjson.dumps(allocate(foreign, duration_minutes=0))},
                               "`$.duration_minutes`"),
-        "reply_to_as_number": ({"d": orjson.dumps(allocate("", reply_to=5, duration_minutes=0))},
-                               "invalid_request"),
+        "reply_to_as_number": (
+            {"d": orjson.dumps({**allocate(""), "reply_to": 5, "duration_minutes": 0})},
+            "`$.reply_to`"),
         "release_naming_nothing": (
-            {"d": orjson.dumps({"type": "release", "request_id": "r-3", "reply_to": foreign})},
-            "release needs allocation_id or device_id"),
+            {"d": orjson.dumps({"type": "release", "request_id": "r-3"})},
+            "missing required field `reply_to`"),
         "oversized": ({"d": huge}, f"exceeds {settings.max_message_bytes}"),
     }
     ids = {}

@@ -6,10 +6,11 @@
 --   F (forward unchanged, e.g. release): entry, payload
 --   R (refuse, invalid input): entry, request_id, user_id, tenant_id, reply_to, reason, message
 --   D (dead-letter): entry, dead-letter json
--- Per user it touches only keys tagged {u:ID}. An admitted allocation holds the most
--- it may use (count 1 and per-resource caps) in the user's usage, so concurrent
--- requests can never take a user past a limit; select settles the hold to the
--- device's real size or gives it back. A request id already answered gets its
+-- Per user it touches only keys tagged {u:ID}. It refuses what the quota can never
+-- allow (status, expiry, device count, per-device caps, totals already used up) and
+-- an admitted allocation holds one device of the user's count, so concurrent
+-- requests can never take a user past max_devices; select checks the resource
+-- totals against the chosen device and settles the hold, or gives it back. A request id already answered gets its
 -- first answer again and changes nothing. Returns {admitted, refused, dead}.
 local STRIDE = 9
 local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -102,12 +103,11 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
         remaining, idem_key)
     end
   end
-  local hold = cap_cpu .. ' ' .. cap_mem .. ' ' .. cap_sto
+  -- hold one device of the count; the resource totals are checked exactly by select,
+  -- against the chosen device, in the same atomic step that records its usage
+  local hold = '0 0 0'
   redis.call('HSET', holds, rid, hold)
   redis.call('HINCRBY', usage_key, 'devices', 1)
-  redis.call('HINCRBY', usage_key, 'cpu', cap_cpu)
-  redis.call('HINCRBY', usage_key, 'mem', cap_mem)
-  redis.call('HINCRBY', usage_key, 'sto', cap_sto)
   redis.call('XADD', admitted, '*', 'd', payload, 'c', hold)
   n_admitted = n_admitted + 1
 end

@@ -8,7 +8,8 @@
 --   L (release):  entry, request_id, reply_to, allocation_id, device_id, user_id
 --   D (dead-letter): entry, dead-letter json
 -- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
--- request's minimums and fits in the hold quota granted. Device and allocation keys are
+-- request's minimums and fits what the user's quota still allows (per-device caps and
+-- the CPU/memory/storage totals minus current usage). Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
@@ -49,6 +50,19 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
   return best, best_pool
 end
 
+-- What one more device of this user may be, from the quota and the current usage
+-- (read here, in the same atomic step that records the allocation: exact under concurrency).
+local function quota_caps(uid)
+  local q = redis.call('HMGET', k_user(P, uid, 'quota'), 'max_cpu_per_device',
+    'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb', 'total_storage_gb')
+  if not q[1] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
+  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'cpu', 'mem', 'sto')
+  local used_cpu, used_mem, used_sto = tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0
+  return math.min(tonumber(q[1]), tonumber(q[3]) - used_cpu),
+    math.min(tonumber(q[2]), tonumber(q[4]) * 1024 - used_mem),
+    tonumber(q[5]) * 1024 - used_sto
+end
+
 local function settle_hold(uid, rid, hold, cpu, mem, sto)
   -- replace the hold by the real size (all zero when nothing was allocated)
   local holds = k_user(P, uid, 'holds')
@@ -71,17 +85,22 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     n_failed = n_failed + 1
     return
   end
-  local cap_cpu, cap_mem, cap_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
-  local dev, dev_pool = pick_device(pool, model, min_cpu, min_mem, tonumber(cap_cpu),
-    tonumber(cap_mem), tonumber(cap_sto))
+  local cap_cpu, cap_mem, cap_sto = quota_caps(uid)
+  local dev, dev_pool = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   if not dev then
     settle_hold(uid, rid, hold, nil, nil, nil)
-    local msg = 'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
-    local json = failed_json(rid, 'no_available_devices', msg, nil)
+    local reason, msg = 'no_available_devices',
+      'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
+    if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
+      reason = 'quota_exceeded'
+      msg = 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, ' .. cap_mem .. ' MB memory, '
+        .. cap_sto .. ' MB storage'
+    end
+    local json = failed_json(rid, reason, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
     emit_change(changes, {kind = 'rejected', request_id = rid, user_id = uid, tenant_id = opt(tenant),
-      reason = 'no_available_devices', message = msg, at_ms = now})
+      reason = reason, message = msg, at_ms = now})
     n_failed = n_failed + 1
     return
   end

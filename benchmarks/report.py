@@ -1,0 +1,191 @@
+"""Presenting benchmark figures: progress lines, the terminal table, JSON, the plot.
+
+What it promises:
+
+- ``progress`` prints one line per step as it happens (flushed, prefixed with
+  the seconds since the run started), so a long run is never silent.
+- ``render_table`` turns the report document into a plain-text table: the
+  headline figures, then one latency row per measured rate per system.
+- ``write_outputs`` writes the whole document as JSON (every figure, plus the
+  machine facts of ``machine_facts``) and a PNG of p50/p99 latency against the
+  offered rate, pipeline vs baseline, log y axis (matplotlib, Agg backend, so
+  no display is needed). A failed plot never loses the JSON.
+- ``machine_facts`` reads the CPU count, platform, Python version, the Redis
+  version (``INFO server``) and the PostgreSQL version (``SHOW
+  server_version``); a server that cannot be reached is reported as such.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+_T0 = time.monotonic()
+
+
+def progress(message: str) -> None:
+    """One flushed line: ``[  12.3s] message``."""
+    print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def render_table(doc: dict[str, Any]) -> str:
+    """Headline figures then the latency rows of every system."""
+    lines: list[str] = []
+    ceiling = doc.get("ceiling") or {}
+    ratios = doc.get("ratios") or {}
+    lines.append("== devsched benchmark ==")
+    lines.append(f"ceiling (bare 3-hop Redis stream chain): "
+                 f"{_fmt(ceiling.get('max_msgs_per_s'), 0)} msgs/s")
+    for name in ("pipeline", "baseline"):
+        system = doc.get(name) or {}
+        if system.get("skipped"):
+            lines.append(f"{name}: skipped ({system['skipped']})")
+            continue
+        lines.append(f"{name}: max sustainable {_fmt(system.get('max_cycles_per_s'), 0)} "
+                     f"cycles/s (p99 <= {system.get('criteria', {}).get('max_p99_ms', '-')} ms,"
+                     f" delivered >= {system.get('criteria', {}).get('min_delivered_ratio', '-')}"
+                     f" x offered)")
+        workers = system.get("workers") or {}
+        if workers:
+            unit = system.get("workers_unit", "workers")
+            scaled = ", ".join(
+                f"{key}: {_fmt(value.get('saturated_cycles_per_s'), 0)}/s"
+                for key, value in workers.items())
+            lines.append(f"  saturation by {unit}: {scaled}")
+    lines.append(f"ratios: pipeline/baseline = {_fmt(ratios.get('pipeline_vs_baseline'), 2)}, "
+                 f"pipeline/ceiling = {_fmt(ratios.get('pipeline_vs_ceiling'), 3)}")
+    header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "
+              f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9}  errors")
+    lines.append("")
+    lines.append(header)
+    lines.append("-" * len(header))
+    for name in ("pipeline", "baseline", "ceiling"):
+        system = doc.get(name) or {}
+        rows = sorted([*system.get("latency", []), *system.get("search", [])],
+                      key=lambda row: row["offered_per_s"])
+        for row in rows:
+            errors = ", ".join(f"{k}={v}" for k, v in (row.get("errors") or {}).items())
+            lines.append(
+                f"{name:<9} {_fmt(row['offered_per_s'], 0):>10} "
+                f"{_fmt(row['delivered_per_s'], 0):>12} {_fmt(row['p50_ms'], 2):>9} "
+                f"{_fmt(row['p99_ms'], 2):>9} {_fmt(row['p999_ms'], 2):>9} "
+                f"{_fmt(row['max_ms'], 2):>9}  {errors}")
+    return "\n".join(lines)
+
+
+async def machine_facts(redis_url: str | None, database_url: str | None) -> dict[str, Any]:
+    """CPU count, platform, Python, Redis and PostgreSQL versions (or why unknown)."""
+    facts: dict[str, Any] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "python": sys.version.split()[0],
+        "git_commit": _git_commit(),
+    }
+    if redis_url:
+        try:
+            import redis.asyncio as aioredis
+
+            client = aioredis.Redis.from_url(redis_url, socket_timeout=5.0)
+            try:
+                info = await client.info("server")
+                facts["redis_version"] = info.get("redis_version")
+            finally:
+                await client.aclose()
+        except Exception as exc:
+            facts["redis_version"] = f"unknown ({type(exc).__name__})"
+    if database_url:
+        try:
+            import asyncpg
+
+            conn = await asyncpg.connect(database_url, timeout=10)
+            try:
+                facts["postgresql_version"] = await conn.fetchval("SHOW server_version")
+                facts["postgresql_synchronous_commit"] = await conn.fetchval(
+                    "SHOW synchronous_commit")
+            finally:
+                await conn.close()
+        except Exception as exc:
+            facts["postgresql_version"] = f"unknown ({type(exc).__name__})"
+    return facts
+
+
+def _git_commit() -> str | None:
+    try:
+        done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None
+
+
+def plot_latency(doc: dict[str, Any], path: Path) -> Path:
+    """p50 and p99 against offered rate, pipeline vs baseline (log y)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    styles = {"pipeline": "tab:blue", "baseline": "tab:orange"}
+    for name, colour in styles.items():
+        system = doc.get(name) or {}
+        rows = sorted([*system.get("latency", []), *system.get("search", [])],
+                      key=lambda row: row["offered_per_s"])
+        rows = [row for row in rows if row.get("p50_ms")]
+        if not rows:
+            continue
+        rates = [row["offered_per_s"] for row in rows]
+        ax.plot(rates, [row["p50_ms"] for row in rows], marker="o", color=colour,
+                label=f"{name} p50")
+        ax.plot(rates, [row["p99_ms"] for row in rows], marker="s", linestyle="--",
+                color=colour, label=f"{name} p99")
+    limit = ((doc.get("baseline") or {}).get("criteria") or {}).get("max_p99_ms")
+    if limit:
+        ax.axhline(limit, color="grey", linewidth=0.8, linestyle=":",
+                   label=f"p99 limit {limit:g} ms")
+    ax.set_yscale("log")
+    ax.set_xlabel("offered rate (allocate+release cycles/s)")
+    ax.set_ylabel("latency from intended send (ms)")
+    machine = doc.get("machine") or {}
+    ax.set_title(f"devsched latency vs offered rate ({machine.get('cpu_count', '?')} CPUs)")
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path | None]:
+    """Write ``bench-<stamp>.json`` and ``bench-<stamp>.png`` (plus ``latest.*`` copies)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+    json_path = out_dir / f"bench-{stamp}.json"
+    json_path.write_bytes(body)
+    (out_dir / "latest.json").write_bytes(body)
+    png_path = out_dir / f"bench-{stamp}.png"
+    try:
+        plot_latency(doc, png_path)
+        (out_dir / "latest.png").write_bytes(png_path.read_bytes())
+    except Exception as exc:  # the JSON is what matters; say why the plot is missing
+        progress(f"plot not written: {type(exc).__name__}: {exc}")
+        return json_path, None
+    return json_path, png_path

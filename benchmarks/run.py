@@ -1,0 +1,435 @@
+"""``devsched bench``: ceiling, baseline and pipeline, measured the same way, one report.
+
+What it runs, in order:
+
+1. the ceiling (``benchmarks.ceiling``): a bare 3-hop Redis stream chain
+   saturated by a closed-loop producer -> ``max_msgs_per_s`` (full mode also
+   measures its latency at the fixed rates);
+2. the PostgreSQL baseline (``benchmarks.baseline``) and 3. the pipeline
+   (``benchmarks.pipeline_sut``), each the same way:
+   - scaling: closed-loop saturation throughput for each worker setting
+     (baseline: asyncpg pool size 4/8/16 per producer process; pipeline:
+     1/2/4 worker processes per stage); the best setting is kept;
+   - latency at the fixed offered rates (open loop, ``benchmarks.loadgen``);
+   - the maximum sustainable rate (``benchmarks.search``: delivered >= 95% of
+     offered and p99 <= 25 ms), stepping up from the fixed rates by doubling,
+     then bisecting, never above 1.2x the saturation throughput.
+   Every measured point starts from a reset state (all devices free).
+
+The pipeline is skipped, and the report says so, while its hook raises
+``NotImplementedError``. A system that fails is reported as failed and the
+others still run.
+
+Bounds: ``--quick`` finishes in under 2 minutes, full mode in about 15; every
+load run ends by itself (see loadgen), and the search stops at a per-system
+deadline. Output: progress lines, a table, ``<out>/bench-<stamp>.json`` and
+``.png``; with ``--json`` the last line printed is the whole report as one
+line of JSON.
+
+Servers: ``pipeline.embedded.ensure_servers(Settings.from_env())`` when that
+module exists (servers it started are stopped at the end), else REDIS_URL and
+DATABASE_URL from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmarks import baseline, ceiling, loadgen, pipeline_sut, report, search
+from benchmarks.loadgen import CycleFactory, LoadResult
+
+FULL_RATES = (500.0, 1000.0, 2000.0, 5000.0)
+"""Fixed offered rates of a full run (cycles/s)."""
+QUICK_RATES = (500.0, 2000.0)
+"""Fixed offered rates of a quick run."""
+BASELINE_POOL_SIZES = (4, 8, 16)
+"""asyncpg pool sizes tried per producer process."""
+PIPELINE_WORKERS = (1, 2, 4)
+"""Worker processes per stage tried for the pipeline."""
+SATURATION_CONCURRENCY = 128
+"""Outstanding cycles per producer process when measuring saturation throughput."""
+UPPER_BOUND_FACTOR = 1.2
+"""The search never offers more than this times the saturation throughput."""
+POINT_OVERHEAD_S = 1.5
+"""Estimated cost of a point beyond its duration: reset, spawn, setup, teardown."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every duration and count of one run."""
+
+    quick: bool
+    rates: tuple[float, ...]
+    duration_s: float
+    scaling_duration_s: float
+    drain_s: float
+    ceiling_duration_s: float
+    ceiling_latency: bool
+    producers: int
+    search_points: int
+    bisections: int
+    system_budget_s: float
+    devices: int
+    users: int
+    synchronous_commit: str | None
+    systems: tuple[str, ...]
+    out_dir: Path
+    emit_json: bool
+
+
+@dataclass
+class Servers:
+    redis_url: str
+    database_url: str
+    stop: Callable[[], Awaitable[None]] | None = None
+
+
+@dataclass
+class System:
+    """A system under test, driven the same way whatever it is."""
+
+    name: str
+    workers_unit: str
+    worker_options: tuple[int, ...]
+    open: Callable[[int], Awaitable[CycleFactory]]
+    """Start the system with this worker setting; the loadgen recipe of one cycle."""
+    reset: Callable[[], Awaitable[None]]
+    close: Callable[[], Awaitable[None]]
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_args(argv: list[str]) -> Plan:
+    parser = argparse.ArgumentParser(
+        prog="devsched bench",
+        description="Measure the pipeline against the PostgreSQL baseline and the Redis ceiling.")
+    parser.add_argument("--quick", action="store_true",
+                        help="short points and fewer rates; finishes in under 2 minutes")
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole report as one JSON line, last")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"),
+                        help="directory for the JSON and PNG (default: bench-results/)")
+    parser.add_argument("--rates", type=str, default=None,
+                        help="fixed offered rates, comma separated (cycles/s)")
+    parser.add_argument("--duration", type=float, default=None,
+                        help="seconds per measured point (default 10, quick 3)")
+    parser.add_argument("--producers", type=int, default=1,
+                        help="load generator processes (default 1)")
+    parser.add_argument("--devices", type=int, default=baseline.DEFAULT_DEVICES)
+    parser.add_argument("--users", type=int, default=baseline.DEFAULT_USERS)
+    parser.add_argument("--baseline-commit", choices=("server", "on", "off"), default="server",
+                        help="synchronous_commit of the baseline's sessions (default: server's)")
+    parser.add_argument("--systems", type=str, default="ceiling,baseline,pipeline",
+                        help="which of ceiling,baseline,pipeline to run")
+    args = parser.parse_args(argv)
+    quick: bool = args.quick
+    if args.rates:
+        try:
+            rates = tuple(sorted(float(r) for r in args.rates.split(",") if r.strip()))
+        except ValueError:
+            parser.error(f"--rates must be numbers separated by commas, got {args.rates!r}")
+    else:
+        rates = QUICK_RATES if quick else FULL_RATES
+    if not rates or min(rates) <= 0:
+        parser.error("--rates must list positive rates")
+    duration = args.duration if args.duration is not None else (3.0 if quick else 10.0)
+    if duration <= 0 or args.producers < 1:
+        parser.error("--duration and --producers must be positive")
+    systems = tuple(s.strip() for s in args.systems.split(",") if s.strip())
+    unknown = set(systems) - {"ceiling", "baseline", "pipeline"}
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(sorted(unknown))}")
+    return Plan(
+        quick=quick,
+        rates=rates,
+        duration_s=duration,
+        scaling_duration_s=min(duration, 1.5 if quick else 5.0),
+        drain_s=min(duration, 2.0 if quick else 5.0),
+        ceiling_duration_s=3.0 if quick else 10.0,
+        ceiling_latency=not quick,
+        producers=args.producers,
+        search_points=3 if quick else 7,
+        bisections=1 if quick else 3,
+        system_budget_s=40.0 if quick else 330.0,
+        devices=args.devices,
+        users=args.users,
+        synchronous_commit=None if args.baseline_commit == "server" else args.baseline_commit,
+        systems=systems,
+        out_dir=args.out,
+        emit_json=args.json,
+    )
+
+
+# --- servers ---------------------------------------------------------------------------
+
+
+async def obtain_servers() -> Servers:
+    """Embedded servers when ``pipeline.embedded`` exists, else the environment's URLs."""
+    try:
+        from pipeline import embedded
+        from pipeline.settings import Settings
+    except ImportError as exc:
+        report.progress(f"pipeline.embedded not available ({exc}); "
+                        "using REDIS_URL and DATABASE_URL")
+        return Servers(os.environ.get("REDIS_URL", ""), os.environ.get("DATABASE_URL", ""))
+    settings = Settings.from_env()
+
+    async def call(func: Callable[..., Any], *args: Any) -> Any:
+        if inspect.iscoroutinefunction(func):
+            return await func(*args)
+        return await asyncio.to_thread(func, *args)
+
+    urls, started = await call(embedded.ensure_servers, settings)
+    report.progress("servers: " + ("started embedded ones" if started else "reusing running ones"))
+
+    async def stop() -> None:
+        await call(embedded.stop_servers, settings)
+
+    return Servers(urls.redis_url, urls.database_url, stop if started else None)
+
+
+# --- measuring -------------------------------------------------------------------------
+
+
+def _row(result: LoadResult) -> dict[str, Any]:
+    row: dict[str, Any] = result.summary()
+    row["sustained"] = search.sustained(result)
+    row["errors"] = result.errors
+    row["count"] = result.count
+    for name, lat in result.marks.items():
+        row[f"{name}_p50_ms"] = lat.p50_ms
+        row[f"{name}_p99_ms"] = lat.p99_ms
+    return row
+
+
+def _describe(result: LoadResult) -> str:
+    errors = f" errors={result.errors}" if result.errors else ""
+    return (f"offered {result.offered_per_s:,.0f}/s delivered {result.delivered_per_s:,.0f}/s "
+            f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} max {result.max_ms:.2f} ms"
+            f"{errors}")
+
+
+async def measure_ceiling(plan: Plan, redis_url: str) -> dict[str, Any]:
+    report.progress("ceiling: starting the 3-hop chain (1 worker process per hop)")
+    chain = await ceiling.start_chain(redis_url, workers_per_hop=1)
+    try:
+        await asyncio.sleep(0.5)  # let the workers connect before saturating
+        best = await ceiling.measure_max(chain, plan.ceiling_duration_s, plan.producers)
+        report.progress(f"ceiling: {best:,.0f} msgs/s through 3 hops")
+        rows = []
+        if plan.ceiling_latency:
+            factory = CycleFactory(ceiling.make_cycle, (redis_url, chain.prefix))
+            for rate in plan.rates:
+                result = await loadgen.run_open(factory, rate, plan.duration_s,
+                                                processes=plan.producers, drain_s=plan.drain_s)
+                report.progress(f"ceiling @ {rate:,.0f}/s: {_describe(result)}")
+                rows.append(_row(result))
+    finally:
+        await ceiling.stop_chain(chain)
+    return {"max_msgs_per_s": round(best, 1), "hops": ceiling.HOPS, "workers_per_hop": 1,
+            "batch": ceiling.BATCH, "latency": rows}
+
+
+async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
+    deadline = time.monotonic() + plan.system_budget_s
+    name = system.name
+    workers: dict[str, dict[str, Any]] = {}
+    best_setting, best_rate = system.worker_options[0], -1.0
+    for setting in system.worker_options:
+        factory = await system.open(setting)
+        try:
+            await system.reset()
+            result = await loadgen.run_closed(
+                factory, SATURATION_CONCURRENCY, plan.scaling_duration_s,
+                processes=plan.producers, drain_s=plan.drain_s)
+        finally:
+            await system.close()
+        report.progress(f"{name} saturation, {system.workers_unit} {setting}: "
+                        f"{result.delivered_per_s:,.0f} cycles/s (p50 {result.p50_ms:.1f} ms, "
+                        f"{SATURATION_CONCURRENCY * plan.producers} outstanding)")
+        workers[str(setting)] = {"saturated_cycles_per_s": round(result.delivered_per_s, 1),
+                                 "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
+                                 "errors": result.errors}
+        if result.delivered_per_s > best_rate:
+            best_setting, best_rate = setting, result.delivered_per_s
+    report.progress(f"{name}: keeping {system.workers_unit} {best_setting}")
+    factory = await system.open(best_setting)
+    try:
+        async def measure(rate: float) -> LoadResult:
+            await system.reset()
+            result = await loadgen.run_open(factory, rate, plan.duration_s,
+                                            processes=plan.producers, drain_s=plan.drain_s)
+            verdict = "sustained" if search.sustained(result) else "NOT sustained"
+            report.progress(f"{name} @ {rate:,.0f}/s: {_describe(result)} [{verdict}]")
+            return result
+
+        fixed = [await measure(rate) for rate in plan.rates]
+        outcome = await search.find_max_sustainable(
+            measure, fixed, start_rate=plan.rates[0],
+            upper_bound=UPPER_BOUND_FACTOR * best_rate if best_rate > 0 else None,
+            max_points=plan.search_points, bisections=plan.bisections, deadline=deadline,
+            point_cost_s=plan.duration_s + plan.drain_s + POINT_OVERHEAD_S)
+    finally:
+        await system.close()
+    note = f" (search bounded by {outcome.bounded_by})" if outcome.bounded_by else ""
+    report.progress(f"{name}: max sustainable {outcome.max_rate:,.0f} cycles/s{note}")
+    return {
+        "max_cycles_per_s": outcome.max_rate,
+        "latency": [_row(r) for r in fixed],
+        "search": [_row(r) for r in outcome.probes],
+        "search_bounded_by": outcome.bounded_by or None,
+        "workers": workers,
+        "workers_unit": system.workers_unit,
+        "workers_chosen": best_setting,
+        "criteria": {"min_delivered_ratio": search.MIN_DELIVERED_RATIO,
+                     "max_p99_ms": search.MAX_P99_MS},
+        **system.notes,
+    }
+
+
+def baseline_system(plan: Plan, database_url: str) -> System:
+    async def open_(pool_size: int) -> CycleFactory:
+        return CycleFactory(baseline.make_cycle,
+                            (database_url, pool_size, plan.users, 1, plan.synchronous_commit))
+
+    async def reset() -> None:
+        await baseline.reset(database_url)
+
+    async def close() -> None:
+        return None
+
+    return System("baseline", "pool_size", BASELINE_POOL_SIZES, open_, reset, close,
+                  notes={"synchronous_commit": plan.synchronous_commit or "server default",
+                         "devices": plan.devices, "users": plan.users})
+
+
+def pipeline_system(plan: Plan, servers: Servers) -> System:
+    handles: list[pipeline_sut.PipelineHandle] = []
+
+    async def open_(workers_per_stage: int) -> CycleFactory:
+        handle = await pipeline_sut.start_pipeline(
+            servers.redis_url, servers.database_url, workers_per_stage,
+            devices=plan.devices, users=plan.users)
+        handles.append(handle)
+        return handle.factory
+
+    async def reset() -> None:
+        await pipeline_sut.reset_pipeline(handles[-1])
+
+    async def close() -> None:
+        while handles:
+            await pipeline_sut.stop_pipeline(handles.pop())
+
+    return System("pipeline", "workers_per_stage", PIPELINE_WORKERS, open_, reset, close,
+                  notes={"devices": plan.devices, "users": plan.users})
+
+
+def _skipped(reason: str) -> dict[str, Any]:
+    return {"skipped": reason, "max_cycles_per_s": None, "latency": [], "workers": {}}
+
+
+async def _guarded(label: str, work: Callable[[], Awaitable[dict[str, Any]]],
+                   failures: list[str]) -> dict[str, Any]:
+    """Run one system; a failure becomes a 'skipped' entry and the run goes on."""
+    try:
+        return await work()
+    except NotImplementedError as exc:
+        report.progress(f"{label}: skipped: {exc}")
+        return _skipped(f"not implemented: {exc}")
+    except Exception as exc:
+        failures.append(label)
+        report.progress(f"{label}: FAILED: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return _skipped(f"failed: {type(exc).__name__}: {exc}")
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return round(numerator / denominator, 4)
+
+
+async def main(argv: list[str]) -> int:
+    plan = parse_args(argv)
+    started = time.monotonic()
+    report.progress(f"devsched bench ({'quick' if plan.quick else 'full'}): rates "
+                    f"{', '.join(f'{r:g}' for r in plan.rates)}/s, {plan.duration_s:g} s per "
+                    f"point, {plan.producers} producer process(es)")
+    servers = await obtain_servers()
+    failures: list[str] = []
+    doc: dict[str, Any] = {}
+    try:
+        needs_redis = {"ceiling", "pipeline"} & set(plan.systems)
+        if needs_redis and not servers.redis_url:
+            report.progress("no Redis: set REDIS_URL (or provide pipeline.embedded)")
+            return 2
+        if "baseline" in plan.systems and not servers.database_url:
+            report.progress("no PostgreSQL: set DATABASE_URL (or provide pipeline.embedded)")
+            return 2
+        doc["machine"] = await report.machine_facts(servers.redis_url, servers.database_url)
+        if "ceiling" in plan.systems:
+            doc["ceiling"] = await _guarded(
+                "ceiling", lambda: measure_ceiling(plan, servers.redis_url), failures)
+        else:
+            doc["ceiling"] = {"skipped": "not selected", "max_msgs_per_s": None}
+        if "baseline" in plan.systems:
+            report.progress(f"baseline population: {plan.devices} devices, {plan.users} users")
+            await baseline.create(servers.database_url, plan.devices, plan.users)
+        if "baseline" in plan.systems:
+            doc["baseline"] = await _guarded(
+                "baseline",
+                lambda: measure_system(plan, baseline_system(plan, servers.database_url)),
+                failures)
+        else:
+            doc["baseline"] = _skipped("not selected")
+        if "pipeline" in plan.systems:
+            doc["pipeline"] = await _guarded(
+                "pipeline", lambda: measure_system(plan, pipeline_system(plan, servers)),
+                failures)
+        else:
+            doc["pipeline"] = _skipped("not selected")
+        if "baseline" in plan.systems:
+            await baseline.drop(servers.database_url)
+    finally:
+        if servers.stop is not None:
+            await servers.stop()
+    pipeline_max = doc["pipeline"].get("max_cycles_per_s")
+    doc["ratios"] = {
+        "pipeline_vs_baseline": _ratio(pipeline_max, doc["baseline"].get("max_cycles_per_s")),
+        "pipeline_vs_ceiling": _ratio(pipeline_max, doc["ceiling"].get("max_msgs_per_s")),
+    }
+    doc["run"] = {"quick": plan.quick, "rates": list(plan.rates), "duration_s": plan.duration_s,
+                  "producers": plan.producers, "arrival": "uniform",
+                  "elapsed_s": round(time.monotonic() - started, 1)}
+    doc = {key: doc[key] for key in
+           ("pipeline", "baseline", "ceiling", "ratios", "machine", "run")}
+    json_path, png_path = report.write_outputs(doc, plan.out_dir)
+    print(report.render_table(doc), flush=True)
+    report.progress(f"wrote {json_path}" + (f" and {png_path}" if png_path else "")
+                    + f" in {doc['run']['elapsed_s']:.0f} s")
+    if plan.emit_json:
+        print(orjson.dumps(doc).decode(), flush=True)
+    return 1 if failures else 0
+
+
+def cli(argv: list[str]) -> int:
+    """Entry of ``devsched bench``; returns the exit status."""
+    import uvloop
+
+    return uvloop.run(main(argv))
+
+
+if __name__ == "__main__":
+    import sys
+
+    raise SystemExit(cli(sys.argv[1:]))
