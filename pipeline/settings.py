@@ -81,7 +81,7 @@ class Settings:
     """DEVSCHED_REPLY_TTL_S: a reply stream nobody reads expires after this."""
 
     @classmethod
-    def from_env(cls) -> "Settings":
+    def from_env(cls) -> Settings:
         return cls(
             redis_url=_env("REDIS_URL", ""),
             database_url=_env("DATABASE_URL", ""),
@@ -103,7 +103,7 @@ class Settings:
             reply_ttl_s=_int("DEVSCHED_REPLY_TTL_S", 3_600, minimum=1),
         )
 
-    def with_urls(self, redis_url: str, database_url: str) -> "Settings":
+    def with_urls(self, redis_url: str, database_url: str) -> Settings:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(redis_url=redis_url, database_url=database_url)
         return Settings(**values)

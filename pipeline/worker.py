@@ -36,7 +36,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.clock import Clock
@@ -79,8 +81,11 @@ class Transient(Exception):
 class Stage(Protocol):
     """What the runtime drives. ``group`` is the consumer group's name."""
 
-    group: str
-    streams: Sequence[str]
+    @property
+    def group(self) -> str: ...
+
+    @property
+    def streams(self) -> Sequence[str]: ...
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         """Make the batch's effects and ack all of ``entries`` atomically; raise to retry."""
@@ -146,7 +151,8 @@ class StageWorker:
         while not self._stopping:
             try:
                 await self.run_once()
-            except (ConnectionError, OSError, asyncio.TimeoutError) as exc:
+            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+                # redis-py raises its own ConnectionError/TimeoutError, not the builtins
                 log.warning("redis unavailable, retrying: %s", exc, extra={"stage": self._label})
                 await asyncio.sleep(0.5)
         log.info("worker stopped", extra={"stage": self.stage.group, "consumer": self.consumer})
@@ -223,12 +229,14 @@ class StageWorker:
                 await self._keep_claim(entries)
 
     async def _keep_claim(self, entries: list[Entry]) -> None:
-        by_stream: dict[str, list[str]] = {}
+        by_stream: dict[str, list[int | bytes | str | memoryview]] = {}
         for entry in entries:
             by_stream.setdefault(entry.stream, []).append(entry.id)
         for stream, ids in by_stream.items():
-            await self.redis.execute_command(
-                "XCLAIM", stream, self.stage.group, self.consumer, 0, *ids, "JUSTID"
+            # xclaim(justid=True), not execute_command: redis-py parses a raw XCLAIM reply
+            # as entries and fails on a list of ids
+            await self.redis.xclaim(
+                stream, self.stage.group, self.consumer, 0, ids, justid=True
             )
 
     async def _record_failure(self, entry: Entry, exc: BaseException) -> None:
@@ -261,8 +269,12 @@ class StageWorker:
             )
             claimed: list[Entry] = []
             vanished: list[str] = []
+            unnamed = False
             for item in items:
-                if item is None:
+                if item is None or item[0] is None:
+                    # Redis 6.2 answers a pending entry deleted from the stream with nil
+                    # (no id) and leaves it pending; found by _deleted_pending below
+                    unnamed = True
                     continue
                 entry_id, fields = item[0], item[1]
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -271,6 +283,9 @@ class StageWorker:
                     continue
                 pairs = dict(zip(fields[::2], fields[1::2])) if isinstance(fields, list) else fields
                 claimed.append(Entry(stream, eid, pairs))
+            if unnamed:
+                vanished += await self._deleted_pending(
+                    stream, cursor, self._cursors[stream], {e.id for e in claimed})
             if vanished:
                 await self.redis.xack(stream, self.stage.group, *vanished)
             if not claimed:
@@ -287,6 +302,22 @@ class StageWorker:
             if fresh:
                 done += await self.process(fresh)
         return done
+
+    async def _deleted_pending(
+        self, stream: str, start: str, end: str, present: set[str]
+    ) -> list[str]:
+        """Ids pending to this consumer in the page [start, end) that are gone from the stream."""
+        rows = await self.redis.xpending_range(
+            stream, self.stage.group, min=start, max="+" if end == "0-0" else f"({end}",
+            count=2 * RECLAIM_PAGE, consumername=self.consumer,
+        )
+        gone: list[str] = []
+        for row in rows:
+            mid = row["message_id"]
+            eid = mid.decode() if isinstance(mid, bytes) else str(mid)
+            if eid not in present and not await self.redis.xrange(stream, eid, eid, count=1):
+                gone.append(eid)
+        return gone
 
     async def _delivery_counts(self, stream: str, entries: list[Entry]) -> dict[str, int]:
         rows = await self.redis.xpending_range(

@@ -15,13 +15,15 @@ import contextlib
 import uuid
 
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.connections import blocking_reader, redis_client
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import (
-    AllocateRequest,
     Allocated,
+    AllocateRequest,
     Failed,
     Released,
     ReleaseRequest,
@@ -115,7 +117,7 @@ class Client:
             self._outbox.append(payload)
             self._outbox_ready.set()
             return await asyncio.wait_for(future, timeout_s or self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return Failed(request_id=request_id, reason="timed_out",
                           message=f"No reply within {timeout_s or self.timeout_s} s")
         finally:
@@ -135,7 +137,7 @@ class Client:
                     for payload in batch:
                         pipe.xadd(self.keys.requests, {"d": payload})
                     await pipe.execute()
-            except (ConnectionError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 # not sent: put them back in front and try again shortly
                 self._outbox[:0] = batch
                 await asyncio.sleep(0.1)
@@ -148,7 +150,7 @@ class Client:
             try:
                 batch = await self._reader.xread({self.reply_stream: last}, count=512,
                                                  block=READ_BLOCK_MS)
-            except (ConnectionError, OSError, asyncio.TimeoutError):
+            except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 await asyncio.sleep(0.1)
                 continue
             for _stream, items in batch or []:

@@ -15,7 +15,9 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.trim import trim
@@ -52,11 +54,11 @@ async def run_ticker(ctx: StageContext, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await add_tick(ctx)
-        except (ConnectionError, OSError) as exc:
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
             log.warning("ticker cannot reach redis: %s", exc)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=period)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
 

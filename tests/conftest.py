@@ -9,6 +9,8 @@ tests never see each other's Redis state; tables are emptied per test.
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -36,13 +38,18 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="session")
 def servers() -> Iterator[ServerUrls]:
     base = Settings.from_env()
+    own_dir = None
     if not (base.redis_url and base.database_url):
-        base = replace(base, data_dir=ROOT / ".devsched" / "test")
+        # servers of this test session alone: a parallel session cannot stop them under us
+        own_dir = ROOT / ".devsched" / "test" / str(os.getpid())
+        base = replace(base, data_dir=own_dir)
     urls, started = ensure_servers(base)
     asyncio.run(migrate(urls.database_url))
     yield urls
     if started:
         stop_servers(base)
+    if own_dir is not None:
+        shutil.rmtree(own_dir, ignore_errors=True)
 
 
 @pytest.fixture

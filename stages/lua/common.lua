@@ -57,9 +57,11 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   if redis.call('HDEL', k_user(P, a[2], 'allocs'), aid) == 1 then
     local ukey = k_user(P, a[2], 'usage')
     redis.call('HINCRBY', ukey, 'devices', -1)
-    redis.call('HINCRBY', ukey, 'cpu', -cpu)
-    redis.call('HINCRBY', ukey, 'mem', -mem)
-    redis.call('HINCRBY', ukey, 'sto', -sto)
+    -- 0 - x, not -x: for x = 0, -x is Lua's -0, which reaches Redis as "-0" and
+    -- HINCRBY rejects it (the script would stop half done)
+    redis.call('HINCRBY', ukey, 'cpu', 0 - cpu)
+    redis.call('HINCRBY', ukey, 'mem', 0 - mem)
+    redis.call('HINCRBY', ukey, 'sto', 0 - sto)
   end
   local rec = {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
     tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = allocated_at,

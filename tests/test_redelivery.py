@@ -1,0 +1,403 @@
+"""Nothing lost, nothing done twice, when entries are delivered again.
+
+Streams deliver at least once: after a failover, a crash between a commit and its
+ack, or a worker killed mid-batch, the same entry comes back. These tests deliver
+entries again on purpose, against real Redis and PostgreSQL, and show that each
+request is decided once (a repeat gets the first answer and changes no usage), each
+PostgreSQL row only moves forward by version, each closed allocation is billed once,
+and the entries of a worker killed with SIGKILL are reclaimed so that every request
+gets exactly one reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from pipeline.clock import ManualClock
+from pipeline.connections import blocking_reader, redis_client
+from pipeline.settings import Settings
+from pipeline.worker import Entry, StageWorker, ensure_group
+from schemas.keys import GROUP_BILL, GROUP_PERSIST, GROUP_QUOTA, GROUP_SELECT, Keys
+from schemas.messages import (
+    Allocated,
+    AllocateRequest,
+    AllocationChange,
+    DeviceSpec,
+    DeviceUpserted,
+    QuotaSpec,
+    Released,
+    ReleaseRequest,
+    change_decoder,
+    encoder,
+    reply_decoder,
+)
+from stages.bill import BillStage
+from stages.context import StageContext
+from stages.persist import PersistStage
+from stages.producer import Client
+from stages.service import serve
+from tests.conftest import ROOT, RunningPipeline, seed
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def drained(redis: Redis, stream: str, *groups: str) -> bool:
+    """Every entry of ``stream`` delivered to and acked by each of ``groups``."""
+    last = await redis.xrevrange(stream, count=1)
+    info = {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}
+    return all(
+        g in info and info[g]["pending"] == 0 and info[g]["last-delivered-id"] == last[0][0]
+        for g in groups
+    )
+
+
+async def replies(redis: Redis, stream: str) -> list[object]:
+    return [reply_decoder.decode(f[b"d"]) for _, f in await redis.xrange(stream)]
+
+
+async def has_replies(redis: Redis, stream: str, n: int) -> bool:
+    return await redis.xlen(stream) >= n
+
+
+def request(keys: Keys, rid: str, user: str = "u1") -> bytes:
+    return encoder.encode(AllocateRequest(request_id=rid, user_id=user, reply_to=keys.reply("p")))
+
+
+async def usage(redis: Redis, keys: Keys, user: str) -> dict[bytes, bytes]:
+    return dict(await redis.hgetall(keys.usage(user)))
+
+
+# --- a. select: an admitted entry delivered twice ---------------------------------
+
+
+async def test_admitted_entry_delivered_twice_allocates_once_and_repeats_the_answer(
+    pipeline: RunningPipeline, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1"), DeviceSpec(id="d2")],
+               quotas=[QuotaSpec(user_id="u1")])
+    await redis.xadd(keys.requests, {"d": request(keys, "r-1")})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 1))
+    await wait_until(lambda: drained(redis, keys.admitted, GROUP_SELECT))
+    used = await usage(redis, keys, "u1")
+    [(_, admitted)] = await redis.xrange(keys.admitted)
+
+    # a failover lost the ack: the same entry (payload and hold) is delivered again
+    await redis.xadd(keys.admitted, {"d": admitted[b"d"], "c": admitted[b"c"]})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 2))
+    await wait_until(lambda: drained(redis, keys.admitted, GROUP_SELECT))
+
+    first, second = await replies(redis, keys.reply("p"))
+    assert isinstance(first, Allocated) and second == first
+    assert await usage(redis, keys, "u1") == used
+    assert await redis.scard(keys.active) == 1
+    assert await redis.hget(keys.stats, "allocated") == b"1"
+    assert await redis.hlen(keys.holds("u1")) == 0
+    changes = [change_decoder.decode(c[b"d"]) for _, c in await redis.xrange(keys.changes)]
+    assert [c.request_id for c in changes if isinstance(c, AllocationChange)] == ["r-1"]
+
+
+async def test_admitted_entry_delivered_again_after_release_does_not_allocate_again(
+    pipeline: RunningPipeline, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1")], quotas=[QuotaSpec(user_id="u1")])
+    await redis.xadd(keys.requests, {"d": request(keys, "r-1")})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 1))
+    [(_, admitted)] = await redis.xrange(keys.admitted)
+    [got] = await replies(redis, keys.reply("p"))
+    assert isinstance(got, Allocated)
+    release = ReleaseRequest(request_id="r-2", reply_to=keys.reply("p"),
+                             allocation_id=got.allocation_id)
+    await redis.xadd(keys.requests, {"d": encoder.encode(release)})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 2))
+
+    await redis.xadd(keys.admitted, {"d": admitted[b"d"], "c": admitted[b"c"]})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 3))
+    await wait_until(lambda: drained(redis, keys.admitted, GROUP_SELECT))
+
+    allocated, released, repeated = await replies(redis, keys.reply("p"))
+    assert isinstance(released, Released) and not released.already_released
+    assert repeated == allocated
+    assert await redis.scard(keys.active) == 0
+    assert await redis.zrange(keys.free("default"), 0, -1) == [b"d1"]
+    assert {k: int(v) for k, v in (await usage(redis, keys, "u1")).items()} == {
+        b"devices": 0, b"cpu": 0, b"mem": 0, b"sto": 0}
+
+
+async def test_request_entry_delivered_twice_to_quota_allocates_once(
+    pipeline: RunningPipeline, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1"), DeviceSpec(id="d2")],
+               quotas=[QuotaSpec(user_id="u1")])
+    payload = request(keys, "r-1")
+    await redis.xadd(keys.requests, {"d": payload})
+    await redis.xadd(keys.requests, {"d": payload})
+    await wait_until(lambda: has_replies(redis, keys.reply("p"), 2))
+    await wait_until(lambda: drained(redis, keys.admitted, GROUP_SELECT))
+
+    first, second = await replies(redis, keys.reply("p"))
+    assert isinstance(first, Allocated) and second == first
+    assert await redis.scard(keys.active) == 1
+    assert int((await usage(redis, keys, "u1"))[b"devices"]) == 1
+    assert await redis.hlen(keys.holds("u1")) == 0
+
+
+# --- b. persist and bill: crash after the commit, before the ack -------------------
+
+
+class AckLost(Exception):
+    """The process died between its PostgreSQL commit and its XACK."""
+
+
+def crashing_before_ack(settings: Settings) -> Redis:
+    client = redis_client(settings)
+
+    async def xack(*_args: object, **_kwargs: object) -> int:
+        raise AckLost()
+
+    client.xack = xack  # type: ignore[method-assign]
+    return client
+
+
+async def read_as(redis: Redis, stream: str, group: str, consumer: str, count: int) -> list[Entry]:
+    await ensure_group(redis, stream, group)
+    got = await redis.xreadgroup(group, consumer, {stream: ">"}, count=count)
+    return [Entry(stream, i.decode(), f) for _, items in got for i, f in items]
+
+
+async def make_history(settings: Settings, clock: ManualClock, redis: Redis, keys: Keys) -> list[str]:
+    """Three allocations, the first two released after 30 s: changes for persist and bill,
+    written by quota and select alone (no persist or bill running yet)."""
+    await seed(redis, keys, clock, devices=[DeviceSpec(id=f"d{i}") for i in range(3)],
+               quotas=[QuotaSpec(user_id="u1")])
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(["quota", "select"], settings, clock, stop=stop,
+                                     install_signals=False))
+    try:
+        async with Client(settings, timeout_s=5) as client:
+            got = [await client.allocate("u1") for _ in range(3)]
+            assert all(isinstance(g, Allocated) for g in got), got
+            clock.advance(30_000)
+            for g in got[:2]:
+                assert isinstance(g, Allocated)
+                rel = await client.release(allocation_id=g.allocation_id)
+                assert isinstance(rel, Released), rel
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    return [g.allocation_id for g in got if isinstance(g, Allocated)]
+
+
+async def test_persist_and_bill_redone_after_a_crash_between_commit_and_ack(
+    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys, pg: asyncpg.Pool,
+) -> None:
+    ids = await make_history(settings, clock, redis, keys)
+    total = await redis.xlen(keys.changes)
+    assert total == 3 + 1 + 3 + 2  # devices, quota, allocated, released
+    crashing = crashing_before_ack(settings)
+    dead_ctx = StageContext(redis=crashing, settings=settings, clock=clock, pg=pg)
+    try:
+        # persist dies after committing everything up to the allocations (versions 1)
+        with pytest.raises(AckLost):
+            await PersistStage(dead_ctx).handle(
+                await read_as(redis, keys.changes, GROUP_PERSIST, "crashed", total - 2))
+        # bill dies after committing the whole history
+        with pytest.raises(AckLost):
+            await BillStage(dead_ctx).handle(
+                await read_as(redis, keys.changes, GROUP_BILL, "crashed", total))
+    finally:
+        await crashing.aclose()
+    assert (await redis.xpending(keys.changes, GROUP_PERSIST))["pending"] == total - 2
+    assert (await redis.xpending(keys.changes, GROUP_BILL))["pending"] == total
+
+    ctx = StageContext(redis=redis, settings=settings, clock=clock, pg=pg)
+    readers = [blocking_reader(settings) for _ in range(2)]
+    workers = [StageWorker(stage, redis, reader, settings, clock, consumer="live",
+                           dead_stream=keys.dead)
+               for stage, reader in zip([PersistStage(ctx), BillStage(ctx)], readers)]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    try:
+        await wait_until(lambda: drained(redis, keys.changes, GROUP_PERSIST, GROUP_BILL))
+    finally:
+        for w in workers:
+            w.stop()
+        await asyncio.gather(*tasks)
+        for reader in readers:
+            await reader.aclose()
+
+    async with pg.acquire() as conn:
+        rows = {str(r["id"]): (r["status"], r["version"], r["duration_seconds"])
+                for r in await conn.fetch("SELECT * FROM device_allocations")}
+        ledger = await conn.fetch("SELECT allocation_id::text AS id, duration_seconds, end_reason"
+                                  " FROM billing_ledger ORDER BY allocation_id")
+        devices = await conn.fetchval("SELECT count(*) FROM devices")
+    assert rows == {ids[0]: ("released", 2, 30), ids[1]: ("released", 2, 30),
+                    ids[2]: ("allocated", 1, None)}
+    assert sorted((r["id"], r["duration_seconds"], r["end_reason"]) for r in ledger) == sorted(
+        [(ids[0], 30, "released"), (ids[1], 30, "released")])
+    assert devices == 3
+    assert await redis.xlen(keys.dead) == 0
+
+
+# --- c. a late, older change ------------------------------------------------------
+
+
+def change(aid: str, version: int, status: str, at_ms: int) -> AllocationChange:
+    return AllocationChange(
+        allocation_id=aid, device_id="d1", user_id="u1", request_id="r-1",
+        status=status,  # type: ignore[arg-type]
+        allocated_at_ms=1_700_000_000_000, expires_at_ms=1_700_003_600_000,
+        released_at_ms=None if status == "allocated" else at_ms, duration_minutes=60,
+        duration_seconds=None if status == "allocated" else 90, cpu_cores=2, memory_mb=4096,
+        storage_mb=32768, pool="default", version=version, at_ms=at_ms,
+    )
+
+
+def device(version: int, name: str) -> DeviceUpserted:
+    return DeviceUpserted(device_id="d1", name=name, pool="default", model="generic",
+                          host="node-1", adb_host="127.0.0.1", adb_port=5555, cpu_cores=2,
+                          memory_mb=4096, storage_mb=32768, status="available",
+                          version=version, at_ms=1_700_000_000_000)
+
+
+async def deliver(redis: Redis, keys: Keys, stage: PersistStage, changes: Sequence[object]) -> None:
+    for c in changes:
+        await redis.xadd(keys.changes, {"d": encoder.encode(c)})
+    await stage.handle(await read_as(redis, keys.changes, GROUP_PERSIST, "w", len(changes)))
+
+
+async def test_late_older_change_never_overwrites_a_newer_row(
+    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys, pg: asyncpg.Pool,
+) -> None:
+    aid_apart, aid_together = "11111111-1111-1111-1111-111111111111", \
+        "22222222-2222-2222-2222-222222222222"
+    stage = PersistStage(StageContext(redis=redis, settings=settings, clock=clock, pg=pg))
+    # in separate batches: version 2 first, then version 1 arrives late
+    await deliver(redis, keys, stage, [change(aid_apart, 2, "released", 1_700_000_090_000),
+                                       device(2, "renamed")])
+    await deliver(redis, keys, stage, [change(aid_apart, 1, "allocated", 1_700_000_000_000),
+                                       device(1, "original")])
+    # in one batch, the older one after the newer
+    await deliver(redis, keys, stage, [change(aid_together, 2, "released", 1_700_000_090_000),
+                                       change(aid_together, 1, "allocated", 1_700_000_000_000)])
+    # the same version again (a replay) changes nothing either
+    await deliver(redis, keys, stage, [change(aid_apart, 2, "released", 1_700_000_090_000)])
+
+    async with pg.acquire() as conn:
+        rows = {str(r["id"]): (r["status"], r["version"], r["duration_seconds"],
+                               r["released_at"] is not None)
+                for r in await conn.fetch("SELECT * FROM device_allocations")}
+        dev = await conn.fetchrow("SELECT name, version FROM devices WHERE id = 'd1'")
+    assert rows == {aid_apart: ("released", 2, 90, True), aid_together: ("released", 2, 90, True)}
+    assert tuple(dev) == ("renamed", 2)
+    assert (await redis.xpending(keys.changes, GROUP_PERSIST))["pending"] == 0
+
+
+# --- d. a worker process killed with SIGKILL mid-run --------------------------------
+
+
+def start_quota_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
+               DEVSCHED_PREFIX=settings.prefix, DEVSCHED_BLOCK_MS="4000")
+    with log.open("wb") as out:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "quota"],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+
+async def consumers(redis: Redis, keys: Keys) -> dict[str, int]:
+    """Consumers of the quota group and how many entries each holds."""
+    try:
+        found = await redis.xinfo_consumers(keys.requests, GROUP_QUOTA)
+    except Exception:  # noqa: BLE001 - no stream or group yet
+        return {}
+    return {c["name"].decode(): int(c["pending"]) for c in found}
+
+
+async def add_requests(redis: Redis, keys: Keys, users: Sequence[str]) -> None:
+    """All in one MULTI/EXEC, so a consumer blocked in XREADGROUP gets them in one batch."""
+    async with redis.pipeline(transaction=True) as pipe:
+        for u in users:
+            pipe.xadd(keys.requests, {"d": request(keys, f"r-{u}", user=u)})
+        await pipe.execute()
+
+
+async def test_entries_of_a_worker_killed_mid_run_are_reclaimed_and_answered_once(
+    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys, pg: asyncpg.Pool,
+    tmp_path: Path,
+) -> None:
+    attempts = 5
+    lots = [[f"k{a}-{i}" for i in range(10)] for a in range(attempts)]
+    users = [f"first{i}" for i in range(5)] + [u for lot in lots for u in lot] + ["late0", "late1"]
+    await seed(redis, keys, clock, devices=[DeviceSpec(id=f"d{i}") for i in range(len(users))],
+               quotas=[QuotaSpec(user_id=u) for u in users])
+    sent: list[str] = []
+
+    async def send(names: list[str]) -> None:
+        await add_requests(redis, keys, names)
+        sent.extend(names)
+
+    log = tmp_path / "worker.log"
+    proc = start_quota_worker(settings, log)
+    try:
+        await wait_until(lambda: _has_consumer(redis, keys), timeout=15)
+        [victim] = await consumers(redis, keys)
+        await send(users[:5])  # it runs: it admits a first lot
+        await wait_until(lambda: drained(redis, keys.requests, GROUP_QUOTA))
+        for lot in lots:
+            # frozen inside its blocking read, it is handed a batch it will never finish
+            await asyncio.sleep(0.1)  # back in XREADGROUP BLOCK (4 s) after its last turn
+            os.kill(proc.pid, signal.SIGSTOP)
+            await send(lot)
+            if (await consumers(redis, keys))[victim] == len(lot):
+                break
+            # caught between two reads: let it admit these and freeze it again
+            os.kill(proc.pid, signal.SIGCONT)
+            await wait_until(lambda: drained(redis, keys.requests, GROUP_QUOTA))
+        else:
+            pytest.fail("the worker was never caught inside its blocking read")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert (await consumers(redis, keys))[victim] == 10, log.read_text()
+
+    stop = asyncio.Event()
+    running = RunningPipeline(asyncio.create_task(serve(
+        ["quota", "select", "persist", "bill", "notify"], settings, clock, stop=stop,
+        install_signals=False)), stop)
+    try:
+        await send(["late0", "late1"])  # and new requests keep coming
+        await wait_until(lambda: has_replies(redis, keys.reply("p"), len(sent)))
+        await wait_until(lambda: drained(redis, keys.requests, GROUP_QUOTA))
+        await wait_until(lambda: drained(redis, keys.admitted, GROUP_SELECT))
+    finally:
+        await running.close()
+
+    got = await replies(redis, keys.reply("p"))
+    assert all(isinstance(r, Allocated) for r in got), got
+    assert Counter(r.request_id for r in got if isinstance(r, Allocated)) == Counter(
+        f"r-{u}" for u in sent)
+    assert (await consumers(redis, keys))[victim] == 0
+    assert await redis.scard(keys.active) == len(sent)
+
+
+async def _has_consumer(redis: Redis, keys: Keys) -> bool:
+    return bool(await consumers(redis, keys))

@@ -1,0 +1,355 @@
+"""The stream runtime on its own: what StageWorker and trim promise, with no device logic.
+
+A tiny ``Ledger`` stage appends each entry's payload to a Redis list and acks it in
+one MULTI/EXEC. Against real Redis this proves: a poison entry is retried and then
+dead-lettered (stage, error, delivery count) and acked, while its batch mates are
+handled once; entries left pending by a dead consumer are reclaimed, past the first
+XAUTOCLAIM page, with the cursor kept between calls; a pending entry deleted from the
+stream is acked rather than crashing reclaim; a dependency outage (``Transient``)
+keeps the batch without counting deliveries; an unreachable Redis does not end the
+loop; ``stop()`` returns after the batch in hand; and ``trim`` removes only entries
+every group has acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import replace
+
+import pytest
+import pytest_asyncio
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from pipeline.clock import ManualClock
+from pipeline.connections import blocking_reader
+from pipeline.settings import Settings
+from pipeline.trim import trim
+from pipeline.worker import RECLAIM_PAGE, Entry, StageWorker, Transient, ensure_group
+from schemas.keys import Keys
+from schemas.messages import DeadLetter, dead_decoder
+
+GROUP = "ledger"
+
+
+class Ledger:
+    """Appends payloads to ``<stream>:done`` and acks, atomically. Payloads in ``poison``
+    always raise; while ``down`` is set every batch raises Transient; while ``gate`` is
+    set, handling waits for it to open."""
+
+    group = GROUP
+
+    def __init__(self, redis: Redis, stream: str, *, ack: bool = True) -> None:
+        self.redis = redis
+        self.streams = [stream]
+        self.done_key = f"{stream}:done"
+        self.ack = ack
+        self.poison: set[bytes] = set()
+        self.down = False
+        self.gate: asyncio.Event | None = None
+        self.entered = asyncio.Event()
+        self.calls: list[list[tuple[bytes, int]]] = []
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        self.calls.append([(e.data, e.deliveries) for e in entries])
+        self.entered.set()
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.down:
+            raise Transient("ledger database down")
+        for e in entries:
+            if e.data in self.poison:
+                raise ValueError(f"poison entry {e.data.decode()}")
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.rpush(self.done_key, *[e.data for e in entries])
+            if self.ack:
+                pipe.xack(self.streams[0], self.group, *[e.id for e in entries])
+            await pipe.execute()
+
+    async def done(self) -> list[bytes]:
+        return list(await self.redis.lrange(self.done_key, 0, -1))
+
+
+@pytest_asyncio.fixture
+async def readers(settings: Settings) -> AsyncIterator[Callable[[], Redis]]:
+    """Makes blocking-read connections (one per worker) and closes them after the test."""
+    made: list[Redis] = []
+
+    def make() -> Redis:
+        made.append(blocking_reader(settings))
+        return made[-1]
+
+    yield make
+    for r in made:
+        await r.aclose()
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def add(redis: Redis, stream: str, payloads: Sequence[bytes]) -> list[str]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for p in payloads:
+            pipe.xadd(stream, {"d": p})
+        ids = await pipe.execute()
+    return [i.decode() for i in ids]
+
+
+async def pending(redis: Redis, stream: str, group: str = GROUP) -> int:
+    return int((await redis.xpending(stream, group))["pending"])
+
+
+async def leave_pending(redis: Redis, stream: str, consumer: str, count: int) -> None:
+    """A consumer reads ``count`` entries and dies without acking them."""
+    await ensure_group(redis, stream, GROUP)
+    got = await redis.xreadgroup(GROUP, consumer, {stream: ">"}, count=count)
+    assert sum(len(items) for _, items in got) == count
+
+
+class Running:
+    def __init__(self, worker: StageWorker) -> None:
+        self.worker = worker
+        self.task = asyncio.create_task(worker.run())
+
+    async def stop(self) -> None:
+        self.worker.stop()
+        await asyncio.wait_for(self.task, 5)
+
+
+def worker(stage: Ledger, redis: Redis, reader: Redis, settings: Settings, keys: Keys,
+           clock: ManualClock, name: str = "live") -> StageWorker:
+    return StageWorker(stage, redis, reader, settings, clock, consumer=name, dead_stream=keys.dead)
+
+
+async def test_poison_entry_is_dead_lettered_after_max_deliveries_and_batch_mates_run_once(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    settings = replace(settings, max_deliveries=3)
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    stage.poison.add(b"p")
+    ids = await add(redis, stream, [b"a", b"p", b"c"])
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    try:
+        await wait_until(lambda: _has_entries(redis, keys.dead))
+    finally:
+        await running.stop()
+
+    assert await stage.done() == [b"a", b"c"]
+    tried_alone = [n for call in stage.calls if len(call) == 1 for data, n in call if data == b"p"]
+    assert tried_alone == list(range(1, settings.max_deliveries + 1))
+    [(_, fields)] = await redis.xrange(keys.dead)
+    letter = dead_decoder.decode(fields[b"d"])
+    assert letter == DeadLetter(
+        stage=GROUP, stream=stream, entry_id=ids[1], error="ValueError: poison entry p",
+        # Redis' count: the XAUTOCLAIM that found it over the limit is a delivery too
+        deliveries=settings.max_deliveries + 1, payload="p", at_ms=clock.now_ms(),
+    )
+    assert await pending(redis, stream) == 0
+    assert not await redis.hexists(keys.errors(GROUP), f"{stream}/{ids[1]}")
+
+
+async def test_entries_of_a_dead_consumer_are_all_reclaimed_past_the_first_page(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    stream = f"{settings.prefix}:work"
+    count = 2 * RECLAIM_PAGE + RECLAIM_PAGE // 2
+    payloads = [str(i).encode() for i in range(count)]
+    await add(redis, stream, payloads)
+    await leave_pending(redis, stream, "dead", count)
+    stage = Ledger(redis, stream)
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    try:
+        await wait_until(lambda: _settled(redis, stream, stage, count))
+    finally:
+        await running.stop()
+    assert sorted(await stage.done(), key=int) == payloads  # each once, none lost
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def _has_entries(redis: Redis, stream: str) -> bool:
+    return bool(await redis.xlen(stream))
+
+
+async def _settled(redis: Redis, stream: str, stage: Ledger, count: int) -> bool:
+    return await pending(redis, stream) == 0 and len(await stage.done()) >= count
+
+
+async def test_reclaim_keeps_its_cursor_so_later_pages_are_reached(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    # Entries stay pending after handling (no ack) and idle past 1 ms at once: a reclaim
+    # that restarted from 0-0 would take the first page again and again.
+    settings = replace(settings, claim_idle_ms=1)
+    stream = f"{settings.prefix}:work"
+    count = 2 * RECLAIM_PAGE + RECLAIM_PAGE // 2
+    payloads = [str(i).encode() for i in range(count)]
+    await add(redis, stream, payloads)
+    await leave_pending(redis, stream, "dead", count)
+    stage = Ledger(redis, stream, ack=False)
+    w = worker(stage, redis, readers(), settings, keys, clock)
+
+    taken = []
+    for _ in range(3):
+        await asyncio.sleep(0.01)
+        taken.append(await w.reclaim())
+    assert taken == [RECLAIM_PAGE, RECLAIM_PAGE, RECLAIM_PAGE // 2]
+    assert sorted(await stage.done(), key=int) == payloads
+
+
+async def test_reclaim_acks_a_pending_entry_that_was_deleted_from_the_stream(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    stream = f"{settings.prefix}:work"
+    ids = await add(redis, stream, [b"a", b"gone", b"c"])
+    await leave_pending(redis, stream, "dead", 3)
+    await redis.xdel(stream, ids[1])
+    stage = Ledger(redis, stream)
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    try:
+        await wait_until(lambda: _settled(redis, stream, stage, 2))
+        assert not running.task.done()
+    finally:
+        await running.stop()
+    assert await stage.done() == [b"a", b"c"]
+    assert await redis.xlen(keys.dead) == 0
+
+
+async def test_transient_outage_keeps_the_batch_without_counting_deliveries(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    settings = replace(settings, max_deliveries=1)
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    stage.down = True
+    await add(redis, stream, [b"a", b"b", b"c"])
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    try:
+        await wait_until(lambda: _calls_at_least(stage, 3))  # retried with back-off
+        rows = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
+        assert [r["times_delivered"] for r in rows] == [1, 1, 1]
+        stage.down = False
+        await wait_until(lambda: _settled(redis, stream, stage, 3))
+    finally:
+        await running.stop()
+    assert await stage.done() == [b"a", b"b", b"c"]
+    assert await redis.xlen(keys.dead) == 0
+    assert all(n == 1 for call in stage.calls for _, n in call)
+
+
+async def _calls_at_least(stage: Ledger, n: int) -> bool:
+    return len(stage.calls) >= n
+
+
+async def test_worker_keeps_running_while_redis_is_unreachable(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis], caplog: pytest.LogCaptureFixture,
+) -> None:
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2,
+                        single_connection_client=True, retry=Retry(NoBackoff(), 0))
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    w = worker(stage, redis, unreachable, settings, keys, clock)
+    running = Running(w)
+
+    async def failed_reads(n: int) -> bool:
+        assert not running.task.done(), running.task
+        return caplog.text.count("redis unavailable, retrying") >= n
+
+    try:
+        await wait_until(lambda: failed_reads(2))
+        w.reader = readers()  # Redis is back
+        await add(redis, stream, [b"a"])
+        await wait_until(lambda: _settled(redis, stream, stage, 1))
+    finally:
+        await running.stop()
+        await unreachable.aclose()
+    assert await stage.done() == [b"a"]
+
+
+async def test_stop_lets_the_batch_in_hand_finish_then_run_returns(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    stage.gate = asyncio.Event()
+    first = await add(redis, stream, [b"a", b"b"])
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    await asyncio.wait_for(stage.entered.wait(), 5)
+    running.worker.stop()
+    await add(redis, stream, [b"later"])
+    done, _ = await asyncio.wait({running.task}, timeout=0.3)
+    assert not done  # still in the batch
+    stage.gate.set()
+    await asyncio.wait_for(running.task, 2)
+    assert await stage.done() == [b"a", b"b"]
+    assert await pending(redis, stream) == 0
+    [group] = await redis.xinfo_groups(stream)
+    assert group["last-delivered-id"].decode() == first[-1]  # "later" was never read
+
+
+async def _group_reads(redis: Redis, stream: str, group: str, count: int, ack: int) -> None:
+    """``group`` is delivered ``count`` entries and acks the first ``ack`` of them."""
+    await redis.xgroup_create(stream, group, id="0")
+    got = await redis.xreadgroup(group, "c", {stream: ">"}, count=count)
+    ids = [i for _, items in got for i, _ in items]
+    if ack:
+        await redis.xack(stream, group, *ids[:ack])
+
+
+async def test_trim_keeps_the_oldest_entry_a_group_has_pending(
+    settings: Settings, redis: Redis,
+) -> None:
+    stream = f"{settings.prefix}:work"
+    ids = await add(redis, stream, [str(i).encode() for i in range(10)])
+    await _group_reads(redis, stream, "fast", 10, 10)
+    await redis.xgroup_create(stream, "slow", id="0")
+    got = await redis.xreadgroup("slow", "c", {stream: ">"}, count=10)
+    await redis.xack(stream, "slow", *[i for _, items in got for i, _ in items if i != ids[1].encode()])
+
+    assert await trim(redis, stream) == 1
+    assert [i.decode() for i, _ in await redis.xrange(stream)] == ids[1:]
+    assert (await redis.xpending(stream, "slow"))["min"].decode() == ids[1]
+
+
+async def test_trim_keeps_entries_a_group_has_not_yet_been_delivered(
+    settings: Settings, redis: Redis,
+) -> None:
+    stream = f"{settings.prefix}:work"
+    ids = await add(redis, stream, [str(i).encode() for i in range(10)])
+    await _group_reads(redis, stream, "fast", 10, 10)
+    await _group_reads(redis, stream, "behind", 4, 4)
+
+    assert await trim(redis, stream) == 4
+    assert [i.decode() for i, _ in await redis.xrange(stream)] == ids[4:]
+    got = await redis.xreadgroup("behind", "c", {stream: ">"}, count=100)
+    assert [i.decode() for _, items in got for i, _ in items] == ids[4:]
+
+
+async def test_trim_removes_entries_every_group_has_acked(
+    settings: Settings, redis: Redis,
+) -> None:
+    stream = f"{settings.prefix}:work"
+    await add(redis, stream, [str(i).encode() for i in range(10)])
+    await _group_reads(redis, stream, "a", 10, 10)
+    await _group_reads(redis, stream, "b", 10, 10)
+
+    assert await trim(redis, stream) == 10
+    assert await redis.xlen(stream) == 0
