@@ -73,6 +73,17 @@ def _streams(prefix: str) -> list[str]:
     return [f"{prefix}:s{i}" for i in range(HOPS)]
 
 
+Entry = tuple[bytes, dict[Any, Any]]
+
+
+def _entries(answer: Any) -> list[Entry]:
+    """The entries of the one stream an XREAD/XREADGROUP answer is about ([] if none)."""
+    if not answer:
+        return []
+    entries: list[Entry] = answer[0][1]
+    return entries
+
+
 # --- workers ---------------------------------------------------------------------------
 
 
@@ -84,11 +95,10 @@ async def _hop(redis_url: str, prefix: str, hop: int, consumer: str,
     client = _client(redis_url)
     try:
         while not stop.is_set():
-            answer = await client.xreadgroup(GROUP, consumer, {source: ">"},
-                                             count=batch, block=BLOCK_MS)
-            if not answer:
+            entries = _entries(await client.xreadgroup(GROUP, consumer, {source: ">"},
+                                                       count=batch, block=BLOCK_MS))
+            if not entries:
                 continue
-            entries = answer[0][1]
             pipe = client.pipeline(transaction=True)
             for _, fields in entries:
                 out = target if target is not None else fields[b"r"].decode()
@@ -166,7 +176,7 @@ async def _saturate(redis_url: str, prefix: str, duration_s: float) -> dict[str,
     reader = _client(redis_url)
     reply = f"{prefix}:reply:{uuid.uuid4().hex[:8]}"
     source = _streams(prefix)[0]
-    fields = {b"r": reply.encode(), b"m": PAYLOAD}
+    fields: dict[Any, Any] = {b"r": reply.encode(), b"m": PAYLOAD}
     outstanding = 0
     room = asyncio.Event()
     room.set()
@@ -195,11 +205,10 @@ async def _saturate(redis_url: str, prefix: str, duration_s: float) -> dict[str,
         nonlocal outstanding, counted
         last = "0-0"
         while time.perf_counter() < end:
-            answer = await reader.xread({reply: last}, count=5000, block=BLOCK_MS)
-            if not answer:
+            entries = _entries(await reader.xread({reply: last}, count=5000, block=BLOCK_MS))
+            if not entries:
                 continue
-            entries = answer[0][1]
-            last = entries[-1][0]
+            last = entries[-1][0].decode()
             outstanding -= len(entries)
             if time.perf_counter() >= counted_from:
                 counted += len(entries)
@@ -220,7 +229,7 @@ def _saturate_main(redis_url: str, prefix: str, duration_s: float,
 
     try:
         conn.send(("done", uvloop.run(_saturate(redis_url, prefix, duration_s))))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 - the parent gets the traceback instead of a hang
         conn.send(("error", traceback.format_exc()))
     finally:
         conn.close()
@@ -270,6 +279,7 @@ def make_cycle(redis_url: str, prefix: str) -> CycleParts:
     high rate costs few round trips and a low rate waits for none.
     """
     reply = f"{prefix}:reply:{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    reply_name = reply.encode()
     source = _streams(prefix)[0]
     waiting: dict[bytes, asyncio.Future[None]] = {}
     queued: list[bytes] = []
@@ -280,11 +290,10 @@ def make_cycle(redis_url: str, prefix: str) -> CycleParts:
         reader: aioredis.Redis = state["reader"]
         last = "0-0"
         while state["running"]:
-            answer = await reader.xread({reply: last}, count=5000, block=BLOCK_MS)
-            if not answer:
+            entries = _entries(await reader.xread({reply: last}, count=5000, block=BLOCK_MS))
+            if not entries:
                 continue
-            entries = answer[0][1]
-            last = entries[-1][0]
+            last = entries[-1][0].decode()
             for _, fields in entries:
                 future = waiting.pop(fields[b"i"], None)
                 if future is not None and not future.done():
@@ -304,11 +313,11 @@ def make_cycle(redis_url: str, prefix: str) -> CycleParts:
             del queued[:SEND_BATCH]
             pipe = client.pipeline(transaction=False)
             for key in keys:
-                pipe.xadd(source, {b"i": key, b"r": reply.encode(), b"m": PAYLOAD},
-                          maxlen=STREAM_MAXLEN, approximate=True)
+                fields: dict[Any, Any] = {b"i": key, b"r": reply_name, b"m": PAYLOAD}
+                pipe.xadd(source, fields, maxlen=STREAM_MAXLEN, approximate=True)
             try:
                 await pipe.execute()
-            except Exception as exc:  # fail the waiters, keep the sender alive
+            except Exception as exc:  # noqa: BLE001 - fail these waiters, keep sending
                 for key in keys:
                     future = waiting.pop(key, None)
                     if future is not None and not future.done():

@@ -28,15 +28,31 @@ nothing here prints to stdout (the last line there may be the JSON report).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
-from benchmarks.loadgen import CycleFactory, CycleParts
+from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
+from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
+from pipeline.clock import SystemClock
+from pipeline.connections import pg_pool, redis_client
+from pipeline.migrate import migrate
+from pipeline.settings import Settings
+from schemas.keys import Keys
+from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
+from stages.admin import add_devices, audit, set_quotas
+from stages.demo import changes_drained, workers_ready
+from stages.producer import Client
 
-NOT_READY = (
-    "the pipeline benchmark hook is not written yet: implement start_pipeline, "
-    "reset_pipeline, stop_pipeline and make_cycle in benchmarks/pipeline_sut.py"
-)
+READY_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 120.0
+STOP_TIMEOUT_S = 20.0
 
 
 @dataclass
@@ -44,29 +60,151 @@ class PipelineHandle:
     """A running pipeline under test."""
 
     factory: CycleFactory
-    """What loadgen runs in every producer process, e.g.
-    ``CycleFactory(make_cycle, (redis_url, users, seed))``."""
     workers_per_stage: int
     state: Any = None
-    """Whatever ``reset_pipeline`` and ``stop_pipeline`` need (processes, prefix, ...)."""
+
+
+@dataclass
+class _State:
+    settings: Settings
+    process: subprocess.Popen[bytes]
+    users: int
+    last_audit: dict[str, Any] = field(default_factory=dict)
+
+
+def _population(devices: int, users: int, seed: int = 7) -> tuple[list[DeviceSpec], list[QuotaSpec]]:
+    """The baseline's population: same device sizes, same generous quotas."""
+    rng = random.Random(seed)
+    specs = [
+        DeviceSpec(id=f"bd{i}", cpu_cores=rng.choice(CPU_CHOICES), memory_mb=rng.choice(MEM_CHOICES_MB),
+                   storage_mb=rng.choice((32_768, 65_536)), adb_port=5555)
+        for i in range(1, devices + 1)
+    ]
+    quotas = [
+        QuotaSpec(user_id=f"bu{u}", max_devices=50, max_cpu_per_device=8,
+                  max_memory_mb_per_device=8192, total_cpu_cores=400, total_memory_gb=400,
+                  total_storage_gb=1_000_000)
+        for u in range(1, users + 1)
+    ]
+    return specs, quotas
 
 
 async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: int, *,
                          devices: int, users: int) -> PipelineHandle:
-    """Start the stage workers with this population; return when they consume."""
-    raise NotImplementedError(NOT_READY)
+    """Start every stage (``workers_per_stage`` processes each) on a fresh key prefix."""
+    settings = Settings.from_env().with_urls(redis_url, database_url)
+    settings = Settings(**{**settings.__dict__, "prefix": f"bench{uuid.uuid4().hex[:8]}"})
+    await migrate(database_url)
+    pg = await pg_pool(settings)
+    async with pg.acquire() as conn:
+        await conn.execute("TRUNCATE device_allocations, devices, user_quotas, billing_ledger")
+    await pg.close()
+    keys = Keys(settings.prefix)
+    redis = redis_client(settings)
+    try:
+        specs, quotas = _population(devices, users)
+        for i in range(0, len(specs), 500):
+            await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
+        for i in range(0, len(quotas), 500):
+            await set_quotas(redis, keys, SystemClock(), quotas[i:i + 500])
+        env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
+                   DEVSCHED_PREFIX=settings.prefix)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run", "--workers", str(workers_per_stage)],
+            env=env, stdout=subprocess.DEVNULL,
+        )
+        deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
+        while not await workers_ready(redis, keys):
+            if asyncio.get_running_loop().time() > deadline or process.poll() is not None:
+                process.kill()
+                raise RuntimeError("pipeline workers did not start")
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+    state = _State(settings=settings, process=process, users=users)
+    factory = CycleFactory(make_cycle, (redis_url, settings.prefix, users, 1))
+    return PipelineHandle(factory=factory, workers_per_stage=workers_per_stage, state=state)
+
+
+async def _drain(settings: Settings) -> None:
+    """Wait until every change has been written behind, then release leftovers."""
+    keys = Keys(settings.prefix)
+    redis = redis_client(settings)
+    try:
+        active = [m.decode() for m in await redis.smembers(keys.active)]
+        if active:  # allocations whose cycle timed out: give them back through the pipeline
+            async with Client(settings, timeout_s=30) as client:
+                await asyncio.gather(*[client.release(allocation_id=a) for a in active])
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        while not await changes_drained(redis, keys):
+            if asyncio.get_running_loop().time() > deadline:
+                raise RuntimeError("write-behind did not drain")
+            await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
 
 
 async def reset_pipeline(handle: PipelineHandle) -> None:
-    """Bring state back to: all devices free, no usage, no allocations, no backlog."""
-    raise NotImplementedError(NOT_READY)
+    """All devices free, no usage, no backlog: every cycle releases what it took."""
+    await _drain(handle.state.settings)
+
+
+async def verify_pipeline(handle: PipelineHandle) -> dict[str, Any]:
+    """Drain the write-behind and compare PostgreSQL with Redis."""
+    state: _State = handle.state
+    await _drain(state.settings)
+    redis = redis_client(state.settings)
+    pg = await pg_pool(state.settings)
+    try:
+        state.last_audit = await audit(redis, Keys(state.settings.prefix), pg)
+    finally:
+        await pg.close()
+        await redis.aclose()
+    return state.last_audit
 
 
 async def stop_pipeline(handle: PipelineHandle) -> None:
-    """Stop every worker started by ``start_pipeline`` and remove its data."""
-    raise NotImplementedError(NOT_READY)
+    """Stop the workers (SIGTERM, then kill) and delete the run's keys."""
+    state: _State = handle.state
+    if state.process.poll() is None:
+        state.process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(state.process.wait), STOP_TIMEOUT_S)
+        except TimeoutError:
+            state.process.kill()
+            state.process.wait()
+    redis = redis_client(state.settings)
+    try:
+        batch = [k async for k in redis.scan_iter(match=f"{state.settings.prefix}:*", count=1000)]
+        for i in range(0, len(batch), 500):
+            await redis.delete(*batch[i:i + 500])
+    finally:
+        await redis.aclose()
 
 
-def make_cycle(redis_url: str, users: int, seed: int) -> CycleParts:
+def make_cycle(redis_url: str, prefix: str, users: int, seed: int) -> CycleParts:
     """Loadgen factory, run inside each producer process: one allocate+release cycle."""
-    raise NotImplementedError(NOT_READY)
+    rng = random.Random(seed * 1_000_003 + producer_seed())
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    client = Client(settings, timeout_s=10)
+
+    async def setup() -> None:
+        await client.start()
+
+    async def cycle(i: int) -> str | None:
+        user = f"bu{rng.randint(1, users)}"
+        got = await client.allocate(user, min_cpu_cores=rng.choice(CPU_CHOICES[:3]),
+                                    min_memory_mb=rng.choice(MEM_CHOICES_MB[:3]))
+        if isinstance(got, Failed):
+            return "no_device" if got.reason == "no_available_devices" else f"{got.reason}"
+        assert isinstance(got, Allocated)
+        mark("allocate")
+        done = await client.release(allocation_id=got.allocation_id, user_id=user)
+        if isinstance(done, Failed):
+            return f"release_{done.reason}"
+        return None
+
+    async def teardown() -> None:
+        await client.close()
+
+    return CycleParts(setup, cycle, teardown)

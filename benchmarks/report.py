@@ -8,7 +8,7 @@ What it promises:
   headline figures, then one latency row per measured rate per system.
 - ``write_outputs`` writes the whole document as JSON (every figure, plus the
   machine facts of ``machine_facts``) and a PNG of p50/p99 latency against the
-  offered rate, pipeline vs baseline, log y axis (matplotlib, Agg backend, so
+  offered rate, pipeline vs baseline, log-log axes (matplotlib, Agg backend, so
   no display is needed). A failed plot never loses the JSON.
 - ``machine_facts`` reads the CPU count, platform, Python version, the Redis
   version (``INFO server``) and the PostgreSQL version (``SHOW
@@ -96,6 +96,7 @@ async def machine_facts(redis_url: str | None, database_url: str | None) -> dict
         "machine": platform.machine(),
         "python": sys.version.split()[0],
         "git_commit": _git_commit(),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     if redis_url:
         try:
@@ -107,7 +108,7 @@ async def machine_facts(redis_url: str | None, database_url: str | None) -> dict
                 facts["redis_version"] = info.get("redis_version")
             finally:
                 await client.aclose()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unreachable server is a fact too
             facts["redis_version"] = f"unknown ({type(exc).__name__})"
     if database_url:
         try:
@@ -120,7 +121,7 @@ async def machine_facts(redis_url: str | None, database_url: str | None) -> dict
                     "SHOW synchronous_commit")
             finally:
                 await conn.close()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - an unreachable server is a fact too
             facts["postgresql_version"] = f"unknown ({type(exc).__name__})"
     return facts
 
@@ -135,7 +136,7 @@ def _git_commit() -> str | None:
 
 
 def plot_latency(doc: dict[str, Any], path: Path) -> Path:
-    """p50 and p99 against offered rate, pipeline vs baseline (log y)."""
+    """p50 and p99 against offered rate, pipeline vs baseline (log-log)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,6 +160,7 @@ def plot_latency(doc: dict[str, Any], path: Path) -> Path:
     if limit:
         ax.axhline(limit, color="grey", linewidth=0.8, linestyle=":",
                    label=f"p99 limit {limit:g} ms")
+    ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("offered rate (allocate+release cycles/s)")
     ax.set_ylabel("latency from intended send (ms)")
@@ -185,7 +187,7 @@ def write_outputs(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path | None
     try:
         plot_latency(doc, png_path)
         (out_dir / "latest.png").write_bytes(png_path.read_bytes())
-    except Exception as exc:  # the JSON is what matters; say why the plot is missing
+    except Exception as exc:  # noqa: BLE001 - the JSON is what matters; say why no plot
         progress(f"plot not written: {type(exc).__name__}: {exc}")
         return json_path, None
     return json_path, png_path

@@ -110,6 +110,8 @@ class System:
 
 
 def parse_args(argv: list[str]) -> Plan:
+    if argv[:1] == ["--"]:  # a wrapper may pass "--" to end its own options
+        argv = argv[1:]
     parser = argparse.ArgumentParser(
         prog="devsched bench",
         description="Measure the pipeline against the PostgreSQL baseline and the Redis ceiling.")
@@ -158,9 +160,9 @@ def parse_args(argv: list[str]) -> Plan:
         ceiling_duration_s=3.0 if quick else 10.0,
         ceiling_latency=not quick,
         producers=args.producers,
-        search_points=3 if quick else 7,
-        bisections=1 if quick else 3,
-        system_budget_s=40.0 if quick else 330.0,
+        search_points=4 if quick else 7,
+        bisections=3,
+        system_budget_s=50.0 if quick else 330.0,
         devices=args.devices,
         users=args.users,
         synchronous_commit=None if args.baseline_commit == "server" else args.baseline_commit,
@@ -190,7 +192,8 @@ async def obtain_servers() -> Servers:
         return await asyncio.to_thread(func, *args)
 
     urls, started = await call(embedded.ensure_servers, settings)
-    report.progress("servers: " + ("started embedded ones" if started else "reusing running ones"))
+    report.progress("servers: " + ("started embedded ones (stopped at the end)" if started
+                                    else "configured or already running ones"))
 
     async def stop() -> None:
         await call(embedded.stop_servers, settings)
@@ -346,7 +349,7 @@ async def _guarded(label: str, work: Callable[[], Awaitable[dict[str, Any]]],
     except NotImplementedError as exc:
         report.progress(f"{label}: skipped: {exc}")
         return _skipped(f"not implemented: {exc}")
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - one failed system must not stop the others
         failures.append(label)
         report.progress(f"{label}: FAILED: {type(exc).__name__}: {exc}")
         traceback.print_exc()
@@ -354,7 +357,7 @@ async def _guarded(label: str, work: Callable[[], Awaitable[dict[str, Any]]],
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if not numerator or not denominator:
+    if numerator is None or not denominator:
         return None
     return round(numerator / denominator, 4)
 
@@ -365,7 +368,11 @@ async def main(argv: list[str]) -> int:
     report.progress(f"devsched bench ({'quick' if plan.quick else 'full'}): rates "
                     f"{', '.join(f'{r:g}' for r in plan.rates)}/s, {plan.duration_s:g} s per "
                     f"point, {plan.producers} producer process(es)")
-    servers = await obtain_servers()
+    try:
+        servers = await obtain_servers()
+    except Exception as exc:  # noqa: BLE001 - no servers, no benchmark: say why and stop
+        report.progress(f"cannot obtain servers: {type(exc).__name__}: {exc}")
+        return 2
     failures: list[str] = []
     doc: dict[str, Any] = {}
     try:
@@ -410,7 +417,8 @@ async def main(argv: list[str]) -> int:
     }
     doc["run"] = {"quick": plan.quick, "rates": list(plan.rates), "duration_s": plan.duration_s,
                   "producers": plan.producers, "arrival": "uniform",
-                  "elapsed_s": round(time.monotonic() - started, 1)}
+                  "elapsed_s": round(time.monotonic() - started, 1),
+                  "load_average_at_end": [round(x, 2) for x in os.getloadavg()]}
     doc = {key: doc[key] for key in
            ("pipeline", "baseline", "ceiling", "ratios", "machine", "run")}
     json_path, png_path = report.write_outputs(doc, plan.out_dir)

@@ -1,0 +1,147 @@
+"""Smoke tests of the benchmark harness: short runs against a null system and the real servers."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+import pytest
+import redis.asyncio as aioredis
+
+from benchmarks import baseline, ceiling, run, search
+from benchmarks.loadgen import CycleFactory, LoadResult, make_sleep_cycle, run_closed, run_open
+from pipeline.embedded import ServerUrls
+
+
+async def test_open_loop_offers_the_rate_and_counts_errors_by_reason() -> None:
+    result = await run_open(CycleFactory(make_sleep_cycle, (0.001, 10)), 400, 1.0)
+    assert result.count == 400
+    assert result.ok + result.errors["injected"] == 400
+    assert result.errors["injected"] == 40
+    assert 0.9 <= result.p50_ms <= result.p99_ms <= result.max_ms < 1000
+    assert result.delivered_per_s == pytest.approx(360, rel=0.1)
+
+
+async def test_overloaded_system_yields_numbers_and_the_run_ends_by_itself() -> None:
+    started = time.monotonic()
+    result = await run_open(CycleFactory(make_sleep_cycle, (30.0,)), 200, 1.0,
+                            max_in_flight=50, request_timeout_s=0.5, drain_s=0.5)
+    assert result.errors["overloaded"] > 0 and result.errors["timeout"] >= 50
+    assert sum(result.errors.values()) == result.count == 200
+    assert result.ok == 0
+    assert time.monotonic() - started < 15
+
+
+async def test_two_producer_processes_merge_their_histograms() -> None:
+    result = await run_closed(CycleFactory(make_sleep_cycle, (0.002,)), 8, 0.5, processes=2)
+    assert result.processes == 2
+    assert result.ok == result.count > 0
+    assert result.p50_ms >= 1.5
+
+
+def _point(rate: float, ok: bool) -> LoadResult:
+    return LoadResult(
+        mode="open", offered_per_s=rate, delivered_per_s=rate if ok else rate / 2,
+        p50_ms=1.0, p90_ms=1.0, p99_ms=1.0, p999_ms=1.0, max_ms=1.0, count=int(rate),
+        ok=int(rate), errors={}, duration_s=1.0, elapsed_s=1.0, processes=1)
+
+
+async def test_search_doubles_then_bisects_to_the_highest_sustained_rate() -> None:
+    capacity = 3000.0
+    probed: list[float] = []
+
+    async def measure(rate: float) -> LoadResult:
+        probed.append(rate)
+        return _point(rate, rate <= capacity)
+
+    outcome = await search.find_max_sustainable(
+        measure, [_point(500, True), _point(1000, True)], start_rate=500, upper_bound=None,
+        max_points=10, bisections=3, deadline=time.monotonic() + 60, point_cost_s=0)
+    assert probed[:2] == [2000, 4000]
+    assert 2500 <= outcome.max_rate <= capacity
+    assert all(r.offered_per_s in probed for r in outcome.probes)
+
+
+async def test_search_stops_at_the_point_budget() -> None:
+    async def measure(rate: float) -> LoadResult:
+        return _point(rate, True)
+
+    outcome = await search.find_max_sustainable(
+        measure, [], start_rate=100, upper_bound=None, max_points=3, bisections=3,
+        deadline=time.monotonic() + 60, point_cost_s=0)
+    assert outcome.max_rate == 400
+    assert outcome.bounded_by == "points"
+
+
+async def test_baseline_cycles_leave_every_device_free(servers: ServerUrls) -> None:
+    await baseline.create(servers.database_url, devices=20, users=5)
+    try:
+        parts = baseline.make_cycle(servers.database_url, pool_size=2, users=5)
+        await parts.setup()
+        try:
+            reasons = [await parts.cycle(i) for i in range(50)]
+        finally:
+            await parts.teardown()
+        assert reasons == [None] * 50
+        conn = await asyncpg.connect(servers.database_url)
+        try:
+            busy = await conn.fetchval(
+                f"SELECT count(*) FROM {baseline.SCHEMA}.devices WHERE status <> 'available'")
+            usage = await conn.fetchval(f"SELECT sum(devices) FROM {baseline.SCHEMA}.user_usage")
+            released = await conn.fetchval(
+                f"SELECT count(*) FROM {baseline.SCHEMA}.allocations WHERE status = 'released'")
+        finally:
+            await conn.close()
+        assert (busy, usage, released) == (0, 0, 50)
+    finally:
+        await baseline.drop(servers.database_url)
+
+
+async def test_baseline_refuses_beyond_the_quota(servers: ServerUrls) -> None:
+    await baseline.create(servers.database_url, devices=5, users=1)
+    try:
+        conn = await asyncpg.connect(servers.database_url)
+        try:
+            await conn.execute(f"UPDATE {baseline.SCHEMA}.user_quotas SET max_devices = 2")
+            first = await baseline.allocate(conn, 1, 1, 1024)
+            second = await baseline.allocate(conn, 1, 1, 1024)
+            third = await baseline.allocate(conn, 1, 1, 1024)
+        finally:
+            await conn.close()
+        assert first[1] is None and second[1] is None
+        assert third == (None, "quota:max_devices")
+    finally:
+        await baseline.drop(servers.database_url)
+
+
+async def test_ceiling_chain_carries_messages_through_three_hops(servers: ServerUrls) -> None:
+    chain = await ceiling.start_chain(servers.redis_url)
+    try:
+        result = await run_open(CycleFactory(ceiling.make_cycle, (servers.redis_url, chain.prefix)),
+                                200, 1.0)
+        assert result.ok == result.count == 200
+    finally:
+        await ceiling.stop_chain(chain)
+    client = aioredis.Redis.from_url(servers.redis_url)
+    try:
+        assert [key async for key in client.scan_iter(match=f"{chain.prefix}:*")] == []
+    finally:
+        await client.aclose()
+
+
+async def test_a_system_that_is_not_implemented_is_reported_as_skipped() -> None:
+    async def not_ready() -> dict[str, object]:
+        raise NotImplementedError("later")
+
+    failures: list[str] = []
+    entry = await run._guarded("pipeline", not_ready, failures)
+    assert entry["skipped"] == "not implemented: later"
+    assert entry["max_cycles_per_s"] is None and entry["latency"] == []
+    assert failures == []
+
+
+def test_quick_plan_is_short_and_rates_parse() -> None:
+    plan = run.parse_args(["--quick", "--rates", "2000,500"])
+    assert plan.rates == (500.0, 2000.0)
+    assert plan.duration_s == 3.0
+    assert run.parse_args([]).rates == run.FULL_RATES
