@@ -28,12 +28,14 @@ STAGE_NAMES = ("quota", "select", "persist", "bill", "notify", "timers")
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        import uvloop
+    if os.environ.get("DEVSCHED_EVENT_LOOP", "uvloop") == "uvloop":
+        try:
+            import uvloop
 
-        return uvloop.run(coro)
-    except ImportError:  # pragma: no cover - platforms without uvloop
-        return asyncio.run(coro)
+            return uvloop.run(coro)
+        except ImportError:  # pragma: no cover - platforms without uvloop
+            pass
+    return asyncio.run(coro)
 
 
 def resolved_settings() -> tuple[Settings, bool]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 
 from redis.asyncio import Redis
@@ -34,6 +35,8 @@ from schemas.messages import (
 
 READ_BLOCK_MS = 100
 """How long the reply reader blocks per read; bounds how fast close() returns."""
+TRIM_EVERY_S = 1.0
+"""How often the reply reader drops the replies it has read."""
 
 
 class Client:
@@ -146,6 +149,7 @@ class Client:
     async def _read_replies(self) -> None:
         assert self._reader is not None
         last = "0-0"
+        trimmed_at = 0.0
         while not self._closing:
             try:
                 batch = await self._reader.xread({self.reply_stream: last}, count=512,
@@ -161,6 +165,8 @@ class Client:
                         future = self._waiting.get(reply.request_id)
                         if future is not None and not future.done():
                             future.set_result(reply)
-            if batch and self._redis is not None:
+            now = time.monotonic()
+            if batch and self._redis is not None and now - trimmed_at > TRIM_EVERY_S:
                 # replies already read are dropped so the stream stays small
+                trimmed_at = now
                 await self._redis.xtrim(self.reply_stream, minid=last)
