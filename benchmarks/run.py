@@ -318,6 +318,7 @@ def baseline_system(plan: Plan, database_url: str) -> System:
 
 def pipeline_system(plan: Plan, servers: Servers) -> System:
     handles: list[pipeline_sut.PipelineHandle] = []
+    notes: dict[str, Any] = {"devices": plan.devices, "users": plan.users}
 
     async def open_(workers_per_stage: int) -> CycleFactory:
         handle = await pipeline_sut.start_pipeline(
@@ -330,11 +331,16 @@ def pipeline_system(plan: Plan, servers: Servers) -> System:
         await pipeline_sut.reset_pipeline(handles[-1])
 
     async def close() -> None:
+        if handles:
+            # the write-behind drained, then PostgreSQL compared with Redis
+            audit = await pipeline_sut.verify_pipeline(handles[-1])
+            notes["audit"] = {k: audit[k] for k in ("consistent", "pg_allocations",
+                                                    "redis_allocations", "redis_active")}
         while handles:
             await pipeline_sut.stop_pipeline(handles.pop())
 
     return System("pipeline", "workers_per_stage", PIPELINE_WORKERS, open_, reset, close,
-                  notes={"devices": plan.devices, "users": plan.users})
+                  notes=notes)
 
 
 def _skipped(reason: str) -> dict[str, Any]:
