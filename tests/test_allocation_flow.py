@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import asyncpg
 from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from pipeline.settings import Settings
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released, notification_decoder
+from schemas.messages import (
+    Allocated,
+    DeviceSpec,
+    Failed,
+    QuotaSpec,
+    Released,
+    notification_decoder,
+)
 from stages.admin import audit
 from stages.producer import Client
 from stages.timers import expire_due
-from tests.conftest import RunningPipeline, seed
-
-
-async def wait_until(predicate, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await predicate():
-        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+from tests.conftest import RunningPipeline, seed, wait_until
 
 
 async def drained(redis: Redis, keys: Keys) -> bool:

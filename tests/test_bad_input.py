@@ -11,9 +11,7 @@ group has nothing pending. A producer with no pipeline behind it gets a typed
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
 
 import orjson
 from redis.asyncio import Redis
@@ -31,14 +29,7 @@ from schemas.messages import (
     reply_decoder,
 )
 from stages.producer import Client
-from tests.conftest import RunningPipeline, seed
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+from tests.conftest import RunningPipeline, seed, wait_until
 
 
 def allocate(reply_to: str, **fields: object) -> dict[str, object]:

@@ -20,7 +20,7 @@ def test_published_schema_matches_the_structs() -> None:
 
 
 def test_ci_runs_the_readme_test_command() -> None:
-    blocks = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    blocks = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert "devsched demo" in blocks[0]
     assert blocks[1] in (ROOT / ".ci" / "run").read_text()
 

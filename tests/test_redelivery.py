@@ -16,9 +16,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
@@ -48,14 +47,7 @@ from stages.context import StageContext
 from stages.persist import PersistStage
 from stages.producer import Client
 from stages.service import serve
-from tests.conftest import ROOT, RunningPipeline, seed
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+from tests.conftest import ROOT, RunningPipeline, seed, wait_until
 
 
 async def drained(redis: Redis, stream: str, *groups: str) -> bool:

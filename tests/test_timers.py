@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import pytest
@@ -29,14 +28,7 @@ from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Tick, tick_decode
 from stages.context import StageContext
 from stages.producer import Client
 from stages.timers import add_tick, run_ticker
-from tests.conftest import RunningPipeline, seed
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
+from tests.conftest import RunningPipeline, seed, wait_until
 
 
 @pytest_asyncio.fixture

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
 
 import pytest
@@ -32,6 +31,7 @@ from pipeline.trim import trim
 from pipeline.worker import RECLAIM_PAGE, Entry, StageWorker, Transient, ensure_group
 from schemas.keys import Keys
 from schemas.messages import DeadLetter, dead_decoder
+from tests.conftest import wait_until
 
 GROUP = "ledger"
 
@@ -87,12 +87,6 @@ async def readers(settings: Settings) -> AsyncIterator[Callable[[], Redis]]:
     for r in made:
         await r.aclose()
 
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not await predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def add(redis: Redis, stream: str, payloads: Sequence[bytes]) -> list[str]:
