@@ -25,6 +25,7 @@ from pipeline.embedded import ensure_servers, running_servers, stop_servers
 from pipeline.settings import Settings
 
 STAGE_NAMES = ("quota", "select", "persist", "bill", "notify", "timers")
+REQUEST_PATH = ("quota", "select")
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -119,7 +120,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             _run(serve(stages, settings))
             return 0
         os.environ.update(_child_env(settings))
-        commands = [worker_command(s) for s in stages for _ in range(args.workers)]
+        if args.split:
+            groups = [[s] for s in stages]
+        else:
+            # on a few cores fewer processes wait less for the CPU: the request path in
+            # one process, the consumers behind the changes stream in another
+            groups = [g for g in ([s for s in stages if s in REQUEST_PATH],
+                                  [s for s in stages if s not in REQUEST_PATH]) if g]
+        commands = [worker_command(*g) for g in groups for _ in range(args.workers)]
         return supervise(commands)
     finally:
         if started:
@@ -327,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="run every stage, one process per worker, until SIGTERM")
     s.add_argument("--workers", type=int, default=1, help="processes per stage")
     s.add_argument("--in-process", action="store_true", help="all stages in one process")
+    s.add_argument("--split", action="store_true",
+                   help="one process per stage (default: request path and write-behind "
+                        "in one process each)")
     s.add_argument("stages", nargs="*", help=f"subset of {', '.join(STAGE_NAMES)}")
     s.set_defaults(fn=cmd_run)
 

@@ -98,5 +98,5 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
     return 0
 
 
-def worker_command(stage: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "worker", stage]
+def worker_command(*stages: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline.cli", "worker", *stages]
