@@ -29,13 +29,11 @@ nothing here prints to stdout (the last line there may be the JSON report).
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import subprocess
-import sys
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
@@ -43,11 +41,19 @@ from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
 from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client
 from pipeline.migrate import migrate
+from pipeline.runner import spawn_run
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
-from stages.admin import add_devices, audit, set_quotas
-from stages.demo import changes_drained, workers_ready
+from stages.admin import (
+    add_devices,
+    audit,
+    delete_keys,
+    empty_tables,
+    set_quotas,
+    write_behind_drained,
+)
+from stages.demo import workers_ready
 from stages.producer import Client
 
 READY_TIMEOUT_S = 60.0
@@ -93,11 +99,10 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
                          devices: int, users: int) -> PipelineHandle:
     """Start every stage (``workers_per_stage`` processes each) on a fresh key prefix."""
     settings = Settings.from_env().with_urls(redis_url, database_url)
-    settings = Settings(**{**settings.__dict__, "prefix": f"bench{uuid.uuid4().hex[:8]}"})
+    settings = replace(settings, prefix=f"bench{uuid.uuid4().hex[:8]}")
     await migrate(database_url)
     pg = await pg_pool(settings)
-    async with pg.acquire() as conn:
-        await conn.execute("TRUNCATE device_allocations, devices, user_quotas, billing_ledger")
+    await empty_tables(pg)
     await pg.close()
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
@@ -107,12 +112,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
             await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
         for i in range(0, len(quotas), 500):
             await set_quotas(redis, keys, SystemClock(), quotas[i:i + 500])
-        env = dict(os.environ, REDIS_URL=redis_url, DATABASE_URL=database_url,
-                   DEVSCHED_PREFIX=settings.prefix)
-        process = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "run", "--workers", str(workers_per_stage)],
-            env=env, stdout=subprocess.DEVNULL,
-        )
+        process = spawn_run(settings, workers_per_stage)
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
         while not await workers_ready(redis, keys):
             if asyncio.get_running_loop().time() > deadline or process.poll() is not None:
@@ -136,7 +136,7 @@ async def _drain(settings: Settings) -> None:
             async with Client(settings, timeout_s=30) as client:
                 await asyncio.gather(*[client.release(allocation_id=a) for a in active])
         deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
-        while not await changes_drained(redis, keys):
+        while not await write_behind_drained(redis, keys):
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError("write-behind did not drain")
             await asyncio.sleep(0.1)
@@ -175,9 +175,7 @@ async def stop_pipeline(handle: PipelineHandle) -> None:
             state.process.wait()
     redis = redis_client(state.settings)
     try:
-        batch = [k async for k in redis.scan_iter(match=f"{state.settings.prefix}:*", count=1000)]
-        for i in range(0, len(batch), 500):
-            await redis.delete(*batch[i:i + 500])
+        await delete_keys(redis, state.settings.prefix)
     finally:
         await redis.aclose()
 

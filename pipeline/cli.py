@@ -48,13 +48,6 @@ def resolved_settings() -> tuple[Settings, bool]:
     return settings.with_urls(urls.redis_url, urls.database_url), started
 
 
-def _child_env(settings: Settings) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
-               DEVSCHED_PREFIX=settings.prefix)
-    return env
-
-
 # --- commands -----------------------------------------------------------------
 
 
@@ -109,7 +102,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pipeline.migrate import migrate
-    from pipeline.runner import supervise, worker_command
+    from pipeline.runner import child_env, supervise, worker_command
     from stages.service import serve
 
     settings, started = resolved_settings()
@@ -119,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.in_process:
             _run(serve(stages, settings))
             return 0
-        os.environ.update(_child_env(settings))
+        os.environ.update(child_env(settings))
         if args.split:
             groups = [[s] for s in stages]
         else:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -96,6 +97,22 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
             child.kill()
             child.wait()
     return 0
+
+
+def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """This process's environment with the resolved servers and prefix for children."""
+    env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
+               DEVSCHED_PREFIX=settings.prefix)
+    env.update(extra)
+    return env
+
+
+def spawn_run(settings: Settings, workers: int, **extra_env: str) -> subprocess.Popen[bytes]:
+    """Start `devsched run --workers N` (every stage) as a child on these servers."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--workers", str(workers)],
+        env=child_env(settings, **extra_env), stdout=subprocess.DEVNULL,
+    )
 
 
 def worker_command(*stages: str) -> list[str]:

@@ -105,6 +105,20 @@ async def ensure_group(redis: Redis, stream: str, group: str) -> None:
             raise
 
 
+async def groups_caught_up(redis: Redis, stream: str, groups: Sequence[str]) -> bool:
+    """True when every entry of ``stream`` was delivered to and acked by each of ``groups``."""
+    last = await redis.xrevrange(stream, count=1)
+    try:
+        info = {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}
+    except ResponseError:  # no stream yet
+        return False
+    return all(
+        name in info and int(info[name]["pending"]) == 0
+        and (not last or info[name]["last-delivered-id"] == last[0][0])
+        for name in groups
+    )
+
+
 class StageWorker:
     def __init__(
         self,

@@ -15,7 +15,8 @@ import asyncpg
 from redis.asyncio import Redis
 
 from pipeline.clock import Clock
-from schemas.keys import Keys
+from pipeline.worker import groups_caught_up
+from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import DeviceSpec, QuotaSpec
 from stages.scripts import ADMIN
 
@@ -42,6 +43,28 @@ async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaS
             ])
         await ADMIN.load(redis)
         await pipe.execute()
+
+
+TABLES = "device_allocations, devices, user_quotas, billing_ledger"
+"""Every table the write-behind fills."""
+
+
+async def write_behind_drained(redis: Redis, keys: Keys) -> bool:
+    """Every change so far is in PostgreSQL, the ledger and the notifications stream."""
+    return await groups_caught_up(redis, keys.changes, (GROUP_PERSIST, GROUP_BILL, GROUP_NOTIFY))
+
+
+async def delete_keys(redis: Redis, prefix: str) -> int:
+    """Delete every key under ``prefix`` (streams included); returns how many."""
+    found = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+    for i in range(0, len(found), 500):
+        await redis.delete(*found[i:i + 500])
+    return len(found)
+
+
+async def empty_tables(pg: asyncpg.Pool) -> None:
+    async with pg.acquire() as conn:
+        await conn.execute(f"TRUNCATE {TABLES}")
 
 
 @dataclass

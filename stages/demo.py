@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,10 +25,19 @@ from redis.asyncio import Redis
 from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client
 from pipeline.migrate import migrate
+from pipeline.runner import spawn_run
 from pipeline.settings import Settings
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
-from stages.admin import add_devices, audit, set_quotas, stats
+from stages.admin import (
+    add_devices,
+    audit,
+    delete_keys,
+    empty_tables,
+    set_quotas,
+    stats,
+    write_behind_drained,
+)
 from stages.producer import Client
 
 SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
@@ -140,18 +146,6 @@ async def session(client: Client, users: list[str], tally: Tally, until: float,
         await asyncio.sleep(rng.uniform(0.0, 0.02))
 
 
-async def changes_drained(redis: Redis, keys: Keys) -> bool:
-    last = await redis.xrevrange(keys.changes, count=1)
-    groups = {g["name"].decode(): g for g in await redis.xinfo_groups(keys.changes)}
-    for name in (GROUP_PERSIST, GROUP_BILL, GROUP_NOTIFY):
-        g = groups.get(name)
-        if g is None or int(g["pending"]) > 0:
-            return False
-        if last and g["last-delivered-id"] != last[0][0]:
-            return False
-    return True
-
-
 async def workers_ready(redis: Redis, keys: Keys) -> bool:
     """True once every stage's group has a consumer reading."""
     wanted = {keys.requests: ["quota"], keys.admitted: ["select"], keys.ticks: ["timers"],
@@ -183,26 +177,10 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def reset_state(redis: Redis, settings: Settings) -> None:
-    batch = []
-    async for key in redis.scan_iter(match=f"{settings.prefix}:*", count=1000):
-        batch.append(key)
-        if len(batch) >= 500:
-            await redis.delete(*batch)
-            batch = []
-    if batch:
-        await redis.delete(*batch)
+    await delete_keys(redis, settings.prefix)
     pg = await pg_pool(settings)
-    async with pg.acquire() as conn:
-        await conn.execute("TRUNCATE device_allocations, devices, user_quotas, billing_ledger")
+    await empty_tables(pg)
     await pg.close()
-
-
-def start_workers(settings: Settings, workers: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
-               DEVSCHED_PREFIX=settings.prefix, DEVSCHED_CLAIM_IDLE_MS="5000")
-    return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--workers", str(workers)], env=env,
-    )
 
 
 async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
@@ -217,7 +195,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
     await set_quotas(redis, keys, clock, quotas)
     users = [q.user_id for q in quotas]
     say(f"seeded {options.devices} devices and {len(users)} users; starting the stages")
-    workers = start_workers(settings, options.workers)
+    workers = spawn_run(settings, options.workers, DEVSCHED_CLAIM_IDLE_MS="5000")
     tally = Tally()
     try:
         clients = [Client(settings, timeout_s=10) for _ in range(options.producers)]
@@ -242,7 +220,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
             return int(await redis.scard(keys.active)) == 0
 
         await wait_for(no_active, SHORT_SECONDS + 10)
-        drained = await wait_for(lambda: changes_drained(redis, keys), DRAIN_TIMEOUT_S)
+        drained = await wait_for(lambda: write_behind_drained(redis, keys), DRAIN_TIMEOUT_S)
     finally:
         workers.send_signal(signal.SIGTERM)
         workers.wait(timeout=30)

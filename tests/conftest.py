@@ -29,7 +29,7 @@ from pipeline.migrate import migrate
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import DeviceSpec, QuotaSpec
-from stages.admin import add_devices, set_quotas
+from stages.admin import add_devices, delete_keys, empty_tables, set_quotas
 from stages.context import StageContext
 from stages.service import serve
 
@@ -77,9 +77,7 @@ def clock() -> ManualClock:
 async def redis(settings: Settings) -> AsyncIterator[Redis]:
     client = redis_client(settings)
     yield client
-    keys = [k async for k in client.scan_iter(match=f"{settings.prefix}:*", count=1000)]
-    for i in range(0, len(keys), 500):
-        await client.delete(*keys[i:i + 500])
+    await delete_keys(client, settings.prefix)
     await client.aclose()
 
 
@@ -87,8 +85,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
     assert pool is not None
-    async with pool.acquire() as conn:
-        await conn.execute("TRUNCATE device_allocations, devices, user_quotas, billing_ledger")
+    await empty_tables(pool)
     yield pool
     await pool.close()
 

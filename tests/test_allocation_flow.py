@@ -16,22 +16,10 @@ from schemas.messages import (
     Released,
     notification_decoder,
 )
-from stages.admin import audit
+from stages.admin import audit, write_behind_drained
 from stages.producer import Client
 from stages.timers import expire_due
 from tests.conftest import RunningPipeline, seed, wait_until
-
-
-async def drained(redis: Redis, keys: Keys) -> bool:
-    for group in ("persist", "bill", "notify"):
-        info = {g["name"].decode(): g for g in await redis.xinfo_groups(keys.changes)}
-        g = info.get(group)
-        if g is None or g["pending"] > 0:
-            return False
-        last = await redis.xrevrange(keys.changes, count=1)
-        if last and g["last-delivered-id"] != last[0][0]:
-            return False
-    return True
 
 
 async def test_allocate_release_persist_and_bill(
@@ -53,7 +41,7 @@ async def test_allocate_release_persist_and_bill(
         again = await client.release(allocation_id=got.allocation_id, user_id="alice")
         assert isinstance(again, Released) and again.already_released
         assert again.duration_seconds == 90
-    await wait_until(lambda: drained(redis, keys))
+    await wait_until(lambda: write_behind_drained(redis, keys))
     async with pg.acquire() as conn:
         row = await conn.fetchrow("SELECT * FROM device_allocations WHERE id = $1", got.allocation_id)
         ledger = await conn.fetch("SELECT * FROM billing_ledger")
@@ -135,7 +123,7 @@ async def test_expiry_releases_as_expired_at_expires_at(
         rel = await client.release(allocation_id=got.allocation_id)
         assert isinstance(rel, Released) and rel.already_released and rel.status == "expired"
         assert rel.duration_seconds == 60
-    await wait_until(lambda: drained(redis, keys))
+    await wait_until(lambda: write_behind_drained(redis, keys))
     async with pg.acquire() as conn:
         row = await conn.fetchrow("SELECT status, duration_seconds FROM device_allocations")
         ledger = await conn.fetchrow("SELECT end_reason, duration_seconds FROM billing_ledger")

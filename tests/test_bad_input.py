@@ -11,8 +11,6 @@ group has nothing pending. A producer with no pipeline behind it gets a typed
 
 from __future__ import annotations
 
-import time
-
 import orjson
 from redis.asyncio import Redis
 
@@ -176,8 +174,6 @@ async def test_valid_request_naming_a_foreign_reply_stream_is_not_answered_there
 
 async def test_client_without_a_pipeline_gets_timed_out(settings: Settings, redis: Redis) -> None:
     async with Client(settings) as client:
-        started = time.monotonic()
         got = await client.allocate("u1", timeout_s=0.3)
-        elapsed = time.monotonic() - started
     assert isinstance(got, Failed) and got.reason == "timed_out", got
-    assert 0.3 <= elapsed < 2.0
+    assert got.message == "No reply within 0.3 s"

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader, redis_client
 from pipeline.settings import Settings
-from pipeline.worker import Entry, StageWorker, ensure_group
+from pipeline.worker import Entry, StageWorker, ensure_group, groups_caught_up
 from schemas.keys import GROUP_BILL, GROUP_PERSIST, GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
     Allocated,
@@ -51,13 +51,7 @@ from tests.conftest import ROOT, RunningPipeline, seed, wait_until
 
 
 async def drained(redis: Redis, stream: str, *groups: str) -> bool:
-    """Every entry of ``stream`` delivered to and acked by each of ``groups``."""
-    last = await redis.xrevrange(stream, count=1)
-    info = {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}
-    return all(
-        g in info and info[g]["pending"] == 0 and info[g]["last-delivered-id"] == last[0][0]
-        for g in groups
-    )
+    return await groups_caught_up(redis, stream, groups)
 
 
 async def replies(redis: Redis, stream: str) -> list[object]:
