@@ -44,6 +44,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ctypes
+import os
 import multiprocessing
 import multiprocessing.connection
 import random
@@ -72,10 +74,10 @@ SETUP_TIMEOUT_S = 60.0
 TEARDOWN_GRACE_S = 30.0
 """Extra time granted after run + drain for teardown and shipping the results."""
 MIN_SLEEP_S = 0.001
-"""Shortest scheduler sleep. The event loop's timers have millisecond resolution, so
-shorter sleeps busy-spin a core the system under test needs; requests due during the
-sleep are sent together on waking, late by under a millisecond on average, and that
-lateness is in their latency (measured from the intended time)."""
+"""Shortest scheduler sleep when no precise timer is available (see ``_Waker``): the
+event loop's timers have millisecond resolution, so requests due during the sleep are
+sent together on waking, late by up to a millisecond or two, and that lateness is in
+their latency (measured from the intended time)."""
 START_DELAY_S = 0.05
 """The common start instant is set this far after the last child reports ready."""
 
@@ -196,6 +198,73 @@ def mark(name: str) -> None:
     record_us(hist, time.perf_counter() - start)
 
 
+# --- precise wake-ups ---------------------------------------------------------------------
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+class _Itimerspec(ctypes.Structure):
+    _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
+
+
+_CLOCK_MONOTONIC = 1
+_TFD_NONBLOCK_CLOEXEC = 0o4000 | 0o2000000
+_TFD_TIMER_ABSTIME = 1
+
+
+class _Waker:
+    """Sleeps until an instant of ``time.perf_counter()`` with microsecond precision.
+
+    The event loop's own timers round to milliseconds, which at 1,000 requests/s would
+    make every request up to a couple of milliseconds late (and charge that to the
+    system under test). On Linux a timerfd on CLOCK_MONOTONIC (the clock of
+    perf_counter) armed at the absolute instant wakes the loop through its selector
+    without busy-waiting; elsewhere this falls back to the loop's timers.
+    """
+
+    def __init__(self) -> None:
+        self._fd = -1
+        self._waiter: asyncio.Future[None] | None = None
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = libc.timerfd_create(_CLOCK_MONOTONIC, _TFD_NONBLOCK_CLOEXEC)
+        except (OSError, AttributeError):
+            return
+        if fd >= 0 and time.get_clock_info("perf_counter").implementation.startswith(
+                "clock_gettime(CLOCK_MONOTONIC)"):
+            self._libc, self._fd = libc, fd
+            asyncio.get_running_loop().add_reader(fd, self._ready)
+        elif fd >= 0:
+            os.close(fd)
+
+    def _ready(self) -> None:
+        with contextlib.suppress(BlockingIOError):
+            os.read(self._fd, 8)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def until(self, instant: float) -> None:
+        delay = instant - time.perf_counter()
+        if delay <= 0:
+            return
+        if self._fd < 0:
+            await asyncio.sleep(max(MIN_SLEEP_S, delay))
+            return
+        sec = int(instant)
+        spec = _Itimerspec(_Timespec(0, 0), _Timespec(sec, int((instant - sec) * 1e9)))
+        self._waiter = asyncio.get_running_loop().create_future()
+        self._libc.timerfd_settime(self._fd, _TFD_TIMER_ABSTIME, ctypes.byref(spec), None)
+        await self._waiter
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            asyncio.get_running_loop().remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
 # --- the child: one producer process ---------------------------------------------------
 
 
@@ -259,24 +328,28 @@ async def _open_loop(plan: _ChildPlan, cycle: Callable[[int], Awaitable[str | No
     i = 0
     offset = plan.phase_s if uniform else rng.expovariate(plan.rate)
     due = start + offset
-    while due < end:
-        now = time.perf_counter()
-        while due <= now and due < end:
-            tally.due += 1
-            if len(in_flight) >= plan.max_in_flight:
-                tally.errors["overloaded"] += 1
-            else:
-                task = asyncio.create_task(
-                    _timed(tally, cycle, i, due, plan.request_timeout_s))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
-            i += 1
-            # uniform: computed, not accumulated, so rounding never adds a request
-            offset = plan.phase_s + i / plan.rate if uniform else offset + rng.expovariate(
-                plan.rate)
-            due = start + offset
-        if due < end:
-            await asyncio.sleep(max(MIN_SLEEP_S, due - time.perf_counter()))
+    waker = _Waker()
+    try:
+        while due < end:
+            now = time.perf_counter()
+            while due <= now and due < end:
+                tally.due += 1
+                if len(in_flight) >= plan.max_in_flight:
+                    tally.errors["overloaded"] += 1
+                else:
+                    task = asyncio.create_task(
+                        _timed(tally, cycle, i, due, plan.request_timeout_s))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+                i += 1
+                # uniform: computed, not accumulated, so rounding never adds a request
+                offset = plan.phase_s + i / plan.rate if uniform else offset + rng.expovariate(
+                    plan.rate)
+                due = start + offset
+            if due < end:
+                await waker.until(due)
+    finally:
+        waker.close()
     if in_flight:
         _, pending = await asyncio.wait(set(in_flight), timeout=plan.drain_s)
         for task in pending:

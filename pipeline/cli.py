@@ -26,6 +26,8 @@ from pipeline.settings import Settings
 
 STAGE_NAMES = ("quota", "select", "persist", "bill", "notify", "timers")
 REQUEST_PATH = ("quota", "select")
+BEHIND_NICE = 5
+"""Niceness `devsched run` gives the processes of the stages behind the reply."""
 
 
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -96,6 +98,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from stages.service import serve
 
     settings, _ = resolved_settings()
+    if args.nice:
+        os.nice(args.nice)
     _run(serve(args.stages, settings))
     return 0
 
@@ -120,7 +124,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             # one process, the consumers behind the changes stream in another
             groups = [g for g in ([s for s in stages if s in REQUEST_PATH],
                                   [s for s in stages if s not in REQUEST_PATH]) if g]
-        commands = [worker_command(*g) for g in groups for _ in range(args.workers)]
+        # the stages behind the reply yield the CPU to the request path when both want it
+        commands = [worker_command(*g, nice=0 if set(g) & set(REQUEST_PATH) else BEHIND_NICE)
+                    for g in groups for _ in range(args.workers)]
         return supervise(commands)
     finally:
         if started:
@@ -323,6 +329,8 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("worker", help="run one or more stages in this process (Procfile)")
     s.add_argument("stages", nargs="+", choices=STAGE_NAMES)
+    s.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (for stages off the request path)")
     s.set_defaults(fn=cmd_worker)
 
     s = sub.add_parser("run", help="run every stage, one process per worker, until SIGTERM")

@@ -115,5 +115,6 @@ def spawn_run(settings: Settings, workers: int, **extra_env: str) -> subprocess.
     )
 
 
-def worker_command(*stages: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline.cli", "worker", *stages]
+def worker_command(*stages: str, nice: int = 0) -> list[str]:
+    niceness = ["--nice", str(nice)] if nice else []
+    return [sys.executable, "-m", "pipeline.cli", "worker", *niceness, *stages]

@@ -51,6 +51,12 @@ class Settings:
     """DEVSCHED_PREFIX: first part of every Redis key and stream name."""
     batch_size: int = 256
     """DEVSCHED_BATCH_SIZE: entries read per XREADGROUP."""
+    write_batch_size: int = 1_000
+    """DEVSCHED_WRITE_BATCH_SIZE: entries per XREADGROUP of the write-behind stages."""
+    write_linger_ms: int = 50
+    """DEVSCHED_WRITE_LINGER_MS: after a batch that was not full, a write-behind stage
+    waits this long before reading again, so it writes few large batches, not many
+    small ones (its work is behind the reply, so waiting costs no request latency)."""
     block_ms: int = 200
     """DEVSCHED_BLOCK_MS: XREADGROUP BLOCK; kept far below the socket timeout."""
     socket_timeout_s: float = 5.0
@@ -88,6 +94,8 @@ class Settings:
             data_dir=Path(_env("DEVSCHED_DATA_DIR", ".devsched")).absolute(),
             prefix=_env("DEVSCHED_PREFIX", "ds"),
             batch_size=_int("DEVSCHED_BATCH_SIZE", 256, minimum=1),
+            write_batch_size=_int("DEVSCHED_WRITE_BATCH_SIZE", 1_000, minimum=1),
+            write_linger_ms=_int("DEVSCHED_WRITE_LINGER_MS", 50),
             block_ms=_int("DEVSCHED_BLOCK_MS", 200, minimum=1),
             claim_idle_ms=_int("DEVSCHED_CLAIM_IDLE_MS", 15_000, minimum=1),
             claim_every_ms=_int("DEVSCHED_CLAIM_EVERY_MS", 2_000, minimum=1),

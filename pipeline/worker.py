@@ -69,6 +69,16 @@ class Entry:
         return self.fields.get(b"d", b"")
 
 
+@dataclass(frozen=True, slots=True)
+class Batching:
+    """How a stage reads: at most ``size`` entries per read; after a read that was not
+    full, wait ``linger_ms`` before the next so that entries gather into larger batches
+    (for stages off the latency path, where per-batch costs dominate)."""
+
+    size: int
+    linger_ms: int = 0
+
+
 class Transient(Exception):
     """Raised by a stage when a dependency (PostgreSQL, an HTTP service) is down.
 
@@ -79,7 +89,9 @@ class Transient(Exception):
 
 
 class Stage(Protocol):
-    """What the runtime drives. ``group`` is the consumer group's name."""
+    """What the runtime drives. ``group`` is the consumer group's name. A stage may
+    also carry ``batching`` (a :class:`Batching`); without it the worker reads
+    ``settings.batch_size`` entries and never lingers."""
 
     @property
     def group(self) -> str: ...
@@ -143,6 +155,9 @@ class StageWorker:
         self._cursors: dict[str, str] = {s: "0-0" for s in stage.streams}
         self._last_claim = 0.0
         self._label = stage.group
+        batching = getattr(stage, "batching", None) or Batching(settings.batch_size)
+        self._batch_size = batching.size
+        self._linger_s = batching.linger_ms / 1000
         # labelled metric children, bound once (a labels() lookup per batch costs)
         self._consumed = metrics.CONSUMED.labels(stage.group)
         self._handled = metrics.HANDLED.labels(stage.group)
@@ -186,6 +201,8 @@ class StageWorker:
         entries = await self.read(self.settings.block_ms if block_ms is None else block_ms)
         if entries:
             done += await self.process(entries)
+            if self._linger_s and len(entries) < self._batch_size and not self._stopping:
+                await asyncio.sleep(self._linger_s)
         return done
 
     async def read(self, block_ms: int) -> list[Entry]:
@@ -193,7 +210,7 @@ class StageWorker:
             self.stage.group,
             self.consumer,
             {s: ">" for s in self.stage.streams},
-            count=self.settings.batch_size,
+            count=self._batch_size,
             block=block_ms or None,
         )
         entries: list[Entry] = []

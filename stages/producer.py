@@ -39,6 +39,11 @@ TRIM_EVERY_S = 1.0
 """How often the reply reader drops the replies it has read."""
 
 
+def _time_out(future: asyncio.Future[Reply | None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
 class Client:
     def __init__(self, settings: Settings, *, client_id: str | None = None,
                  timeout_s: float = 10.0) -> None:
@@ -49,7 +54,7 @@ class Client:
         self.timeout_s = timeout_s
         self._redis: Redis | None = None
         self._reader: Redis | None = None
-        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._waiting: dict[str, asyncio.Future[Reply | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._outbox: list[bytes] = []
@@ -114,17 +119,23 @@ class Client:
     async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:
         """Add a raw request to the request stream and wait for its reply."""
         assert self._redis is not None, "call start() first"
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        timeout = timeout_s or self.timeout_s
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reply | None] = loop.create_future()
         self._waiting[request_id] = future
+        # one timer handle per call (cheaper than wait_for's task and callbacks)
+        timer = loop.call_later(timeout, _time_out, future)
         try:
             self._outbox.append(payload)
             self._outbox_ready.set()
-            return await asyncio.wait_for(future, timeout_s or self.timeout_s)
-        except TimeoutError:
-            return Failed(request_id=request_id, reason="timed_out",
-                          message=f"No reply within {timeout_s or self.timeout_s} s")
+            reply = await future
         finally:
+            timer.cancel()
             self._waiting.pop(request_id, None)
+        if reply is None:
+            return Failed(request_id=request_id, reason="timed_out",
+                          message=f"No reply within {timeout} s")
+        return reply
 
     async def _send_requests(self) -> None:
         """Send what callers queued, all of it per round trip (one pipeline of XADDs)."""

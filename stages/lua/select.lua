@@ -21,30 +21,57 @@ local admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3]
 local acks = {}
 local n_alloc, n_release, n_failed = 0, 0, 0
 
+local PAGE = 8
+local pool_names = nil  -- the pools, read once per script call
+
+-- The best fit in one free pool: the lowest score (CPU, then memory) with CPU in
+-- [min_cpu, cap_cpu], memory in [min_mem, cap_mem], storage <= cap_sto and the model.
+-- Memory is read from the score itself, so a CPU level whose devices are all too small
+-- or too large in memory is skipped with one jump instead of being scanned; only a
+-- device that passes CPU and memory is read (storage, model).
+local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local hi = fit_score(cap_cpu, CPU_SCALE - 1)
+  local from, offset = fit_score(min_cpu, min_mem), 0
+  while from <= hi do
+    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset, PAGE)
+    if #page == 0 then return nil end
+    local jump = nil
+    for i = 1, #page, 2 do
+      local score = tonumber(page[i + 1])
+      local cpu = math.floor(score / CPU_SCALE)
+      local mem = score - cpu * CPU_SCALE
+      if mem < min_mem then jump = fit_score(cpu, min_mem) break end
+      if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
+      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model')
+      if tonumber(d[1]) <= cap_sto and (model == '' or d[2] == model) then
+        return page[i], score
+      end
+    end
+    if jump then
+      from, offset = jump, 0
+    elseif #page < 2 * PAGE then
+      return nil
+    else
+      offset = offset + PAGE
+    end
+  end
+  return nil
+end
+
 local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   local pools
-  if pool ~= '' then pools = {pool} else pools = redis.call('SMEMBERS', k_pool(P, 'pools')) end
-  local lo, hi = fit_score(min_cpu, min_mem), fit_score(cap_cpu, CPU_SCALE - 1)
+  if pool ~= '' then
+    pools = {pool}
+  else
+    pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
+    pools = pool_names
+  end
   local best, best_score, best_pool = nil, nil, nil
   for _, pl in ipairs(pools) do
-    local key = k_pool(P, 'free:' .. pl)
-    local offset, done = 0, false
-    while not done do
-      local page = redis.call('ZRANGEBYSCORE', key, lo, hi, 'WITHSCORES', 'LIMIT', offset, 32)
-      if #page == 0 then break end
-      for i = 1, #page, 2 do
-        local id, score = page[i], tonumber(page[i + 1])
-        if best_score and score >= best_score then done = true break end
-        local d = redis.call('HMGET', k_pool(P, 'dev:' .. id), 'memory_mb', 'storage_mb', 'model')
-        local m, s = tonumber(d[1]), tonumber(d[2])
-        if m >= min_mem and m <= cap_mem and s <= cap_sto and (model == '' or d[3] == model) then
-          best, best_score, best_pool = id, score, pl
-          done = true
-          break
-        end
-      end
-      offset = offset + 32
-      if #page < 64 then break end
+    local id, score = best_in_pool(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem,
+      cap_cpu, cap_mem, cap_sto)
+    if id and (not best_score or score < best_score) then
+      best, best_score, best_pool = id, score, pl
     end
   end
   return best, best_pool
