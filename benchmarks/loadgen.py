@@ -45,9 +45,9 @@ import asyncio
 import contextlib
 import contextvars
 import ctypes
-import os
 import multiprocessing
 import multiprocessing.connection
+import os
 import random
 import time
 import traceback

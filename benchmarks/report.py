@@ -67,8 +67,23 @@ def render_table(doc: dict[str, Any]) -> str:
                 f"{key}: {_fmt(value.get('saturated_cycles_per_s'), 0)}/s"
                 for key, value in workers.items())
             lines.append(f"  saturation by {unit}: {scaled}")
-    lines.append(f"ratios: pipeline/baseline = {_fmt(ratios.get('pipeline_vs_baseline'), 2)}, "
-                 f"pipeline/ceiling = {_fmt(ratios.get('pipeline_vs_ceiling'), 3)}")
+            if any("max_cycles_per_s" in value for value in workers.values()):
+                sustained = ", ".join(
+                    f"{key}: {_fmt(value.get('max_cycles_per_s'), 0)}/s"
+                    for key, value in workers.items())
+                lines.append(f"  max sustainable by {unit} (short points): {sustained}")
+    lines.append(f"ratios: pipeline/baseline = {_fmt(ratios.get('pipeline_vs_baseline'), 2)} "
+                 f"(saturated {_fmt(ratios.get('pipeline_vs_baseline_saturated'), 2)}), "
+                 f"pipeline/ceiling = {_fmt(ratios.get('pipeline_vs_ceiling'), 3)} "
+                 f"(requests/s saturated; sustained "
+                 f"{_fmt(ratios.get('pipeline_sustained_vs_ceiling'), 3)})")
+    lat = (doc.get("targets") or {}).get("latency_at_1000_per_s") or {}
+    if lat.get("measured"):
+        lines.append(f"pipeline at {lat['offered_per_s']:,.0f} cycles/s: allocate p50 "
+                     f"{_fmt(lat.get('allocate_p50_ms'), 2)} ms, p99 "
+                     f"{_fmt(lat.get('allocate_p99_ms'), 2)} ms (target {lat['target_p50_ms']}"
+                     f" / {lat['target_p99_ms']} ms); whole cycle p50 "
+                     f"{_fmt(lat.get('cycle_p50_ms'), 2)} ms, p99 {_fmt(lat.get('cycle_p99_ms'), 2)} ms")
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "
               f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9}  errors")
     lines.append("")

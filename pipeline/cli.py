@@ -206,13 +206,13 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
     from schemas.messages import QuotaSpec
     from stages.admin import set_quotas
 
-    spec = msgspec.convert(dict(
-        user_id=args.user, status=args.status, expires_at_ms=args.expires_at_ms,
-        max_devices=args.max_devices, max_cpu_per_device=args.max_cpu_per_device,
-        max_memory_mb_per_device=args.max_memory_mb_per_device,
-        total_cpu_cores=args.total_cpu, total_memory_gb=args.total_memory_gb,
-        total_storage_gb=args.total_storage_gb,
-    ), QuotaSpec)
+    spec = msgspec.convert({
+        "user_id": args.user, "status": args.status, "expires_at_ms": args.expires_at_ms,
+        "max_devices": args.max_devices, "max_cpu_per_device": args.max_cpu_per_device,
+        "max_memory_mb_per_device": args.max_memory_mb_per_device,
+        "total_cpu_cores": args.total_cpu, "total_memory_gb": args.total_memory_gb,
+        "total_storage_gb": args.total_storage_gb,
+    }, QuotaSpec)
 
     async def go(redis: Any, settings: Settings) -> int:
         await set_quotas(redis, Keys(settings.prefix), SystemClock(), [spec])

@@ -39,3 +39,7 @@ class Script:
 
     async def load(self, redis: Redis) -> None:
         await redis.script_load(self.source)
+
+
+HANDOFF = Script("handoff", Path(__file__).parent / "lua" / "handoff.lua")
+"""Ack a batch and add each entry's output, atomically and once (see handoff.lua)."""

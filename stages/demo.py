@@ -91,7 +91,7 @@ def demo_devices(n: int, rng: random.Random) -> list[DeviceSpec]:
         cpu, mem = SIZES[i % len(SIZES)]
         out.append(DeviceSpec(
             id=f"phone-{i + 1:03d}", name=f"Cloud phone {i + 1}", model=rng.choice(["p40", "k30"]),
-            host=f"node-{i % 4 + 1}", adb_host="10.0.0.%d" % (i % 4 + 1), adb_port=5555 + i,
+            host=f"node-{i % 4 + 1}", adb_host=f"10.0.0.{i % 4 + 1}", adb_port=5555 + i,
             cpu_cores=cpu, memory_mb=mem, storage_mb=32768,
         ))
     return out

@@ -2,7 +2,10 @@
 
 Every change that a person cares about (allocated, released, expired, refused)
 becomes one Notification; the batch's notifications are added and its entries
-acked in one MULTI/EXEC, so a crash cannot send one twice or drop one. Device
+acked in one script call, so a crash cannot send one twice or drop one, and a
+notification is added only by the call whose XACK took its entry off the pending
+list, so an entry handled by two consumers (one slow, one that took it over) is
+still notified once. Device
 and quota updates are administrative and produce none. Webhook delivery over
 HTTP comes later, reading this stream.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pipeline.scripts import HANDOFF
 from pipeline.worker import Batching, Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
@@ -58,12 +62,10 @@ class NotifyStage:
         self.streams = [self.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        changes = decode_changes(entries)
-        async with self.ctx.redis.pipeline(transaction=True) as pipe:
-            for change in changes:
-                note = notification_for(change)
-                if note is not None:
-                    pipe.xadd(self.keys.notifications, {"d": encoder.encode(note)},
-                              maxlen=NOTIFICATIONS_MAXLEN, approximate=True)
-            pipe.xack(self.streams[0], self.group, *[e.id for e in entries])
-            await pipe.execute()
+        args: list[str | int | bytes] = [self.group, NOTIFICATIONS_MAXLEN]
+        for entry, change in zip(entries, decode_changes(entries), strict=True):
+            note = notification_for(change)
+            args += [entry.id, b"" if note is None else encoder.encode(note)]
+        # one script call: each entry acked and its notification added together, and
+        # only by the call that acked it (a taken-over entry is never notified twice)
+        await HANDOFF(self.ctx.redis, [self.keys.notifications, self.streams[0]], args)

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import time
 import uuid
+from typing import Self
 
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -61,7 +62,7 @@ class Client:
         self._outbox_ready = asyncio.Event()
         self._closing = False
 
-    async def __aenter__(self) -> Client:
+    async def __aenter__(self) -> Self:
         await self.start()
         return self
 

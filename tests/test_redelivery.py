@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
@@ -28,13 +29,21 @@ from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader, redis_client
 from pipeline.settings import Settings
 from pipeline.worker import Entry, StageWorker, ensure_group, groups_caught_up
-from schemas.keys import GROUP_BILL, GROUP_PERSIST, GROUP_QUOTA, GROUP_SELECT, Keys
+from schemas.keys import (
+    GROUP_BILL,
+    GROUP_NOTIFY,
+    GROUP_PERSIST,
+    GROUP_QUOTA,
+    GROUP_SELECT,
+    Keys,
+)
 from schemas.messages import (
     Allocated,
     AllocateRequest,
     AllocationChange,
     DeviceSpec,
     DeviceUpserted,
+    Notification,
     QuotaSpec,
     Released,
     ReleaseRequest,
@@ -44,6 +53,7 @@ from schemas.messages import (
 )
 from stages.bill import BillStage
 from stages.context import StageContext
+from stages.notify import NotifyStage
 from stages.persist import PersistStage
 from stages.producer import Client
 from stages.service import serve
@@ -239,6 +249,32 @@ async def test_persist_and_bill_redone_after_a_crash_between_commit_and_ack(
         [(ids[0], 30, "released"), (ids[1], 30, "released")])
     assert devices == 3
     assert await redis.xlen(keys.dead) == 0
+
+
+async def test_notify_adds_each_notification_once_when_two_consumers_handle_an_entry(
+    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys,
+) -> None:
+    """A slow consumer and the one that took its entries over both handle the same batch:
+    only the call whose XACK took an entry off the pending list adds its notification,
+    whichever order they finish in; a third, late handling adds nothing either."""
+    await make_history(settings, clock, redis, keys)
+    total = await redis.xlen(keys.changes)
+    stage = NotifyStage(StageContext(redis=redis, settings=settings, clock=clock))
+    slow = await read_as(redis, keys.changes, GROUP_NOTIFY, "slow", total)
+    # the other consumer takes the first half over (as XAUTOCLAIM would) and finishes first
+    half = [e.id for e in slow[: total // 2]]
+    await redis.xclaim(keys.changes, GROUP_NOTIFY, "taker", 0, half)
+    await stage.handle(slow[: total // 2])
+    await stage.handle(slow)  # the slow one finishes: only its own half is new
+    await stage.handle(slow)  # a redelivery after the ack changes nothing
+    events = [decoder_notification(f[b"d"]) for _, f in await redis.xrange(keys.notifications)]
+    # 3 allocated + 2 released; device and quota changes notify nobody
+    assert sorted(events) == sorted(["device.allocated"] * 3 + ["device.released"] * 2)
+    assert (await redis.xpending(keys.changes, GROUP_NOTIFY))["pending"] == 0
+
+
+def decoder_notification(raw: bytes) -> str:
+    return msgspec.json.decode(raw, type=Notification).event
 
 
 # --- c. a late, older change ------------------------------------------------------
