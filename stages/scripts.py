@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.scripts import HANDOFF, Script
+from pipeline.scripts import APPEND, HANDOFF, Script
 
 LUA = Path(__file__).parent / "lua"
 _COMMON = LUA / "common.lua"
@@ -18,4 +18,4 @@ EXPIRE = Script("expire", _COMMON, LUA / "expire.lua")
 ADMIN = Script("admin", _COMMON, LUA / "admin.lua")
 """Add or update a device; set a user's quota."""
 
-ALL = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF)
+ALL = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
