@@ -11,6 +11,7 @@ and is never returned half-done to a shared pool.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import asyncpg
@@ -22,12 +23,40 @@ from redis.asyncio.connection import (
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.settings import Settings
 
 
 class _HiredisPacking:
-    """Packs each command with hiredis (C) instead of redis-py's Python packer."""
+    """Packs each command with hiredis (C) instead of redis-py's Python packer, and
+    writes it without a task per write: redis-py wraps every write in
+    ``asyncio.wait_for``, which makes a task each time; here the bytes go to the
+    transport directly, and only a write that finds the socket backed up waits for it
+    to drain, under the socket timeout."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        writer = getattr(self, "_writer", None)
+        if writer is None or not self.is_connected:  # type: ignore[attr-defined]
+            await super().send_packed_command(command, check_health)  # type: ignore[misc]
+            return
+        if check_health:
+            await self.check_health()  # type: ignore[attr-defined]
+        if isinstance(command, str):
+            command = command.encode()
+        if isinstance(command, bytes):
+            command = [command]
+        try:
+            writer.writelines(command)
+            if writer.transport.get_write_buffer_size():
+                await asyncio.wait_for(writer.drain(), self.socket_timeout)  # type: ignore[attr-defined]
+        except TimeoutError:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise RedisTimeoutError("Timeout writing to socket") from None
+        except OSError as exc:
+            await self.disconnect(nowait=True)  # type: ignore[attr-defined]
+            raise RedisConnectionError(f"Error while writing to socket: {exc!r}") from exc
 
     def pack_command(self, *args: Any) -> list[bytes]:
         head = args[0]
@@ -77,6 +106,45 @@ def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
         health_check_interval=30,
     )
     return fast_packing(Redis.from_pool(pool))
+
+
+class RawChannel:
+    """One connection of a client's pool, held, for a hot loop with one caller at a time.
+
+    ``call`` packs a command, sends it and returns the raw reply (no response
+    callbacks: a stream read comes back as nested lists, or a map under RESP3), with
+    none of the per-command pool, retry and event machinery of ``execute_command``.
+    An error reply raises (``NoScriptError`` and the like, as usual); a broken
+    connection is dropped and the next call connects again. ``evalsha`` and
+    ``script_load`` let a :class:`pipeline.scripts.Script` run on it.
+    """
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+        self._conn: AbstractConnection | None = None
+
+    async def call(self, *args: Any) -> Any:
+        if self._conn is None:
+            self._conn = await self._client.connection_pool.get_connection()
+        conn = self._conn
+        try:
+            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+            return await conn.read_response()
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+            await self.close()
+            raise
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
+        return await self.call("EVALSHA", sha, numkeys, *keys_and_args)
+
+    async def script_load(self, source: str) -> Any:
+        return await self.call("SCRIPT", "LOAD", source)
+
+    async def close(self) -> None:
+        """Give the connection back (disconnected if it broke: the pool reconnects it)."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._client.connection_pool.release(conn)
 
 
 def blocking_reader(settings: Settings) -> Redis:

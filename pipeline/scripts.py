@@ -12,12 +12,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 ScriptArg = str | int | float | bytes
+
+
+class ScriptTarget(Protocol):
+    """Where a script can run: a ``redis.asyncio.Redis``, a pipeline or a ``RawChannel``."""
+
+    async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
+
+    async def script_load(self, source: str) -> Any: ...
 
 
 class Script:
@@ -29,7 +37,7 @@ class Script:
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(
-        self, redis: Redis, keys: Sequence[str], args: Sequence[ScriptArg]
+        self, redis: Redis | ScriptTarget, keys: Sequence[str], args: Sequence[ScriptArg]
     ) -> Any:
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, *args)

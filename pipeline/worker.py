@@ -42,6 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.clock import Clock
+from pipeline.connections import RawChannel
 from pipeline.settings import Settings
 
 log = logging.getLogger("devsched.worker")
@@ -145,7 +146,8 @@ class StageWorker:
     ) -> None:
         self.stage = stage
         self.redis = redis
-        self.reader = reader
+        self._reader = reader
+        self._read_channel = RawChannel(reader)
         self.settings = settings
         self.clock = clock
         self.consumer = consumer or consumer_name()
@@ -162,6 +164,16 @@ class StageWorker:
         self._consumed = metrics.CONSUMED.labels(stage.group)
         self._handled = metrics.HANDLED.labels(stage.group)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(stage.group)
+
+    @property
+    def reader(self) -> Redis:
+        """The client the blocking reads go through (one connection of it is held)."""
+        return self._reader
+
+    @reader.setter
+    def reader(self, reader: Redis) -> None:
+        self._reader = reader
+        self._read_channel = RawChannel(reader)
 
     def stop(self) -> None:
         self._stopping = True
@@ -181,13 +193,17 @@ class StageWorker:
     async def run(self) -> None:
         await self.setup()
         log.info("worker started", extra={"stage": self.stage.group, "consumer": self.consumer})
-        while not self._stopping:
-            try:
-                await self.run_once()
-            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
-                # redis-py raises its own ConnectionError/TimeoutError, not the builtins
-                log.warning("redis unavailable, retrying: %s", exc, extra={"stage": self._label})
-                await asyncio.sleep(0.5)
+        try:
+            while not self._stopping:
+                try:
+                    await self.run_once()
+                except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+                    # redis-py raises its own ConnectionError/TimeoutError, not the builtins
+                    log.warning("redis unavailable, retrying: %s", exc,
+                                extra={"stage": self._label})
+                    await asyncio.sleep(0.5)
+        finally:
+            await self._read_channel.close()
         log.info("worker stopped", extra={"stage": self.stage.group, "consumer": self.consumer})
 
     async def run_once(self, block_ms: int | None = None) -> int:
@@ -206,19 +222,20 @@ class StageWorker:
         return done
 
     async def read(self, block_ms: int) -> list[Entry]:
-        reply = await self.reader.xreadgroup(
-            self.stage.group,
-            self.consumer,
-            {s: ">" for s in self.stage.streams},
-            count=self._batch_size,
-            block=block_ms or None,
-        )
+        streams = self.stage.streams
+        block = ["BLOCK", block_ms] if block_ms else []
+        reply = await self._read_channel.call(
+            "XREADGROUP", "GROUP", self.stage.group, self.consumer, "COUNT", self._batch_size,
+            *block, "STREAMS", *streams, *[">"] * len(streams))
+        # raw reply: {stream: [[id, [field, value, ...]], ...]} (RESP3) or [[stream, ...]]
+        pairs = reply.items() if isinstance(reply, dict) else (reply or [])
         entries: list[Entry] = []
-        for stream, items in reply or []:
+        for stream, items in pairs:
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in items:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                entries.append(Entry(name, eid, fields or {}))
+                entries.append(Entry(name, eid, dict(zip(fields[::2], fields[1::2]))
+                                     if fields else {}))
         return entries
 
     async def process(self, entries: list[Entry]) -> int:

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.connections import blocking_reader, redis_client
+from pipeline.connections import RawChannel, blocking_reader, redis_client
 from pipeline.scripts import APPEND
 from pipeline.settings import Settings
 from schemas.keys import Keys
@@ -43,10 +43,6 @@ TRIM_EVERY_S = 1.0
 """How often the reply reader drops the replies it has read."""
 
 
-def _raw(response: object, **_options: object) -> object:
-    return response
-
-
 def _time_out(future: asyncio.Future[Reply | None]) -> None:
     if not future.done():
         future.set_result(None)
@@ -62,6 +58,8 @@ class Client:
         self.timeout_s = timeout_s
         self._redis: Redis | None = None
         self._reader: Redis | None = None
+        self._send_channel: RawChannel | None = None
+        self._read_channel: RawChannel | None = None
         self._waiting: dict[str, asyncio.Future[Reply | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
@@ -80,6 +78,9 @@ class Client:
         self._redis = redis_client(self.settings)
         self._reader = blocking_reader(self.settings)
         await self._redis.ping()
+        # the hot loops each hold one connection and skip redis-py's per-command machinery
+        self._send_channel = RawChannel(self._redis)
+        self._read_channel = RawChannel(self._reader)
         self._task = asyncio.create_task(self._read_replies())
         self._sender = asyncio.create_task(self._send_requests())
 
@@ -90,6 +91,9 @@ class Client:
             await self._sender
         if self._task:
             await self._task
+        for channel in (self._send_channel, self._read_channel):
+            if channel is not None:
+                await channel.close()
         if self._redis:
             await self._redis.delete(self.reply_stream)
             await self._redis.aclose()
@@ -147,7 +151,7 @@ class Client:
 
     async def _send_requests(self) -> None:
         """Send what callers queued, all of it per round trip (one script call)."""
-        assert self._redis is not None
+        assert self._send_channel is not None
         while not (self._closing and not self._outbox):
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
@@ -156,7 +160,8 @@ class Client:
                 continue
             try:
                 for start in range(0, len(batch), SEND_BATCH):
-                    await APPEND(self._redis, [self.keys.requests], batch[start:start + SEND_BATCH])
+                    await APPEND(self._send_channel, [self.keys.requests],
+                                 batch[start:start + SEND_BATCH])
             except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 # not known to be sent: put them back in front and try again shortly (a
                 # request sent twice is answered once: request ids make it idempotent)
@@ -165,16 +170,16 @@ class Client:
                 self._outbox_ready.set()
 
     async def _read_replies(self) -> None:
-        assert self._reader is not None
-        # the raw reply, {stream: [[id, [field, value, ...]], ...]} (RESP3) or a list of
-        # [stream, entries] pairs (RESP2): no dict per entry
-        self._reader.set_response_callback("XREAD", _raw)
+        assert self._read_channel is not None
         last = b"0-0"
         trimmed_at = 0.0
         while not self._closing:
             try:
-                batch = await self._reader.xread({self.reply_stream: last}, count=512,
-                                                 block=READ_BLOCK_MS)
+                # the raw reply, {stream: [[id, [field, value, ...]], ...]} (RESP3) or a
+                # list of [stream, entries] pairs (RESP2): no dict per entry
+                batch = await self._read_channel.call(
+                    "XREAD", "COUNT", 512, "BLOCK", READ_BLOCK_MS, "STREAMS", self.reply_stream,
+                    last)
             except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 await asyncio.sleep(0.1)
                 continue

@@ -5,11 +5,28 @@ local function k_pool(P, suffix) return P .. ':{pool}:' .. suffix end
 local function k_user(P, uid, suffix) return P .. ':{u:' .. uid .. '}:' .. suffix end
 local function opt(v) if v == nil or v == false or v == '' then return cjson.null end return v end
 
--- Add a reply to a producer's reply stream; the stream expires if nobody reads it.
+-- Add a reply to a producer's reply stream; the stream expires if nobody reads it
+-- (its TTL is set once per script call, however many replies it gets).
+local reply_ttl_set = {}
 local function send_reply(stream, json, ttl_s)
   if stream == nil or stream == '' then return end
   redis.call('XADD', stream, 'MAXLEN', '~', 10000, '*', 'd', json)
-  redis.call('EXPIRE', stream, ttl_s)
+  if not reply_ttl_set[stream] then
+    redis.call('EXPIRE', stream, ttl_s)
+    reply_ttl_set[stream] = true
+  end
+end
+
+-- Counters of the pool's stats hash, added up during a script call and written once
+-- at its end by flush_stats (every script that counts must call it last).
+local stat_counts = {}
+local function count_stat(name)
+  stat_counts[name] = (stat_counts[name] or 0) + 1
+end
+local function flush_stats(P)
+  for name, n in pairs(stat_counts) do
+    redis.call('HINCRBY', k_pool(P, 'stats'), name, n)
+  end
 end
 
 local function failed_json(rid, reason, message, remaining)
@@ -25,14 +42,18 @@ end
 local CPU_SCALE = 1073741824
 local function fit_score(cpu, mem) return cpu * CPU_SCALE + mem end
 
+-- The allocation fields close_allocation reads, in this order.
+local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status',
+  'allocated_at_ms', 'expires_at_ms', 'duration_minutes', 'cpu_cores', 'memory_mb', 'storage_mb',
+  'pool', 'version'}
+
 -- Close an active allocation as `status` ('released' or 'expired') at end_ms.
 -- Frees the device, gives the usage back, records the change. Returns the
 -- allocation's fields, or nil when it is not active (so a second close is a no-op).
-local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl)
+-- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
+local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a)
   local akey = k_pool(P, 'alloc:' .. aid)
-  local a = redis.call('HMGET', akey, 'device_id', 'user_id', 'tenant_id', 'request_id', 'status',
-    'allocated_at_ms', 'expires_at_ms', 'duration_minutes', 'cpu_cores', 'memory_mb', 'storage_mb',
-    'pool', 'version')
+  a = a or redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
   if not a[1] or a[5] ~= 'allocated' then return nil end
   local allocated_at = tonumber(a[6])
   if end_ms < allocated_at then end_ms = allocated_at end
@@ -43,25 +64,24 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   redis.call('EXPIRE', akey, released_ttl)
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
   redis.call('SREM', k_pool(P, 'active'), aid)
-  redis.call('HINCRBY', k_pool(P, 'stats'), status, 1)
+  count_stat(status)
   local dkey = k_pool(P, 'dev:' .. a[1])
   local d = redis.call('HMGET', dkey, 'alloc', 'status', 'cpu_cores', 'memory_mb', 'pool')
   if d[1] == aid then
-    redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid)
     if d[2] == 'allocated' then
-      redis.call('HSET', dkey, 'status', 'available')
+      redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid, 'status', 'available')
       redis.call('ZADD', k_pool(P, 'free:' .. d[5]), fit_score(tonumber(d[3]), tonumber(d[4])), a[1])
+    else
+      redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid)
     end
   end
   local cpu, mem, sto = tonumber(a[9]), tonumber(a[10]), tonumber(a[11])
   if redis.call('HDEL', k_user(P, a[2], 'allocs'), aid) == 1 then
+    -- the user's usage gives this allocation back (read and written in this atomic step)
     local ukey = k_user(P, a[2], 'usage')
-    redis.call('HINCRBY', ukey, 'devices', -1)
-    -- 0 - x, not -x: for x = 0, -x is Lua's -0, which reaches Redis as "-0" and
-    -- HINCRBY rejects it (the script would stop half done)
-    redis.call('HINCRBY', ukey, 'cpu', 0 - cpu)
-    redis.call('HINCRBY', ukey, 'mem', 0 - mem)
-    redis.call('HINCRBY', ukey, 'sto', 0 - sto)
+    local u = redis.call('HMGET', ukey, 'devices', 'cpu', 'mem', 'sto')
+    redis.call('HSET', ukey, 'devices', (tonumber(u[1]) or 0) - 1, 'cpu', (tonumber(u[2]) or 0) - cpu,
+      'mem', (tonumber(u[3]) or 0) - mem, 'sto', (tonumber(u[4]) or 0) - sto)
   end
   local rec = {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
     tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = allocated_at,

@@ -15,4 +15,5 @@ for i = 1, #due, 2 do
     redis.call('ZREM', k_pool(P, 'expiry'), aid)
   end
 end
+flush_stats(P)
 return {count, #due / 2}

@@ -28,7 +28,8 @@ local pool_names = nil  -- the pools, read once per script call
 -- [min_cpu, cap_cpu], memory in [min_mem, cap_mem], storage <= cap_sto and the model.
 -- Memory is read from the score itself, so a CPU level whose devices are all too small
 -- or too large in memory is skipped with one jump instead of being scanned; only a
--- device that passes CPU and memory is read (storage, model).
+-- device that passes CPU and memory is read (storage, model, and what the reply needs:
+-- name, adb_host, adb_port); returns id, score and those fields.
 local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   local hi = fit_score(cap_cpu, CPU_SCALE - 1)
   local from, offset = fit_score(min_cpu, min_mem), 0
@@ -42,9 +43,10 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       local mem = score - cpu * CPU_SCALE
       if mem < min_mem then jump = fit_score(cpu, min_mem) break end
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
-      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model')
+      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
+        'adb_host', 'adb_port')
       if tonumber(d[1]) <= cap_sto and (model == '' or d[2] == model) then
-        return page[i], score
+        return page[i], score, d
       end
     end
     if jump then
@@ -66,40 +68,44 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
     pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
     pools = pool_names
   end
-  local best, best_score, best_pool = nil, nil, nil
+  local best, best_score, best_pool, best_fields = nil, nil, nil, nil
   for _, pl in ipairs(pools) do
-    local id, score = best_in_pool(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem,
+    local id, score, fields = best_in_pool(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem,
       cap_cpu, cap_mem, cap_sto)
     if id and (not best_score or score < best_score) then
-      best, best_score, best_pool = id, score, pl
+      best, best_score, best_pool, best_fields = id, score, pl, fields
     end
   end
-  return best, best_pool
+  return best, best_pool, best_score, best_fields
+end
+
+-- The user's usage: {devices, cpu, mem, sto}.
+local function read_usage(uid)
+  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'devices', 'cpu', 'mem', 'sto')
+  return {tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0, tonumber(u[4]) or 0}
 end
 
 -- What one more device of this user may be, from the quota and the current usage
--- (read here, in the same atomic step that records the allocation: exact under concurrency).
-local function quota_caps(uid)
+-- (read in the same atomic step that records the allocation: exact under concurrency).
+local function quota_caps(uid, used)
   local q = redis.call('HMGET', k_user(P, uid, 'quota'), 'max_cpu_per_device',
     'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb', 'total_storage_gb')
   if not q[1] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
-  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'cpu', 'mem', 'sto')
-  local used_cpu, used_mem, used_sto = tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0
-  return math.min(tonumber(q[1]), tonumber(q[3]) - used_cpu),
-    math.min(tonumber(q[2]), tonumber(q[4]) * 1024 - used_mem),
-    tonumber(q[5]) * 1024 - used_sto
+  return math.min(tonumber(q[1]), tonumber(q[3]) - used[2]),
+    math.min(tonumber(q[2]), tonumber(q[4]) * 1024 - used[3]),
+    tonumber(q[5]) * 1024 - used[4]
 end
 
-local function settle_hold(uid, rid, hold, cpu, mem, sto)
-  -- replace the hold by the real size (all zero when nothing was allocated)
-  local holds = k_user(P, uid, 'holds')
-  if redis.call('HDEL', holds, rid) == 0 then return end
+-- Replace the hold by the real size (nothing when nothing was allocated: the held
+-- device slot is given back). `used` is the usage read earlier in this same step.
+local function settle_hold(uid, rid, hold, used, cpu, mem, sto)
+  if redis.call('HDEL', k_user(P, uid, 'holds'), rid) == 0 then return end
   local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
-  local usage = k_user(P, uid, 'usage')
-  if cpu == nil then redis.call('HINCRBY', usage, 'devices', -1) end
-  redis.call('HINCRBY', usage, 'cpu', (cpu or 0) - tonumber(h_cpu))
-  redis.call('HINCRBY', usage, 'mem', (mem or 0) - tonumber(h_mem))
-  redis.call('HINCRBY', usage, 'sto', (sto or 0) - tonumber(h_sto))
+  local devices = used[1]
+  if cpu == nil then devices = devices - 1 end
+  redis.call('HSET', k_user(P, uid, 'usage'), 'devices', devices,
+    'cpu', used[2] + (cpu or 0) - tonumber(h_cpu), 'mem', used[3] + (mem or 0) - tonumber(h_mem),
+    'sto', used[4] + (sto or 0) - tonumber(h_sto))
 end
 
 local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
@@ -112,10 +118,12 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     n_failed = n_failed + 1
     return
   end
-  local cap_cpu, cap_mem, cap_sto = quota_caps(uid)
-  local dev, dev_pool = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local used = read_usage(uid)
+  local cap_cpu, cap_mem, cap_sto = quota_caps(uid, used)
+  local dev, dev_pool, score, d = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
+    cap_sto)
   if not dev then
-    settle_hold(uid, rid, hold, nil, nil, nil)
+    settle_hold(uid, rid, hold, used, nil, nil, nil)
     local reason, msg = 'no_available_devices',
       'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
     if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
@@ -132,8 +140,9 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     return
   end
   local dkey = k_pool(P, 'dev:' .. dev)
-  local d = redis.call('HMGET', dkey, 'name', 'cpu_cores', 'memory_mb', 'storage_mb', 'adb_host', 'adb_port')
-  local cpu, mem, sto = tonumber(d[2]), tonumber(d[3]), tonumber(d[4])
+  -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host, port
+  local cpu = math.floor(score / CPU_SCALE)
+  local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
   local expires = now + seconds * 1000
   local minutes = math.ceil(seconds / 60)
   redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
@@ -144,12 +153,12 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   redis.call('SADD', k_pool(P, 'active'), aid)
-  redis.call('HINCRBY', k_pool(P, 'stats'), 'allocated', 1)
-  settle_hold(uid, rid, hold, cpu, mem, sto)
+  count_stat('allocated')
+  settle_hold(uid, rid, hold, used, cpu, mem, sto)
   redis.call('HSET', k_user(P, uid, 'allocs'), aid, cpu .. ' ' .. mem .. ' ' .. sto)
   local json = cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
-    device = {id = dev, name = d[1], status = 'allocated'}, user_id = uid,
-    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[5], adb_port = tonumber(d[6])})
+    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
   emit_change(changes, {kind = 'allocation', allocation_id = aid, device_id = dev, user_id = uid,
@@ -158,6 +167,10 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     storage_mb = sto, pool = dev_pool, version = 1, at_ms = now})
   n_alloc = n_alloc + 1
 end
+
+-- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
+local RELEASE_FIELDS = {unpack(ALLOC_FIELDS)}
+RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
 
 local function release(rid, reply_to, aid, device_id, uid)
   local idem_key = k_pool(P, 'req:' .. rid)
@@ -176,7 +189,7 @@ local function release(rid, reply_to, aid, device_id, uid)
     if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
   end
   local akey = k_pool(P, 'alloc:' .. aid)
-  local a = redis.call('HMGET', akey, 'device_id', 'user_id', 'status', 'released_at_ms', 'duration_seconds')
+  local a = redis.call('HMGET', akey, unpack(RELEASE_FIELDS))
   if not a[1] then return fail('not_found', 'Allocation ' .. aid .. ' not found') end
   if device_id ~= '' and a[1] ~= device_id then
     return fail('not_found', 'Allocation ' .. aid .. ' is not on device ' .. device_id)
@@ -185,12 +198,12 @@ local function release(rid, reply_to, aid, device_id, uid)
     return fail('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
   end
   local json
-  if a[3] ~= 'allocated' then
+  if a[5] ~= 'allocated' then
     json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = a[1],
-      user_id = a[2], released_at_ms = tonumber(a[4]), duration_seconds = tonumber(a[5]),
-      already_released = true, status = a[3]})
+      user_id = a[2], released_at_ms = tonumber(a[14]), duration_seconds = tonumber(a[15]),
+      already_released = true, status = a[5]})
   else
-    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl)
+    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a)
     json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = rec.device_id,
       user_id = rec.user_id, released_at_ms = now, duration_seconds = rec.duration_seconds,
       already_released = false, status = 'released'})
@@ -214,4 +227,5 @@ for i = 0, n - 1 do
   end
 end
 if #acks > 0 then redis.call('XACK', admitted, group, unpack(acks)) end
+flush_stats(P)
 return {n_alloc, n_release, n_failed}
