@@ -24,6 +24,7 @@ from redis.asyncio.connection import (
     UnixDomainSocketConnection,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.settings import Settings
@@ -109,7 +110,7 @@ def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
 
 
 class RawChannel:
-    """One connection of a client's pool, held, for a hot loop with one caller at a time.
+    """One connection of a client's pool, held, for a hot loop (callers take turns).
 
     ``call`` packs a command, sends it and returns the raw reply (no response
     callbacks: a stream read comes back as nested lists, or a map under RESP3), with
@@ -122,17 +123,26 @@ class RawChannel:
     def __init__(self, client: Redis) -> None:
         self._client = client
         self._conn: AbstractConnection | None = None
+        self._turn = asyncio.Lock()  # one command and its reply at a time on the connection
 
     async def call(self, *args: Any) -> Any:
-        if self._conn is None:
-            self._conn = await self._client.connection_pool.get_connection()
-        conn = self._conn
-        try:
-            await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-            return await conn.read_response()
-        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
-            await self.close()
-            raise
+        async with self._turn:
+            if self._conn is None:
+                self._conn = await self._client.connection_pool.get_connection()
+            conn = self._conn
+            try:
+                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                return await conn.read_response()
+            except ResponseError:
+                raise  # an error reply, read in full: the connection is fine
+            except BaseException:
+                # broken, timed out or cancelled mid-reply: never reuse a connection that
+                # may still have a reply in flight
+                conn, self._conn = self._conn, None
+                if conn is not None:
+                    await conn.disconnect(nowait=True)
+                    await self._client.connection_pool.release(conn)
+                raise
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self.call("EVALSHA", sha, numkeys, *keys_and_args)

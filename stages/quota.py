@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from pipeline.connections import RawChannel
 from pipeline.worker import Entry
 from schemas.keys import GROUP_QUOTA
 from schemas.messages import AllocateRequest, DeadLetter, ReleaseRequest, encoder, request_decoder
@@ -52,6 +53,8 @@ class QuotaStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.keys = ctx.keys
+        # this stage's own connection for its script calls (the fast path of a hot loop)
+        self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.requests]
 
     def item(self, entry: Entry) -> list[str | int | bytes]:
@@ -104,4 +107,4 @@ class QuotaStage:
         for entry in entries:
             args.extend(self.item(entry))
         k = self.keys
-        await QUOTA(self.ctx.redis, [k.requests, k.admitted, k.changes, k.dead], args)
+        await QUOTA(self.channel, [k.requests, k.admitted, k.changes, k.dead], args)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 
 import msgspec
 
+from pipeline.connections import RawChannel
 from pipeline.worker import Entry
 from schemas.keys import GROUP_SELECT
 from schemas.messages import AllocateRequest, DeadLetter, encoder, request_decoder
@@ -35,6 +36,8 @@ class SelectStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.keys = ctx.keys
+        # this stage's own connection for its script calls (the fast path of a hot loop)
+        self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.admitted]
 
     def item(self, entry: Entry) -> list[str | int | bytes]:
@@ -69,4 +72,4 @@ class SelectStage:
         for entry in entries:
             args.extend(self.item(entry))
         k = self.keys
-        await SELECT(self.ctx.redis, [k.admitted, k.changes, k.dead], args)
+        await SELECT(self.channel, [k.admitted, k.changes, k.dead], args)
