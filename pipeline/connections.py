@@ -12,6 +12,7 @@ and is never returned half-done to a shared pool.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import asyncpg
@@ -118,31 +119,64 @@ class RawChannel:
     An error reply raises (``NoScriptError`` and the like, as usual); a broken
     connection is dropped and the next call connects again. ``evalsha`` and
     ``script_load`` let a :class:`pipeline.scripts.Script` run on it.
+
+    The socket timeout still holds, but not as a timer per call (a large share of a
+    small command's cost): one watchdog timer, armed while a call is in flight,
+    looks every ``WATCH_PERIOD_S``; a reply overdue by more than the connection's
+    socket timeout breaks the connection, so the waiting call fails with
+    ``TimeoutError`` and never hangs on a half-open socket.
     """
+
+    WATCH_PERIOD_S = 0.5
 
     def __init__(self, client: Redis) -> None:
         self._client = client
         self._conn: AbstractConnection | None = None
         self._turn = asyncio.Lock()  # one command and its reply at a time on the connection
+        kwargs = client.connection_pool.connection_kwargs
+        self._timeout_s = float(kwargs.get("socket_timeout") or 5.0)
+        self._since = 0.0  # loop time the call in flight was sent; 0.0: none
+        self._overdue = False
+        self._watchdog: asyncio.TimerHandle | None = None
 
     async def call(self, *args: Any) -> Any:
         async with self._turn:
             if self._conn is None:
                 self._conn = await self._client.connection_pool.get_connection()
             conn = self._conn
+            loop = asyncio.get_running_loop()
+            self._since, self._overdue = loop.time(), False
+            if self._watchdog is None:
+                self._watchdog = loop.call_later(self.WATCH_PERIOD_S, self._watch)
             try:
                 await conn.send_packed_command(conn.pack_command(*args), check_health=False)
-                return await conn.read_response()
+                return await conn.read_response(timeout=math.inf)
             except ResponseError:
                 raise  # an error reply, read in full: the connection is fine
-            except BaseException:
+            except BaseException as exc:
                 # broken, timed out or cancelled mid-reply: never reuse a connection that
                 # may still have a reply in flight
                 conn, self._conn = self._conn, None
                 if conn is not None:
                     await conn.disconnect(nowait=True)
                     await self._client.connection_pool.release(conn)
+                if self._overdue and not isinstance(exc, asyncio.CancelledError):
+                    raise RedisTimeoutError(
+                        f"no reply within {self._timeout_s:g} s; connection dropped") from exc
                 raise
+            finally:
+                self._since = 0.0
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if not self._since:
+            return  # idle: the next call arms the watchdog again
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._since > self._timeout_s and self._conn is not None:
+            self._overdue = True
+            # closing the socket wakes the waiting read with an error
+            loop.create_task(self._conn.disconnect(nowait=True))
+        self._watchdog = loop.call_later(self.WATCH_PERIOD_S, self._watch)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
         return await self.call("EVALSHA", sha, numkeys, *keys_and_args)
@@ -152,6 +186,9 @@ class RawChannel:
 
     async def close(self) -> None:
         """Give the connection back (disconnected if it broke: the pool reconnects it)."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         conn, self._conn = self._conn, None
         if conn is not None:
             await self._client.connection_pool.release(conn)

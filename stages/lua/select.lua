@@ -32,9 +32,10 @@ local pool_names = nil  -- the pools, read once per script call
 -- name, adb_host, adb_port); returns id, score and those fields.
 local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   local hi = fit_score(cap_cpu, CPU_SCALE - 1)
-  local from, offset = fit_score(min_cpu, min_mem), 0
+  local from, offset, size = fit_score(min_cpu, min_mem), 0, 1
   while from <= hi do
-    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset, PAGE)
+    -- the first read asks for one device (usually the answer), later ones for a page
+    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset, size)
     if #page == 0 then return nil end
     local jump = nil
     for i = 1, #page, 2 do
@@ -51,11 +52,12 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
     end
     if jump then
       from, offset = jump, 0
-    elseif #page < 2 * PAGE then
+    elseif #page < 2 * size then
       return nil
     else
-      offset = offset + PAGE
+      offset = offset + size
     end
+    size = PAGE
   end
   return nil
 end
