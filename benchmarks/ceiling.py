@@ -1,7 +1,7 @@
 """The raw Redis ceiling: a bare 3-hop stream chain with no logic in it.
 
 What it measures: how many messages per second one Redis and our client stack
-(redis-py asyncio with hiredis, uvloop) can carry end to end through three
+(redis-py asyncio with hiredis parsing and packing, uvloop) can carry end to end through three
 consumer-group hops, the same plumbing the pipeline's request path uses
 (requests -> quota -> admitted -> select -> reply), with zero work per message.
 No pipeline can beat this on the same machine; the ratio to it says how much
@@ -42,6 +42,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from benchmarks.loadgen import CycleParts
+from pipeline.connections import fast_packing
 
 HOPS = 3
 """Stream hops every message crosses: s0 -> s1 -> s2 -> reply."""
@@ -66,7 +67,8 @@ WARMUP_S = 1.0
 
 
 def _client(redis_url: str) -> aioredis.Redis:
-    return aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT_S)
+    # the pipeline's client stack: redis-py asyncio with hiredis parsing and packing
+    return fast_packing(aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT_S))
 
 
 def _streams(prefix: str) -> list[str]:
