@@ -143,3 +143,21 @@ def test_quick_plan_is_short_and_rates_parse() -> None:
     assert plan.rates == (500.0, 2000.0)
     assert plan.duration_s == 3.0
     assert run.parse_args([]).rates == run.FULL_RATES
+
+
+async def test_the_generator_never_sends_before_the_intended_instant() -> None:
+    """The schedule's waker (a timerfd on Linux) returns at or after each instant asked
+    for, never before: a request is never sent early (lateness is measured, earliness
+    would hide latency)."""
+    from benchmarks.loadgen import _Waker
+
+    waker = _Waker()
+    try:
+        start = time.perf_counter()
+        for k in range(1, 40):
+            instant = start + k * 0.00137
+            await waker.until(instant)
+            assert time.perf_counter() >= instant
+        await waker.until(time.perf_counter() - 1.0)  # a past instant returns at once
+    finally:
+        waker.close()

