@@ -142,7 +142,8 @@ class RawChannel:
     async def call(self, *args: Any) -> Any:
         async with self._turn:
             if self._conn is None:
-                self._conn = await self._client.connection_pool.get_connection()
+                pool = self._client.connection_pool
+                self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             conn = self._conn
             loop = asyncio.get_running_loop()
             self._since, self._overdue = loop.time(), False
