@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import asyncpg
@@ -161,3 +162,20 @@ async def test_the_generator_never_sends_before_the_intended_instant() -> None:
         await waker.until(time.perf_counter() - 1.0)  # a past instant returns at once
     finally:
         waker.close()
+
+
+def test_cpu_accounting_reads_processes_and_groups_them() -> None:
+    """benchmarks.cpu reads every process' CPU ticks from /proc and names its group by
+    the command line; this process is among them and its ticks only grow."""
+    from benchmarks.cpu import _group, _ticks
+
+    first = _ticks()[os.getpid()]
+    sum(i * i for i in range(200_000))  # spend a little CPU
+    second = _ticks()[os.getpid()]
+    assert second[0] >= first[0] >= 0
+    assert _group("/usr/bin/redis-server 127.0.0.1:6379") == "redis"
+    assert _group("python -m pipeline.cli worker quota select") == "request_path"
+    assert _group("python -m pipeline.cli worker --nice 5 persist bill notify timers") == (
+        "write_behind")
+    assert _group("postgres: postgres devsched 127.0.0.1(5000) idle") == "postgres"
+    assert _group("bash") is None
