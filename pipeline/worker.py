@@ -19,8 +19,14 @@ What it promises:
   with stage, error and delivery count, atomically with its ack.
 * **Reads never hang and are never cut.** XREADGROUP blocks at most
   ``block_ms`` on a connection of its own whose socket timeout is longer than
-  that; the loop stops by a flag checked between reads, never by cancelling a
-  read in flight. On stop the current batch finishes, then the loop exits.
+  that (kept by the RawChannel's watchdog); the loop stops by a flag checked
+  between reads, never by cancelling a read in flight. On stop the current batch
+  finishes, then the loop exits.
+* **Batches are as large as the stage wants.** A stage off the request path
+  (the write-behind) declares a :class:`Batching` with a linger: after a batch
+  that was not full the worker waits that long before reading again, so its
+  per-batch costs (a transaction, a script call) are paid for many entries. The
+  request path never lingers: it takes whatever is there at once.
 """
 
 from __future__ import annotations
