@@ -138,6 +138,7 @@ class RawChannel:
         self._since = 0.0  # loop time the call in flight was sent; 0.0: none
         self._overdue = False
         self._watchdog: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # disconnects in progress (kept alive)
 
     async def call(self, *args: Any) -> Any:
         async with self._turn:
@@ -176,7 +177,9 @@ class RawChannel:
         if loop.time() - self._since > self._timeout_s and self._conn is not None:
             self._overdue = True
             # closing the socket wakes the waiting read with an error
-            loop.create_task(self._conn.disconnect(nowait=True))
+            task = loop.create_task(self._conn.disconnect(nowait=True))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
         self._watchdog = loop.call_later(self.WATCH_PERIOD_S, self._watch)
 
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:
