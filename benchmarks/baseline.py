@@ -36,7 +36,9 @@ its error reason when it is refused.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
@@ -144,12 +146,21 @@ SELECT duration_ms FROM alloc
 """
 
 
+@contextlib.asynccontextmanager
+async def _connection(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """One connection for an administrative step, closed after it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
 async def create(database_url: str, devices: int = DEFAULT_DEVICES,
                  users: int = DEFAULT_USERS, seed: int = 7) -> None:
     """(Re)create the schema with ``devices`` devices and ``users`` users of generous quota."""
     rng = random.Random(seed)
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with _connection(database_url) as conn:
         await conn.execute(SCHEMA_SQL)
         await conn.copy_records_to_table(
             "devices", schema_name=SCHEMA, columns=["id", "cpu", "mem_mb", "storage_mb"],
@@ -165,14 +176,11 @@ async def create(database_url: str, devices: int = DEFAULT_DEVICES,
             records=[(u,) for u in range(1, users + 1)])
         await conn.execute(f"ANALYZE {SCHEMA}.devices, {SCHEMA}.user_quotas, "
                            f"{SCHEMA}.user_usage")
-    finally:
-        await conn.close()
 
 
 async def reset(database_url: str) -> None:
     """Free every device, zero all usage, drop the allocations, vacuum: a clean start."""
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with _connection(database_url) as conn:
         await conn.execute(f"""
             TRUNCATE {SCHEMA}.allocations;
             UPDATE {SCHEMA}.devices SET status = 'available' WHERE status <> 'available';
@@ -180,24 +188,16 @@ async def reset(database_url: str) -> None:
         """)
         await conn.execute(f"VACUUM ANALYZE {SCHEMA}.devices, {SCHEMA}.user_usage, "
                            f"{SCHEMA}.allocations")
-    finally:
-        await conn.close()
 
 
 async def drop(database_url: str) -> None:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with _connection(database_url) as conn:
         await conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
-    finally:
-        await conn.close()
 
 
 async def server_version(database_url: str) -> str:
-    conn = await asyncpg.connect(database_url)
-    try:
+    async with _connection(database_url) as conn:
         return str(await conn.fetchval("SHOW server_version"))
-    finally:
-        await conn.close()
 
 
 def quota_refusal(row: asyncpg.Record, cpu: int, mem_mb: int) -> str | None:

@@ -30,6 +30,7 @@ reads (never by cancelling a blocked read); every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import multiprocessing.synchronize
 import os
@@ -84,6 +85,12 @@ def _entries(answer: Any) -> list[Entry]:
         return []
     entries: list[Entry] = answer[0][1]
     return entries
+
+
+async def _wait_briefly(event: asyncio.Event) -> None:
+    """Wait for ``event`` at most BLOCK_MS, so a loop around it sees its stop flag."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), BLOCK_MS / 1000)
 
 
 # --- workers ---------------------------------------------------------------------------
@@ -192,10 +199,7 @@ async def _saturate(redis_url: str, prefix: str, duration_s: float) -> dict[str,
         while time.perf_counter() < end:
             if outstanding + SEND_BATCH > WINDOW:
                 room.clear()
-                try:
-                    await asyncio.wait_for(room.wait(), BLOCK_MS / 1000)
-                except TimeoutError:
-                    pass
+                await _wait_briefly(room)
                 continue
             pipe = client.pipeline(transaction=False)
             for _ in range(SEND_BATCH):
@@ -306,10 +310,7 @@ def make_cycle(redis_url: str, prefix: str) -> CycleParts:
         while state["running"]:
             if not queued:
                 wake.clear()
-                try:
-                    await asyncio.wait_for(wake.wait(), BLOCK_MS / 1000)
-                except TimeoutError:
-                    pass
+                await _wait_briefly(wake)
                 continue
             keys = queued[:SEND_BATCH]
             del queued[:SEND_BATCH]

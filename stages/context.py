@@ -9,6 +9,7 @@ from redis.asyncio import Redis
 
 from pipeline.clock import Clock
 from pipeline.settings import Settings
+from pipeline.worker import Batching
 from schemas.keys import Keys
 
 
@@ -22,3 +23,8 @@ class StageContext:
     @property
     def keys(self) -> Keys:
         return Keys(self.settings.prefix)
+
+    @property
+    def write_behind(self) -> Batching:
+        """How the stages behind the changes stream read: large batches, with a linger."""
+        return Batching(self.settings.write_batch_size, self.settings.write_linger_ms)

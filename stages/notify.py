@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from pipeline.scripts import HANDOFF
-from pipeline.worker import Batching, Entry
+from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
 from stages.context import StageContext
@@ -58,7 +58,7 @@ class NotifyStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.keys = ctx.keys
-        self.batching = Batching(ctx.settings.write_batch_size, ctx.settings.write_linger_ms)
+        self.batching = ctx.write_behind
         self.streams = [self.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:

@@ -18,7 +18,7 @@ from typing import TypeVar
 import asyncpg
 import msgspec
 
-from pipeline.worker import Batching, Entry, Transient
+from pipeline.worker import Entry, Transient
 from schemas.keys import GROUP_PERSIST
 from schemas.messages import AllocationChange, DeviceUpserted, QuotaSet, change_decoder
 from stages.context import StageContext
@@ -140,7 +140,7 @@ class PersistStage:
         assert ctx.pg is not None, "persist needs PostgreSQL"
         self.ctx = ctx
         self.pg = ctx.pg
-        self.batching = Batching(ctx.settings.write_batch_size, ctx.settings.write_linger_ms)
+        self.batching = ctx.write_behind
         self.streams = [ctx.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.connections import RawChannel, blocking_reader, redis_client
+from pipeline.connections import RawChannel, blocking_reader, redis_client, stream_items
 from pipeline.scripts import APPEND
 from pipeline.settings import Settings
 from schemas.keys import Keys
@@ -175,15 +175,14 @@ class Client:
         trimmed_at = 0.0
         while not self._closing:
             try:
-                # the raw reply, {stream: [[id, [field, value, ...]], ...]} (RESP3) or a
-                # list of [stream, entries] pairs (RESP2): no dict per entry
+                # the raw reply (see stream_items): no dict per entry
                 batch = await self._read_channel.call(
                     "XREAD", "COUNT", 512, "BLOCK", READ_BLOCK_MS, "STREAMS", self.reply_stream,
                     last)
             except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
                 await asyncio.sleep(0.1)
                 continue
-            for _stream, items in (batch.items() if isinstance(batch, dict) else batch or []):
+            for _stream, items in stream_items(batch):
                 for entry_id, fields in items:
                     last = entry_id
                     with contextlib.suppress(Exception):

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-import redis
 
 from pipeline.embedded import (
     ServerUrls,
+    _redis_answers,
     _redis_binary,
     _redis_version,
     ensure_servers,
@@ -22,16 +22,6 @@ from pipeline.embedded import (
     stop_servers,
 )
 from pipeline.settings import Settings
-
-
-def _redis_pings(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
-    try:
-        return bool(client.ping())
-    except (redis.RedisError, OSError):
-        return False
-    finally:
-        client.close()
 
 
 def _pg_version(url: str) -> str:
@@ -74,7 +64,7 @@ def test_start_reuse_stop(settings: Settings) -> None:
         assert started
         assert urls.redis_url.startswith("unix://")
         assert urls.database_url.endswith("/devsched")
-        assert _redis_pings(urls.redis_url)
+        assert _redis_answers(urls.redis_url)
         assert "PostgreSQL" in _pg_version(urls.database_url)
 
         again, started_again = ensure_servers(settings)
@@ -85,7 +75,7 @@ def test_start_reuse_stop(settings: Settings) -> None:
         stop_servers(settings)
 
     assert running_servers(settings) is None
-    assert not _redis_pings(urls.redis_url)
+    assert not _redis_answers(urls.redis_url)
     assert not _pg_answers(urls.database_url)
     assert all(_gone(pid) for pid in pids)
     assert not (settings.data_dir / "servers.json").exists()
@@ -116,7 +106,7 @@ def test_stale_state_starts_fresh(settings: Settings) -> None:
     assert running_servers(settings) is None
 
     with local_servers(settings) as urls:
-        assert _redis_pings(urls.redis_url)
+        assert _redis_answers(urls.redis_url)
         assert _pg_answers(urls.database_url)
         assert (settings.data_dir / "servers.json").read_text() != stale
 
@@ -171,7 +161,7 @@ def test_works_inside_a_running_event_loop(settings: Settings) -> None:
             return urls
 
     urls = asyncio.run(main())
-    assert not _redis_pings(urls.redis_url)
+    assert not _redis_answers(urls.redis_url)
 
 
 def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
@@ -179,7 +169,7 @@ def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
     long_settings = Settings(data_dir=deep)
     with local_servers(long_settings) as urls:
         assert urls.redis_url.startswith("redis://127.0.0.1:")
-        assert _redis_pings(urls.redis_url)
+        assert _redis_answers(urls.redis_url)
         assert _pg_answers(urls.database_url)
     assert not any(name.startswith(".s.PGSQL") for name in os.listdir(deep / "pg"))
 

@@ -29,6 +29,40 @@ local function flush_stats(P)
   end
 end
 
+-- The batch a stage script was given: `n` items of `stride` fields after the 7 fixed
+-- ARGV, each an op and an entry id, then the op's fields. Calls handlers[op] with those
+-- fields (strings, as given) and returns the entry ids in order, to ack.
+local function each_item(n, stride, handlers)
+  local ids = {}
+  for i = 0, n - 1 do
+    local b = 7 + i * stride
+    ids[#ids + 1] = ARGV[b + 2]
+    local handler = handlers[ARGV[b + 1]]
+    if handler then handler(unpack(ARGV, b + 3, b + stride)) end
+  end
+  return ids
+end
+
+-- Ack entries of a group, in chunks (unpack() has a bounded stack).
+local function ack_all(stream, group, ids)
+  for first = 1, #ids, 500 do
+    redis.call('XACK', stream, group, unpack(ids, first, math.min(first + 499, #ids)))
+  end
+end
+
+-- A user's usage, {devices, cpu, mem, sto}; missing fields count as 0.
+local function read_usage(P, uid)
+  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'devices', 'cpu', 'mem', 'sto')
+  return {tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0, tonumber(u[4]) or 0}
+end
+
+-- Write a user's usage as `used` (read earlier in this same atomic script call) plus
+-- the changes, in one HSET.
+local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto)
+  redis.call('HSET', k_user(P, uid, 'usage'), 'devices', used[1] + d_dev, 'cpu', used[2] + d_cpu,
+    'mem', used[3] + d_mem, 'sto', used[4] + d_sto)
+end
+
 local function failed_json(rid, reason, message, remaining)
   return cjson.encode({type = 'failed', request_id = rid, reason = reason, message = message,
                        remaining_devices = remaining == nil and cjson.null or remaining})
@@ -78,10 +112,7 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   local cpu, mem, sto = tonumber(a[9]), tonumber(a[10]), tonumber(a[11])
   if redis.call('HDEL', k_user(P, a[2], 'allocs'), aid) == 1 then
     -- the user's usage gives this allocation back (read and written in this atomic step)
-    local ukey = k_user(P, a[2], 'usage')
-    local u = redis.call('HMGET', ukey, 'devices', 'cpu', 'mem', 'sto')
-    redis.call('HSET', ukey, 'devices', (tonumber(u[1]) or 0) - 1, 'cpu', (tonumber(u[2]) or 0) - cpu,
-      'mem', (tonumber(u[3]) or 0) - mem, 'sto', (tonumber(u[4]) or 0) - sto)
+    add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end
   local rec = {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
     tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = allocated_at,

@@ -17,7 +17,6 @@ local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local idem_ttl, reply_ttl, fail_open = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
 local n = tonumber(ARGV[7])
 local requests, admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local acks = {}
 local n_admitted, n_refused, n_dead = 0, 0, 0
 
 local function refuse(rid, uid, tenant, reply_to, reason, message, remaining, idem_key)
@@ -47,8 +46,8 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
     'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb',
     'total_storage_gb')
   local usage_key = k_user(P, uid, 'usage')
-  local u = redis.call('HMGET', usage_key, 'devices', 'cpu', 'mem', 'sto')
-  local used_dev, used_cpu, used_mem, used_sto = num(u[1]), num(u[2]), num(u[3]), num(u[4])
+  local used = read_usage(P, uid)
+  local used_dev, used_cpu, used_mem, used_sto = used[1], used[2], used[3], used[4]
   local cap_cpu, cap_mem, cap_sto
   if not q[1] then
     if not fail_open then
@@ -112,22 +111,21 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
   n_admitted = n_admitted + 1
 end
 
-for i = 0, n - 1 do
-  local b = 7 + i * STRIDE
-  local op, entry = ARGV[b + 1], ARGV[b + 2]
-  acks[#acks + 1] = entry
-  if op == 'A' then
-    admit(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]),
-      tonumber(ARGV[b + 8]), ARGV[b + 9])
-  elseif op == 'F' then
-    redis.call('XADD', admitted, '*', 'd', ARGV[b + 3], 'c', '')
+local acks = each_item(n, STRIDE, {
+  A = function(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
+    admit(rid, uid, tenant, reply_to, tonumber(min_cpu), tonumber(min_mem), payload)
+  end,
+  F = function(payload)
+    redis.call('XADD', admitted, '*', 'd', payload, 'c', '')
     n_admitted = n_admitted + 1
-  elseif op == 'R' then
-    refuse(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7], ARGV[b + 8], nil, nil)
-  elseif op == 'D' then
-    redis.call('XADD', dead, '*', 'd', ARGV[b + 3])
+  end,
+  R = function(rid, uid, tenant, reply_to, reason, message)
+    refuse(rid, uid, tenant, reply_to, reason, message, nil, nil)
+  end,
+  D = function(letter)
+    redis.call('XADD', dead, '*', 'd', letter)
     n_dead = n_dead + 1
-  end
-end
-if #acks > 0 then redis.call('XACK', requests, group, unpack(acks)) end
+  end,
+})
+ack_all(requests, group, acks)
 return {n_admitted, n_refused, n_dead}

@@ -18,7 +18,6 @@ local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
 local idem_ttl, reply_ttl, released_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
 local n = tonumber(ARGV[7])
 local admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3]
-local acks = {}
 local n_alloc, n_release, n_failed = 0, 0, 0
 
 local PAGE = 8
@@ -81,12 +80,6 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
   return best, best_pool, best_score, best_fields
 end
 
--- The user's usage: {devices, cpu, mem, sto}.
-local function read_usage(uid)
-  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'devices', 'cpu', 'mem', 'sto')
-  return {tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0, tonumber(u[4]) or 0}
-end
-
 -- What one more device of this user may be, from the quota and the current usage
 -- (read in the same atomic step that records the allocation: exact under concurrency).
 local function quota_caps(uid, used)
@@ -103,11 +96,8 @@ end
 local function settle_hold(uid, rid, hold, used, cpu, mem, sto)
   if redis.call('HDEL', k_user(P, uid, 'holds'), rid) == 0 then return end
   local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
-  local devices = used[1]
-  if cpu == nil then devices = devices - 1 end
-  redis.call('HSET', k_user(P, uid, 'usage'), 'devices', devices,
-    'cpu', used[2] + (cpu or 0) - tonumber(h_cpu), 'mem', used[3] + (mem or 0) - tonumber(h_mem),
-    'sto', used[4] + (sto or 0) - tonumber(h_sto))
+  add_usage(P, uid, used, cpu == nil and -1 or 0, (cpu or 0) - tonumber(h_cpu),
+    (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto))
 end
 
 local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
@@ -120,7 +110,7 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     n_failed = n_failed + 1
     return
   end
-  local used = read_usage(uid)
+  local used = read_usage(P, uid)
   local cap_cpu, cap_mem, cap_sto = quota_caps(uid, used)
   local dev, dev_pool, score, d = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
     cap_sto)
@@ -215,19 +205,14 @@ local function release(rid, reply_to, aid, device_id, uid)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
-for i = 0, n - 1 do
-  local b = 7 + i * STRIDE
-  local op, entry = ARGV[b + 1], ARGV[b + 2]
-  acks[#acks + 1] = entry
-  if op == 'A' then
-    allocate(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], tonumber(ARGV[b + 7]),
-      tonumber(ARGV[b + 8]), tonumber(ARGV[b + 9]), ARGV[b + 10], ARGV[b + 11], ARGV[b + 12], ARGV[b + 13])
-  elseif op == 'L' then
-    release(ARGV[b + 3], ARGV[b + 4], ARGV[b + 5], ARGV[b + 6], ARGV[b + 7])
-  elseif op == 'D' then
-    redis.call('XADD', dead, '*', 'd', ARGV[b + 3])
-  end
-end
-if #acks > 0 then redis.call('XACK', admitted, group, unpack(acks)) end
+local acks = each_item(n, STRIDE, {
+  A = function(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
+    allocate(rid, uid, tenant, reply_to, tonumber(min_cpu), tonumber(min_mem), tonumber(seconds),
+      pool, model, hold, aid)
+  end,
+  L = release,
+  D = function(letter) redis.call('XADD', dead, '*', 'd', letter) end,
+})
+ack_all(admitted, group, acks)
 flush_stats(P)
 return {n_alloc, n_release, n_failed}
