@@ -84,6 +84,10 @@ def render_table(doc: dict[str, Any]) -> str:
                      f"{_fmt(lat.get('allocate_p99_ms'), 2)} ms (target {lat['target_p50_ms']}"
                      f" / {lat['target_p99_ms']} ms); whole cycle p50 "
                      f"{_fmt(lat.get('cycle_p50_ms'), 2)} ms, p99 {_fmt(lat.get('cycle_p99_ms'), 2)} ms")
+        if "bare_chain_p50_ms" in lat:
+            lines.append(f"  the bare 3-hop chain at the same rate (no logic): p50 "
+                         f"{_fmt(lat['bare_chain_p50_ms'], 2)} ms, p99 "
+                         f"{_fmt(lat['bare_chain_p99_ms'], 2)} ms")
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "
               f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9}  errors")
     lines.append("")

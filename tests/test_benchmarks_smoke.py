@@ -140,7 +140,29 @@ def test_quick_plan_is_short_and_rates_parse() -> None:
     plan = run.parse_args(["--quick", "--rates", "2000,500"])
     assert plan.rates == (500.0, 2000.0)
     assert plan.duration_s == 3.0
-    assert run.parse_args([]).rates == run.FULL_RATES
+    assert plan.ceiling_rates == (run.TARGET_RATE,)  # the chain's floor at the target rate
+    full = run.parse_args([])
+    assert full.rates == run.FULL_RATES and full.ceiling_rates == run.FULL_RATES
+
+
+def test_targets_put_the_bare_chain_floor_beside_the_latency_target() -> None:
+    def row(rate: float, p50: float, p99: float) -> dict[str, float]:
+        return {"offered_per_s": rate, "p50_ms": p50, "p99_ms": p99}
+
+    doc = {
+        "pipeline": {"latency": [row(500, 2.0, 6.0),
+                                 {**row(1000, 5.0, 20.0), "allocate_p50_ms": 1.2,
+                                  "allocate_p99_ms": 4.0}]},
+        "ceiling": {"latency": [row(1000, 0.9, 3.5)]},
+        "ratios": {"pipeline_vs_baseline": 4.5, "pipeline_vs_ceiling": 0.25},
+    }
+    got = run.targets(doc)
+    lat = got["latency_at_1000_per_s"]
+    assert (lat["allocate_p50_ms"], lat["allocate_p99_ms"], lat["met"]) == (1.2, 4.0, True)
+    assert (lat["bare_chain_p50_ms"], lat["bare_chain_p99_ms"]) == (0.9, 3.5)
+    assert got["pipeline_vs_baseline"]["met"] and not got["pipeline_vs_ceiling"]["met"]
+    doc["ceiling"] = {"latency": []}  # no chain point at that rate: no floor claimed
+    assert "bare_chain_p50_ms" not in run.targets(doc)["latency_at_1000_per_s"]
 
 
 async def test_the_generator_never_sends_before_the_intended_instant() -> None:
