@@ -2,8 +2,8 @@
 
 Each ``released`` or ``expired`` change becomes one ledger row keyed by the
 allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
-statement and acked after commit: a redelivered change finds its row and adds
-nothing. Duration is the allocation's exact length in whole seconds. The export
+statement (in key order, as persist writes) and acked after commit: a redelivered
+change finds its row and adds nothing. Duration is the allocation's exact length in whole seconds. The export
 to an external billing service comes later; rows not yet exported are marked
 by ``exported_at IS NULL``.
 """
@@ -22,7 +22,7 @@ INSERT_LEDGER = """
 INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
     duration_seconds, cpu_cores, memory_mb, end_reason)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-    $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[])
+    $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[]) ORDER BY 1
 ON CONFLICT (allocation_id) DO NOTHING
 """
 
@@ -56,5 +56,5 @@ class BillStage:
                         [r.memory_mb for r in rows], [r.status for r in rows],
                     )
             except TRANSIENT_PG_ERRORS as exc:
-                raise Transient(f"PostgreSQL unavailable: {exc!r}") from exc
+                raise Transient(f"PostgreSQL: {exc!r}; retrying the batch") from exc
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

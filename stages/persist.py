@@ -4,9 +4,13 @@ Per batch, at most one statement per table (arrays unnested into one upsert) in
 one transaction, then the acks. Rows only move forward: an upsert applies only
 when the incoming ``version`` is newer than the stored one, so a change that
 arrives late, twice, or out of order (several persist workers) never overwrites
-a newer row. Within a batch only the newest change of each entity is written.
-While PostgreSQL is down the stage raises Transient: the worker keeps the batch
-and retries, and the stream holds the backlog; nothing is acked before commit.
+a newer row. Within a batch only the newest change of each entity is written,
+and rows are written in key order: two persist workers whose batches share rows
+lock them in the same order, so they wait for each other instead of deadlocking.
+While PostgreSQL is down (or aborts a transaction for a retry: a deadlock with
+some other writer, a serialization failure) the stage raises Transient: the
+worker keeps the batch and retries it whole, and the stream holds the backlog;
+nothing is acked before commit.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ INSERT INTO device_allocations AS a (id, device_id, user_id, tenant_id, status, 
     released_at, expires_at, duration_minutes, duration_seconds, metadata, version)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::int[],
-    $11::jsonb[], $12::bigint[])
+    $11::jsonb[], $12::bigint[]) ORDER BY 1
 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, released_at = EXCLUDED.released_at,
     expires_at = EXCLUDED.expires_at, duration_seconds = EXCLUDED.duration_seconds,
     metadata = EXCLUDED.metadata, version = EXCLUDED.version
@@ -39,7 +43,7 @@ UPSERT_DEVICES = """
 INSERT INTO devices AS d (id, name, pool, model, host, adb_host, adb_port, cpu_cores, memory_mb,
     storage_mb, status, version)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-    $7::int[], $8::int[], $9::int[], $10::int[], $11::text[], $12::bigint[])
+    $7::int[], $8::int[], $9::int[], $10::int[], $11::text[], $12::bigint[]) ORDER BY 1
 ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name, pool = EXCLUDED.pool, model = EXCLUDED.model,
     host = EXCLUDED.host, adb_host = EXCLUDED.adb_host, adb_port = EXCLUDED.adb_port,
     cpu_cores = EXCLUDED.cpu_cores, memory_mb = EXCLUDED.memory_mb,
@@ -51,7 +55,7 @@ UPSERT_QUOTAS = """
 INSERT INTO user_quotas AS q (user_id, status, expires_at, max_devices, max_cpu_per_device,
     max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::int[], $6::int[],
-    $7::int[], $8::int[], $9::int[], $10::bigint[])
+    $7::int[], $8::int[], $9::int[], $10::bigint[]) ORDER BY 1
 ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLUDED.expires_at,
     max_devices = EXCLUDED.max_devices, max_cpu_per_device = EXCLUDED.max_cpu_per_device,
     max_memory_mb_per_device = EXCLUDED.max_memory_mb_per_device,
@@ -66,7 +70,11 @@ TRANSIENT_PG_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,
     asyncpg.CannotConnectNowError,
     TimeoutError,
+    # the transaction was rolled back and is to be tried again, whole
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
 )
+"""PostgreSQL errors after which a batch is retried whole, later (the worker's Transient)."""
 
 
 def ts(ms: int | None) -> datetime | None:
@@ -149,5 +157,5 @@ class PersistStage:
             async with self.pg.acquire() as conn, conn.transaction():
                 await write_changes(conn, changes)
         except TRANSIENT_PG_ERRORS as exc:
-            raise Transient(f"PostgreSQL unavailable: {exc!r}") from exc
+            raise Transient(f"PostgreSQL: {exc!r}; retrying the batch") from exc
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

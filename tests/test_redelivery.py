@@ -54,7 +54,7 @@ from schemas.messages import (
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.notify import NotifyStage
-from stages.persist import PersistStage
+from stages.persist import PersistStage, write_changes
 from stages.producer import Client
 from stages.service import serve
 from tests.conftest import ROOT, RunningPipeline, seed, wait_until
@@ -330,6 +330,49 @@ async def test_late_older_change_never_overwrites_a_newer_row(
     assert tuple(dev) == ("renamed", 2)
     assert (await redis.xpending(keys.changes, GROUP_PERSIST))["pending"] == 0
 
+
+
+async def test_persist_locks_rows_in_key_order_so_two_writers_cannot_deadlock(
+    pg: asyncpg.Pool,
+) -> None:
+    """Two persist workers whose batches share rows must lock them in the same order.
+    Shown without timing: a writer whose batch lists b before a is made to wait on b;
+    a third session then finds a already locked, so the writer took a first (key
+    order), whatever the order of its batch."""
+    a, b = "aaaaaaaa-0000-0000-0000-000000000000", "bbbbbbbb-0000-0000-0000-000000000000"
+    t0 = 1_700_000_000_000
+    async with pg.acquire() as conn, conn.transaction():
+        await write_changes(conn, [change(a, 1, "allocated", t0), change(b, 1, "allocated", t0)])
+    select_for_update = "SELECT 1 FROM device_allocations WHERE id = $1::uuid FOR UPDATE"
+    async with pg.acquire() as holder, pg.acquire() as writer, pg.acquire() as probe:
+        hold = holder.transaction()
+        await hold.start()
+        await holder.execute(select_for_update, b)
+        writer_pid = writer.get_server_pid()
+
+        async def write() -> None:
+            async with writer.transaction():
+                await write_changes(writer, [change(b, 2, "released", t0 + 90_000),
+                                             change(a, 2, "released", t0 + 90_000)])
+
+        task = asyncio.create_task(write())
+
+        async def writer_waits() -> bool:
+            return await probe.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1",
+                writer_pid) is True
+
+        try:
+            await wait_until(writer_waits)
+            with pytest.raises(asyncpg.LockNotAvailableError):
+                async with probe.transaction():
+                    await probe.execute(select_for_update + " NOWAIT", a)
+        finally:
+            await hold.rollback()  # the writer goes on, and finishes
+            await asyncio.wait_for(task, 10)
+        versions = {str(r["id"]): r["version"]
+                    for r in await probe.fetch("SELECT id, version FROM device_allocations")}
+    assert versions == {a: 2, b: 2}
 
 # --- d. a worker process killed with SIGKILL mid-run --------------------------------
 
