@@ -39,7 +39,7 @@ from typing import Any
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
 from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
 from pipeline.clock import SystemClock
-from pipeline.connections import pg_pool, redis_client
+from pipeline.connections import pg_pool, redis_client, text
 from pipeline.migrate import migrate
 from pipeline.runner import spawn_run
 from pipeline.settings import Settings
@@ -131,7 +131,7 @@ async def _drain(settings: Settings) -> None:
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     try:
-        active = [m.decode() for m in await redis.smembers(keys.active)]
+        active = [text(m) for m in await redis.smembers(keys.active)]
         if active:  # allocations whose cycle timed out: give them back through the pipeline
             async with Client(settings, timeout_s=30) as client:
                 await asyncio.gather(*[client.release(allocation_id=a) for a in active])

@@ -110,6 +110,18 @@ def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
     return fast_packing(Redis.from_pool(pool))
 
 
+def text(value: object) -> str:
+    """A reply value as str. Our clients never decode (payloads stay bytes), but
+    redis-py's types allow str (or int) too."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def command(client: Redis, *args: Any) -> Any:
+    """``execute_command``, typed (redis-py leaves it untyped): for commands it has no
+    method for, or whose raw reply we want."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
 def stream_items(reply: Any) -> list[tuple[Any, Any]]:
     """The (stream, entries) pairs of a raw XREAD/XREADGROUP reply: a map under RESP3,
     a list of pairs under RESP2, nil when nothing came. Each entry is

@@ -16,7 +16,8 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -27,7 +28,7 @@ from pipeline.worker import Stage, StageWorker
 
 log = logging.getLogger("devsched.runner")
 
-Background = Callable[[asyncio.Event], Awaitable[None]]
+Background = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 DRAIN_TIMEOUT_S = 15.0
 """How long the supervisor waits for children to drain before killing them."""
 

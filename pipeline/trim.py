@@ -12,10 +12,11 @@ from __future__ import annotations
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from pipeline.connections import command, text
+
 
 def _id(value: bytes | str) -> tuple[int, int]:
-    text = value.decode() if isinstance(value, bytes) else value
-    ms, _, seq = text.partition("-")
+    ms, _, seq = text(value).partition("-")
     return int(ms), int(seq or 0)
 
 
@@ -48,4 +49,4 @@ async def trim(redis: Redis, stream: str, *, maxlen_without_groups: int = 100_00
         if not await redis.exists(stream):
             return 0
         return int(await redis.xtrim(stream, maxlen=maxlen_without_groups, approximate=True))
-    return int(await redis.execute_command("XTRIM", stream, "MINID", f"{cut[0]}-{cut[1]}"))
+    return int(await command(redis, "XTRIM", stream, "MINID", f"{cut[0]}-{cut[1]}"))

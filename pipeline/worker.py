@@ -48,7 +48,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.clock import Clock
-from pipeline.connections import RawChannel, stream_items
+from pipeline.connections import RawChannel, command, stream_items, text
 from pipeline.settings import Settings
 
 log = logging.getLogger("devsched.worker")
@@ -128,7 +128,7 @@ async def groups_caught_up(redis: Redis, stream: str, groups: Sequence[str]) -> 
     """True when every entry of ``stream`` was delivered to and acked by each of ``groups``."""
     last = await redis.xrevrange(stream, count=1)
     try:
-        info = {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}
+        info = {text(g["name"]): g for g in await redis.xinfo_groups(stream)}
     except ResponseError:  # no stream yet
         return False
     return all(
@@ -192,9 +192,8 @@ class StageWorker:
         for stream in self.stage.streams:
             await ensure_group(self.redis, stream, self.stage.group)
             # registered now (Redis 6.2 would wait for the first entry): shows the worker is up
-            await self.redis.execute_command(
-                "XGROUP", "CREATECONSUMER", stream, self.stage.group, self.consumer
-            )
+            await command(self.redis, "XGROUP", "CREATECONSUMER", stream, self.stage.group,
+                          self.consumer)
 
     async def run(self) -> None:
         await self.setup()
@@ -235,9 +234,9 @@ class StageWorker:
             *block, "STREAMS", *streams, *[">"] * len(streams))
         entries: list[Entry] = []
         for stream, items in stream_items(reply):
-            name = stream.decode() if isinstance(stream, bytes) else stream
+            name = text(stream)
             for entry_id, fields in items:
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                eid = text(entry_id)
                 entries.append(Entry(name, eid, dict(zip(fields[::2], fields[1::2]))
                                      if fields else {}))
         return entries
@@ -314,15 +313,13 @@ class StageWorker:
         done = 0
         for stream in self.stage.streams:
             cursor = self._cursors[stream]
-            reply = await self.redis.execute_command(
-                "XAUTOCLAIM", stream, self.stage.group, self.consumer,
+            reply = await command(
+                self.redis, "XAUTOCLAIM", stream, self.stage.group, self.consumer,
                 self.settings.claim_idle_ms, cursor, "COUNT", RECLAIM_PAGE,
             )
             # Redis 6.2 answers [cursor, entries]; 7.x adds a third element (deleted ids).
             next_cursor, items = reply[0], reply[1]
-            self._cursors[stream] = (
-                next_cursor.decode() if isinstance(next_cursor, bytes) else str(next_cursor)
-            )
+            self._cursors[stream] = text(next_cursor)
             claimed: list[Entry] = []
             vanished: list[str] = []
             unnamed = False
@@ -333,7 +330,7 @@ class StageWorker:
                     unnamed = True
                     continue
                 entry_id, fields = item[0], item[1]
-                eid = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                eid = text(entry_id)
                 if fields is None:
                     vanished.append(eid)
                     continue
@@ -370,7 +367,7 @@ class StageWorker:
         gone: list[str] = []
         for row in rows:
             mid = row["message_id"]
-            eid = mid.decode() if isinstance(mid, bytes) else str(mid)
+            eid = text(mid)
             if eid not in present and not await self.redis.xrange(stream, eid, eid, count=1):
                 gone.append(eid)
         return gone
@@ -383,7 +380,7 @@ class StageWorker:
         counts: dict[str, int] = {}
         for row in rows:
             mid = row["message_id"]
-            counts[mid.decode() if isinstance(mid, bytes) else mid] = int(row["times_delivered"])
+            counts[text(mid)] = int(row["times_delivered"])
         return counts
 
     async def dead_letter(self, entry: Entry, deliveries: int) -> None:
@@ -396,7 +393,7 @@ class StageWorker:
             stage=self.stage.group,
             stream=entry.stream,
             entry_id=entry.id,
-            error=(error.decode() if error else "delivered too many times"),
+            error=(text(error) if error else "delivered too many times"),
             deliveries=deliveries,
             payload=entry.data.decode("utf-8", "replace"),
             at_ms=self.clock.now_ms(),
@@ -422,7 +419,7 @@ class StageWorker:
             except ResponseError:
                 continue
             for c in consumers:
-                name = c["name"].decode() if isinstance(c["name"], bytes) else c["name"]
+                name = text(c["name"])
                 if name != self.consumer and int(c["pending"]) == 0 and int(c["idle"]) > idle_limit:
                     await self.redis.xgroup_delconsumer(stream, self.stage.group, name)
 
@@ -434,7 +431,7 @@ class StageWorker:
             except ResponseError:
                 continue
             for g in groups:
-                name = g["name"].decode() if isinstance(g["name"], bytes) else g["name"]
+                name = text(g["name"])
                 if name != self.stage.group:
                     continue
                 metrics.PENDING.labels(self._label, stream).set(int(g.get("pending", 0)))

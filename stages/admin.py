@@ -15,6 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from pipeline.clock import Clock
+from pipeline.connections import text
 from pipeline.worker import groups_caught_up
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import DeviceSpec, QuotaSpec
@@ -79,11 +80,11 @@ class Stats:
 
 
 async def stats(redis: Redis, keys: Keys) -> Stats:
-    pools = [p.decode() for p in await redis.smembers(keys.pools)]
+    pools = [text(p) for p in await redis.smembers(keys.pools)]
     free = 0
     for pool in pools:
         free += int(await redis.zcard(keys.free(pool)))
-    counters = {k.decode(): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+    counters = {text(k): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
     return Stats(
         devices=int(await redis.scard(keys.devices)),
         free=free,
@@ -98,11 +99,11 @@ async def list_devices(
     redis: Redis, keys: Keys, *, pool: str | None = None, status: str | None = None,
     offset: int = 0, limit: int = 50,
 ) -> list[dict[str, str]]:
-    ids = sorted(m.decode() for m in await redis.smembers(keys.devices))
+    ids = sorted(text(m) for m in await redis.smembers(keys.devices))
     out: list[dict[str, str]] = []
     for device_id in ids:
         raw = await redis.hgetall(keys.device(device_id))
-        d = {k.decode(): v.decode() for k, v in raw.items()}
+        d = {text(k): text(v) for k, v in raw.items()}
         if pool and d.get("pool") != pool:
             continue
         if status and d.get("status") != status:
@@ -117,8 +118,8 @@ async def redis_allocations(redis: Redis, keys: Keys) -> dict[str, dict[str, str
     pattern = keys.allocation("*")
     async for key in redis.scan_iter(match=pattern, count=1000):
         raw = await redis.hgetall(key)
-        aid = key.decode().rsplit(":", 1)[1]
-        out[aid] = {k.decode(): v.decode() for k, v in raw.items()}
+        aid = text(key).rsplit(":", 1)[1]
+        out[aid] = {text(k): text(v) for k, v in raw.items()}
     return out
 
 
@@ -137,7 +138,7 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
             continue
         if rec.get("duration_seconds") and row["duration_seconds"] != int(rec["duration_seconds"]):
             mismatched.append(aid)
-    redis_active = {m.decode() for m in await redis.smembers(keys.active)}
+    redis_active = {text(m) for m in await redis.smembers(keys.active)}
     pg_active = {aid for aid, r in in_pg.items() if r["status"] == "allocated"}
     return {
         "redis_allocations": len(in_redis),

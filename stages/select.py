@@ -49,7 +49,8 @@ class SelectStage:
                 error=f"undecodable admitted entry: {exc}", deliveries=entry.deliveries,
                 payload=entry.data[:4096].decode("utf-8", "replace"), at_ms=self.ctx.clock.now_ms(),
             )
-            return ["D", entry.id, encoder.encode(letter)] + [""] * (STRIDE - 3)
+            dead: list[str | int | bytes] = ["D", entry.id, encoder.encode(letter)]
+            return dead + [""] * (STRIDE - 3)
         if isinstance(request, AllocateRequest):
             hold = entry.fields.get(b"c", b"").decode()
             return [
