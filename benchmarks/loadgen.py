@@ -131,6 +131,12 @@ class LoadResult(msgspec.Struct, frozen=True):
     elapsed_s: float
     processes: int
     marks: dict[str, Latency] = msgspec.field(default_factory=dict)
+    start_lag: Latency | None = None
+    """How late cycles began after their intended instants: the generator's own delay,
+    already inside the latencies above (all processes merged)."""
+    generator_cpu_share: float = 0.0
+    """CPU time over wall time of the busiest producer process during the load: near
+    1.0 the generator itself, not the system under test, would be the bottleneck."""
 
     def summary(self) -> dict[str, float]:
         """The figures of a latency-table row."""
@@ -271,6 +277,8 @@ class _Waker:
 @dataclass
 class _Tally:
     hist: HdrHistogram = field(default_factory=new_histogram)
+    start_lag: HdrHistogram = field(default_factory=new_histogram)
+    """How late each cycle began, after its intended instant (the generator's own delay)."""
     errors: Counter[str] = field(default_factory=Counter)
     due: int = 0
     ok: int = 0
@@ -298,6 +306,7 @@ class _ChildPlan:
 async def _timed(tally: _Tally, cycle: Callable[[int], Awaitable[str | None]], i: int,
                  intended: float, timeout_s: float) -> None:
     _intended.set(intended)
+    record_us(tally.start_lag, time.perf_counter() - intended)
     try:
         async with asyncio.timeout(timeout_s):
             reason = await cycle(i)
@@ -393,11 +402,14 @@ async def _child_async(plan: _ChildPlan, conn: multiprocessing.connection.Connec
     start = time.perf_counter() + (start_wall - time.time())
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     tally = _Tally()
+    cpu_start, busy = time.process_time(), 0.0
     try:
         if plan.mode == "open":
             await _open_loop(plan, parts.cycle, start, tally)
         else:
             await _closed_loop(plan, parts.cycle, start, tally)
+        # the share of one core this producer used while it ran the load
+        busy = (time.process_time() - cpu_start) / max(time.perf_counter() - start, 1e-9)
     finally:
         try:
             await asyncio.wait_for(parts.teardown(), TEARDOWN_GRACE_S / 2)
@@ -405,6 +417,8 @@ async def _child_async(plan: _ChildPlan, conn: multiprocessing.connection.Connec
             traceback.print_exc()
     conn.send(("done", {
         "hist": tally.hist.encode(),
+        "start_lag": tally.start_lag.encode(),
+        "cpu_share": busy,
         "marks": {name: h.encode() for name, h in _marks.items()},
         "errors": dict(tally.errors),
         "due": tally.due,
@@ -477,11 +491,13 @@ async def _run(plans: list[_ChildPlan], mode: str, duration_s: float, drain_s: f
 def _merge(reports: list[dict[str, Any]], mode: str, duration_s: float) -> LoadResult:
     hist = new_histogram()
     marks: dict[str, HdrHistogram] = {}
+    start_lag = new_histogram()
     errors: Counter[str] = Counter()
     due = ok = 0
     elapsed = duration_s
     for report in reports:
         hist.decode_and_add(report["hist"])
+        start_lag.decode_and_add(report["start_lag"])
         for name, encoded in report["marks"].items():
             marks.setdefault(name, new_histogram()).decode_and_add(encoded)
         errors.update(report["errors"])
@@ -499,6 +515,8 @@ def _merge(reports: list[dict[str, Any]], mode: str, duration_s: float) -> LoadR
         count=due, ok=ok, errors=dict(sorted(errors.items())),
         duration_s=duration_s, elapsed_s=round(elapsed, 3), processes=len(reports),
         marks={name: latency_of(h) for name, h in sorted(marks.items())},
+        start_lag=latency_of(start_lag),
+        generator_cpu_share=round(max((r["cpu_share"] for r in reports), default=0.0), 3),
     )
 
 

@@ -88,8 +88,10 @@ def render_table(doc: dict[str, Any]) -> str:
             lines.append(f"  the bare 3-hop chain at the same rate (no logic): p50 "
                          f"{_fmt(lat['bare_chain_p50_ms'], 2)} ms, p99 "
                          f"{_fmt(lat['bare_chain_p99_ms'], 2)} ms")
+    # gen cpu: the busiest load-generator process's share of a core (near 1: the
+    # generator, not the system, would be the limit)
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "
-              f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9}  errors")
+              f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9} {'gen cpu':>8}  errors")
     lines.append("")
     lines.append(header)
     lines.append("-" * len(header))
@@ -103,7 +105,8 @@ def render_table(doc: dict[str, Any]) -> str:
                 f"{name:<9} {_fmt(row['offered_per_s'], 0):>10} "
                 f"{_fmt(row['delivered_per_s'], 0):>12} {_fmt(row['p50_ms'], 2):>9} "
                 f"{_fmt(row['p99_ms'], 2):>9} {_fmt(row['p999_ms'], 2):>9} "
-                f"{_fmt(row['max_ms'], 2):>9}  {errors}")
+                f"{_fmt(row['max_ms'], 2):>9} {_fmt(row.get('generator_cpu_share'), 2):>8}"
+                f"  {errors}")
     return "\n".join(lines)
 
 

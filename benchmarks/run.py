@@ -219,14 +219,18 @@ def _row(result: LoadResult) -> dict[str, Any]:
     for name, lat in result.marks.items():
         row[f"{name}_p50_ms"] = lat.p50_ms
         row[f"{name}_p99_ms"] = lat.p99_ms
+    # the generator's health: how late it began cycles, and how busy its busiest process was
+    if result.start_lag is not None:
+        row["start_lag_p99_ms"] = result.start_lag.p99_ms
+    row["generator_cpu_share"] = result.generator_cpu_share
     return row
 
 
 def _describe(result: LoadResult) -> str:
     errors = f" errors={result.errors}" if result.errors else ""
     return (f"offered {result.offered_per_s:,.0f}/s delivered {result.delivered_per_s:,.0f}/s "
-            f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} max {result.max_ms:.2f} ms"
-            f"{errors}")
+            f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} max {result.max_ms:.2f} ms, "
+            f"generator {result.generator_cpu_share:.0%} of a core{errors}")
 
 
 async def measure_ceiling(plan: Plan, redis_url: str) -> dict[str, Any]:

@@ -9,7 +9,14 @@ import asyncpg
 import redis.asyncio as aioredis
 
 from benchmarks import baseline, ceiling, run, search
-from benchmarks.loadgen import CycleFactory, LoadResult, make_sleep_cycle, run_closed, run_open
+from benchmarks.loadgen import (
+    CycleFactory,
+    CycleParts,
+    LoadResult,
+    make_sleep_cycle,
+    run_closed,
+    run_open,
+)
 from pipeline.embedded import ServerUrls
 
 
@@ -27,6 +34,35 @@ async def test_overloaded_system_yields_numbers_and_the_run_ends_by_itself() -> 
     assert result.errors["overloaded"] > 0 and result.errors["timeout"] >= 50
     assert sum(result.errors.values()) == result.count == 200
     assert result.ok == 0
+
+
+def make_busy_cycle(cpu_s: float) -> CycleParts:
+    """A cycle that spends ``cpu_s`` of CPU in the producer process itself."""
+
+    async def nothing() -> None:
+        return None
+
+    async def cycle(i: int) -> str | None:
+        until = time.process_time() + cpu_s
+        while time.process_time() < until:
+            pass
+        return None
+
+    return CycleParts(nothing, cycle, nothing)
+
+
+async def test_the_report_says_how_busy_the_generator_was_and_how_late_it_began() -> None:
+    # CPU time, not wall time: 200 cycles of 2 ms of CPU each in one second is about
+    # 0.4 s of CPU in that producer, whatever else the machine is doing
+    busy = await run_open(CycleFactory(make_busy_cycle, (0.002,)), 200, 1.0)
+    idle = await run_open(CycleFactory(make_sleep_cycle, (0.002,)), 200, 1.0)
+    for result in (busy, idle):
+        assert result.start_lag is not None and result.start_lag.count == result.count == 200
+        assert 0.0 < result.generator_cpu_share <= 1.0
+    assert busy.generator_cpu_share > idle.generator_cpu_share
+    row = run._row(busy)
+    assert row["generator_cpu_share"] == busy.generator_cpu_share
+    assert row["start_lag_p99_ms"] == busy.start_lag.p99_ms
 
 
 async def test_two_producer_processes_merge_their_histograms() -> None:
