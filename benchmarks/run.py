@@ -269,10 +269,12 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
             await system.close()
         report.progress(f"{name} saturation, {system.workers_unit} {setting}: "
                         f"{result.delivered_per_s:,.0f} cycles/s (p50 {result.p50_ms:.1f} ms, "
-                        f"{SATURATION_CONCURRENCY * plan.producers} outstanding)")
+                        f"{SATURATION_CONCURRENCY * plan.producers} outstanding, generator "
+                        f"{result.generator_cpu_share:.0%} of a core)")
         workers[str(setting)] = {"saturated_cycles_per_s": round(result.delivered_per_s, 1),
                                  "p50_ms": result.p50_ms, "p99_ms": result.p99_ms,
-                                 "errors": result.errors}
+                                 "errors": result.errors,
+                                 "generator_cpu_share": result.generator_cpu_share}
         if result.delivered_per_s > best_rate:
             best_setting, best_rate = setting, result.delivered_per_s
     if plan.search_each_setting:
