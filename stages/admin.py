@@ -56,10 +56,11 @@ async def write_behind_drained(redis: Redis, keys: Keys) -> bool:
 
 
 async def delete_keys(redis: Redis, prefix: str) -> int:
-    """Delete every key under ``prefix`` (streams included); returns how many."""
+    """Delete every key under ``prefix`` (streams included); returns how many. UNLINK:
+    large streams are freed in the background, not while other clients wait."""
     found = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
     for i in range(0, len(found), 500):
-        await redis.delete(*found[i:i + 500])
+        await redis.unlink(*found[i:i + 500])
     return len(found)
 
 

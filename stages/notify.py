@@ -1,13 +1,13 @@
 """notify: one notification per outcome, on the outbound notifications stream.
 
 Every change that a person cares about (allocated, released, expired, refused)
-becomes one Notification; the batch's notifications are added and its entries
-acked in one script call, so a crash cannot send one twice or drop one, and a
+becomes one Notification; each entry's notification is added and the entry acked
+in the same script call, so a crash cannot send one twice or drop one, and a
 notification is added only by the call whose XACK took its entry off the pending
 list, so an entry handled by two consumers (one slow, one that took it over) is
-still notified once. Device
-and quota updates are administrative and produce none. Webhook delivery over
-HTTP comes later, reading this stream.
+still notified once. A large batch goes in several such calls, each atomic for its
+own entries. Device and quota updates are administrative and produce none. Webhook
+delivery over HTTP comes later, reading this stream.
 """
 
 from __future__ import annotations
@@ -23,6 +23,11 @@ from stages.persist import decode_changes
 
 NOTIFICATIONS_MAXLEN = 100_000
 """The outbound stream keeps about this many notifications for its readers."""
+HANDOFF_CHUNK = 64
+"""Entries per hand-off call: a write-behind batch of hundreds is handed on in several
+calls, so Redis serves the request path between them instead of stalling for a
+millisecond or more. Each call is atomic for its own entries, which is all the
+once-only promise needs."""
 
 
 def notification_for(change: object) -> Notification | None:
@@ -62,10 +67,13 @@ class NotifyStage:
         self.streams = [self.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        args: list[str | int | bytes] = [self.group, NOTIFICATIONS_MAXLEN]
+        pairs: list[str | bytes] = []
         for entry, change in zip(entries, decode_changes(entries), strict=True):
             note = notification_for(change)
-            args += [entry.id, b"" if note is None else encoder.encode(note)]
-        # one script call: each entry acked and its notification added together, and
-        # only by the call that acked it (a taken-over entry is never notified twice)
-        await HANDOFF(self.ctx.redis, [self.keys.notifications, self.streams[0]], args)
+            pairs += [entry.id, b"" if note is None else encoder.encode(note)]
+        # script calls in which each entry is acked and its notification added together,
+        # and only by the call that acked it (a taken-over entry is never notified twice)
+        keys = [self.keys.notifications, self.streams[0]]
+        for first in range(0, len(pairs), 2 * HANDOFF_CHUNK):
+            await HANDOFF(self.ctx.redis, keys, [self.group, NOTIFICATIONS_MAXLEN,
+                                                 *pairs[first:first + 2 * HANDOFF_CHUNK]])

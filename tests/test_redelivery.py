@@ -51,6 +51,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
+from stages import notify
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.notify import NotifyStage
@@ -251,12 +252,16 @@ async def test_persist_and_bill_redone_after_a_crash_between_commit_and_ack(
     assert await redis.xlen(keys.dead) == 0
 
 
+@pytest.mark.parametrize("chunk", [notify.HANDOFF_CHUNK, 2])
 async def test_notify_adds_each_notification_once_when_two_consumers_handle_an_entry(
-    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys,
+    settings: Settings, clock: ManualClock, redis: Redis, keys: Keys, chunk: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """A slow consumer and the one that took its entries over both handle the same batch:
     only the call whose XACK took an entry off the pending list adds its notification,
-    whichever order they finish in; a third, late handling adds nothing either."""
+    whichever order they finish in; a third, late handling adds nothing either. The
+    same when a batch is handed on in several calls (chunk 2)."""
+    monkeypatch.setattr(notify, "HANDOFF_CHUNK", chunk)
     await make_history(settings, clock, redis, keys)
     total = await redis.xlen(keys.changes)
     stage = NotifyStage(StageContext(redis=redis, settings=settings, clock=clock))

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from pipeline import trim as trim_module
 from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader
 from pipeline.settings import Settings
@@ -355,6 +356,33 @@ async def test_trim_removes_entries_every_group_has_acked(
     assert await trim(redis, stream) == 10
     assert await redis.xlen(stream) == 0
 
+
+
+async def test_trim_of_a_long_backlog_goes_in_bounded_steps(
+    settings: Settings, redis: Redis, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No single XTRIM frees more than TRIM_STEP entries (one call blocks every other
+    client while it frees memory), and the result is still exact: all acked entries
+    gone, the first one still pending kept."""
+    stream = f"{settings.prefix}:work"
+    ids = await add(redis, stream, [b"x" * 200] * 3000)
+    await _group_reads(redis, stream, "g", 3000, 2500)
+    calls: list[int] = []
+
+    async def counted(client: Redis, *args: object) -> object:
+        reply = await real_command(client, *args)
+        if args[0] == "XTRIM":
+            calls.append(int(reply))  # type: ignore[call-overload]
+        return reply
+
+    real_command = trim_module.command
+    monkeypatch.setattr(trim_module, "command", counted)
+    monkeypatch.setattr(trim_module, "TRIM_STEP", 200)
+
+    assert await trim(redis, stream) == 2500
+    assert [i.decode() for i, _ in await redis.xrange(stream, count=1)] == [ids[2500]]
+    assert await redis.xlen(stream) == 500
+    assert max(calls) <= 200 and len(calls) > 2500 // 200
 
 # --- batching: stages off the request path gather larger batches --------------------------
 
