@@ -131,7 +131,7 @@ async def _drain(settings: Settings) -> None:
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     try:
-        active = [text(m) for m in await redis.smembers(keys.active)]
+        active = [text(m) for m in await redis.zrange(keys.expiry, 0, -1)]
         if active:  # allocations whose cycle timed out: give them back through the pipeline
             async with Client(settings, timeout_s=30) as client:
                 await asyncio.gather(*[client.release(allocation_id=a) for a in active])

@@ -72,11 +72,9 @@ class Keys:
         return f"{self.prefix}:{{pool}}:alloc:{allocation_id}"
 
     @property
-    def active(self) -> str:
-        return f"{self.prefix}:{{pool}}:active"
-
-    @property
     def expiry(self) -> str:
+        """Every active allocation scored by its expires-at: the expiry schedule, and the
+        set of active allocations (every allocation has an expiry)."""
         return f"{self.prefix}:{{pool}}:expiry"
 
     @property

@@ -89,7 +89,7 @@ async def stats(redis: Redis, keys: Keys) -> Stats:
     return Stats(
         devices=int(await redis.scard(keys.devices)),
         free=free,
-        active=int(await redis.scard(keys.active)),
+        active=int(await redis.zcard(keys.expiry)),
         allocated_total=counters.get("allocated", 0),
         released_total=counters.get("released", 0),
         expired_total=counters.get("expired", 0),
@@ -139,7 +139,7 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
             continue
         if rec.get("duration_seconds") and row["duration_seconds"] != int(rec["duration_seconds"]):
             mismatched.append(aid)
-    redis_active = {text(m) for m in await redis.smembers(keys.active)}
+    redis_active = {text(m) for m in await redis.zrange(keys.expiry, 0, -1)}
     pg_active = {aid for aid, r in in_pg.items() if r["status"] == "allocated"}
     return {
         "redis_allocations": len(in_redis),

@@ -217,7 +217,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
         say("load done; waiting for expiries and the write-behind to drain")
 
         async def no_active() -> bool:
-            return int(await redis.scard(keys.active)) == 0
+            return int(await redis.zcard(keys.expiry)) == 0
 
         await wait_for(no_active, SHORT_SECONDS + 10)
         drained = await wait_for(lambda: write_behind_drained(redis, keys), DRAIN_TIMEOUT_S)

@@ -105,7 +105,7 @@ async def test_same_request_id_gets_the_first_answer(
         a = await client.allocate("u1", request_id="r-1")
         b = await client.allocate("u1", request_id="r-1")
         assert isinstance(a, Allocated) and a == b
-    assert await redis.scard(keys.active) == 1
+    assert await redis.zcard(keys.expiry) == 1
 
 
 async def test_expiry_releases_as_expired_at_expires_at(

@@ -732,7 +732,6 @@ class AllocationMachine(RuleBasedStateMachine):
                 pipe.zrange(k.free(pool), 0, -1, withscores=True)
             for did in dev_ids:
                 pipe.hgetall(k.device(did))
-            pipe.smembers(k.active)
             pipe.zrange(k.expiry, 0, -1, withscores=True)
             pipe.hgetall(k.stats)
             for user in users:
@@ -742,8 +741,9 @@ class AllocationMachine(RuleBasedStateMachine):
             res: Iterator[Any] = iter(await pipe.execute())
         free = {pool: {m.decode(): int(s) for m, s in next(res)} for pool in pools}
         devices = {did: text(next(res)) for did in dev_ids}
-        active_ids = sorted(a.decode() for a in next(res))
+        # the expiry schedule holds every active allocation, and nothing else
         expiry = {m.decode(): int(s) for m, s in next(res)}
+        active_ids = sorted(expiry)
         stats = {key: int(v) for key, v in text(next(res)).items()}
         per_user = [(user, text(next(res)), text(next(res)), text(next(res))) for user in users]
         async with r.pipeline(transaction=False) as pipe:

@@ -99,7 +99,7 @@ async def test_each_broken_request_with_a_reply_stream_gets_one_invalid_request_
     await wait_until(lambda: quota_idle(redis, keys))
     assert (await redis.xpending(keys.requests, GROUP_QUOTA))["pending"] == 0
     assert (await redis.xpending(keys.admitted, GROUP_SELECT))["pending"] == 0
-    assert await redis.scard(keys.active) == 1
+    assert await redis.zcard(keys.expiry) == 1
 
 
 async def test_broken_request_without_a_reply_stream_is_dead_lettered_with_its_reason(

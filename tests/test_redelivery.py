@@ -103,7 +103,7 @@ async def test_admitted_entry_delivered_twice_allocates_once_and_repeats_the_ans
     first, second = await replies(redis, keys.reply("p"))
     assert isinstance(first, Allocated) and second == first
     assert await usage(redis, keys, "u1") == used
-    assert await redis.scard(keys.active) == 1
+    assert await redis.zcard(keys.expiry) == 1
     assert await redis.hget(keys.stats, "allocated") == b"1"
     assert await redis.hlen(keys.holds("u1")) == 0
     changes = [change_decoder.decode(c[b"d"]) for _, c in await redis.xrange(keys.changes)]
@@ -131,7 +131,7 @@ async def test_admitted_entry_delivered_again_after_release_does_not_allocate_ag
     allocated, released, repeated = await replies(redis, keys.reply("p"))
     assert isinstance(released, Released) and not released.already_released
     assert repeated == allocated
-    assert await redis.scard(keys.active) == 0
+    assert await redis.zcard(keys.expiry) == 0
     assert await redis.zrange(keys.free("default"), 0, -1) == [b"d1"]
     assert {k: int(v) for k, v in (await usage(redis, keys, "u1")).items()} == {
         b"devices": 0, b"cpu": 0, b"mem": 0, b"sto": 0}
@@ -150,7 +150,7 @@ async def test_request_entry_delivered_twice_to_quota_allocates_once(
 
     first, second = await replies(redis, keys.reply("p"))
     assert isinstance(first, Allocated) and second == first
-    assert await redis.scard(keys.active) == 1
+    assert await redis.zcard(keys.expiry) == 1
     assert int((await usage(redis, keys, "u1"))[b"devices"]) == 1
     assert await redis.hlen(keys.holds("u1")) == 0
 
@@ -466,7 +466,7 @@ async def test_entries_of_a_worker_killed_mid_run_are_reclaimed_and_answered_onc
     assert Counter(r.request_id for r in got if isinstance(r, Allocated)) == Counter(
         f"r-{u}" for u in sent)
     assert (await consumers(redis, keys))[victim] == 0
-    assert await redis.scard(keys.active) == len(sent)
+    assert await redis.zcard(keys.expiry) == len(sent)
 
 
 async def _has_consumer(redis: Redis, keys: Keys) -> bool:

@@ -97,7 +97,6 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     'version', version)
   redis.call('EXPIRE', akey, released_ttl)
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
-  redis.call('SREM', k_pool(P, 'active'), aid)
   count_stat(status)
   local dkey = k_pool(P, 'dev:' .. a[1])
   local d = redis.call('HMGET', dkey, 'alloc', 'status', 'cpu_cores', 'memory_mb', 'pool')

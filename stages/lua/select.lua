@@ -144,7 +144,6 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem, 'storage_mb', sto,
     'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
-  redis.call('SADD', k_pool(P, 'active'), aid)
   count_stat('allocated')
   settle_hold(uid, rid, hold, used, cpu, mem, sto)
   redis.call('HSET', k_user(P, uid, 'allocs'), aid, cpu .. ' ' .. mem .. ' ' .. sto)
