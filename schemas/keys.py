@@ -2,7 +2,7 @@
 
 Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, so
 each family hashes to one slot. The Lua scripts build the same names from the
-prefix; this module is the reference both follow (see docs/redis-keys.md).
+prefix (stages/lua/common.lua); this module is the reference both follow.
 """
 
 from __future__ import annotations
@@ -82,17 +82,13 @@ class Keys:
         return f"{self.prefix}:{{pool}}:stats"
 
     # user side, tag {u:ID}
-    def quota(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:quota"
-
-    def usage(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:usage"
-
-    def holds(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:holds"
-
-    def user_allocations(self, user_id: str) -> str:
-        return f"{self.prefix}:{{u:{user_id}}}:allocs"
+    def user(self, user_id: str) -> str:
+        """One hash per user, read and written in one step by the scripts: the quota
+        (``status``, ``expires_at_ms``, ``max_*``, ``total_*``, ``version``), the usage
+        (``used_devices``, ``used_cpu``, ``used_mem``, ``used_sto``), a
+        ``hold:<request id>`` per admitted request select has not decided yet, and an
+        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation."""
+        return f"{self.prefix}:{{u:{user_id}}}:user"
 
     @property
     def users(self) -> str:

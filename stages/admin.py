@@ -8,6 +8,7 @@ audit) only read.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,42 @@ async def stats(redis: Redis, keys: Keys) -> Stats:
         released_total=counters.get("released", 0),
         expired_total=counters.get("expired", 0),
     )
+
+
+@dataclass
+class UserState:
+    """A user's hash (``Keys.user``), read apart: the quota fields, the usage, the holds
+    of requests in flight (request id -> "cpu mem sto") and the active allocations
+    (allocation id -> "cpu mem sto")."""
+
+    quota: dict[str, str]
+    usage: dict[str, int]
+    holds: dict[str, str]
+    allocations: dict[str, str]
+
+
+USAGE_FIELDS = {"used_devices": "devices", "used_cpu": "cpu", "used_mem": "mem", "used_sto": "sto"}
+
+
+async def user_state(redis: Redis, keys: Keys, user_id: str) -> UserState:
+    return parse_user_state(await redis.hgetall(keys.user(user_id)))
+
+
+def parse_user_state(raw: Mapping[Any, Any]) -> UserState:
+    """A user's hash as HGETALL returns it, read apart."""
+    state = UserState({}, {name: 0 for name in USAGE_FIELDS.values()}, {}, {})
+    for raw_field, raw_value in raw.items():
+        field, value = text(raw_field), text(raw_value)
+        kind, _, rest = field.partition(":")
+        if kind == "hold" and rest:
+            state.holds[rest] = value
+        elif kind == "alloc" and rest:
+            state.allocations[rest] = value
+        elif field in USAGE_FIELDS:
+            state.usage[USAGE_FIELDS[field]] = int(value)
+        else:
+            state.quota[field] = value
+    return state
 
 
 async def list_devices(

@@ -16,7 +16,7 @@ from schemas.messages import (
     Released,
     notification_decoder,
 )
-from stages.admin import audit, write_behind_drained
+from stages.admin import audit, user_state, write_behind_drained
 from stages.producer import Client
 from stages.timers import expire_due
 from tests.conftest import RunningPipeline, seed, wait_until
@@ -92,8 +92,9 @@ async def test_no_device_fits_and_not_owner(
         assert isinstance(steal, Failed) and steal.reason == "not_owner"
         mine = await client.release(device_id="d1", user_id="u1")
         assert isinstance(mine, Released) and mine.allocation_id == got.allocation_id
-    usage = await redis.hgetall(keys.usage("u1"))
-    assert {k: int(v) for k, v in usage.items()} == {b"devices": 0, b"cpu": 0, b"mem": 0, b"sto": 0}
+    state = await user_state(redis, keys, "u1")
+    assert state.usage == {"devices": 0, "cpu": 0, "mem": 0, "sto": 0}
+    assert state.holds == {} and state.allocations == {}
 
 
 async def test_same_request_id_gets_the_first_answer(

@@ -63,7 +63,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
-from stages.admin import add_devices, set_quotas
+from stages.admin import add_devices, parse_user_state, set_quotas
 from stages.context import StageContext
 from stages.producer import Client
 from stages.select import allocation_id
@@ -735,9 +735,7 @@ class AllocationMachine(RuleBasedStateMachine):
             pipe.zrange(k.expiry, 0, -1, withscores=True)
             pipe.hgetall(k.stats)
             for user in users:
-                pipe.hgetall(k.usage(user))
-                pipe.hgetall(k.holds(user))
-                pipe.hgetall(k.user_allocations(user))
+                pipe.hgetall(k.user(user))
             res: Iterator[Any] = iter(await pipe.execute())
         free = {pool: {m.decode(): int(s) for m, s in next(res)} for pool in pools}
         devices = {did: text(next(res)) for did in dev_ids}
@@ -745,7 +743,7 @@ class AllocationMachine(RuleBasedStateMachine):
         expiry = {m.decode(): int(s) for m, s in next(res)}
         active_ids = sorted(expiry)
         stats = {key: int(v) for key, v in text(next(res)).items()}
-        per_user = [(user, text(next(res)), text(next(res)), text(next(res))) for user in users]
+        per_user = {user: parse_user_state(next(res)) for user in users}
         async with r.pipeline(transaction=False) as pipe:
             for aid in active_ids:
                 pipe.hgetall(k.allocation(aid))
@@ -754,9 +752,9 @@ class AllocationMachine(RuleBasedStateMachine):
             "free": free, "devices": devices, "active": active, "expiry": expiry,
             "stats": {"allocated": stats.get("allocated", 0), "released": stats.get("released", 0),
                       "expired": stats.get("expired", 0)},
-            "usage": {u: us for u, us, _, _ in per_user},
-            "holds": {u: hs for u, _, hs, _ in per_user},
-            "allocs": {u: al for u, _, _, al in per_user},
+            "usage": {u: state.usage for u, state in per_user.items()},
+            "holds": {u: state.holds for u, state in per_user.items()},
+            "allocs": {u: state.allocations for u, state in per_user.items()},
         }
 
 

@@ -52,6 +52,7 @@ from schemas.messages import (
     reply_decoder,
 )
 from stages import notify
+from stages.admin import user_state
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.notify import NotifyStage
@@ -77,8 +78,12 @@ def request(keys: Keys, rid: str, user: str = "u1") -> bytes:
     return encoder.encode(AllocateRequest(request_id=rid, user_id=user, reply_to=keys.reply("p")))
 
 
-async def usage(redis: Redis, keys: Keys, user: str) -> dict[bytes, bytes]:
-    return dict(await redis.hgetall(keys.usage(user)))
+async def usage(redis: Redis, keys: Keys, user: str) -> dict[str, int]:
+    return (await user_state(redis, keys, user)).usage
+
+
+async def holds(redis: Redis, keys: Keys, user: str) -> dict[str, str]:
+    return (await user_state(redis, keys, user)).holds
 
 
 # --- a. select: an admitted entry delivered twice ---------------------------------
@@ -105,7 +110,7 @@ async def test_admitted_entry_delivered_twice_allocates_once_and_repeats_the_ans
     assert await usage(redis, keys, "u1") == used
     assert await redis.zcard(keys.expiry) == 1
     assert await redis.hget(keys.stats, "allocated") == b"1"
-    assert await redis.hlen(keys.holds("u1")) == 0
+    assert await holds(redis, keys, "u1") == {}
     changes = [change_decoder.decode(c[b"d"]) for _, c in await redis.xrange(keys.changes)]
     assert [c.request_id for c in changes if isinstance(c, AllocationChange)] == ["r-1"]
 
@@ -133,8 +138,7 @@ async def test_admitted_entry_delivered_again_after_release_does_not_allocate_ag
     assert repeated == allocated
     assert await redis.zcard(keys.expiry) == 0
     assert await redis.zrange(keys.free("default"), 0, -1) == [b"d1"]
-    assert {k: int(v) for k, v in (await usage(redis, keys, "u1")).items()} == {
-        b"devices": 0, b"cpu": 0, b"mem": 0, b"sto": 0}
+    assert await usage(redis, keys, "u1") == {"devices": 0, "cpu": 0, "mem": 0, "sto": 0}
 
 
 async def test_request_entry_delivered_twice_to_quota_allocates_once(
@@ -151,8 +155,8 @@ async def test_request_entry_delivered_twice_to_quota_allocates_once(
     first, second = await replies(redis, keys.reply("p"))
     assert isinstance(first, Allocated) and second == first
     assert await redis.zcard(keys.expiry) == 1
-    assert int((await usage(redis, keys, "u1"))[b"devices"]) == 1
-    assert await redis.hlen(keys.holds("u1")) == 0
+    assert (await usage(redis, keys, "u1"))["devices"] == 1
+    assert await holds(redis, keys, "u1") == {}
 
 
 # --- b. persist and bill: crash after the commit, before the ack -------------------

@@ -25,6 +25,7 @@ from pipeline.connections import redis_client
 from pipeline.settings import Settings
 from schemas.keys import GROUP_TIMERS, Keys
 from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Tick, tick_decoder
+from stages.admin import user_state
 from stages.context import StageContext
 from stages.producer import Client
 from stages.timers import add_tick, run_ticker
@@ -96,7 +97,7 @@ async def test_tick_handled_by_timers_expires_due_allocations_and_is_acked(
     assert (await redis.hget(keys.allocation(long.allocation_id), "status")) == b"allocated"
     assert await redis.zcard(keys.expiry) == 1
     assert await redis.zrange(keys.expiry, 0, -1) == [long.allocation_id.encode()]
-    assert int(await redis.hget(keys.usage("u1"), "devices") or 0) == 1
+    assert (await user_state(redis, keys, "u1")).usage["devices"] == 1
 
 
 async def test_ticker_that_cannot_reach_redis_keeps_trying_until_stopped(

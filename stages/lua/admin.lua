@@ -32,7 +32,7 @@ if op == 'device' then
   return version
 elseif op == 'quota' then
   local uid = ARGV[4]
-  local qkey = k_user(P, uid, 'quota')
+  local qkey = k_state(P, uid)
   local version = redis.call('HINCRBY', qkey, 'version', 1)
   redis.call('HSET', qkey, 'status', ARGV[5], 'expires_at_ms', ARGV[6], 'max_devices', ARGV[7],
     'max_cpu_per_device', ARGV[8], 'max_memory_mb_per_device', ARGV[9], 'total_cpu_cores', ARGV[10],

@@ -50,17 +50,29 @@ local function ack_all(stream, group, ids)
   end
 end
 
--- A user's usage, {devices, cpu, mem, sto}; missing fields count as 0.
+-- A user's state is one hash, so that what a script needs of a user comes in one HMGET
+-- and goes back in one HSET: the quota (status, expires_at_ms, max_*, total_*, version),
+-- the usage (USAGE_FIELDS), one 'hold:<request id>' per admitted request select has not
+-- decided yet, and one 'alloc:<allocation id>' (its "cpu mem sto") per active allocation.
+local function k_state(P, uid) return k_user(P, uid, 'user') end
+local USAGE_FIELDS = {'used_devices', 'used_cpu', 'used_mem', 'used_sto'}
+
+-- The usage {devices, cpu, mem, sto} from an HMGET reply whose USAGE_FIELDS start at
+-- index i; missing fields count as 0.
+local function usage_at(reply, i)
+  return {tonumber(reply[i]) or 0, tonumber(reply[i + 1]) or 0, tonumber(reply[i + 2]) or 0,
+          tonumber(reply[i + 3]) or 0}
+end
+
 local function read_usage(P, uid)
-  local u = redis.call('HMGET', k_user(P, uid, 'usage'), 'devices', 'cpu', 'mem', 'sto')
-  return {tonumber(u[1]) or 0, tonumber(u[2]) or 0, tonumber(u[3]) or 0, tonumber(u[4]) or 0}
+  return usage_at(redis.call('HMGET', k_state(P, uid), unpack(USAGE_FIELDS)), 1)
 end
 
 -- Write a user's usage as `used` (read earlier in this same atomic script call) plus
--- the changes, in one HSET.
-local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto)
-  redis.call('HSET', k_user(P, uid, 'usage'), 'devices', used[1] + d_dev, 'cpu', used[2] + d_cpu,
-    'mem', used[3] + d_mem, 'sto', used[4] + d_sto)
+-- the changes, in one HSET, with any further field/value pairs given.
+local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto, ...)
+  redis.call('HSET', k_state(P, uid), 'used_devices', used[1] + d_dev, 'used_cpu', used[2] + d_cpu,
+    'used_mem', used[3] + d_mem, 'used_sto', used[4] + d_sto, ...)
 end
 
 local function failed_json(rid, reason, message, remaining)
@@ -109,7 +121,7 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     end
   end
   local cpu, mem, sto = tonumber(a[9]), tonumber(a[10]), tonumber(a[11])
-  if redis.call('HDEL', k_user(P, a[2], 'allocs'), aid) == 1 then
+  if redis.call('HDEL', k_state(P, a[2]), 'alloc:' .. aid) == 1 then
     -- the user's usage gives this allocation back (read and written in this atomic step)
     add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end

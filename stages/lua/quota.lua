@@ -34,19 +34,19 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
-  local holds = k_user(P, uid, 'holds')
-  local held = redis.call('HGET', holds, rid)
-  if held then
+  local state = k_state(P, uid)
+  -- the hold, the quota (q[2..9]) and the usage (q[10..13]), in one read
+  local q = redis.call('HMGET', state, 'hold:' .. rid, 'status', 'expires_at_ms', 'max_devices',
+    'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb',
+    'total_storage_gb', unpack(USAGE_FIELDS))
+  if q[1] then
     -- in flight already: hand it on again, select answers it once
-    redis.call('XADD', admitted, '*', 'd', payload, 'c', held)
+    redis.call('XADD', admitted, '*', 'd', payload, 'c', q[1])
     n_admitted = n_admitted + 1
     return
   end
-  local q = redis.call('HMGET', k_user(P, uid, 'quota'), 'status', 'expires_at_ms', 'max_devices',
-    'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb',
-    'total_storage_gb')
-  local usage_key = k_user(P, uid, 'usage')
-  local used = read_usage(P, uid)
+  table.remove(q, 1)
+  local used = usage_at(q, 9)
   local used_dev, used_cpu, used_mem, used_sto = used[1], used[2], used[3], used[4]
   local cap_cpu, cap_mem, cap_sto
   if not q[1] then
@@ -105,8 +105,7 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
   -- hold one device of the count; the resource totals are checked exactly by select,
   -- against the chosen device, in the same atomic step that records its usage
   local hold = '0 0 0'
-  redis.call('HSET', holds, rid, hold)
-  redis.call('HINCRBY', usage_key, 'devices', 1)
+  redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + 1)
   redis.call('XADD', admitted, '*', 'd', payload, 'c', hold)
   n_admitted = n_admitted + 1
 end

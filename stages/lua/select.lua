@@ -80,38 +80,47 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
   return best, best_pool, best_score, best_fields
 end
 
--- What one more device of this user may be, from the quota and the current usage
--- (read in the same atomic step that records the allocation: exact under concurrency).
-local function quota_caps(uid, used)
-  local q = redis.call('HMGET', k_user(P, uid, 'quota'), 'max_cpu_per_device',
-    'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb', 'total_storage_gb')
-  if not q[1] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
-  return math.min(tonumber(q[1]), tonumber(q[3]) - used[2]),
-    math.min(tonumber(q[2]), tonumber(q[4]) * 1024 - used[3]),
-    tonumber(q[5]) * 1024 - used[4]
+-- What a user's state read gives select: the hold, the usage, then the quota's caps.
+local STATE_FIELDS = {'hold', unpack(USAGE_FIELDS)}
+for _, f in ipairs({'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores',
+                    'total_memory_gb', 'total_storage_gb'}) do
+  STATE_FIELDS[#STATE_FIELDS + 1] = f
+end
+
+-- What one more device of this user may be, from the quota's caps (in the state read
+-- `q`, from index i) and the current usage (read in the same atomic step that records
+-- the allocation: exact under concurrency).
+local function quota_caps(q, i, used)
+  if not q[i] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
+  return math.min(tonumber(q[i]), tonumber(q[i + 2]) - used[2]),
+    math.min(tonumber(q[i + 1]), tonumber(q[i + 3]) * 1024 - used[3]),
+    tonumber(q[i + 4]) * 1024 - used[4]
 end
 
 -- Replace the hold by the real size (nothing when nothing was allocated: the held
--- device slot is given back). `used` is the usage read earlier in this same step.
-local function settle_hold(uid, rid, hold, used, cpu, mem, sto)
-  if redis.call('HDEL', k_user(P, uid, 'holds'), rid) == 0 then return end
+-- device slot is given back), with any further field/value pairs in the same write.
+-- `used` is the usage read earlier in this same step.
+local function settle_hold(uid, rid, hold, used, cpu, mem, sto, ...)
+  if redis.call('HDEL', k_state(P, uid), 'hold:' .. rid) == 0 then return end
   local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
   add_usage(P, uid, used, cpu == nil and -1 or 0, (cpu or 0) - tonumber(h_cpu),
-    (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto))
+    (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto), ...)
 end
 
 local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
-  if not redis.call('HGET', k_user(P, uid, 'holds'), rid) then
+  STATE_FIELDS[1] = 'hold:' .. rid
+  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
+  if not s[1] then
     local json = failed_json(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
     send_reply(reply_to, json, reply_ttl)
     n_failed = n_failed + 1
     return
   end
-  local used = read_usage(P, uid)
-  local cap_cpu, cap_mem, cap_sto = quota_caps(uid, used)
+  local used = usage_at(s, 2)
+  local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
   local dev, dev_pool, score, d = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
     cap_sto)
   if not dev then
@@ -145,8 +154,7 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
     'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
-  settle_hold(uid, rid, hold, used, cpu, mem, sto)
-  redis.call('HSET', k_user(P, uid, 'allocs'), aid, cpu .. ' ' .. mem .. ' ' .. sto)
+  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
   local json = cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
     device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
     allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
