@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import signal
 import subprocess
 import uuid
 from dataclasses import dataclass, field, replace
@@ -41,7 +40,7 @@ from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
 from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from pipeline.migrate import migrate
-from pipeline.runner import spawn_run
+from pipeline.runner import spawn_run, stop_run
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
@@ -166,13 +165,7 @@ async def verify_pipeline(handle: PipelineHandle) -> dict[str, Any]:
 async def stop_pipeline(handle: PipelineHandle) -> None:
     """Stop the workers (SIGTERM, then kill) and delete the run's keys."""
     state: _State = handle.state
-    if state.process.poll() is None:
-        state.process.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(asyncio.to_thread(state.process.wait), STOP_TIMEOUT_S)
-        except TimeoutError:
-            state.process.kill()
-            state.process.wait()
+    await asyncio.to_thread(stop_run, state.process, STOP_TIMEOUT_S)
     redis = redis_client(state.settings)
     try:
         await delete_keys(redis, state.settings.prefix)

@@ -110,6 +110,13 @@ def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
     return fast_packing(Redis.from_pool(pool))
 
 
+REDIS_DOWN: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, OSError, TimeoutError)
+"""What a call raises when Redis cannot be reached or does not answer in time (redis-py
+raises its own ConnectionError and TimeoutError, not the builtins): loops that outlive
+an outage catch these, wait a little and try again."""
+
+
 def text(value: object) -> str:
     """A reply value as str. Our clients never decode (payloads stay bytes), but
     redis-py's types allow str (or int) too."""

@@ -116,6 +116,19 @@ def spawn_run(settings: Settings, workers: int, **extra_env: str) -> subprocess.
     )
 
 
+def stop_run(process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Stop a child started by spawn_run: SIGTERM (its workers finish their batches),
+    then SIGKILL if it is still there after ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def worker_command(*stages: str, nice: int = 0) -> list[str]:
     niceness = ["--nice", str(nice)] if nice else []
     return [sys.executable, "-m", "pipeline.cli", "worker", *niceness, *stages]

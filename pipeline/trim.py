@@ -60,23 +60,26 @@ async def trim(redis: Redis, stream: str, *, maxlen_without_groups: int = 100_00
     if cut is None:
         if not await redis.exists(stream):
             return 0
-        return await _in_steps(redis, stream, "MAXLEN", maxlen_without_groups)
+        removed, _ = await _in_steps(redis, stream, "MAXLEN", maxlen_without_groups)
+        return removed
     minid = f"{cut[0]}-{cut[1]}"
-    removed = await _in_steps(redis, stream, "MINID", minid)
-    if removed < MAX_STEPS * TRIM_STEP:
+    removed, finished = await _in_steps(redis, stream, "MINID", minid)
+    if finished:
         # the approximate steps stop at the node holding the cut: the rest of it goes now
         # (fewer entries than one node holds)
         removed += int(await command(redis, "XTRIM", stream, "MINID", minid))
     return removed
 
 
-async def _in_steps(redis: Redis, stream: str, strategy: str, threshold: str | int) -> int:
-    """Approximate trims of at most TRIM_STEP entries each, until one removes nothing."""
+async def _in_steps(redis: Redis, stream: str, strategy: str,
+                    threshold: str | int) -> tuple[int, bool]:
+    """Approximate trims of at most TRIM_STEP entries each, until one removes nothing
+    (then finished is True) or MAX_STEPS were taken. Returns (removed, finished)."""
     removed = 0
     for _ in range(MAX_STEPS):
         n = int(await command(redis, "XTRIM", stream, strategy, "~", threshold,
                               "LIMIT", TRIM_STEP))
-        removed += n
         if n == 0:
-            break
-    return removed
+            return removed, True
+        removed += n
+    return removed, False

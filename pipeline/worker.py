@@ -42,13 +42,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
 from pipeline.clock import Clock
-from pipeline.connections import RawChannel, command, stream_items, text
+from pipeline.connections import REDIS_DOWN, RawChannel, command, stream_items, text
 from pipeline.settings import Settings
 
 log = logging.getLogger("devsched.worker")
@@ -202,8 +200,7 @@ class StageWorker:
             while not self._stopping:
                 try:
                     await self.run_once()
-                except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
-                    # redis-py raises its own ConnectionError/TimeoutError, not the builtins
+                except REDIS_DOWN as exc:
                     log.warning("redis unavailable, retrying: %s", exc,
                                 extra={"stage": self._label})
                     await asyncio.sleep(0.5)

@@ -3,9 +3,9 @@
 Each ``released`` or ``expired`` change becomes one ledger row keyed by the
 allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
 statement (in key order, as persist writes) and acked after commit: a redelivered
-change finds its row and adds nothing. Duration is the allocation's exact length in whole seconds. The export
-to an external billing service comes later; rows not yet exported are marked
-by ``exported_at IS NULL``.
+change finds its row and adds nothing. Duration is the allocation's exact length in
+whole seconds. The export to an external billing service comes later; rows not yet
+exported are marked by ``exported_at IS NULL``.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import signal
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from redis.asyncio import Redis
 from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client
 from pipeline.migrate import migrate
-from pipeline.runner import spawn_run
+from pipeline.runner import spawn_run, stop_run
 from pipeline.settings import Settings
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
@@ -222,8 +221,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
         await wait_for(no_active, SHORT_SECONDS + 10)
         drained = await wait_for(lambda: write_behind_drained(redis, keys), DRAIN_TIMEOUT_S)
     finally:
-        workers.send_signal(signal.SIGTERM)
-        workers.wait(timeout=30)
+        await asyncio.to_thread(stop_run, workers, 30)
     pg = await pg_pool(settings)
     report = await audit(redis, keys, pg)
     async with pg.acquire() as conn:

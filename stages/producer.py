@@ -17,10 +17,14 @@ import uuid
 from typing import Self
 
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.connections import RawChannel, blocking_reader, redis_client, stream_items
+from pipeline.connections import (
+    REDIS_DOWN,
+    RawChannel,
+    blocking_reader,
+    redis_client,
+    stream_items,
+)
 from pipeline.scripts import APPEND
 from pipeline.settings import Settings
 from schemas.keys import Keys
@@ -161,10 +165,11 @@ class Client:
             try:
                 if len(batch) == 1:  # a plain XADD costs Redis less than a script call
                     await self._send_channel.call("XADD", self.keys.requests, "*", "d", batch[0])
-                for start in range(0, len(batch) if len(batch) > 1 else 0, SEND_BATCH):
-                    await APPEND(self._send_channel, [self.keys.requests],
-                                 batch[start:start + SEND_BATCH])
-            except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
+                else:
+                    for start in range(0, len(batch), SEND_BATCH):
+                        await APPEND(self._send_channel, [self.keys.requests],
+                                     batch[start:start + SEND_BATCH])
+            except REDIS_DOWN:
                 # not known to be sent: put them back in front and try again shortly (a
                 # request sent twice is answered once: request ids make it idempotent)
                 self._outbox[:0] = batch
@@ -181,7 +186,7 @@ class Client:
                 batch = await self._read_channel.call(
                     "XREAD", "COUNT", 512, "BLOCK", READ_BLOCK_MS, "STREAMS", self.reply_stream,
                     last)
-            except (TimeoutError, RedisConnectionError, RedisTimeoutError, OSError):
+            except REDIS_DOWN:
                 await asyncio.sleep(0.1)
                 continue
             for _stream, items in stream_items(batch):

@@ -15,11 +15,10 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline import metrics
+from pipeline.connections import REDIS_DOWN
 from pipeline.trim import trim
 from pipeline.worker import Entry
 from schemas.keys import GROUP_TIMERS
@@ -54,7 +53,7 @@ async def run_ticker(ctx: StageContext, stopping: asyncio.Event) -> None:
     while not stopping.is_set():
         try:
             await add_tick(ctx)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+        except REDIS_DOWN as exc:
             log.warning("ticker cannot reach redis: %s", exc)
         try:
             await asyncio.wait_for(stopping.wait(), timeout=period)

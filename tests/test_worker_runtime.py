@@ -17,6 +17,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import replace
+from typing import Self
 
 import pytest
 import pytest_asyncio
@@ -117,6 +118,8 @@ async def leave_pending(redis: Redis, stream: str, consumer: str, count: int) ->
 
 
 class Running:
+    """A worker running in a task; ``async with`` stops it at the end, whatever happens."""
+
     def __init__(self, worker: StageWorker) -> None:
         self.worker = worker
         self.task = asyncio.create_task(worker.run())
@@ -124,6 +127,12 @@ class Running:
     async def stop(self) -> None:
         self.worker.stop()
         await asyncio.wait_for(self.task, 5)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
 
 def worker(stage: Ledger, redis: Redis, reader: Redis, settings: Settings, keys: Keys,
@@ -140,11 +149,8 @@ async def test_poison_entry_is_dead_lettered_after_max_deliveries_and_batch_mate
     stage = Ledger(redis, stream)
     stage.poison.add(b"p")
     ids = await add(redis, stream, [b"a", b"p", b"c"])
-    running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    try:
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
         await wait_until(lambda: _has_entries(redis, keys.dead))
-    finally:
-        await running.stop()
 
     assert await stage.done() == [b"a", b"c"]
     tried_alone = [n for call in stage.calls if len(call) == 1 for data, n in call if data == b"p"]
@@ -170,11 +176,8 @@ async def test_entries_of_a_dead_consumer_are_all_reclaimed_past_the_first_page(
     await add(redis, stream, payloads)
     await leave_pending(redis, stream, "dead", count)
     stage = Ledger(redis, stream)
-    running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    try:
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
         await wait_until(lambda: _settled(redis, stream, stage, count))
-    finally:
-        await running.stop()
     assert sorted(await stage.done(), key=int) == payloads  # each once, none lost
     assert await redis.xlen(keys.dead) == 0
 
@@ -219,12 +222,9 @@ async def test_reclaim_acks_a_pending_entry_that_was_deleted_from_the_stream(
     await leave_pending(redis, stream, "dead", 3)
     await redis.xdel(stream, ids[1])
     stage = Ledger(redis, stream)
-    running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    try:
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)) as running:
         await wait_until(lambda: _settled(redis, stream, stage, 2))
         assert not running.task.done()
-    finally:
-        await running.stop()
     assert await stage.done() == [b"a", b"c"]
     assert await redis.xlen(keys.dead) == 0
 
@@ -238,15 +238,12 @@ async def test_transient_outage_keeps_the_batch_without_counting_deliveries(
     stage = Ledger(redis, stream)
     stage.down = True
     await add(redis, stream, [b"a", b"b", b"c"])
-    running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    try:
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
         await wait_until(lambda: _calls_at_least(stage, 3))  # retried with back-off
         rows = await redis.xpending_range(stream, GROUP, min="-", max="+", count=10)
         assert [r["times_delivered"] for r in rows] == [1, 1, 1]
         stage.down = False
         await wait_until(lambda: _settled(redis, stream, stage, 3))
-    finally:
-        await running.stop()
     assert await stage.done() == [b"a", b"b", b"c"]
     assert await redis.xlen(keys.dead) == 0
     assert all(n == 1 for call in stage.calls for _, n in call)
@@ -396,15 +393,12 @@ async def test_a_lingering_stage_gets_what_arrived_meanwhile_in_one_batch(
     stream = f"{settings.prefix}:work"
     stage = Ledger(redis, stream)
     stage.batching = Batching(size=100, linger_ms=400)  # type: ignore[attr-defined]
-    running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    try:
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
         await add(redis, stream, [b"first"])
         await wait_until(lambda: _calls_at_least(stage, 1))
         for payload in (b"a", b"b", b"c"):  # arrive while the worker lingers
             await add(redis, stream, [payload])
         await wait_until(lambda: _settled(redis, stream, stage, 4))
-    finally:
-        await running.stop()
     assert [[data for data, _ in call] for call in stage.calls] == [[b"first"], [b"a", b"b", b"c"]]
 
 
