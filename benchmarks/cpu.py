@@ -32,7 +32,7 @@ import redis as sync_redis
 
 from benchmarks import loadgen, pipeline_sut
 from pipeline import embedded
-from pipeline.settings import Settings
+from stages.settings import Settings
 
 EDGE_S = 1.0
 """Seconds left out at each end of a run (start-up and drain are not steady state)."""

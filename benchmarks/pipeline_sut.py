@@ -41,10 +41,11 @@ from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from pipeline.migrate import migrate
 from pipeline.runner import spawn_run, stop_run
-from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
-from stages.admin import (
+from stages.app import APP
+from stages.settings import Settings
+from stages.tools.admin import (
     add_devices,
     audit,
     delete_keys,
@@ -52,8 +53,8 @@ from stages.admin import (
     set_quotas,
     write_behind_drained,
 )
-from stages.demo import workers_ready
-from stages.producer import Client
+from stages.tools.client import Client
+from stages.tools.demo import workers_ready
 
 READY_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 120.0
@@ -111,7 +112,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
             await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
         for i in range(0, len(quotas), 500):
             await set_quotas(redis, keys, SystemClock(), quotas[i:i + 500])
-        process = spawn_run(settings, workers_per_stage)
+        process = spawn_run(APP, settings, workers_per_stage)
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
         while not await workers_ready(redis, keys):
             if asyncio.get_running_loop().time() > deadline or process.poll() is not None:

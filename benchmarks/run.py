@@ -186,7 +186,7 @@ async def obtain_servers() -> Servers:
     """Embedded servers when ``pipeline.embedded`` exists, else the environment's URLs."""
     try:
         from pipeline import embedded
-        from pipeline.settings import Settings
+        from stages.settings import Settings
     except ImportError as exc:
         report.progress(f"pipeline.embedded not available ({exc}); "
                         "using REDIS_URL and DATABASE_URL")

@@ -28,7 +28,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.settings import Settings
+from pipeline.settings import RuntimeSettings
 
 
 class _HiredisPacking:
@@ -97,7 +97,7 @@ def fast_packing(client: Redis) -> Redis:
     return client
 
 
-def redis_client(settings: Settings, *, max_connections: int = 32) -> Redis:
+def redis_client(settings: RuntimeSettings, *, max_connections: int = 32) -> Redis:
     """A pooled client; callers past ``max_connections`` wait for a free connection."""
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
@@ -228,7 +228,7 @@ class RawChannel:
         await self._give_back(disconnect=False)
 
 
-def blocking_reader(settings: Settings) -> Redis:
+def blocking_reader(settings: RuntimeSettings) -> Redis:
     """A single-connection client for XREADGROUP/XREAD BLOCK loops."""
     return fast_packing(Redis.from_url(
         settings.redis_url,
@@ -238,7 +238,7 @@ def blocking_reader(settings: Settings) -> Redis:
     ))
 
 
-async def pg_pool(settings: Settings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
+async def pg_pool(settings: RuntimeSettings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
     pool = await asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size)
     assert pool is not None
     return pool

@@ -1,7 +1,7 @@
 """Embedded local servers: a redis-server and a PostgreSQL cluster under the data dir.
 
 When REDIS_URL or DATABASE_URL is empty, devsched runs its own server for it, kept
-under ``Settings.data_dir``. This module starts, finds, reuses and stops those
+under ``RuntimeSettings.data_dir``. This module starts, finds, reuses and stops those
 servers. What it guarantees:
 
 - A URL set in the settings is used as given; nothing is started for it and the
@@ -60,7 +60,7 @@ from urllib.parse import quote
 
 import redis
 
-from pipeline.settings import Settings
+from pipeline.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class _Layout:
         return self.pg_dir / "postgres.log"
 
 
-def _layout(settings: Settings) -> _Layout:
+def _layout(settings: RuntimeSettings) -> _Layout:
     return _Layout(Path(settings.data_dir).expanduser().resolve())
 
 
@@ -767,7 +767,7 @@ def _stop_one(layout: _Layout, state: State, name: str) -> None:
     _write_state(layout, state)
 
 
-def _ensure(settings: Settings) -> tuple[ServerUrls, set[str]]:
+def _ensure(settings: RuntimeSettings) -> tuple[ServerUrls, set[str]]:
     """Like ensure_servers, but says which servers this call started."""
     wanted = [n for n, url in ((_REDIS, settings.redis_url), (_PG, settings.database_url)) if not url]
     urls = {_REDIS: settings.redis_url, _PG: settings.database_url}
@@ -790,7 +790,7 @@ def _ensure(settings: Settings) -> tuple[ServerUrls, set[str]]:
     return ServerUrls(urls[_REDIS], urls[_PG]), started
 
 
-def _stop(settings: Settings, names: set[str]) -> None:
+def _stop(settings: RuntimeSettings, names: set[str]) -> None:
     layout = _layout(settings)
     if not layout.root.is_dir():
         return
@@ -802,7 +802,7 @@ def _stop(settings: Settings, names: set[str]) -> None:
                 _stop_one(layout, state, name)
 
 
-def ensure_servers(settings: Settings) -> tuple[ServerUrls, bool]:
+def ensure_servers(settings: RuntimeSettings) -> tuple[ServerUrls, bool]:
     """Return URLs of servers to use, and whether this call started anything.
 
     A URL set in the settings is used as is and nothing is started for it.
@@ -814,7 +814,7 @@ def ensure_servers(settings: Settings) -> tuple[ServerUrls, bool]:
     return urls, bool(started)
 
 
-def stop_servers(settings: Settings) -> None:
+def stop_servers(settings: RuntimeSettings) -> None:
     """Stop the embedded servers running from settings.data_dir; a no-op when none run.
 
     Redis gets SHUTDOWN NOSAVE (SIGTERM if it does not answer), PostgreSQL a fast
@@ -823,7 +823,7 @@ def stop_servers(settings: Settings) -> None:
     _stop(settings, {_REDIS, _PG})
 
 
-def running_servers(settings: Settings) -> ServerUrls | None:
+def running_servers(settings: RuntimeSettings) -> ServerUrls | None:
     """The URLs ensure_servers would return without starting anything, or None.
 
     Each URL is the one set in the settings, or else that of the live embedded
@@ -844,7 +844,7 @@ def running_servers(settings: Settings) -> ServerUrls | None:
 
 
 @contextlib.contextmanager
-def local_servers(settings: Settings, keep: bool = False) -> Iterator[ServerUrls]:
+def local_servers(settings: RuntimeSettings, keep: bool = False) -> Iterator[ServerUrls]:
     """ensure_servers for a block; on exit stop what this call started, unless keep."""
     urls, started = _ensure(settings)
     try:

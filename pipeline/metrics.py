@@ -2,7 +2,8 @@
 
 Counters only grow; ``pending`` and ``lag`` are sampled by each worker on its
 reclaim interval from XPENDING / XINFO GROUPS. The exporter is started by the
-process runner when DEVSCHED_METRICS_PORT is set.
+stage service when a metrics port is set. An application's own metrics live with
+its stages, on the same default registry, so one exporter serves both.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ BATCH_SECONDS = Histogram(
 )
 PENDING = Gauge("devsched_stage_pending", "Entries delivered but not acked", ["stage", "stream"])
 LAG = Gauge("devsched_stage_lag", "Entries not yet delivered to the group", ["stage", "stream"])
-AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
 
 
 def serve(port: int) -> None:

@@ -3,8 +3,9 @@
 In one process, every worker gets its own blocking-read connection and shares
 one command connection pool; SIGTERM or SIGINT sets each worker's stop flag,
 every worker finishes the batch in hand, and the process exits. The process
-supervisor starts ``devsched worker NAME`` children, restarts one that crashes
-(with a back-off), and on SIGTERM passes it on and waits for them to drain.
+supervisor starts the application's ``worker NAME...`` children (the command line
+comes from the :class:`~pipeline.app.Application`), restarts one that crashes (with
+a back-off), and on SIGTERM passes it on and waits for them to drain.
 """
 
 from __future__ import annotations
@@ -14,17 +15,19 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 
 from pipeline.clock import Clock
 from pipeline.connections import blocking_reader
-from pipeline.settings import Settings
+from pipeline.settings import RuntimeSettings
 from pipeline.worker import Stage, StageWorker
+
+if TYPE_CHECKING:
+    from pipeline.app import Application
 
 log = logging.getLogger("devsched.runner")
 
@@ -34,7 +37,7 @@ DRAIN_TIMEOUT_S = 15.0
 
 
 async def run_workers(
-    stages: Sequence[Stage], redis: Redis, settings: Settings, clock: Clock, *,
+    stages: Sequence[Stage], redis: Redis, settings: RuntimeSettings, clock: Clock, *,
     dead_stream: str, background: Sequence[Background] = (), stop: asyncio.Event | None = None,
     install_signals: bool = True,
 ) -> None:
@@ -100,7 +103,7 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
     return 0
 
 
-def child_env(settings: Settings, **extra: str) -> dict[str, str]:
+def child_env(settings: RuntimeSettings, **extra: str) -> dict[str, str]:
     """This process's environment with the resolved servers and prefix for children."""
     env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
                DEVSCHED_PREFIX=settings.prefix)
@@ -108,10 +111,11 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
     return env
 
 
-def spawn_run(settings: Settings, workers: int, **extra_env: str) -> subprocess.Popen[bytes]:
-    """Start `devsched run --workers N` (every stage) as a child on these servers."""
+def spawn_run(app: Application[Any, Any], settings: RuntimeSettings, workers: int,
+              **extra_env: str) -> subprocess.Popen[bytes]:
+    """Start the application's `run --workers N` (every stage) as a child on these servers."""
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", "--workers", str(workers)],
+        app.command("run", "--workers", str(workers)),
         env=child_env(settings, **extra_env), stdout=subprocess.DEVNULL,
     )
 
@@ -129,6 +133,18 @@ def stop_run(process: subprocess.Popen[bytes], timeout_s: float) -> None:
         process.wait()
 
 
-def worker_command(*stages: str, nice: int = 0) -> list[str]:
-    niceness = ["--nice", str(nice)] if nice else []
-    return [sys.executable, "-m", "pipeline.cli", "worker", *niceness, *stages]
+def worker_commands(app: Application[Any, Any], names: Sequence[str], *, workers: int = 1,
+                    split: bool = False) -> list[list[str]]:
+    """The worker processes that serve ``names``: stages of one process group share a
+    process (one per stage with ``split``), ``workers`` copies of each, each at the
+    lowest niceness among its stages."""
+    specs = [app.stage(n) for n in names]
+    groups: dict[str, list[str]] = {}
+    for spec in specs:
+        groups.setdefault(spec.name if split else spec.process_group, []).append(spec.name)
+    commands = []
+    for members in groups.values():
+        nice = min(app.stage(n).nice for n in members)
+        niceness = ["--nice", str(nice)] if nice else []
+        commands += [app.command("worker", *niceness, *members) for _ in range(workers)]
+    return commands

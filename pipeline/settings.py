@@ -1,117 +1,103 @@
-"""One settings object, built once from the environment.
+"""Settings of the runtime, declared once, read from the environment.
 
-Every knob of the runtime and the stages is read here and nowhere else, so the
-README's configuration table and this file are the whole story. Values are
-validated at construction: a bad value fails at start-up with the variable's
-name, never later in a stage.
+Each field is declared with :func:`env` (its variable, its default, its lower
+bound) and a docstring; :meth:`RuntimeSettings.from_env` reads every declared
+field, so a default is written in one place. Values are validated at
+construction: a bad value fails at start-up with the variable's name, never later
+in a stage. An application adds its own settings by subclassing
+:class:`RuntimeSettings` with more :func:`env` fields; the runtime only reads the
+fields declared here.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any, Self, TypeVar
+
+T = TypeVar("T")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+def env(name: str, default: T, *, minimum: float | None = None) -> T:
+    """A settings field read from the variable ``name`` (``default`` when unset or empty)."""
+    meta = {"env": name, "minimum": minimum}
+    if isinstance(default, Path):
+        path = default
+        return field(default_factory=lambda: path, metadata=meta)
+    return field(default=default, metadata=meta)
 
 
-def _int(name: str, default: int, *, minimum: int = 0) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError as exc:
-        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _bool(name: str, default: bool) -> bool:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    return raw.strip().lower() in {"1", "true", "yes", "on"}
+def _parse(name: str, raw: str, default: object, minimum: float | None) -> object:
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, Path):
+        return Path(raw).absolute()
+    if isinstance(default, int | float):
+        kind = type(default)
+        try:
+            value = kind(raw)
+        except ValueError as exc:
+            raise ValueError(f"{name} must be {'an integer' if kind is int else 'a number'}, "
+                             f"got {raw!r}") from exc
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
+        return value
+    return raw
 
 
 @dataclass(frozen=True)
-class Settings:
-    """Runtime configuration; see the README's configuration table."""
+class RuntimeSettings:
+    """What the stream runtime needs; see the README's configuration table."""
 
-    redis_url: str = ""
-    """REDIS_URL; empty means: start (or reuse) the embedded redis-server."""
-    database_url: str = ""
-    """DATABASE_URL; empty means: start (or reuse) the embedded PostgreSQL."""
-    data_dir: Path = field(default_factory=lambda: Path(".devsched"))
-    """DEVSCHED_DATA_DIR: where embedded servers keep their data and sockets."""
-    prefix: str = "ds"
-    """DEVSCHED_PREFIX: first part of every Redis key and stream name."""
-    batch_size: int = 256
-    """DEVSCHED_BATCH_SIZE: entries read per XREADGROUP."""
-    write_batch_size: int = 1_000
-    """DEVSCHED_WRITE_BATCH_SIZE: entries per XREADGROUP of the write-behind stages."""
-    write_linger_ms: int = 50
-    """DEVSCHED_WRITE_LINGER_MS: after a batch that was not full, a write-behind stage
-    waits this long before reading again, so it writes few large batches, not many
-    small ones (its work is behind the reply, so waiting costs no request latency)."""
-    block_ms: int = 200
-    """DEVSCHED_BLOCK_MS: XREADGROUP BLOCK; kept far below the socket timeout."""
+    redis_url: str = env("REDIS_URL", "")
+    """Redis to use; empty: start (or reuse) the embedded redis-server."""
+    database_url: str = env("DATABASE_URL", "")
+    """PostgreSQL to use; empty: start (or reuse) the embedded PostgreSQL."""
+    data_dir: Path = env("DEVSCHED_DATA_DIR", Path(".devsched"))
+    """Where embedded servers keep their data and sockets."""
+    prefix: str = env("DEVSCHED_PREFIX", "ds")
+    """First part of every Redis key and stream name."""
+    batch_size: int = env("DEVSCHED_BATCH_SIZE", 256, minimum=1)
+    """Entries read per XREADGROUP."""
+    block_ms: int = env("DEVSCHED_BLOCK_MS", 200, minimum=1)
+    """XREADGROUP BLOCK; kept far below the socket timeout."""
     socket_timeout_s: float = 5.0
-    """Socket timeout of every Redis connection (redis-py's default)."""
-    claim_idle_ms: int = 15_000
-    """DEVSCHED_CLAIM_IDLE_MS: a pending entry idle this long is reclaimed."""
-    claim_every_ms: int = 2_000
-    """DEVSCHED_CLAIM_EVERY_MS: how often a worker runs XAUTOCLAIM."""
-    max_deliveries: int = 5
-    """DEVSCHED_MAX_DELIVERIES: deliveries before an entry is dead-lettered."""
-    max_message_bytes: int = 65_536
-    """DEVSCHED_MAX_MESSAGE_BYTES: larger requests are refused as invalid."""
-    idempotency_ttl_s: int = 86_400
-    """DEVSCHED_IDEMPOTENCY_TTL_S: how long a request id's answer is kept."""
-    released_ttl_s: int = 86_400
-    """DEVSCHED_RELEASED_TTL_S: how long a closed allocation stays in Redis."""
-    tick_ms: int = 1_000
-    """DEVSCHED_TICK_MS: timer tick period."""
-    expire_batch: int = 500
-    """DEVSCHED_EXPIRE_BATCH: allocations expired per script call."""
-    trim_every_ticks: int = 10
-    """DEVSCHED_TRIM_EVERY_TICKS: streams are trimmed every N ticks."""
-    quota_fail_open: bool = False
-    """DEVSCHED_QUOTA_FAIL_OPEN: admit users with no quota record (default: refuse)."""
-    metrics_port: int = 0
-    """DEVSCHED_METRICS_PORT: Prometheus exporter port; 0 = off."""
-    reply_ttl_s: int = 3_600
-    """DEVSCHED_REPLY_TTL_S: a reply stream nobody reads expires after this."""
+    """Socket timeout of every Redis connection (redis-py's default; not configurable)."""
+    claim_idle_ms: int = env("DEVSCHED_CLAIM_IDLE_MS", 15_000, minimum=1)
+    """A pending entry idle this long is reclaimed from its consumer."""
+    claim_every_ms: int = env("DEVSCHED_CLAIM_EVERY_MS", 2_000, minimum=1)
+    """How often a worker runs XAUTOCLAIM."""
+    max_deliveries: int = env("DEVSCHED_MAX_DELIVERIES", 5, minimum=1)
+    """Deliveries before an entry is dead-lettered."""
+    max_message_bytes: int = env("DEVSCHED_MAX_MESSAGE_BYTES", 65_536, minimum=256)
+    """Larger inbound messages are refused as invalid."""
+    metrics_port: int = env("DEVSCHED_METRICS_PORT", 0)
+    """Prometheus exporter port of each worker process; 0 = off."""
+    event_loop: str = env("DEVSCHED_EVENT_LOOP", "uvloop")
+    """`uvloop` or `asyncio`: the event loop of the command's processes."""
+    log_format: str = env("DEVSCHED_LOG_FORMAT", "text")
+    """`text` (readable, with the record's fields as key=value) or `json` (one object a line)."""
 
     @classmethod
-    def from_env(cls) -> Settings:
-        return cls(
-            redis_url=_env("REDIS_URL", ""),
-            database_url=_env("DATABASE_URL", ""),
-            data_dir=Path(_env("DEVSCHED_DATA_DIR", ".devsched")).absolute(),
-            prefix=_env("DEVSCHED_PREFIX", "ds"),
-            batch_size=_int("DEVSCHED_BATCH_SIZE", 256, minimum=1),
-            write_batch_size=_int("DEVSCHED_WRITE_BATCH_SIZE", 1_000, minimum=1),
-            write_linger_ms=_int("DEVSCHED_WRITE_LINGER_MS", 50),
-            block_ms=_int("DEVSCHED_BLOCK_MS", 200, minimum=1),
-            claim_idle_ms=_int("DEVSCHED_CLAIM_IDLE_MS", 15_000, minimum=1),
-            claim_every_ms=_int("DEVSCHED_CLAIM_EVERY_MS", 2_000, minimum=1),
-            max_deliveries=_int("DEVSCHED_MAX_DELIVERIES", 5, minimum=1),
-            max_message_bytes=_int("DEVSCHED_MAX_MESSAGE_BYTES", 65_536, minimum=256),
-            idempotency_ttl_s=_int("DEVSCHED_IDEMPOTENCY_TTL_S", 86_400, minimum=1),
-            released_ttl_s=_int("DEVSCHED_RELEASED_TTL_S", 86_400, minimum=1),
-            tick_ms=_int("DEVSCHED_TICK_MS", 1_000, minimum=10),
-            expire_batch=_int("DEVSCHED_EXPIRE_BATCH", 500, minimum=1),
-            trim_every_ticks=_int("DEVSCHED_TRIM_EVERY_TICKS", 10, minimum=1),
-            quota_fail_open=_bool("DEVSCHED_QUOTA_FAIL_OPEN", False),
-            metrics_port=_int("DEVSCHED_METRICS_PORT", 0),
-            reply_ttl_s=_int("DEVSCHED_REPLY_TTL_S", 3_600, minimum=1),
-        )
+    def from_env(cls) -> Self:
+        """Every :func:`env` field of this class (and its bases) from the environment."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name: str | None = f.metadata.get("env")
+            raw = os.environ.get(name) if name else None
+            if name is None or raw is None or raw == "":
+                continue
+            default = f.default
+            if default is MISSING and f.default_factory is not MISSING:
+                default = f.default_factory()
+            values[f.name] = _parse(name, raw, default, f.metadata.get("minimum"))
+        return cls(**values)
 
-    def with_urls(self, redis_url: str, database_url: str) -> Settings:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(redis_url=redis_url, database_url=database_url)
-        return Settings(**values)
+    @classmethod
+    def variables(cls) -> dict[str, str]:
+        """Environment variable -> field name, for every declared field."""
+        return {f.metadata["env"]: f.name for f in fields(cls) if f.metadata.get("env")}
+
+    def with_urls(self, redis_url: str, database_url: str) -> Self:
+        return replace(self, redis_url=redis_url, database_url=database_url)

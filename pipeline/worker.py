@@ -47,7 +47,8 @@ from redis.exceptions import ResponseError
 from pipeline import metrics
 from pipeline.clock import Clock
 from pipeline.connections import REDIS_DOWN, RawChannel, command, stream_items, text
-from pipeline.settings import Settings
+from pipeline.settings import RuntimeSettings
+from schemas.runtime import DeadLetter, dead_encoder
 
 log = logging.getLogger("devsched.worker")
 
@@ -82,6 +83,25 @@ class Batching:
 
     size: int
     linger_ms: int = 0
+
+
+DEAD_ERROR_MAX = 1_000
+"""Characters of an error kept in a dead letter."""
+REFUSED_PAYLOAD_MAX = 4_096
+"""Bytes of a refused (invalid) entry's payload kept in its dead letter: enough to see
+what was wrong; such an entry is never replayed as it is."""
+
+
+def dead_letter_of(entry: Entry, *, stage: str, error: str, at_ms: int,
+                   refused: bool = False) -> DeadLetter:
+    """The dead letter for ``entry``: the one way the worker and every stage build one.
+    An entry given up on keeps its whole payload (so it can be replayed once fixed); an
+    entry ``refused`` as invalid input keeps its first ``REFUSED_PAYLOAD_MAX`` bytes."""
+    data = entry.data[:REFUSED_PAYLOAD_MAX] if refused else entry.data
+    return DeadLetter(
+        stage=stage, stream=entry.stream, entry_id=entry.id, error=error[:DEAD_ERROR_MAX],
+        deliveries=entry.deliveries, payload=data.decode("utf-8", "replace"), at_ms=at_ms,
+    )
 
 
 class Transient(Exception):
@@ -142,7 +162,7 @@ class StageWorker:
         stage: Stage,
         redis: Redis,
         reader: Redis,
-        settings: Settings,
+        settings: RuntimeSettings,
         clock: Clock,
         *,
         consumer: str | None = None,
@@ -382,21 +402,14 @@ class StageWorker:
 
     async def dead_letter(self, entry: Entry, deliveries: int) -> None:
         """Move one entry to the dead stream with why, and ack it, atomically."""
-        from schemas.messages import DeadLetter, encoder  # the runtime's one schema
-
         field = f"{entry.stream}/{entry.id}"
         error = await self.redis.hget(self.errors_key, field)
-        letter = DeadLetter(
-            stage=self.stage.group,
-            stream=entry.stream,
-            entry_id=entry.id,
-            error=(text(error) if error else "delivered too many times"),
-            deliveries=deliveries,
-            payload=entry.data.decode("utf-8", "replace"),
-            at_ms=self.clock.now_ms(),
+        letter = dead_letter_of(
+            Entry(entry.stream, entry.id, entry.fields, deliveries), stage=self.stage.group,
+            error=text(error) if error else "delivered too many times", at_ms=self.clock.now_ms(),
         )
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.dead_stream, {"d": encoder.encode(letter)})
+            pipe.xadd(self.dead_stream, {"d": dead_encoder.encode(letter)})
             pipe.xack(entry.stream, self.stage.group, entry.id)
             pipe.hdel(self.errors_key, field)
             await pipe.execute()

@@ -193,18 +193,6 @@ class Tick(Struct, kw_only=True):
     at_ms: int
 
 
-class DeadLetter(Struct, kw_only=True):
-    """An entry a stage gave up on, with why; replayable onto ``stream``."""
-
-    stage: str
-    stream: str
-    entry_id: str
-    error: str
-    deliveries: int
-    payload: str
-    at_ms: int
-
-
 class Notification(Struct, kw_only=True):
     event: str
     user_id: str | None = None
@@ -251,7 +239,6 @@ encoder = msgspec.json.Encoder()
 request_decoder = msgspec.json.Decoder(Request)
 reply_decoder = msgspec.json.Decoder(Reply)
 change_decoder = msgspec.json.Decoder(Change)
-dead_decoder = msgspec.json.Decoder(DeadLetter)
 notification_decoder = msgspec.json.Decoder(Notification)
 tick_decoder = msgspec.json.Decoder(Tick)
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.worker import Entry, Transient
+from pipeline.worker import Entry
 from schemas.keys import GROUP_BILL
 from schemas.messages import AllocationChange
+from stages.changes import decode_changes, pg_batch, ts
 from stages.context import StageContext
-from stages.persist import TRANSIENT_PG_ERRORS, decode_changes, ts
 
 INSERT_LEDGER = """
 INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
@@ -45,16 +45,13 @@ class BillStage:
         }
         if closed:
             rows = list(closed.values())
-            try:
-                async with self.pg.acquire() as conn:
-                    await conn.execute(
-                        INSERT_LEDGER,
-                        [r.allocation_id for r in rows], [r.user_id for r in rows],
-                        [r.tenant_id for r in rows], [r.device_id for r in rows],
-                        [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
-                        [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
-                        [r.memory_mb for r in rows], [r.status for r in rows],
-                    )
-            except TRANSIENT_PG_ERRORS as exc:
-                raise Transient(f"PostgreSQL: {exc!r}; retrying the batch") from exc
+            async with pg_batch(self.pg, transaction=False) as conn:
+                await conn.execute(
+                    INSERT_LEDGER,
+                    [r.allocation_id for r in rows], [r.user_id for r in rows],
+                    [r.tenant_id for r in rows], [r.device_id for r in rows],
+                    [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
+                    [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
+                    [r.memory_mb for r in rows], [r.status for r in rows],
+                )
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

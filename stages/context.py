@@ -1,4 +1,8 @@
-"""What every stage is built with: connections, settings, clock and key names."""
+"""What every stage of a process is built with: connections, settings, clock, key names.
+
+The runtime builds one per serving process (``APP.context``) and hands it to each
+stage's constructor; stages never open connections or read the clock themselves.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +12,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from pipeline.clock import Clock
-from pipeline.settings import Settings
 from pipeline.worker import Batching
 from schemas.keys import Keys
+from stages.settings import Settings
 
 
 @dataclass

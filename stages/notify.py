@@ -18,8 +18,8 @@ from pipeline.scripts import HANDOFF
 from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
+from stages.changes import decode_changes
 from stages.context import StageContext
-from stages.persist import decode_changes
 
 NOTIFICATIONS_MAXLEN = 100_000
 """The outbound stream keeps about this many notifications for its readers."""

@@ -16,15 +16,15 @@ nothing is acked before commit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
 import msgspec
 
-from pipeline.worker import Entry, Transient
+from pipeline.worker import Entry
 from schemas.keys import GROUP_PERSIST
-from schemas.messages import AllocationChange, DeviceUpserted, QuotaSet, change_decoder
+from schemas.messages import AllocationChange, Change, DeviceUpserted, QuotaSet
+from stages.changes import decode_changes, pg_batch, ts
 from stages.context import StageContext
 
 UPSERT_ALLOCATIONS = """
@@ -64,23 +64,6 @@ ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLU
 WHERE q.version < EXCLUDED.version
 """
 
-TRANSIENT_PG_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    TimeoutError,
-    # the transaction was rolled back and is to be tried again, whole
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
-"""PostgreSQL errors after which a batch is retried whole, later (the worker's Transient)."""
-
-
-def ts(ms: int | None) -> datetime | None:
-    return None if ms is None else datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
 Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet)
 
 
@@ -90,12 +73,7 @@ def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
         items[key] = item
 
 
-def decode_changes(entries: Sequence[Entry]) -> list[object]:
-    """Decode the batch; an undecodable change is an error for the worker to dead-letter."""
-    return [change_decoder.decode(e.data) for e in entries]
-
-
-async def write_changes(conn: asyncpg.Connection, changes: Sequence[object]) -> None:
+async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
     allocs: dict[str, AllocationChange] = {}
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
@@ -153,9 +131,6 @@ class PersistStage:
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         changes = decode_changes(entries)
-        try:
-            async with self.pg.acquire() as conn, conn.transaction():
-                await write_changes(conn, changes)
-        except TRANSIENT_PG_ERRORS as exc:
-            raise Transient(f"PostgreSQL: {exc!r}; retrying the batch") from exc
+        async with pg_batch(self.pg) as conn:
+            await write_changes(conn, changes)
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

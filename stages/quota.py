@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import msgspec
 
 from pipeline.connections import RawChannel
-from pipeline.worker import Entry
+from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
-from schemas.messages import AllocateRequest, DeadLetter, ReleaseRequest, encoder, request_decoder
+from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
+from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
 
@@ -91,12 +92,9 @@ class QuotaStage:
                 _text(env.tenant_id)[:128],
                 reply_to, "invalid_request", f"Invalid request: {reason}"[:1000],
             ])
-        letter = DeadLetter(
-            stage=self.group, stream=entry.stream, entry_id=entry.id,
-            error=f"invalid_request: {reason}"[:1000], deliveries=entry.deliveries,
-            payload=raw[:4096].decode("utf-8", "replace"), at_ms=self.ctx.clock.now_ms(),
-        )
-        return _pad(["D", entry.id, encoder.encode(letter)])
+        letter = dead_letter_of(entry, stage=self.group, error=f"invalid_request: {reason}",
+                                at_ms=self.ctx.clock.now_ms(), refused=True)
+        return _pad(["D", entry.id, dead_encoder.encode(letter)])
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import msgspec
 
 from pipeline.connections import RawChannel
-from pipeline.worker import Entry
+from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, DeadLetter, encoder, request_decoder
+from schemas.messages import AllocateRequest, request_decoder
+from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
 
@@ -44,12 +45,10 @@ class SelectStage:
         try:
             request = request_decoder.decode(entry.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            letter = DeadLetter(
-                stage=self.group, stream=entry.stream, entry_id=entry.id,
-                error=f"undecodable admitted entry: {exc}", deliveries=entry.deliveries,
-                payload=entry.data[:4096].decode("utf-8", "replace"), at_ms=self.ctx.clock.now_ms(),
-            )
-            dead: list[str | int | bytes] = ["D", entry.id, encoder.encode(letter)]
+            letter = dead_letter_of(entry, stage=self.group,
+                                    error=f"undecodable admitted entry: {exc}",
+                                    at_ms=self.ctx.clock.now_ms(), refused=True)
+            dead: list[str | int | bytes] = ["D", entry.id, dead_encoder.encode(letter)]
             return dead + [""] * (STRIDE - 3)
         if isinstance(request, AllocateRequest):
             hold = entry.fields.get(b"c", b"").decode()

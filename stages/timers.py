@@ -17,12 +17,12 @@ from collections.abc import Sequence
 
 from redis.exceptions import ResponseError
 
-from pipeline import metrics
 from pipeline.connections import REDIS_DOWN
 from pipeline.trim import trim
 from pipeline.worker import Entry
 from schemas.keys import GROUP_TIMERS
 from schemas.messages import Tick, encoder
+from stages import metrics
 from stages.context import StageContext
 from stages.scripts import EXPIRE
 

@@ -26,12 +26,12 @@ from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
 from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
 from pipeline.migrate import migrate
-from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import DeviceSpec, QuotaSpec
-from stages.admin import add_devices, delete_keys, empty_tables, set_quotas
+from stages.app import serve
 from stages.context import StageContext
-from stages.service import serve
+from stages.settings import Settings
+from stages.tools.admin import add_devices, delete_keys, empty_tables, set_quotas
 
 ROOT = Path(__file__).resolve().parent.parent
 

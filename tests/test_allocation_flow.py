@@ -6,7 +6,6 @@ import asyncpg
 from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
-from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import (
     Allocated,
@@ -16,9 +15,10 @@ from schemas.messages import (
     Released,
     notification_decoder,
 )
-from stages.admin import audit, user_state, write_behind_drained
-from stages.producer import Client
+from stages.settings import Settings
 from stages.timers import expire_due
+from stages.tools.admin import audit, user_state, write_behind_drained
+from stages.tools.client import Client
 from tests.conftest import RunningPipeline, seed, wait_until
 
 

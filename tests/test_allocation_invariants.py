@@ -48,11 +48,10 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
-import stages.producer
+import stages.tools.client
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
 from pipeline.embedded import ServerUrls
-from pipeline.settings import Settings
 from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
     Allocated,
@@ -63,12 +62,13 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
-from stages.admin import add_devices, parse_user_state, set_quotas
+from stages.app import serve
 from stages.context import StageContext
-from stages.producer import Client
 from stages.select import allocation_id
-from stages.service import serve
+from stages.settings import Settings
 from stages.timers import expire_due
+from stages.tools.admin import add_devices, parse_user_state, set_quotas
+from stages.tools.client import Client
 
 FIT_SCALE = 1 << 30
 """Free-pool score of a device: cpu * FIT_SCALE + memory (common.lua's fit_score)."""
@@ -762,7 +762,7 @@ def test_concurrent_allocate_release_expire_keep_the_allocation_invariants(
     servers: ServerUrls, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     replies = CountingReplyDecoder()
-    monkeypatch.setattr(stages.producer, "reply_decoder", replies)
+    monkeypatch.setattr(stages.tools.client, "reply_decoder", replies)
     with asyncio.Runner() as runner:
         AllocationMachine.runner = runner
         AllocationMachine.base = base_settings(servers)

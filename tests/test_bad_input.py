@@ -15,18 +15,11 @@ import orjson
 from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
-from pipeline.settings import Settings
 from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
-from schemas.messages import (
-    Allocated,
-    DeadLetter,
-    DeviceSpec,
-    Failed,
-    QuotaSpec,
-    dead_decoder,
-    reply_decoder,
-)
-from stages.producer import Client
+from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, reply_decoder
+from schemas.runtime import DeadLetter, dead_decoder
+from stages.settings import Settings
+from stages.tools.client import Client
 from tests.conftest import RunningPipeline, seed, wait_until
 
 

@@ -229,8 +229,8 @@ def test_cpu_accounting_reads_processes_and_groups_them() -> None:
     second = _ticks()[os.getpid()]
     assert second[0] >= first[0] >= 0
     assert _group("/usr/bin/redis-server 127.0.0.1:6379") == "redis"
-    assert _group("python -m pipeline.cli worker quota select") == "request_path"
-    assert _group("python -m pipeline.cli worker --nice 5 persist bill notify timers") == (
+    assert _group("python -m stages.tools.cli worker quota select") == "request_path"
+    assert _group("python -m stages.tools.cli worker --nice 5 persist bill notify timers") == (
         "write_behind")
     assert _group("postgres: postgres devsched 127.0.0.1(5000) idle") == "postgres"
     assert _group("bash") is None

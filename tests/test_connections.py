@@ -21,7 +21,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from pipeline.connections import FastConnection, FastUnixConnection, RawChannel, redis_client
 from pipeline.scripts import Script
-from pipeline.settings import Settings
+from stages.settings import Settings
 
 
 @pytest_asyncio.fixture

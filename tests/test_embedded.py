@@ -21,7 +21,7 @@ from pipeline.embedded import (
     running_servers,
     stop_servers,
 )
-from pipeline.settings import Settings
+from stages.settings import Settings
 
 
 def _pg_version(url: str) -> str:

@@ -27,7 +27,6 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader, redis_client
-from pipeline.settings import Settings
 from pipeline.worker import Entry, StageWorker, ensure_group, groups_caught_up
 from schemas.keys import (
     GROUP_BILL,
@@ -52,13 +51,14 @@ from schemas.messages import (
     reply_decoder,
 )
 from stages import notify
-from stages.admin import user_state
+from stages.app import serve
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.notify import NotifyStage
 from stages.persist import PersistStage, write_changes
-from stages.producer import Client
-from stages.service import serve
+from stages.settings import Settings
+from stages.tools.admin import user_state
+from stages.tools.client import Client
 from tests.conftest import ROOT, RunningPipeline, seed, wait_until
 
 
@@ -390,7 +390,7 @@ def start_quota_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]
     env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
                DEVSCHED_PREFIX=settings.prefix, DEVSCHED_BLOCK_MS="4000")
     with log.open("wb") as out:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker", "quota"],
+        return subprocess.Popen([sys.executable, "-m", "stages.tools.cli", "worker", "quota"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 

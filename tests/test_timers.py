@@ -22,13 +22,13 @@ from redis.backoff import NoBackoff
 
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
-from pipeline.settings import Settings
 from schemas.keys import GROUP_TIMERS, Keys
 from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Tick, tick_decoder
-from stages.admin import user_state
 from stages.context import StageContext
-from stages.producer import Client
+from stages.settings import Settings
 from stages.timers import add_tick, run_ticker
+from stages.tools.admin import user_state
+from stages.tools.client import Client
 from tests.conftest import RunningPipeline, seed, wait_until
 
 

@@ -28,7 +28,6 @@ from redis.backoff import NoBackoff
 from pipeline import trim as trim_module
 from pipeline.clock import ManualClock
 from pipeline.connections import blocking_reader
-from pipeline.settings import Settings
 from pipeline.trim import trim
 from pipeline.worker import (
     RECLAIM_PAGE,
@@ -39,7 +38,8 @@ from pipeline.worker import (
     ensure_group,
 )
 from schemas.keys import Keys
-from schemas.messages import DeadLetter, dead_decoder
+from schemas.runtime import DeadLetter, dead_decoder
+from stages.settings import Settings
 from tests.conftest import wait_until
 
 GROUP = "ledger"

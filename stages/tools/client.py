@@ -26,7 +26,6 @@ from pipeline.connections import (
     stream_items,
 )
 from pipeline.scripts import APPEND
-from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import (
     Allocated,
@@ -38,6 +37,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
+from stages.settings import Settings
 
 READ_BLOCK_MS = 100
 """How long the reply reader blocks per read; bounds how fast close() returns."""

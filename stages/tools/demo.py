@@ -25,10 +25,11 @@ from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client
 from pipeline.migrate import migrate
 from pipeline.runner import spawn_run, stop_run
-from pipeline.settings import Settings
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
-from stages.admin import (
+from stages.app import APP
+from stages.settings import Settings
+from stages.tools.admin import (
     add_devices,
     audit,
     delete_keys,
@@ -37,7 +38,7 @@ from stages.admin import (
     stats,
     write_behind_drained,
 )
-from stages.producer import Client
+from stages.tools.client import Client
 
 SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
 SHORT_SECONDS = 2
@@ -194,7 +195,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
     await set_quotas(redis, keys, clock, quotas)
     users = [q.user_id for q in quotas]
     say(f"seeded {options.devices} devices and {len(users)} users; starting the stages")
-    workers = spawn_run(settings, options.workers, DEVSCHED_CLAIM_IDLE_MS="5000")
+    workers = spawn_run(APP, settings, options.workers, DEVSCHED_CLAIM_IDLE_MS="5000")
     tally = Tally()
     try:
         clients = [Client(settings, timeout_s=10) for _ in range(options.producers)]

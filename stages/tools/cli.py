@@ -1,145 +1,53 @@
-"""The `devsched` command.
+"""The `devsched` command: the runtime's commands and the scheduler's own.
 
-With REDIS_URL / DATABASE_URL unset, every command uses the embedded servers
-in DEVSCHED_DATA_DIR: it reuses the running ones, or starts them and leaves
-them running for the next command (`devsched down` stops them). `demo` and
-`run` stop what they started when they exit.
+The runtime gives the server and worker commands (up, down, env, migrate, worker,
+run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
+scheduler's: demo, devices, quota, allocate, release, stats, audit, schema.
+Commands that other installed packages offer (the `devsched.commands` entry point
+group, e.g. `bench` from the benchmarks) take the rest of the command line
+themselves.
+
+With REDIS_URL / DATABASE_URL unset, every command uses the embedded servers in
+DEVSCHED_DATA_DIR: it reuses the running ones, or starts them and leaves them
+running for the next command (`devsched down` stops them). `demo` and `run` stop
+what they started when they exit.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Coroutine
 from dataclasses import asdict
+from importlib.metadata import entry_points
 from typing import Any
 
 import msgspec
 
 from pipeline.clock import SystemClock
-from pipeline.embedded import ensure_servers, running_servers, stop_servers
-from pipeline.settings import Settings
+from pipeline.commands import add_runtime_commands, resolved_settings, run_coroutine
+from pipeline.embedded import stop_servers
+from stages.app import APP
+from stages.settings import Settings
 
-STAGE_NAMES = ("quota", "select", "persist", "bill", "notify", "timers")
-REQUEST_PATH = ("quota", "select")
-BEHIND_NICE = 5
-"""Niceness `devsched run` gives the processes of the stages behind the reply."""
-
-
-def _run(coro: Coroutine[Any, Any, Any]) -> Any:
-    if os.environ.get("DEVSCHED_EVENT_LOOP", "uvloop") == "uvloop":
-        try:
-            import uvloop
-
-            return uvloop.run(coro)
-        except ImportError:  # pragma: no cover - platforms without uvloop
-            pass
-    return asyncio.run(coro)
+PLUGIN_GROUP = "devsched.commands"
+"""Entry point group of commands other packages add (each: ``main(argv) -> int``)."""
 
 
-def resolved_settings() -> tuple[Settings, bool]:
-    """Settings with both URLs filled in; True when servers were started now."""
-    settings = Settings.from_env()
-    if settings.redis_url and settings.database_url:
-        return settings, False
-    urls, started = ensure_servers(settings)
-    return settings.with_urls(urls.redis_url, urls.database_url), started
-
-
-# --- commands -----------------------------------------------------------------
-
-
-def cmd_env(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()
-    urls = running_servers(settings)
-    if urls is None and not args.start:
-        print("# embedded servers are not running; `devsched up` starts them", file=sys.stderr)
-        return 1
-    if urls is None:
-        settings, _ = resolved_settings()
-        redis_url, database_url = settings.redis_url, settings.database_url
-    else:
-        redis_url, database_url = urls.redis_url, urls.database_url
-    print(f"export REDIS_URL='{redis_url}'")
-    print(f"export DATABASE_URL='{database_url}'")
-    print(f"export DEVSCHED_PREFIX='{settings.prefix}'")
-    return 0
-
-
-def cmd_up(args: argparse.Namespace) -> int:
-    settings, _ = resolved_settings()
-    from pipeline.migrate import migrate
-
-    _run(migrate(settings.database_url))
-    print(f"REDIS_URL={settings.redis_url}")
-    print(f"DATABASE_URL={settings.database_url}")
-    return 0
-
-
-def cmd_down(args: argparse.Namespace) -> int:
-    stop_servers(Settings.from_env())
-    return 0
-
-
-def cmd_migrate(args: argparse.Namespace) -> int:
-    from pipeline.migrate import migrate
-
-    settings, _ = resolved_settings()
-    applied = _run(migrate(settings.database_url))
-    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
-    return 0
-
-
-def cmd_worker(args: argparse.Namespace) -> int:
-    from stages.service import serve
-
-    settings, _ = resolved_settings()
-    if args.nice:
-        os.nice(args.nice)
-    _run(serve(args.stages, settings))
-    return 0
-
-
-def cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.migrate import migrate
-    from pipeline.runner import child_env, supervise, worker_command
-    from stages.service import serve
-
-    settings, started = resolved_settings()
-    try:
-        _run(migrate(settings.database_url))
-        stages = args.stages or list(STAGE_NAMES)
-        if args.in_process:
-            _run(serve(stages, settings))
-            return 0
-        os.environ.update(child_env(settings))
-        if args.split:
-            groups = [[s] for s in stages]
-        else:
-            # on a few cores fewer processes wait less for the CPU: the request path in
-            # one process, the consumers behind the changes stream in another
-            groups = [g for g in ([s for s in stages if s in REQUEST_PATH],
-                                  [s for s in stages if s not in REQUEST_PATH]) if g]
-        # the stages behind the reply yield the CPU to the request path when both want it
-        commands = [worker_command(*g, nice=0 if set(g) & set(REQUEST_PATH) else BEHIND_NICE)
-                    for g in groups for _ in range(args.workers)]
-        return supervise(commands)
-    finally:
-        if started:
-            stop_servers(settings)
+def plugin_commands() -> dict[str, Callable[[], Callable[[list[str]], int]]]:
+    """Name -> loader of each command installed packages add."""
+    return {ep.name: ep.load for ep in entry_points(group=PLUGIN_GROUP)}
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stages.demo import DemoOptions, run_demo
+    from stages.tools.demo import DemoOptions, run_demo
 
     options = DemoOptions(seconds=args.seconds, devices=args.devices, users=args.users,
                           producers=args.producers, concurrency=args.concurrency,
                           reset=args.reset, workers=args.workers)
-    settings, started = resolved_settings()
+    settings, started = resolved_settings(APP)
     try:
         summary = run_demo(settings, options, external=not started and bool(Settings.from_env().redis_url))
     finally:
@@ -151,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
     from pipeline.connections import redis_client
 
-    settings, _ = resolved_settings()
+    settings, _ = resolved_settings(APP)
 
     async def go() -> int:
         redis = redis_client(settings)
@@ -160,14 +68,14 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
         finally:
             await redis.aclose()
 
-    result: int = _run(go())
+    result: int = run_coroutine(go())
     return result
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from schemas.messages import DeviceSpec
-    from stages.admin import add_devices
+    from stages.tools.admin import add_devices
 
     specs = []
     for i in range(args.count):
@@ -189,7 +97,7 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
 
 def cmd_devices_list(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
-    from stages.admin import list_devices
+    from stages.tools.admin import list_devices
 
     async def go(redis: Any, settings: Settings) -> int:
         rows = await list_devices(redis, Keys(settings.prefix), pool=args.pool,
@@ -204,7 +112,7 @@ def cmd_devices_list(args: argparse.Namespace) -> int:
 def cmd_quota_set(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from schemas.messages import QuotaSpec
-    from stages.admin import set_quotas
+    from stages.tools.admin import set_quotas
 
     spec = msgspec.convert({
         "user_id": args.user, "status": args.status, "expires_at_ms": args.expires_at_ms,
@@ -223,9 +131,9 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
 
 
 def cmd_allocate(args: argparse.Namespace) -> int:
-    from stages.producer import Client
+    from stages.tools.client import Client
 
-    settings, _ = resolved_settings()
+    settings, _ = resolved_settings(APP)
 
     async def go() -> int:
         async with Client(settings, timeout_s=args.timeout) as client:
@@ -237,14 +145,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
         print(msgspec.json.encode(reply).decode())
         return 0 if type(reply).__name__ == "Allocated" else 2
 
-    result: int = _run(go())
+    result: int = run_coroutine(go())
     return result
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from stages.producer import Client
+    from stages.tools.client import Client
 
-    settings, _ = resolved_settings()
+    settings, _ = resolved_settings(APP)
 
     async def go() -> int:
         async with Client(settings, timeout_s=args.timeout) as client:
@@ -253,13 +161,13 @@ def cmd_release(args: argparse.Namespace) -> int:
         print(msgspec.json.encode(reply).decode())
         return 0 if type(reply).__name__ == "Released" else 2
 
-    result: int = _run(go())
+    result: int = run_coroutine(go())
     return result
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
-    from stages.admin import stats
+    from stages.tools.admin import stats
 
     async def go(redis: Any, settings: Settings) -> int:
         print(json.dumps(asdict(await stats(redis, Keys(settings.prefix)))))
@@ -271,9 +179,9 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from pipeline.connections import pg_pool, redis_client
     from schemas.keys import Keys
-    from stages.admin import audit
+    from stages.tools.admin import audit
 
-    settings, _ = resolved_settings()
+    settings, _ = resolved_settings(APP)
 
     async def go() -> int:
         redis = redis_client(settings)
@@ -286,7 +194,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         print(json.dumps(report))
         return 0 if report["consistent"] else 1
 
-    result: int = _run(go())
+    result: int = run_coroutine(go())
     return result
 
 
@@ -300,12 +208,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
     else:
         print(text)
     return 0
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from benchmarks.run import cli as bench_cli
-
-    return bench_cli(args.rest)
 
 
 # --- parser -------------------------------------------------------------------
@@ -327,27 +229,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--keep-servers", action="store_true")
     s.set_defaults(fn=cmd_demo)
 
-    s = sub.add_parser("worker", help="run one or more stages in this process (Procfile)")
-    s.add_argument("stages", nargs="+", choices=STAGE_NAMES)
-    s.add_argument("--nice", type=int, default=0,
-                   help="lower this process's CPU priority by N (for stages off the request path)")
-    s.set_defaults(fn=cmd_worker)
-
-    s = sub.add_parser("run", help="run every stage, one process per worker, until SIGTERM")
-    s.add_argument("--workers", type=int, default=1, help="processes per stage")
-    s.add_argument("--in-process", action="store_true", help="all stages in one process")
-    s.add_argument("--split", action="store_true",
-                   help="one process per stage (default: request path and write-behind "
-                        "in one process each)")
-    s.add_argument("stages", nargs="*", help=f"subset of {', '.join(STAGE_NAMES)}")
-    s.set_defaults(fn=cmd_run)
-
-    sub.add_parser("migrate", help="apply SQL migrations").set_defaults(fn=cmd_migrate)
-    s = sub.add_parser("env", help="print the URLs of the servers in use")
-    s.add_argument("--start", action="store_true", help="start embedded servers if needed")
-    s.set_defaults(fn=cmd_env)
-    sub.add_parser("up", help="start embedded servers and leave them running").set_defaults(fn=cmd_up)
-    sub.add_parser("down", help="stop embedded servers").set_defaults(fn=cmd_down)
+    add_runtime_commands(sub, APP)
 
     dev = sub.add_parser("devices", help="add or list devices").add_subparsers(dest="sub", required=True)
     s = dev.add_parser("add")
@@ -408,18 +290,17 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_schema)
-    s = sub.add_parser("bench", help="benchmarks (see benchmarks/run.py --help)", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
-    s.set_defaults(fn=cmd_bench)
+    for name in sorted(plugin_commands()):
+        sub.add_parser(name, help=f"(from an installed package; `devsched {name} --help`)",
+                       add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # the benchmark runner parses its own options
-        from benchmarks.run import cli as bench_cli
-
-        return bench_cli(argv[1:])
+    plugins = plugin_commands()
+    if argv[:1] and argv[0] in plugins:  # such a command parses its own options
+        return plugins[argv[0]]()(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,

@@ -1,0 +1,141 @@
+"""The runtime's commands, for any application: up, down, env, migrate, worker, run.
+
+An application's command line registers them with :func:`add_runtime_commands`
+next to its own. With REDIS_URL / DATABASE_URL unset, every command uses the
+embedded servers in the data dir: it reuses the running ones, or starts them and
+leaves them running for the next command (`down` stops them); `run` stops what it
+started when it exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine
+from typing import Any
+
+from pipeline.app import Application, S
+from pipeline.embedded import ensure_servers, running_servers, stop_servers
+from pipeline.migrate import migrate
+from pipeline.runner import child_env, supervise, worker_commands
+from pipeline.service import serve
+from pipeline.settings import RuntimeSettings
+
+
+def run_coroutine(coro: Coroutine[Any, Any, Any], settings: RuntimeSettings | None = None) -> Any:
+    """Run ``coro`` to its end on the configured event loop (uvloop unless told otherwise)."""
+    loop = settings.event_loop if settings else os.environ.get("DEVSCHED_EVENT_LOOP", "uvloop")
+    if loop == "uvloop":
+        try:
+            import uvloop
+
+            return uvloop.run(coro)
+        except ImportError:  # pragma: no cover - platforms without uvloop
+            pass
+    return asyncio.run(coro)
+
+
+def resolved_settings(app: Application[Any, S]) -> tuple[S, bool]:
+    """The application's settings with both URLs filled in; True when servers were started now."""
+    settings = app.settings()
+    if settings.redis_url and settings.database_url:
+        return settings, False
+    urls, started = ensure_servers(settings)
+    return settings.with_urls(urls.redis_url, urls.database_url), started
+
+
+async def migrate_database(app: Application[Any, Any], database_url: str) -> list[str]:
+    """Apply the application's migrations; the names applied now."""
+    return await migrate(database_url)
+
+
+def add_runtime_commands(sub: Any, app: Application[Any, Any]) -> None:
+    """Register the runtime's commands on ``sub`` (an argparse subparsers object)."""
+    names = app.stage_names
+
+    s = sub.add_parser("worker", help="serve one or more stages in this process (Procfile)")
+    s.add_argument("stages", nargs="+", choices=names)
+    s.add_argument("--nice", type=int, default=0,
+                   help="lower this process's CPU priority by N (for stages off the request path)")
+    s.set_defaults(fn=lambda args: cmd_worker(app, args))
+
+    s = sub.add_parser("run", help="serve every stage, in worker processes, until SIGTERM")
+    s.add_argument("--workers", type=int, default=1, help="processes per stage")
+    s.add_argument("--in-process", action="store_true", help="all stages in one process")
+    s.add_argument("--split", action="store_true",
+                   help="one process per stage (default: the stages of one process group, "
+                        "e.g. the request path, share a process)")
+    s.add_argument("stages", nargs="*", help=f"subset of {', '.join(names)}")
+    s.set_defaults(fn=lambda args: cmd_run(app, args))
+
+    sub.add_parser("migrate", help="apply SQL migrations").set_defaults(
+        fn=lambda args: cmd_migrate(app))
+    s = sub.add_parser("env", help="print the URLs of the servers in use")
+    s.add_argument("--start", action="store_true", help="start embedded servers if needed")
+    s.set_defaults(fn=lambda args: cmd_env(app, start=args.start))
+    sub.add_parser("up", help="start embedded servers, leave them running, migrate").set_defaults(
+        fn=lambda args: cmd_up(app))
+    sub.add_parser("down", help="stop embedded servers").set_defaults(
+        fn=lambda args: cmd_down(app))
+
+
+def cmd_env(app: Application[Any, Any], *, start: bool) -> int:
+    settings = app.settings()
+    urls = running_servers(settings)
+    if urls is None and not start:
+        print("# embedded servers are not running; `up` starts them", file=sys.stderr)
+        return 1
+    if urls is None:
+        settings, _ = resolved_settings(app)
+        redis_url, database_url = settings.redis_url, settings.database_url
+    else:
+        redis_url, database_url = urls.redis_url, urls.database_url
+    print(f"export REDIS_URL='{redis_url}'")
+    print(f"export DATABASE_URL='{database_url}'")
+    print(f"export DEVSCHED_PREFIX='{settings.prefix}'")
+    return 0
+
+
+def cmd_up(app: Application[Any, Any]) -> int:
+    settings, _ = resolved_settings(app)
+    run_coroutine(migrate_database(app, settings.database_url), settings)
+    print(f"REDIS_URL={settings.redis_url}")
+    print(f"DATABASE_URL={settings.database_url}")
+    return 0
+
+
+def cmd_down(app: Application[Any, Any]) -> int:
+    stop_servers(app.settings())
+    return 0
+
+
+def cmd_migrate(app: Application[Any, Any]) -> int:
+    settings, _ = resolved_settings(app)
+    applied = run_coroutine(migrate_database(app, settings.database_url), settings)
+    print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    return 0
+
+
+def cmd_worker(app: Application[Any, Any], args: argparse.Namespace) -> int:
+    settings, _ = resolved_settings(app)
+    if args.nice:
+        os.nice(args.nice)
+    run_coroutine(serve(app, args.stages, settings), settings)
+    return 0
+
+
+def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
+    settings, started = resolved_settings(app)
+    try:
+        run_coroutine(migrate_database(app, settings.database_url), settings)
+        names = args.stages or app.stage_names
+        if args.in_process:
+            run_coroutine(serve(app, names, settings), settings)
+            return 0
+        os.environ.update(child_env(settings))
+        return supervise(worker_commands(app, names, workers=args.workers, split=args.split))
+    finally:
+        if started:
+            stop_servers(settings)

@@ -1,0 +1,49 @@
+"""Serve named stages of an application in this process.
+
+This is what `worker NAME...` and `run --in-process` call. One command connection
+pool and, when a stage needs it, one PostgreSQL pool are shared by the stages of
+the process; the application's scripts are loaded first (a worker never starts on
+a Redis that lacks them); every stage's background task (a ticker) runs beside
+the workers. SIGTERM or SIGINT (or ``stop``) ends it after each worker has
+finished the batch in hand; the connections are closed on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+from pipeline import metrics
+from pipeline.app import Application, S
+from pipeline.clock import Clock, SystemClock
+from pipeline.connections import pg_pool, redis_client
+from pipeline.runner import Background, run_workers
+
+
+async def serve(
+    app: Application[Any, S], names: Sequence[str], settings: S, clock: Clock | None = None, *,
+    stop: asyncio.Event | None = None, install_signals: bool = True,
+) -> None:
+    specs = [app.stage(n) for n in names]
+    clock = clock or SystemClock()
+    redis = redis_client(settings)
+    pg = None
+    if any(s.needs_database for s in specs):
+        pg = await pg_pool(settings, max_size=max(2, len(specs)))
+    try:
+        for script in app.scripts:
+            await script.load(redis)
+        ctx = app.context(redis, settings, clock, pg)
+        stages = [s.build(ctx) for s in specs]
+        background: list[Background] = [
+            functools.partial(s.background, ctx) for s in specs if s.background is not None
+        ]
+        metrics.serve(settings.metrics_port)
+        await run_workers(stages, redis, settings, clock, dead_stream=app.dead_stream(settings),
+                          background=background, stop=stop, install_signals=install_signals)
+    finally:
+        if pg is not None:
+            await pg.close()
+        await redis.aclose()

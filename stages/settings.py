@@ -1,0 +1,39 @@
+"""The application's settings: the runtime's, plus what the stages read.
+
+One frozen object built from the environment (``Settings.from_env()``), handed to
+every stage through its context. Each field names its variable once (see
+:func:`pipeline.settings.env`); the README's configuration table lists them all
+and a test keeps the two in step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.settings import RuntimeSettings, env
+
+
+@dataclass(frozen=True)
+class Settings(RuntimeSettings):
+    """Runtime settings and the scheduler's own; see the README's configuration table."""
+
+    write_batch_size: int = env("DEVSCHED_WRITE_BATCH_SIZE", 1_000, minimum=1)
+    """Entries per XREADGROUP of the write-behind stages (persist, bill, notify)."""
+    write_linger_ms: int = env("DEVSCHED_WRITE_LINGER_MS", 50)
+    """After a batch that was not full, a write-behind stage waits this long before
+    reading again, so it writes few large batches, not many small ones (its work is
+    behind the reply, so waiting costs no request latency)."""
+    idempotency_ttl_s: int = env("DEVSCHED_IDEMPOTENCY_TTL_S", 86_400, minimum=1)
+    """How long a request id's answer is kept."""
+    released_ttl_s: int = env("DEVSCHED_RELEASED_TTL_S", 86_400, minimum=1)
+    """How long a closed allocation stays in Redis (to answer a second release)."""
+    reply_ttl_s: int = env("DEVSCHED_REPLY_TTL_S", 3_600, minimum=1)
+    """A reply stream nobody reads expires after this."""
+    tick_ms: int = env("DEVSCHED_TICK_MS", 1_000, minimum=10)
+    """Timer tick period (expiry runs every tick)."""
+    expire_batch: int = env("DEVSCHED_EXPIRE_BATCH", 500, minimum=1)
+    """Allocations expired per script call."""
+    trim_every_ticks: int = env("DEVSCHED_TRIM_EVERY_TICKS", 10, minimum=1)
+    """Streams are trimmed every N ticks."""
+    quota_fail_open: bool = env("DEVSCHED_QUOTA_FAIL_OPEN", False)
+    """Admit users with no quota record (default: refuse them as quota_exceeded)."""
