@@ -35,6 +35,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import sql
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
 from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
 from pipeline.clock import SystemClock
@@ -99,7 +100,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
     """Start every stage (``workers_per_stage`` processes each) on a fresh key prefix."""
     settings = Settings.from_env().with_urls(redis_url, database_url)
     settings = replace(settings, prefix=f"bench{uuid.uuid4().hex[:8]}")
-    await migrate(database_url)
+    await migrate(database_url, sql.migrations())
     pg = await pg_pool(settings)
     await empty_tables(pg)
     await pg.close()

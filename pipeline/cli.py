@@ -72,9 +72,10 @@ def cmd_env(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     settings, _ = resolved_settings()
+    import sql
     from pipeline.migrate import migrate
 
-    _run(migrate(settings.database_url))
+    _run(migrate(settings.database_url, sql.migrations()))
     print(f"REDIS_URL={settings.redis_url}")
     print(f"DATABASE_URL={settings.database_url}")
     return 0
@@ -86,10 +87,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
+    import sql
     from pipeline.migrate import migrate
 
     settings, _ = resolved_settings()
-    applied = _run(migrate(settings.database_url))
+    applied = _run(migrate(settings.database_url, sql.migrations()))
     print("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     return 0
 
@@ -105,13 +107,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import sql
     from pipeline.migrate import migrate
     from pipeline.runner import child_env, supervise, worker_command
     from stages.service import serve
 
     settings, started = resolved_settings()
     try:
-        _run(migrate(settings.database_url))
+        _run(migrate(settings.database_url, sql.migrations()))
         stages = args.stages or list(STAGE_NAMES)
         if args.in_process:
             _run(serve(stages, settings))

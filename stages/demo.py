@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
+import sql
 from pipeline.clock import SystemClock
 from pipeline.connections import pg_pool, redis_client
 from pipeline.migrate import migrate
@@ -187,7 +188,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
     keys = Keys(settings.prefix)
     clock = SystemClock()
     redis = redis_client(settings)
-    await migrate(settings.database_url)
+    await migrate(settings.database_url, sql.migrations())
     await reset_state(redis, settings)
     await add_devices(redis, keys, clock, demo_devices(options.devices, rng))
     quotas = demo_quotas(options.users)
