@@ -22,6 +22,7 @@ import msgspec
 
 from pipeline.clock import SystemClock
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
+from pipeline.logs import configure_logging
 from pipeline.settings import Settings
 
 STAGE_NAMES = ("quota", "select", "persist", "bill", "notify", "timers")
@@ -424,10 +425,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return bench_cli(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(level=logging.INFO if args.verbose else logging.WARNING,
+                      fmt=os.environ.get("DEVSCHED_LOG_FORMAT") or "text")
     try:
         code: int = args.fn(args)
     except KeyboardInterrupt:
