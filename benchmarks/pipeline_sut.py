@@ -38,8 +38,8 @@ from typing import Any
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
 from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
 from pipeline.clock import SystemClock
+from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client, text
-from pipeline.migrate import migrate
 from pipeline.runner import spawn_run, stop_run
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
@@ -100,7 +100,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
     """Start every stage (``workers_per_stage`` processes each) on a fresh key prefix."""
     settings = Settings.from_env().with_urls(redis_url, database_url)
     settings = replace(settings, prefix=f"bench{uuid.uuid4().hex[:8]}")
-    await migrate(database_url)
+    await migrate_database(APP, database_url)
     pg = await pg_pool(settings)
     await empty_tables(pg)
     await pg.close()

@@ -47,8 +47,10 @@ def resolved_settings(app: Application[Any, S]) -> tuple[S, bool]:
 
 
 async def migrate_database(app: Application[Any, Any], database_url: str) -> list[str]:
-    """Apply the application's migrations; the names applied now."""
-    return await migrate(database_url)
+    """Apply the application's migrations; the names applied now (none without any)."""
+    if app.migrations is None:
+        return []
+    return await migrate(database_url, app.migrations())
 
 
 def add_runtime_commands(sub: Any, app: Application[Any, Any]) -> None:

@@ -1,35 +1,46 @@
-"""Apply the numbered SQL migrations in sql/, each once, in order.
+"""Apply numbered SQL migrations, each once, in order.
 
-The runner takes a PostgreSQL advisory lock, so two processes migrating at once
-apply each file exactly once; each file runs in its own transaction together
-with its row in ``schema_migrations``, so a failed file leaves no trace and is
-retried next time. Running it again applies nothing.
+The migrations are the ``NNN_name.sql`` files of a folder the caller gives as an
+``importlib.resources`` Traversable (package data, so an installed package
+migrates as a checkout does); other files in it are ignored, and two files with
+one number are refused before anything runs. The runner takes a PostgreSQL
+advisory lock, so two processes migrating at once apply each file exactly once;
+each file runs in its own transaction together with its row in
+``schema_migrations``, so a failed file leaves no trace and is retried next
+time. Running it again applies nothing.
 """
 
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
 MIGRATION_LOCK = 7_314_159_265
 """Advisory lock id held while migrating."""
 _NAME = re.compile(r"^(\d{3})_[a-z0-9_]+\.sql$")
 
 
-def migration_files(sql_dir: Path = SQL_DIR) -> list[tuple[int, Path]]:
-    found = []
-    for path in sorted(sql_dir.glob("*.sql")):
-        m = _NAME.match(path.name)
-        if m:
-            found.append((int(m.group(1)), path))
-    return found
+def migration_files(source: Traversable) -> list[tuple[int, Traversable]]:
+    """The numbered migration files in source, as (number, file), in number order."""
+    found: dict[int, Traversable] = {}
+    for entry in sorted(source.iterdir(), key=lambda e: e.name):
+        m = _NAME.match(entry.name)
+        if not (m and entry.is_file()):
+            continue
+        version = int(m.group(1))
+        if version in found:
+            raise ValueError(
+                f"two migrations numbered {version:03d}: {found[version].name}, {entry.name}"
+            )
+        found[version] = entry
+    return sorted(found.items())
 
 
-async def migrate(database_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
-    """Apply what is missing; return the names applied by this call."""
+async def migrate(database_url: str, source: Traversable) -> list[str]:
+    """Apply the migrations of source that are missing; return the names applied now."""
+    files = migration_files(source)
     conn = await asyncpg.connect(database_url)
     applied: list[str] = []
     try:
@@ -41,16 +52,16 @@ async def migrate(database_url: str, sql_dir: Path = SQL_DIR) -> list[str]:
                    applied_at TIMESTAMPTZ NOT NULL DEFAULT NOW())"""
         )
         done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
-        for version, path in migration_files(sql_dir):
+        for version, entry in files:
             if version in done:
                 continue
             async with conn.transaction():
-                await conn.execute(path.read_text())
+                await conn.execute(entry.read_text(encoding="utf-8"))
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    version, path.name,
+                    version, entry.name,
                 )
-            applied.append(path.name)
+            applied.append(entry.name)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK)
         await conn.close()

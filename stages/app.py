@@ -18,6 +18,7 @@ from pipeline.app import Application, StageSpec
 from pipeline.clock import Clock
 from pipeline.service import serve as serve_app
 from schemas.keys import Keys
+from sql import migrations
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.notify import NotifyStage
@@ -50,6 +51,7 @@ APP: Application[StageContext, Settings] = Application(
     context=StageContext,
     dead_stream=lambda settings: Keys(settings.prefix).dead,
     scripts=ALL,
+    migrations=migrations,
 )
 
 

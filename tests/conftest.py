@@ -22,6 +22,7 @@ import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
+import sql
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
 from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
@@ -45,7 +46,7 @@ def servers() -> Iterator[ServerUrls]:
         own_dir = ROOT / ".devsched" / "test" / str(os.getpid())
         base = replace(base, data_dir=own_dir)
     urls, started = ensure_servers(base)
-    asyncio.run(migrate(urls.database_url))
+    asyncio.run(migrate(urls.database_url, sql.migrations()))
     yield urls
     if started:
         stop_servers(base)

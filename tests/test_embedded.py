@@ -13,11 +13,9 @@ import pytest
 
 from pipeline.embedded import (
     ServerUrls,
-    _redis_answers,
-    _redis_binary,
-    _redis_version,
     ensure_servers,
     local_servers,
+    redis_server,
     running_servers,
     stop_servers,
 )
@@ -64,7 +62,7 @@ def test_start_reuse_stop(settings: Settings) -> None:
         assert started
         assert urls.redis_url.startswith("unix://")
         assert urls.database_url.endswith("/devsched")
-        assert _redis_answers(urls.redis_url)
+        assert redis_server.answers(urls.redis_url)
         assert "PostgreSQL" in _pg_version(urls.database_url)
 
         again, started_again = ensure_servers(settings)
@@ -75,7 +73,7 @@ def test_start_reuse_stop(settings: Settings) -> None:
         stop_servers(settings)
 
     assert running_servers(settings) is None
-    assert not _redis_answers(urls.redis_url)
+    assert not redis_server.answers(urls.redis_url)
     assert not _pg_answers(urls.database_url)
     assert all(_gone(pid) for pid in pids)
     assert not (settings.data_dir / "servers.json").exists()
@@ -106,7 +104,7 @@ def test_stale_state_starts_fresh(settings: Settings) -> None:
     assert running_servers(settings) is None
 
     with local_servers(settings) as urls:
-        assert _redis_answers(urls.redis_url)
+        assert redis_server.answers(urls.redis_url)
         assert _pg_answers(urls.database_url)
         assert (settings.data_dir / "servers.json").read_text() != stale
 
@@ -161,7 +159,7 @@ def test_works_inside_a_running_event_loop(settings: Settings) -> None:
             return urls
 
     urls = asyncio.run(main())
-    assert not _redis_answers(urls.redis_url)
+    assert not redis_server.answers(urls.redis_url)
 
 
 def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
@@ -169,7 +167,7 @@ def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
     long_settings = Settings(data_dir=deep)
     with local_servers(long_settings) as urls:
         assert urls.redis_url.startswith("redis://127.0.0.1:")
-        assert _redis_answers(urls.redis_url)
+        assert redis_server.answers(urls.redis_url)
         assert _pg_answers(urls.database_url)
     assert not any(name.startswith(".s.PGSQL") for name in os.listdir(deep / "pg"))
 
@@ -191,9 +189,10 @@ def test_the_newest_redis_server_found_is_used(tmp_path: Path,
     monkeypatch.delenv("DEVSCHED_REDIS_SERVER", raising=False)
     monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), str(new.parent),
                                                 os.environ["PATH"]]))
-    assert _redis_binary() == str(new)
+    assert redis_server.find_binary() == str(new)
     monkeypatch.setenv("PATH", os.pathsep.join([str(old.parent), os.environ["PATH"]]))
-    chosen = _redis_binary()
-    assert chosen != str(old) and _redis_version(chosen) >= (6, 2)  # a real one beats 1.0
+    chosen = redis_server.find_binary()
+    # a real one beats 1.0
+    assert chosen != str(old) and redis_server.binary_version(chosen) >= (6, 2)
     monkeypatch.setenv("DEVSCHED_REDIS_SERVER", str(old))
-    assert _redis_binary() == str(old)
+    assert redis_server.find_binary() == str(old)

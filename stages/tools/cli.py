@@ -29,6 +29,7 @@ import msgspec
 from pipeline.clock import SystemClock
 from pipeline.commands import add_runtime_commands, resolved_settings, run_coroutine
 from pipeline.embedded import stop_servers
+from pipeline.logs import configure_logging
 from stages.app import APP
 from stages.settings import Settings
 
@@ -302,10 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] and argv[0] in plugins:  # such a command parses its own options
         return plugins[argv[0]]()(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(level=logging.INFO if args.verbose else logging.WARNING,
+                      fmt=Settings.from_env().log_format)
     try:
         code: int = args.fn(args)
     except KeyboardInterrupt:
