@@ -35,6 +35,10 @@ from stages.service import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 
+EVENT_TIMEOUT_S = 30.0
+"""How long a test waits for something that must happen: far above what a busy shared
+machine needs, so only a broken behaviour reaches it (a passing test never waits it out)."""
+
 
 @pytest.fixture(scope="session")
 def servers() -> Iterator[ServerUrls]:
@@ -110,7 +114,7 @@ class RunningPipeline:
 
     async def close(self) -> None:
         self.stop.set()
-        await asyncio.wait_for(self.task, 10)
+        await asyncio.wait_for(self.task, EVENT_TIMEOUT_S)
 
 
 @pytest_asyncio.fixture
@@ -128,7 +132,9 @@ async def pipeline(
         await running.close()
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = EVENT_TIMEOUT_S,
+) -> None:
     """Poll an async condition until it holds; fail the test past the timeout."""
     deadline = time.monotonic() + timeout
     while not await predicate():
