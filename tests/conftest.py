@@ -21,17 +21,28 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
 from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
 from pipeline.migrate import migrate
 from pipeline.settings import Settings
-from schemas.keys import Keys
+from pipeline.worker import groups_caught_up
+from schemas.keys import (
+    GROUP_BILL,
+    GROUP_NOTIFY,
+    GROUP_PERSIST,
+    GROUP_QUOTA,
+    GROUP_SELECT,
+    GROUP_TIMERS,
+    Keys,
+)
 from schemas.messages import DeviceSpec, QuotaSpec
 from stages.admin import add_devices, delete_keys, empty_tables, set_quotas
 from stages.context import StageContext
 from stages.service import serve
+from stages.timers import add_tick
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -107,6 +118,23 @@ async def seed(
     await set_quotas(redis, keys, clock, quotas)
 
 
+async def workers_up(redis: Redis, keys: Keys, task: asyncio.Task[None]) -> bool:
+    """Every stage of the pipeline has a consumer registered in its group (its worker is
+    reading); fails at once if the pipeline task ended."""
+    if task.done():
+        task.result()
+        raise AssertionError("the pipeline stopped before its workers were up")
+    for stream, group in ((keys.requests, GROUP_QUOTA), (keys.admitted, GROUP_SELECT),
+                          (keys.changes, GROUP_PERSIST), (keys.changes, GROUP_BILL),
+                          (keys.changes, GROUP_NOTIFY), (keys.ticks, GROUP_TIMERS)):
+        try:
+            if not await redis.xinfo_consumers(stream, group):
+                return False
+        except ResponseError:  # no stream or no group yet
+            return False
+    return True
+
+
 class RunningPipeline:
     def __init__(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
         self.task = task
@@ -126,7 +154,7 @@ async def pipeline(
     names = ["quota", "select", "persist", "bill", "notify", "timers"]
     task = asyncio.create_task(serve(names, settings, clock, stop=stop, install_signals=False))
     running = RunningPipeline(task, stop)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: workers_up(redis, Keys(settings.prefix), task))
     yield running
     if not task.done():
         await running.close()
@@ -140,3 +168,11 @@ async def wait_until(
     while not await predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def tick_through_timers(redis: Redis, settings: Settings, clock: ManualClock) -> None:
+    """Give the running timers stage the tick of the clock's current period (added here
+    or by the pipeline's own ticker: one per period) and wait until it was handled."""
+    keys = Keys(settings.prefix)
+    await add_tick(StageContext(redis=redis, settings=settings, clock=clock))
+    await wait_until(lambda: groups_caught_up(redis, keys.ticks, [GROUP_TIMERS]))
