@@ -11,6 +11,7 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
+from pipeline.connections import text
 from pipeline.settings import Settings
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
@@ -22,7 +23,7 @@ from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed
 async def device_field(redis: Redis, keys: Keys, device_id: str, field: str) -> str:
     value = await redis.hget(keys.device(device_id), field)
     assert value is not None, (device_id, field)
-    return str(value.decode())
+    return text(value)
 
 
 async def test_allocation_with_a_model_takes_only_devices_of_that_model(
