@@ -7,8 +7,10 @@ handled once; entries left pending by a dead consumer are reclaimed, past the fi
 XAUTOCLAIM page, with the cursor kept between calls; a pending entry deleted from the
 stream is acked rather than crashing reclaim; a dependency outage (``Transient``)
 keeps the batch without counting deliveries; an unreachable Redis does not end the
-loop; ``stop()`` returns after the batch in hand; and ``trim`` removes only entries
-every group has acked.
+loop; ``stop()`` returns after the batch in hand; ``trim`` removes only entries
+every group has acked; and a lingering stage waits (through the worker's injected
+sleep, held by the test: no timing) only after a short batch, then gets what arrived
+meanwhile in one batch.
 """
 
 from __future__ import annotations
