@@ -1,4 +1,6 @@
--- Shared helpers, prepended to every stage script by pipeline.scripts.
+-- Shared helpers, put before every stage script (stages/scripts.py), after the preamble
+-- pipeline.scripts generates from the script's types in schemas/rows.py: KEY.<name> and
+-- CALL, read by name (a name the Struct does not declare raises).
 -- Key names follow schemas/keys.py: device side under {pool}, user side under {u:ID}.
 
 local function k_pool(P, suffix) return P .. ':{pool}:' .. suffix end
@@ -29,16 +31,17 @@ local function flush_stats(P)
   end
 end
 
--- The batch a stage script was given: `n` items of `stride` fields after the 7 fixed
--- ARGV, each an op and an entry id, then the op's fields. Calls handlers[op] with those
--- fields (strings, as given) and returns the entry ids in order, to ack.
-local function each_item(n, stride, handlers)
+-- The rows of a batch (CALL.items): calls handlers[row.op](row) for each, in order, and
+-- returns their entry ids, to ack. A kind without a handler raises (nothing half-done
+-- is acked: the script's writes so far stay, the call fails, the batch is redelivered).
+local function each_row(rows, handlers)
   local ids = {}
-  for i = 0, n - 1 do
-    local b = 7 + i * stride
-    ids[#ids + 1] = ARGV[b + 2]
-    local handler = handlers[ARGV[b + 1]]
-    if handler then handler(unpack(ARGV, b + 3, b + stride)) end
+  for i = 1, #rows do
+    local row = rows[i]
+    local handler = handlers[row.op]
+    if handler == nil then error('no handler for row ' .. tostring(row.op)) end
+    ids[i] = row.entry_id
+    handler(row)
   end
   return ids
 end
@@ -75,9 +78,64 @@ local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto, ...)
     'used_mem', used[3] + d_mem, 'used_sto', used[4] + d_sto, ...)
 end
 
-local function failed_json(rid, reason, message, remaining)
+-- Messages. Every reply and change a script emits is built here, one function per kind,
+-- named for its Struct in schemas/messages.py (the strict decoders of
+-- tests/test_script_contract.py read every one of them). Replies come back as JSON (they
+-- are sent and kept for idempotency), changes as tables for emit_change.
+
+-- Failed: `remaining` is nil for "unknown" (sent as null).
+local function failed_reply(rid, reason, message, remaining)
   return cjson.encode({type = 'failed', request_id = rid, reason = reason, message = message,
                        remaining_devices = remaining == nil and cjson.null or remaining})
+end
+
+-- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
+local function allocated_reply(rid, aid, dev, d, uid, now, expires)
+  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
+    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
+end
+
+-- Released: `already` when the allocation was closed before (ended as `status`).
+local function released_reply(rid, aid, device_id, uid, released_at, seconds, already, status)
+  return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
+    device_id = device_id, user_id = uid, released_at_ms = released_at,
+    duration_seconds = seconds, already_released = already, status = status})
+end
+
+-- AllocationChange, from the allocation's fields `a` in ALLOC_FIELDS order (strings from
+-- an HMGET or the values just written); `released_at` and `seconds` nil while active.
+local function allocation_change(aid, a, status, version, now, released_at, seconds)
+  return {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
+    tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = tonumber(a[6]),
+    expires_at_ms = tonumber(a[7]), released_at_ms = released_at,
+    duration_minutes = tonumber(a[8]), duration_seconds = seconds, cpu_cores = tonumber(a[9]),
+    memory_mb = tonumber(a[10]), storage_mb = tonumber(a[11]), pool = a[12], version = version,
+    at_ms = now}
+end
+
+-- RequestRejected: a request that got a failure reply.
+local function rejected_change(rid, uid, tenant, reason, message, now)
+  return {kind = 'rejected', request_id = rid, user_id = opt(uid), tenant_id = opt(tenant),
+    reason = reason, message = message, at_ms = now}
+end
+
+-- DeviceUpserted, from the DeviceSpec row `dev`.
+local function device_change(dev, status, version, now)
+  return {kind = 'device', device_id = dev.id, name = dev.name, pool = dev.pool,
+    model = dev.model, host = dev.host, adb_host = dev.adb_host, adb_port = dev.adb_port,
+    cpu_cores = dev.cpu_cores, memory_mb = dev.memory_mb, storage_mb = dev.storage_mb,
+    status = status, version = version, at_ms = now}
+end
+
+-- QuotaSet, from the QuotaSpec row `q`.
+local function quota_change(q, version, now)
+  return {kind = 'quota', user_id = q.user_id, status = q.status,
+    expires_at_ms = q.expires_at_ms == nil and cjson.null or q.expires_at_ms,
+    max_devices = q.max_devices, max_cpu_per_device = q.max_cpu_per_device,
+    max_memory_mb_per_device = q.max_memory_mb_per_device, total_cpu_cores = q.total_cpu_cores,
+    total_memory_gb = q.total_memory_gb, total_storage_gb = q.total_storage_gb,
+    version = version, at_ms = now}
 end
 
 local function emit_change(stream, tbl)
@@ -125,11 +183,7 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     -- the user's usage gives this allocation back (read and written in this atomic step)
     add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end
-  local rec = {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
-    tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = allocated_at,
-    expires_at_ms = tonumber(a[7]), released_at_ms = end_ms, duration_minutes = tonumber(a[8]),
-    duration_seconds = dur, cpu_cores = cpu, memory_mb = mem, storage_mb = sto, pool = a[12],
-    version = version, at_ms = now}
+  local rec = allocation_change(aid, a, status, version, now, end_ms, dur)
   emit_change(changes, rec)
   return rec
 end

@@ -1,0 +1,18 @@
+"""Prometheus metrics of the domain: what the stages and the producer client count.
+
+The runtime's own metrics (per stage: consumed, handled, failed, pending, lag) are
+in ``pipeline.metrics``; the metrics here name domain events. Counters only grow;
+they are exported by the same server (DEVSCHED_METRICS_PORT) in a stage process,
+and live in the default registry of any process that uses the client.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+CLIENT_INVALID_REPLIES = Counter(
+    "devsched_client_invalid_replies",
+    "Replies the producer client could not decode (the waiting call, when its request id "
+    "could be read, is answered with Failed(reason='invalid_reply'))",
+)
+"""Exported as ``devsched_client_invalid_replies_total``."""
