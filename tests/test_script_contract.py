@@ -315,14 +315,14 @@ SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SEL
 RENAMES = [
     # (script, text in its source, replacement, what strict decoding names)
     (QUOTA, "remaining_devices = remaining", "remaining = remaining", "remaining"),
-    (QUOTA, "tenant_id = opt(tenant),", "tenant = opt(tenant),", "tenant"),
+    (QUOTA, "user_id = opt(uid), tenant_id", "user_id = opt(uid), tenant", "tenant"),
     (QUOTA, "'d', row.payload, 'c', ''", "'d', row.payload, 'hold', ''", "hold"),
     (SELECT, "adb_port = tonumber(d[5])", "port = tonumber(d[5])", "port"),
     (SELECT, "device = {id = dev, name = d[3]", "device = {id = dev, label = d[3]", "label"),
     (SELECT, "already_released = already", "already = already", "already"),
-    (SELECT, "duration_minutes = tonumber(a[8])", "minutes = tonumber(a[8])", "minutes"),
-    (EXPIRE, "tonumber(a[7]), released_at_ms = released_at",
-     "tonumber(a[7]), ended_at_ms = released_at", "ended_at_ms"),
+    (SELECT, "duration_minutes = minutes", "minutes = minutes", "minutes"),
+    (EXPIRE, "released_at_ms = released_at, duration_minutes",
+     "ended_at_ms = released_at, duration_minutes", "ended_at_ms"),
     (ADMIN, "storage_mb = dev.storage_mb", "storage = dev.storage_mb", "storage"),
     (ADMIN, "expires_at_ms = q.expires_at_ms == nil", "expires = q.expires_at_ms == nil",
      "expires"),

@@ -103,15 +103,14 @@ local function released_reply(rid, aid, device_id, uid, released_at, seconds, al
     duration_seconds = seconds, already_released = already, status = status})
 end
 
--- AllocationChange, from the allocation's fields `a` in ALLOC_FIELDS order (strings from
--- an HMGET or the values just written); `released_at` and `seconds` nil while active.
-local function allocation_change(aid, a, status, version, now, released_at, seconds)
-  return {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
-    tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = tonumber(a[6]),
-    expires_at_ms = tonumber(a[7]), released_at_ms = released_at,
-    duration_minutes = tonumber(a[8]), duration_seconds = seconds, cpu_cores = tonumber(a[9]),
-    memory_mb = tonumber(a[10]), storage_mb = tonumber(a[11]), pool = a[12], version = version,
-    at_ms = now}
+-- AllocationChange; `released_at` and `seconds` are nil while the allocation is active.
+local function allocation_change(aid, device_id, uid, tenant, rid, status, allocated_at, expires,
+                                 minutes, cpu, mem, sto, pool, version, now, released_at, seconds)
+  return {kind = 'allocation', allocation_id = aid, device_id = device_id, user_id = uid,
+    tenant_id = opt(tenant), request_id = rid, status = status, allocated_at_ms = allocated_at,
+    expires_at_ms = expires, released_at_ms = released_at, duration_minutes = minutes,
+    duration_seconds = seconds, cpu_cores = cpu, memory_mb = mem, storage_mb = sto, pool = pool,
+    version = version, at_ms = now}
 end
 
 -- RequestRejected: a request that got a failure reply.
@@ -183,7 +182,8 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     -- the user's usage gives this allocation back (read and written in this atomic step)
     add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end
-  local rec = allocation_change(aid, a, status, version, now, end_ms, dur)
+  local rec = allocation_change(aid, a[1], a[2], a[3], a[4], status, allocated_at, tonumber(a[7]),
+    tonumber(a[8]), cpu, mem, sto, a[12], version, now, end_ms, dur)
   emit_change(changes, rec)
   return rec
 end

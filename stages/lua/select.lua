@@ -148,22 +148,20 @@ local function allocate(row)
   local seconds = row.duration_seconds
   local expires = now + seconds * 1000
   local minutes = math.ceil(seconds / 60)
-  -- the allocation's fields in ALLOC_FIELDS order: written here, and its change built
-  local a = {dev, uid, tenant or '', rid, 'allocated', now, expires, minutes, cpu, mem, sto,
-    dev_pool, 1}
   redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
   redis.call('HSET', dkey, 'status', 'allocated', 'alloc', aid)
-  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid, 'tenant_id', a[3],
-    'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now, 'expires_at_ms', expires,
-    'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem, 'storage_mb', sto,
-    'pool', dev_pool, 'version', 1)
+  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+    'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+    'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+    'storage_mb', sto, 'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
   settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
   local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  emit_change(changes, allocation_change(aid, a, 'allocated', 1, now, nil, nil))
+  emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
+    minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
   n_alloc = n_alloc + 1
 end
 
