@@ -16,9 +16,10 @@ renamed on one side therefore fails the first call that reads it, loudly,
 instead of reading nil. A metatable costs nothing on a field that is present.
 
 Rules the types must follow (checked when a Script is made): Structs encode as
-maps (no ``array_like``), nested Structs sit directly in a field, in an optional
-field, or in a list (tagged Structs when a list holds several kinds), and no
-field carries ``bytes``: Redis's cmsgpack reads no msgpack bin, so text goes as
+maps (no ``array_like``); a nested Struct sits directly in a field, in an
+optional field, or in a list; a union of Structs (a batch's rows) is tagged by
+one field and its members hold no Struct themselves; and no field carries
+``bytes``: Redis's cmsgpack reads no msgpack bin, so text goes as
 ``str`` (stream payloads are UTF-8 JSON). Numbers arrive as Lua numbers
 (doubles: integers are exact to 2^53), None as nil, booleans as booleans.
 
