@@ -9,8 +9,8 @@ value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
 
-The replies and changes are written by the Lua scripts (one builder per kind in
-stages/lua/common.lua); their Structs forbid unknown fields, so a key renamed or
+The replies and changes are written by the Lua scripts (one builder per kind, in
+stages/lua/common.lua when two scripts emit it); their Structs forbid unknown fields, so a key renamed or
 added in Lua alone fails to decode instead of passing unread, and
 tests/test_script_contract.py decodes everything every script emits with them. What
 the scripts are called with is declared in :mod:`schemas.rows`.

@@ -15,7 +15,7 @@ in the script (``each_row`` in common.lua raises on a kind without a handler).
 
 Text fields are ``str``: Redis's cmsgpack reads no msgpack bin, and every
 payload a row carries (a request, a dead letter) is UTF-8 JSON. Absent
-optional fields (None) read as nil in Lua.
+optional fields (None) read as false in Lua (test them by truth).
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from schemas.messages import DeviceSpec, FailureReason, QuotaSpec
 
 class Row(Struct, kw_only=True, tag_field="op", omit_defaults=True):
     """One item of a batch: the entry it stands for, acked by the same script call.
-    Optional fields that are None are left out of the encoding (they read as nil either
-    way; a row is decoded faster without them)."""
+    Optional fields that are None are left out of the encoding (they read as false
+    either way; a row is decoded faster without them)."""
 
     entry_id: str
 

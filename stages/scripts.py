@@ -1,7 +1,7 @@
 """The stages' Lua scripts, each declared once with its keys and call types.
 
-Each script is ``stages/lua/common.lua`` (shared helpers and the builders of every
-message the scripts emit) followed by its own file, both package data; the keys
+Each script is ``stages/lua/common.lua`` (shared helpers and the builders of the
+messages two scripts emit) followed by its own file, both package data; the keys
 and call types live in ``schemas/rows.py`` and ``pipeline.scripts`` generates the
 preamble that gives the script ``KEY`` and ``CALL`` by name. A call site passes
 a keys NamedTuple and a call Struct: ``await QUOTA(redis, QuotaKeys(...),

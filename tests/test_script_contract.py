@@ -324,8 +324,7 @@ RENAMES = [
     (EXPIRE, "released_at_ms = released_at, duration_minutes",
      "ended_at_ms = released_at, duration_minutes", "ended_at_ms"),
     (ADMIN, "storage_mb = dev.storage_mb", "storage = dev.storage_mb", "storage"),
-    (ADMIN, "expires_at_ms = q.expires_at_ms == nil", "expires = q.expires_at_ms == nil",
-     "expires"),
+    (ADMIN, "expires_at_ms = q.expires_at_ms or", "expires = q.expires_at_ms or", "expires"),
 ]
 
 

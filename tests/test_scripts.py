@@ -3,7 +3,7 @@ fails loudly.
 
 The preamble pipeline.scripts generates from a script's keys and call types gives the
 script KEY and CALL; every table of the call raises ``<what> has no field <name>`` for a
-name its Struct does not declare, and reads an absent optional field as nil. So a row
+name its Struct does not declare, and reads an absent optional field as false. So a row
 field renamed on the Python side only fails the first script call that reads it: the
 stage scripts are called here with row types whose one field is renamed.
 """
@@ -75,12 +75,25 @@ async def test_fields_keys_and_nested_rows_are_read_by_name(redis: Redis) -> Non
     assert got == [b"s", b"n", 3, b"echo", b"a", b"shout", b"b"]
 
 
-async def test_an_absent_optional_field_reads_as_nil(redis: Redis) -> None:
+async def test_an_absent_optional_field_reads_as_false(redis: Redis) -> None:
     script = probe("return {tostring(CALL.items[1].note), tostring(CALL.inner.label),"
-                   " tostring(CALL.inner == nil)}")
-    assert await script(redis, OneKey(stream="s"), CALL) == [b"nil", b"nil", b"false"]
+                   " tostring(not CALL.inner)}")
+    assert await script(redis, OneKey(stream="s"), CALL) == [b"false", b"false", b"false"]
     bare = probe("return tostring(CALL.inner)")
-    assert await bare(redis, OneKey(stream="s"), Probe(name="n")) == b"nil"
+    assert await bare(redis, OneKey(stream="s"), Probe(name="n")) == b"false"
+
+
+class Defaults(msgspec.Struct, kw_only=True, omit_defaults=True):
+    size: int = 7
+    label: str = "plain"
+    on: bool = True
+
+
+async def test_a_field_left_out_as_its_default_reads_as_that_default(redis: Redis) -> None:
+    script = Script("defaults", OneKey, Defaults,
+                    "return {CALL.size, CALL.label, tostring(CALL.on)}")
+    assert msgspec.msgpack.encode(Defaults()) == msgspec.msgpack.encode({})  # all left out
+    assert await script(redis, OneKey(stream="s"), Defaults()) == [7, b"plain", b"true"]
 
 
 @pytest.mark.parametrize(("read", "message"), [

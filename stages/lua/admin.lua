@@ -4,9 +4,29 @@
 -- A device that is allocated keeps its allocation; its new size applies from its next
 -- allocation. Each call bumps the entity's version, so the write-behind keeps the newest.
 -- Returns the new version.
+
+-- The changes only admin records (the other messages are built in common.lua).
+-- DeviceUpserted, from the DeviceSpec row `dev`.
+local function device_change(dev, status, version, now)
+  return {kind = 'device', device_id = dev.id, name = dev.name, pool = dev.pool,
+    model = dev.model, host = dev.host, adb_host = dev.adb_host, adb_port = dev.adb_port,
+    cpu_cores = dev.cpu_cores, memory_mb = dev.memory_mb, storage_mb = dev.storage_mb,
+    status = status, version = version, at_ms = now}
+end
+
+-- QuotaSet, from the QuotaSpec row `q`.
+local function quota_change(q, version, now)
+  return {kind = 'quota', user_id = q.user_id, status = q.status,
+    expires_at_ms = q.expires_at_ms or cjson.null,
+    max_devices = q.max_devices, max_cpu_per_device = q.max_cpu_per_device,
+    max_memory_mb_per_device = q.max_memory_mb_per_device, total_cpu_cores = q.total_cpu_cores,
+    total_memory_gb = q.total_memory_gb, total_storage_gb = q.total_storage_gb,
+    version = version, at_ms = now}
+end
+
 local P, now = CALL.prefix, CALL.now_ms
 local dev, q = CALL.device, CALL.quota
-if dev ~= nil then
+if dev then
   local id, pool = dev.id, dev.pool
   local dkey = k_pool(P, 'dev:' .. id)
   local old = redis.call('HMGET', dkey, 'status', 'pool', 'alloc')
@@ -26,7 +46,7 @@ if dev ~= nil then
   end
   emit_change(KEY.changes, device_change(dev, status, version, now))
   return version
-elseif q ~= nil then
+elseif q then
   local uid = q.user_id
   local qkey = k_state(P, uid)
   local version = redis.call('HINCRBY', qkey, 'version', 1)

@@ -1,6 +1,7 @@
 -- Shared helpers, put before every stage script (stages/scripts.py), after the preamble
 -- pipeline.scripts generates from the script's types in schemas/rows.py: KEY.<name> and
--- CALL, read by name (a name the Struct does not declare raises).
+-- CALL, read by name (a name the Struct does not declare raises). An optional field that
+-- is absent reads as false: test it by truth (`if row.pool then`), never `== nil`.
 -- Key names follow schemas/keys.py: device side under {pool}, user side under {u:ID}.
 
 local function k_pool(P, suffix) return P .. ':{pool}:' .. suffix end
@@ -78,29 +79,16 @@ local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto, ...)
     'used_mem', used[3] + d_mem, 'used_sto', used[4] + d_sto, ...)
 end
 
--- Messages. Every reply and change a script emits is built here, one function per kind,
--- named for its Struct in schemas/messages.py (the strict decoders of
--- tests/test_script_contract.py read every one of them). Replies come back as JSON (they
--- are sent and kept for idempotency), changes as tables for emit_change.
+-- Messages. Every reply and change a script emits is built by one function per kind,
+-- named for its Struct in schemas/messages.py: here when two scripts emit the kind, else
+-- in the one script that does (the strict decoders of tests/test_script_contract.py read
+-- every one). Replies come back as JSON (they are sent and kept for idempotency), changes
+-- as tables for emit_change.
 
 -- Failed: `remaining` is nil for "unknown" (sent as null).
 local function failed_reply(rid, reason, message, remaining)
   return cjson.encode({type = 'failed', request_id = rid, reason = reason, message = message,
                        remaining_devices = remaining == nil and cjson.null or remaining})
-end
-
--- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
-local function allocated_reply(rid, aid, dev, d, uid, now, expires)
-  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
-    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
-    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
-end
-
--- Released: `already` when the allocation was closed before (ended as `status`).
-local function released_reply(rid, aid, device_id, uid, released_at, seconds, already, status)
-  return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
-    device_id = device_id, user_id = uid, released_at_ms = released_at,
-    duration_seconds = seconds, already_released = already, status = status})
 end
 
 -- AllocationChange; `released_at` and `seconds` are nil while the allocation is active.
@@ -117,24 +105,6 @@ end
 local function rejected_change(rid, uid, tenant, reason, message, now)
   return {kind = 'rejected', request_id = rid, user_id = opt(uid), tenant_id = opt(tenant),
     reason = reason, message = message, at_ms = now}
-end
-
--- DeviceUpserted, from the DeviceSpec row `dev`.
-local function device_change(dev, status, version, now)
-  return {kind = 'device', device_id = dev.id, name = dev.name, pool = dev.pool,
-    model = dev.model, host = dev.host, adb_host = dev.adb_host, adb_port = dev.adb_port,
-    cpu_cores = dev.cpu_cores, memory_mb = dev.memory_mb, storage_mb = dev.storage_mb,
-    status = status, version = version, at_ms = now}
-end
-
--- QuotaSet, from the QuotaSpec row `q`.
-local function quota_change(q, version, now)
-  return {kind = 'quota', user_id = q.user_id, status = q.status,
-    expires_at_ms = q.expires_at_ms == nil and cjson.null or q.expires_at_ms,
-    max_devices = q.max_devices, max_cpu_per_device = q.max_cpu_per_device,
-    max_memory_mb_per_device = q.max_memory_mb_per_device, total_cpu_cores = q.total_cpu_cores,
-    total_memory_gb = q.total_memory_gb, total_storage_gb = q.total_storage_gb,
-    version = version, at_ms = now}
 end
 
 local function emit_change(stream, tbl)

@@ -19,6 +19,21 @@ local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl
 local changes, dead = KEY.changes, KEY.dead
 local n_alloc, n_release, n_failed = 0, 0, 0
 
+-- The replies only select sends (the other messages are built in common.lua).
+-- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
+local function allocated_reply(rid, aid, dev, d, uid, now, expires)
+  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
+    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
+end
+
+-- Released: `already` when the allocation was closed before (ended as `status`).
+local function released_reply(rid, aid, device_id, uid, released_at, seconds, already, status)
+  return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
+    device_id = device_id, user_id = uid, released_at_ms = released_at,
+    duration_seconds = seconds, already_released = already, status = status})
+end
+
 local PAGE = 8
 local pool_names = nil  -- the pools, read once per script call
 
@@ -44,7 +59,7 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
         'adb_host', 'adb_port')
-      if tonumber(d[1]) <= cap_sto and (model == nil or d[2] == model) then
+      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
         return page[i], score, d
       end
     end
@@ -62,7 +77,7 @@ end
 
 local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   local pools
-  if pool ~= nil then
+  if pool then
     pools = {pool}
   else
     pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
@@ -181,7 +196,7 @@ local function release(row)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
     n_failed = n_failed + 1
   end
-  if aid == nil then
+  if not aid then
     local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'last_alloc', 'pool')
     if not d[3] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
     aid = (d[1] ~= '' and d[1]) or d[2] or ''
@@ -193,7 +208,7 @@ local function release(row)
   if device_id ~= '' and a[1] ~= device_id then
     return fail('not_found', 'Allocation ' .. aid .. ' is not on device ' .. device_id)
   end
-  if uid ~= nil and a[2] ~= uid then
+  if uid and a[2] ~= uid then
     return fail('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
   end
   local json
