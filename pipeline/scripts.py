@@ -15,12 +15,12 @@ renamed on one side therefore fails the first call that reads it, loudly,
 instead of reading nil.
 
 An optional field that is absent (None) reads as **false**, not nil: a plain
-table read instead of a function call per absent field, which keeps a batch
-as cheap as the positional rows it replaced. Lua tests optional fields by
-truth (``if row.pool then``, ``row.tenant_id or ''``), never ``== nil``;
-``opt()`` in common.lua turns false into JSON null. A field left out because it
-equals its default (``omit_defaults``) reads as that default. A field that is
-present costs nothing extra.
+table read instead of a function call per absent field, which keeps the cost
+per row down (a batch's rows are read in Redis's one thread). Lua tests
+optional fields by truth (``if row.pool then``, ``row.tenant_id or ''``), never
+``== nil``; ``opt()`` in common.lua turns false into JSON null. A field left
+out because it equals its default (``omit_defaults``) reads as that default. A
+field that is present costs nothing extra.
 
 Rules the types must follow (checked when a Script is made): Structs encode as
 maps (no ``array_like``); a nested Struct sits directly in a field, in an
