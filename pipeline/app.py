@@ -65,7 +65,7 @@ class Application(Generic[C, S]):
     context: Callable[[Redis, S, Clock, asyncpg.Pool | None], C]
     """Builds the context the stages of one process share."""
     dead_stream: Callable[[S], str]
-    scripts: Sequence[Script] = ()
+    scripts: Sequence[Script[Any, Any]] = ()
     """Loaded into Redis when a process starts serving."""
     migrations: Callable[[], Traversable] | None = None
     """The folder of numbered SQL migrations, applied by `up`, `migrate` and `run`."""

@@ -8,10 +8,17 @@ producer's reply stream are the tagged union :data:`Reply` (``"type":
 value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
+
+The replies and changes are written by the Lua scripts (one builder per kind, in
+stages/lua/common.lua when two scripts emit it); their Structs forbid unknown fields, so a key renamed or
+added in Lua alone fails to decode instead of passing unread, and
+tests/test_script_contract.py decodes everything every script emits with them. What
+the scripts are called with is declared in :mod:`schemas.rows`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 import msgspec
@@ -36,7 +43,10 @@ FailureReason = Literal[
     "not_owner",
     "not_found",
     "timed_out",
+    "invalid_reply",
 ]
+"""Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
+reply came in time, or the reply that came did not decode."""
 
 
 # --- requests (public stream) ------------------------------------------------
@@ -80,13 +90,15 @@ Request = AllocateRequest | ReleaseRequest
 # --- replies (a producer's reply stream) ------------------------------------
 
 
-class DeviceInfo(Struct, kw_only=True):
+class DeviceInfo(Struct, kw_only=True, forbid_unknown_fields=True):
     id: str
     name: str
     status: str
 
 
-class Allocated(Struct, tag_field="type", tag="allocated", kw_only=True):
+class Allocated(
+    Struct, tag_field="type", tag="allocated", kw_only=True, forbid_unknown_fields=True
+):
     request_id: str
     allocation_id: str
     device: DeviceInfo
@@ -97,7 +109,7 @@ class Allocated(Struct, tag_field="type", tag="allocated", kw_only=True):
     adb_port: int
 
 
-class Released(Struct, tag_field="type", tag="released", kw_only=True):
+class Released(Struct, tag_field="type", tag="released", kw_only=True, forbid_unknown_fields=True):
     request_id: str
     allocation_id: str
     device_id: str
@@ -110,7 +122,7 @@ class Released(Struct, tag_field="type", tag="released", kw_only=True):
     """How the allocation ended: released or expired."""
 
 
-class Failed(Struct, tag_field="type", tag="failed", kw_only=True):
+class Failed(Struct, tag_field="type", tag="failed", kw_only=True, forbid_unknown_fields=True):
     request_id: str
     reason: FailureReason
     message: str
@@ -123,7 +135,9 @@ Reply = Allocated | Released | Failed
 # --- internal streams ---------------------------------------------------------
 
 
-class AllocationChange(Struct, tag_field="kind", tag="allocation", kw_only=True):
+class AllocationChange(
+    Struct, tag_field="kind", tag="allocation", kw_only=True, forbid_unknown_fields=True
+):
     """One state change of one allocation; ``version`` grows by one per change."""
 
     allocation_id: str
@@ -145,7 +159,9 @@ class AllocationChange(Struct, tag_field="kind", tag="allocation", kw_only=True)
     at_ms: int
 
 
-class RequestRejected(Struct, tag_field="kind", tag="rejected", kw_only=True):
+class RequestRejected(
+    Struct, tag_field="kind", tag="rejected", kw_only=True, forbid_unknown_fields=True
+):
     """A request that got a failure reply (for notify and outbound events)."""
 
     request_id: str
@@ -156,7 +172,9 @@ class RequestRejected(Struct, tag_field="kind", tag="rejected", kw_only=True):
     at_ms: int
 
 
-class DeviceUpserted(Struct, tag_field="kind", tag="device", kw_only=True):
+class DeviceUpserted(
+    Struct, tag_field="kind", tag="device", kw_only=True, forbid_unknown_fields=True
+):
     device_id: str
     name: str
     pool: str
@@ -172,7 +190,7 @@ class DeviceUpserted(Struct, tag_field="kind", tag="device", kw_only=True):
     at_ms: int
 
 
-class QuotaSet(Struct, tag_field="kind", tag="quota", kw_only=True):
+class QuotaSet(Struct, tag_field="kind", tag="quota", kw_only=True, forbid_unknown_fields=True):
     user_id: str
     status: str
     expires_at_ms: int | None = None
@@ -187,6 +205,20 @@ class QuotaSet(Struct, tag_field="kind", tag="quota", kw_only=True):
 
 
 Change = AllocationChange | RequestRejected | DeviceUpserted | QuotaSet
+
+
+Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+)?$")]
+"""What quota holds of a user's quota for an admitted request: "cpu mem sto" (integers);
+empty for a release, which holds nothing."""
+
+
+class AdmittedEntry(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One entry of the admitted stream (quota -> select), field by field. Unlike the other
+    streams its entry has two fields: ``d``, the request as the producer sent it
+    (:data:`Request`, JSON, passed on byte for byte), and ``c``, its :data:`Hold`."""
+
+    d: Request
+    c: Hold
 
 
 class Tick(Struct, kw_only=True):
@@ -241,5 +273,18 @@ reply_decoder = msgspec.json.Decoder(Reply)
 change_decoder = msgspec.json.Decoder(Change)
 notification_decoder = msgspec.json.Decoder(Notification)
 tick_decoder = msgspec.json.Decoder(Tick)
+
+
+
+def decode_admitted(fields: Mapping[bytes, bytes]) -> AdmittedEntry:
+    """An admitted stream entry's fields (as XREAD returns them), read strictly: exactly
+    ``d`` and ``c``, a valid request and a well-formed hold."""
+    named: dict[str, object] = {k.decode(): v for k, v in fields.items()}
+    if isinstance(raw := named.get("d"), bytes):
+        named["d"] = request_decoder.decode(raw)
+    if isinstance(hold := named.get("c"), bytes):
+        named["c"] = hold.decode()
+    return msgspec.convert(named, AdmittedEntry)
+
 
 PUBLIC_TYPES: dict[str, object] = {"Request": Request, "Reply": Reply}

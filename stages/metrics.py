@@ -1,8 +1,19 @@
-"""The scheduler's own Prometheus metrics (the runtime's per-stage ones are in
-``pipeline.metrics``); all on the default registry, served by the same exporter."""
+"""Prometheus metrics of the domain: what the stages and the producer client count.
+
+The runtime's own metrics (per stage: consumed, handled, failed, pending, lag) are
+in ``pipeline.metrics``; the metrics here name domain events. Counters only grow;
+they are exported by the same server (DEVSCHED_METRICS_PORT) in a stage process,
+and live in the default registry of any process that uses the client.
+"""
 
 from __future__ import annotations
 
 from prometheus_client import Counter
 
 AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
+CLIENT_INVALID_REPLIES = Counter(
+    "devsched_client_invalid_replies",
+    "Replies the producer client could not decode (the waiting call, when its request id "
+    "could be read, is answered with Failed(reason='invalid_reply'))",
+)
+"""Exported as ``devsched_client_invalid_replies_total``."""

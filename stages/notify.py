@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.scripts import HANDOFF
+from pipeline.scripts import HANDOFF, HandoffCall, HandoffKeys, HandOn
 from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
@@ -67,13 +67,15 @@ class NotifyStage:
         self.streams = [self.keys.changes]
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        pairs: list[str | bytes] = []
+        hand_on: list[HandOn] = []
         for entry, change in zip(entries, decode_changes(entries), strict=True):
             note = notification_for(change)
-            pairs += [entry.id, b"" if note is None else encoder.encode(note)]
+            output = None if note is None else encoder.encode(note).decode()
+            hand_on.append(HandOn(entry_id=entry.id, output=output))
         # script calls in which each entry is acked and its notification added together,
         # and only by the call that acked it (a taken-over entry is never notified twice)
-        keys = [self.keys.notifications, self.streams[0]]
-        for first in range(0, len(pairs), 2 * HANDOFF_CHUNK):
-            await HANDOFF(self.ctx.redis, keys, [self.group, NOTIFICATIONS_MAXLEN,
-                                                 *pairs[first:first + 2 * HANDOFF_CHUNK]])
+        keys = HandoffKeys(target=self.keys.notifications, source=self.streams[0])
+        for first in range(0, len(hand_on), HANDOFF_CHUNK):
+            await HANDOFF(self.ctx.redis, keys, HandoffCall(
+                group=self.group, maxlen=NOTIFICATIONS_MAXLEN,
+                entries=hand_on[first:first + HANDOFF_CHUNK]))

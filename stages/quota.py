@@ -6,7 +6,8 @@ decode, is too large, or names neither allocation nor device gets a typed
 the reason; it never stops the stage. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
-ack, is one script call: atomic, and idempotent by request id.
+ack, is one script call: atomic, and idempotent by request id. Each entry becomes
+one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from pipeline.connections import RawChannel
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
 from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
+from schemas.rows import AdmitRow, DeadRow, ForwardRow, QuotaCall, QuotaKeys, QuotaRow, RefuseRow
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
-
-STRIDE = 9
 
 
 class _Envelope(msgspec.Struct):
@@ -44,10 +44,6 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _pad(item: list[str | int | bytes]) -> list[str | int | bytes]:
-    return item + [""] * (STRIDE - len(item))
-
-
 class QuotaStage:
     group = GROUP_QUOTA
 
@@ -57,8 +53,13 @@ class QuotaStage:
         # this stage's own connection for its script calls (the fast path of a hot loop)
         self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.requests]
+        k = self.keys
+        self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
+                                     dead=k.dead)
 
-    def item(self, entry: Entry) -> list[str | int | bytes]:
+    def item(self, entry: Entry) -> QuotaRow:
+        """The row for one request entry. A request that decoded is valid UTF-8 JSON, so
+        its bytes go on as text unchanged."""
         raw = entry.data
         limit = self.ctx.settings.max_message_bytes
         if len(raw) > limit:
@@ -71,38 +72,39 @@ class QuotaStage:
             # never write a reply (and its EXPIRE) into a stream that is not a reply stream
             return self._invalid(entry, raw, f"reply_to must start with {self.keys.prefix}:reply:")
         if isinstance(request, AllocateRequest):
-            return [
-                "A", entry.id, request.request_id, request.user_id, request.tenant_id or "",
-                request.reply_to, request.min_cpu_cores, request.min_memory_mb, raw,
-            ]
+            return AdmitRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                tenant_id=request.tenant_id, reply_to=request.reply_to,
+                min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                payload=raw.decode(),
+            )
         assert isinstance(request, ReleaseRequest)
         if not request.allocation_id and not request.device_id:
             return self._invalid(entry, raw, "release needs allocation_id or device_id")
-        return _pad(["F", entry.id, raw])
+        return ForwardRow(entry_id=entry.id, payload=raw.decode())
 
-    def _invalid(self, entry: Entry, raw: bytes, reason: str) -> list[str | int | bytes]:
+    def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
         try:
             env = _envelope.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError):
             env = _Envelope()
         reply_to = _text(env.reply_to)
         if len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:"):
-            return _pad([
-                "R", entry.id, _text(env.request_id)[:128], _text(env.user_id)[:128],
-                _text(env.tenant_id)[:128],
-                reply_to, "invalid_request", f"Invalid request: {reason}"[:1000],
-            ])
+            return RefuseRow(
+                entry_id=entry.id, request_id=_text(env.request_id)[:128],
+                user_id=_text(env.user_id)[:128] or None,
+                tenant_id=_text(env.tenant_id)[:128] or None, reply_to=reply_to,
+                reason="invalid_request", message=f"Invalid request: {reason}"[:1000],
+            )
         letter = dead_letter_of(entry, stage=self.group, error=f"invalid_request: {reason}",
                                 at_ms=self.ctx.clock.now_ms(), refused=True)
-        return _pad(["D", entry.id, dead_encoder.encode(letter)])
+        return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings
-        args: list[str | int | bytes] = [
-            s.prefix, self.group, self.ctx.clock.now_ms(), s.idempotency_ttl_s, s.reply_ttl_s,
-            "1" if s.quota_fail_open else "0", len(entries),
-        ]
-        for entry in entries:
-            args.extend(self.item(entry))
-        k = self.keys
-        await QUOTA(self.channel, [k.requests, k.admitted, k.changes, k.dead], args)
+        call = QuotaCall(
+            prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
+            idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
+            fail_open=s.quota_fail_open, items=[self.item(entry) for entry in entries],
+        )
+        await QUOTA(self.channel, self.script_keys, call)

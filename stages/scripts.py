@@ -1,21 +1,37 @@
-"""The stages' Lua scripts, each wrapped once (shared helpers first)."""
+"""The stages' Lua scripts, each declared once with its keys and call types.
+
+Each script is ``stages/lua/common.lua`` (shared helpers and the builders of the
+messages two scripts emit) followed by its own file, both package data; the keys
+and call types live in ``schemas/rows.py`` and ``pipeline.scripts`` generates the
+preamble that gives the script ``KEY`` and ``CALL`` by name. A call site passes
+a keys NamedTuple and a call Struct: ``await QUOTA(redis, QuotaKeys(...),
+QuotaCall(...))``.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+from typing import Any
 
-from pipeline.scripts import APPEND, HANDOFF, Script
+from pipeline.scripts import APPEND, HANDOFF, Script, lua_source
+from schemas.rows import (
+    AdminCall,
+    AdminKeys,
+    ExpireCall,
+    ExpireKeys,
+    QuotaCall,
+    QuotaKeys,
+    SelectCall,
+    SelectKeys,
+)
 
-LUA = Path(__file__).parent / "lua"
-_COMMON = LUA / "common.lua"
-
-QUOTA = Script("quota", _COMMON, LUA / "quota.lua")
+QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "quota.lua"))
 """Admit or refuse a batch of requests and ack them (user keys)."""
-SELECT = Script("select", _COMMON, LUA / "select.lua")
+SELECT = Script("select", SelectKeys, SelectCall, lua_source("stages", "common.lua", "select.lua"))
 """Allocate or release for a batch of admitted requests, reply, ack."""
-EXPIRE = Script("expire", _COMMON, LUA / "expire.lua")
+EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.lua", "expire.lua"))
 """Close allocations past their expires-at."""
-ADMIN = Script("admin", _COMMON, LUA / "admin.lua")
+ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
 """Add or update a device; set a user's quota."""
 
-ALL = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
+"""Every script a stage process runs, loaded once at start."""

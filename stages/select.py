@@ -5,7 +5,8 @@ strategy, records the allocation and its expiry, settles the quota hold, answers
 the producer, writes the change and acks: a crash before the call changes
 nothing, after it everything is done. Allocation ids are derived from the user
 and request id, so a redelivered request finds its first answer and a retried
-one can never make a second allocation.
+one can never make a second allocation. Each entry becomes one typed row of that
+call (schemas/rows.py: allocate, release or dead).
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ from pipeline.connections import RawChannel
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
 from schemas.messages import AllocateRequest, request_decoder
+from schemas.rows import AllocateRow, DeadRow, ReleaseRow, SelectCall, SelectKeys, SelectRow
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
 
-STRIDE = 13
 ALLOCATION_NAMESPACE = uuid.UUID("6f1c1d2e-3b7a-4c55-9a43-0d5e1f0a7b21")
 
 
@@ -40,36 +41,40 @@ class SelectStage:
         # this stage's own connection for its script calls (the fast path of a hot loop)
         self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.admitted]
+        k = self.keys
+        self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead)
 
-    def item(self, entry: Entry) -> list[str | int | bytes]:
+    def item(self, entry: Entry) -> SelectRow:
+        """The row for one admitted entry (schemas.messages.AdmittedEntry: the request in
+        ``d``, the quota hold in ``c``)."""
         try:
             request = request_decoder.decode(entry.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             letter = dead_letter_of(entry, stage=self.group,
                                     error=f"undecodable admitted entry: {exc}",
                                     at_ms=self.ctx.clock.now_ms(), refused=True)
-            dead: list[str | int | bytes] = ["D", entry.id, dead_encoder.encode(letter)]
-            return dead + [""] * (STRIDE - 3)
+            return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
         if isinstance(request, AllocateRequest):
-            hold = entry.fields.get(b"c", b"").decode()
-            return [
-                "A", entry.id, request.request_id, request.user_id, request.tenant_id or "",
-                request.reply_to, request.min_cpu_cores, request.min_memory_mb,
-                request.duration_seconds or request.duration_minutes * 60, request.pool or "", request.model or "", hold,
-                allocation_id(request.user_id, request.request_id),
-            ]
-        return [
-            "L", entry.id, request.request_id, request.reply_to, request.allocation_id or "",
-            request.device_id or "", request.user_id or "", "", "", "", "", "", "",
-        ]
+            return AllocateRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                tenant_id=request.tenant_id, reply_to=request.reply_to,
+                min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                duration_seconds=request.duration_seconds or request.duration_minutes * 60,
+                pool=request.pool, model=request.model,
+                hold=entry.fields.get(b"c", b"").decode(),
+                allocation_id=allocation_id(request.user_id, request.request_id),
+            )
+        return ReleaseRow(
+            entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
+            allocation_id=request.allocation_id, device_id=request.device_id,
+            user_id=request.user_id,
+        )
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings
-        args: list[str | int | bytes] = [
-            s.prefix, self.group, self.ctx.clock.now_ms(), s.idempotency_ttl_s, s.reply_ttl_s,
-            s.released_ttl_s, len(entries),
-        ]
-        for entry in entries:
-            args.extend(self.item(entry))
-        k = self.keys
-        await SELECT(self.channel, [k.admitted, k.changes, k.dead], args)
+        call = SelectCall(
+            prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
+            idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
+            released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
+        )
+        await SELECT(self.channel, self.script_keys, call)

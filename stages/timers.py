@@ -22,6 +22,7 @@ from pipeline.trim import trim
 from pipeline.worker import Entry
 from schemas.keys import GROUP_TIMERS
 from schemas.messages import Tick, encoder
+from schemas.rows import ExpireCall, ExpireKeys
 from stages import metrics
 from stages.context import StageContext
 from stages.scripts import EXPIRE
@@ -66,9 +67,10 @@ async def expire_due(ctx: StageContext) -> int:
     s = ctx.settings
     total = 0
     while True:
-        closed, seen = await EXPIRE(
-            ctx.redis, [ctx.keys.changes], [s.prefix, ctx.clock.now_ms(), s.expire_batch, s.released_ttl_s]
-        )
+        closed, seen = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes), ExpireCall(
+            prefix=s.prefix, now_ms=ctx.clock.now_ms(), limit=s.expire_batch,
+            released_ttl_s=s.released_ttl_s,
+        ))
         total += int(closed)
         if int(seen) < s.expire_batch:
             break

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import replace
-from pathlib import Path
+from typing import NamedTuple
 
+import msgspec
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
@@ -22,6 +23,14 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from pipeline.connections import FastConnection, FastUnixConnection, RawChannel, redis_client
 from pipeline.scripts import Script
 from stages.settings import Settings
+
+
+class EchoKeys(NamedTuple):
+    suffix: str
+
+
+class EchoCall(msgspec.Struct):
+    text: str
 
 
 @pytest_asyncio.fixture
@@ -80,15 +89,11 @@ async def test_raw_channel_times_out_an_overdue_reply_then_reconnects(
         await channel.close()
 
 
-async def test_a_script_on_a_raw_channel_loads_itself_after_a_flush(
-    client: Redis, settings: Settings, tmp_path: Path
-) -> None:
-    source = tmp_path / "echo.lua"
-    source.write_text("return ARGV[1] .. KEYS[1]")
-    script = Script("echo", source)
+async def test_a_script_on_a_raw_channel_loads_itself_after_a_flush(client: Redis) -> None:
+    script = Script("echo", EchoKeys, EchoCall, "return CALL.text .. KEY.suffix")
     channel = RawChannel(client)
     try:
         await channel.call("SCRIPT", "FLUSH")
-        assert await script(channel, ["!"], ["hi"]) == b"hi!"
+        assert await script(channel, EchoKeys(suffix="!"), EchoCall(text="hi")) == b"hi!"
     finally:
         await channel.close()

@@ -1,10 +1,9 @@
 -- Add one entry per payload to a stream (field "d"), in order, in one call: a producer
 -- sends a whole batch for the price of one command.
--- KEYS: 1 stream
--- ARGV: the payloads
+-- KEY.stream; CALL: pipeline.scripts.AppendCall (payloads).
 -- Returns the number of entries added.
-local stream = KEYS[1]
-for i = 1, #ARGV do
-  redis.call('XADD', stream, '*', 'd', ARGV[i])
+local payloads = CALL.payloads
+for i = 1, #payloads do
+  redis.call('XADD', KEY.stream, '*', 'd', payloads[i])
 end
-return #ARGV
+return #payloads

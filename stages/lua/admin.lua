@@ -1,21 +1,40 @@
 -- admin: add or update a device, or set a user's quota, and record the change.
--- KEYS: 1 changes stream
--- ARGV: 1 prefix, 2 now_ms, 3 op ('device' | 'quota'), then the op's fields.
---   device: id, name, pool, model, host, adb_host, adb_port, cpu_cores, memory_mb, storage_mb
---   quota:  user_id, status, expires_at_ms ('' for none), max_devices, max_cpu_per_device,
---           max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb
+-- KEY: changes (stream). CALL: schemas.rows.AdminCall (prefix, now_ms, and one of
+-- device: a schemas.messages.DeviceSpec with its name set, quota: a QuotaSpec).
 -- A device that is allocated keeps its allocation; its new size applies from its next
 -- allocation. Each call bumps the entity's version, so the write-behind keeps the newest.
-local P, now, op = ARGV[1], tonumber(ARGV[2]), ARGV[3]
-if op == 'device' then
-  local id, pool = ARGV[4], ARGV[6]
+-- Returns the new version.
+
+-- The changes only admin records (the other messages are built in common.lua).
+-- DeviceUpserted, from the DeviceSpec row `dev`.
+local function device_change(dev, status, version, now)
+  return {kind = 'device', device_id = dev.id, name = dev.name, pool = dev.pool,
+    model = dev.model, host = dev.host, adb_host = dev.adb_host, adb_port = dev.adb_port,
+    cpu_cores = dev.cpu_cores, memory_mb = dev.memory_mb, storage_mb = dev.storage_mb,
+    status = status, version = version, at_ms = now}
+end
+
+-- QuotaSet, from the QuotaSpec row `q`.
+local function quota_change(q, version, now)
+  return {kind = 'quota', user_id = q.user_id, status = q.status,
+    expires_at_ms = q.expires_at_ms or cjson.null,
+    max_devices = q.max_devices, max_cpu_per_device = q.max_cpu_per_device,
+    max_memory_mb_per_device = q.max_memory_mb_per_device, total_cpu_cores = q.total_cpu_cores,
+    total_memory_gb = q.total_memory_gb, total_storage_gb = q.total_storage_gb,
+    version = version, at_ms = now}
+end
+
+local P, now = CALL.prefix, CALL.now_ms
+local dev, q = CALL.device, CALL.quota
+if dev then
+  local id, pool = dev.id, dev.pool
   local dkey = k_pool(P, 'dev:' .. id)
   local old = redis.call('HMGET', dkey, 'status', 'pool', 'alloc')
   if old[2] and old[2] ~= pool then redis.call('ZREM', k_pool(P, 'free:' .. old[2]), id) end
   local version = redis.call('HINCRBY', dkey, 'version', 1)
-  redis.call('HSET', dkey, 'id', id, 'name', ARGV[5], 'pool', pool, 'model', ARGV[7], 'host', ARGV[8],
-    'adb_host', ARGV[9], 'adb_port', ARGV[10], 'cpu_cores', ARGV[11], 'memory_mb', ARGV[12],
-    'storage_mb', ARGV[13])
+  redis.call('HSET', dkey, 'id', id, 'name', dev.name, 'pool', pool, 'model', dev.model,
+    'host', dev.host, 'adb_host', dev.adb_host, 'adb_port', dev.adb_port,
+    'cpu_cores', dev.cpu_cores, 'memory_mb', dev.memory_mb, 'storage_mb', dev.storage_mb)
   local status = old[1] or 'available'
   if status == 'allocated' and (old[3] == nil or old[3] == '') then status = 'available' end
   redis.call('HSET', dkey, 'status', status)
@@ -23,26 +42,20 @@ if op == 'device' then
   redis.call('SADD', k_pool(P, 'pools'), pool)
   redis.call('SADD', k_pool(P, 'devices'), id)
   if status == 'available' then
-    redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(tonumber(ARGV[11]), tonumber(ARGV[12])), id)
+    redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(dev.cpu_cores, dev.memory_mb), id)
   end
-  emit_change(KEYS[1], {kind = 'device', device_id = id, name = ARGV[5], pool = pool, model = ARGV[7],
-    host = ARGV[8], adb_host = ARGV[9], adb_port = tonumber(ARGV[10]), cpu_cores = tonumber(ARGV[11]),
-    memory_mb = tonumber(ARGV[12]), storage_mb = tonumber(ARGV[13]), status = status,
-    version = version, at_ms = now})
+  emit_change(KEY.changes, device_change(dev, status, version, now))
   return version
-elseif op == 'quota' then
-  local uid = ARGV[4]
+elseif q then
+  local uid = q.user_id
   local qkey = k_state(P, uid)
   local version = redis.call('HINCRBY', qkey, 'version', 1)
-  redis.call('HSET', qkey, 'status', ARGV[5], 'expires_at_ms', ARGV[6], 'max_devices', ARGV[7],
-    'max_cpu_per_device', ARGV[8], 'max_memory_mb_per_device', ARGV[9], 'total_cpu_cores', ARGV[10],
-    'total_memory_gb', ARGV[11], 'total_storage_gb', ARGV[12])
+  redis.call('HSET', qkey, 'status', q.status, 'expires_at_ms', q.expires_at_ms or '',
+    'max_devices', q.max_devices, 'max_cpu_per_device', q.max_cpu_per_device,
+    'max_memory_mb_per_device', q.max_memory_mb_per_device, 'total_cpu_cores', q.total_cpu_cores,
+    'total_memory_gb', q.total_memory_gb, 'total_storage_gb', q.total_storage_gb)
   redis.call('SADD', P .. ':users', uid)
-  emit_change(KEYS[1], {kind = 'quota', user_id = uid, status = ARGV[5],
-    expires_at_ms = ARGV[6] ~= '' and tonumber(ARGV[6]) or cjson.null, max_devices = tonumber(ARGV[7]),
-    max_cpu_per_device = tonumber(ARGV[8]), max_memory_mb_per_device = tonumber(ARGV[9]),
-    total_cpu_cores = tonumber(ARGV[10]), total_memory_gb = tonumber(ARGV[11]),
-    total_storage_gb = tonumber(ARGV[12]), version = version, at_ms = now})
+  emit_change(KEY.changes, quota_change(q, version, now))
   return version
 end
-return redis.error_reply('unknown op ' .. tostring(op))
+return redis.error_reply('admin: a call names a device or a quota')

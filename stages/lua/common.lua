@@ -1,4 +1,7 @@
--- Shared helpers, prepended to every stage script by pipeline.scripts.
+-- Shared helpers, put before every stage script (stages/scripts.py), after the preamble
+-- pipeline.scripts generates from the script's types in schemas/rows.py: KEY.<name> and
+-- CALL, read by name (a name the Struct does not declare raises). An optional field that
+-- is absent reads as false: test it by truth (`if row.pool then`), never `== nil`.
 -- Key names follow schemas/keys.py: device side under {pool}, user side under {u:ID}.
 
 local function k_pool(P, suffix) return P .. ':{pool}:' .. suffix end
@@ -29,16 +32,17 @@ local function flush_stats(P)
   end
 end
 
--- The batch a stage script was given: `n` items of `stride` fields after the 7 fixed
--- ARGV, each an op and an entry id, then the op's fields. Calls handlers[op] with those
--- fields (strings, as given) and returns the entry ids in order, to ack.
-local function each_item(n, stride, handlers)
+-- The rows of a batch (CALL.items): calls handlers[row.op](row) for each, in order, and
+-- returns their entry ids, to ack. A kind without a handler raises (nothing half-done
+-- is acked: the script's writes so far stay, the call fails, the batch is redelivered).
+local function each_row(rows, handlers)
   local ids = {}
-  for i = 0, n - 1 do
-    local b = 7 + i * stride
-    ids[#ids + 1] = ARGV[b + 2]
-    local handler = handlers[ARGV[b + 1]]
-    if handler then handler(unpack(ARGV, b + 3, b + stride)) end
+  for i = 1, #rows do
+    local row = rows[i]
+    local handler = handlers[row.op]
+    if handler == nil then error('no handler for row ' .. tostring(row.op)) end
+    ids[i] = row.entry_id
+    handler(row)
   end
   return ids
 end
@@ -75,9 +79,32 @@ local function add_usage(P, uid, used, d_dev, d_cpu, d_mem, d_sto, ...)
     'used_mem', used[3] + d_mem, 'used_sto', used[4] + d_sto, ...)
 end
 
-local function failed_json(rid, reason, message, remaining)
+-- Messages. Every reply and change a script emits is built by one function per kind,
+-- named for its Struct in schemas/messages.py: here when two scripts emit the kind, else
+-- in the one script that does (the strict decoders of tests/test_script_contract.py read
+-- every one). Replies come back as JSON (they are sent and kept for idempotency), changes
+-- as tables for emit_change.
+
+-- Failed: `remaining` is nil for "unknown" (sent as null).
+local function failed_reply(rid, reason, message, remaining)
   return cjson.encode({type = 'failed', request_id = rid, reason = reason, message = message,
                        remaining_devices = remaining == nil and cjson.null or remaining})
+end
+
+-- AllocationChange; `released_at` and `seconds` are nil while the allocation is active.
+local function allocation_change(aid, device_id, uid, tenant, rid, status, allocated_at, expires,
+                                 minutes, cpu, mem, sto, pool, version, now, released_at, seconds)
+  return {kind = 'allocation', allocation_id = aid, device_id = device_id, user_id = uid,
+    tenant_id = opt(tenant), request_id = rid, status = status, allocated_at_ms = allocated_at,
+    expires_at_ms = expires, released_at_ms = released_at, duration_minutes = minutes,
+    duration_seconds = seconds, cpu_cores = cpu, memory_mb = mem, storage_mb = sto, pool = pool,
+    version = version, at_ms = now}
+end
+
+-- RequestRejected: a request that got a failure reply.
+local function rejected_change(rid, uid, tenant, reason, message, now)
+  return {kind = 'rejected', request_id = rid, user_id = opt(uid), tenant_id = opt(tenant),
+    reason = reason, message = message, at_ms = now}
 end
 
 local function emit_change(stream, tbl)
@@ -125,11 +152,8 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     -- the user's usage gives this allocation back (read and written in this atomic step)
     add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end
-  local rec = {kind = 'allocation', allocation_id = aid, device_id = a[1], user_id = a[2],
-    tenant_id = opt(a[3]), request_id = a[4], status = status, allocated_at_ms = allocated_at,
-    expires_at_ms = tonumber(a[7]), released_at_ms = end_ms, duration_minutes = tonumber(a[8]),
-    duration_seconds = dur, cpu_cores = cpu, memory_mb = mem, storage_mb = sto, pool = a[12],
-    version = version, at_ms = now}
+  local rec = allocation_change(aid, a[1], a[2], a[3], a[4], status, allocated_at, tonumber(a[7]),
+    tonumber(a[8]), cpu, mem, sto, a[12], version, now, end_ms, dur)
   emit_change(changes, rec)
   return rec
 end

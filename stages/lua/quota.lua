@@ -1,36 +1,37 @@
 -- quota: admit or refuse a batch of requests, and ack them, in one atomic step.
--- KEYS: 1 requests stream, 2 admitted stream, 3 changes stream, 4 dead stream
--- ARGV: 1 prefix, 2 group, 3 now_ms, 4 idempotency ttl s, 5 reply ttl s, 6 fail_open (1/0),
---       7 item count, then items of STRIDE fields each, first field the op:
---   A (allocate): entry, request_id, user_id, tenant_id, reply_to, min_cpu, min_mem, payload
---   F (forward unchanged, e.g. release): entry, payload
---   R (refuse, invalid input): entry, request_id, user_id, tenant_id, reply_to, reason, message
---   D (dead-letter): entry, dead-letter json
+-- KEY: requests, admitted, changes, dead (streams).
+-- CALL: schemas.rows.QuotaCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
+-- fail_open, items); each item one row, by op:
+--   admit:   an allocate request to check (request_id, user_id, tenant_id, reply_to,
+--            min_cpu_cores, min_memory_mb, payload)
+--   forward: a request that goes on unchanged, e.g. a release (payload)
+--   refuse:  invalid input, answered at once (request_id, user_id, tenant_id, reply_to,
+--            reason, message)
+--   dead:    a dead letter to add (letter)
 -- Per user it touches only keys tagged {u:ID}. It refuses what the quota can never
 -- allow (status, expiry, device count, per-device caps, totals already used up) and
 -- an admitted allocation holds one device of the user's count, so concurrent
 -- requests can never take a user past max_devices; select checks the resource
 -- totals against the chosen device and settles the hold, or gives it back. A request id already answered gets its
 -- first answer again and changes nothing. Returns {admitted, refused, dead}.
-local STRIDE = 9
-local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local idem_ttl, reply_ttl, fail_open = tonumber(ARGV[4]), tonumber(ARGV[5]), ARGV[6] == '1'
-local n = tonumber(ARGV[7])
-local requests, admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
+local idem_ttl, reply_ttl, fail_open = CALL.idempotency_ttl_s, CALL.reply_ttl_s, CALL.fail_open
+local admitted, changes, dead = KEY.admitted, KEY.changes, KEY.dead
 local n_admitted, n_refused, n_dead = 0, 0, 0
 
 local function refuse(rid, uid, tenant, reply_to, reason, message, remaining, idem_key)
-  local json = failed_json(rid, reason, message, remaining)
+  local json = failed_reply(rid, reason, message, remaining)
   send_reply(reply_to, json, reply_ttl)
   if idem_key then redis.call('SET', idem_key, json, 'EX', idem_ttl) end
-  emit_change(changes, {kind = 'rejected', request_id = rid, user_id = opt(uid), tenant_id = opt(tenant),
-    reason = reason, message = message, at_ms = now})
+  emit_change(changes, rejected_change(rid, uid, tenant, reason, message, now))
   n_refused = n_refused + 1
 end
 
 local function num(v) return tonumber(v) or 0 end
 
-local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
+local function admit(row)
+  local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
+  local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
@@ -41,7 +42,7 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
     'total_storage_gb', unpack(USAGE_FIELDS))
   if q[1] then
     -- in flight already: hand it on again, select answers it once
-    redis.call('XADD', admitted, '*', 'd', payload, 'c', q[1])
+    redis.call('XADD', admitted, '*', 'd', row.payload, 'c', q[1])
     n_admitted = n_admitted + 1
     return
   end
@@ -106,25 +107,24 @@ local function admit(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
   -- against the chosen device, in the same atomic step that records its usage
   local hold = '0 0 0'
   redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + 1)
-  redis.call('XADD', admitted, '*', 'd', payload, 'c', hold)
+  redis.call('XADD', admitted, '*', 'd', row.payload, 'c', hold)
   n_admitted = n_admitted + 1
 end
 
-local acks = each_item(n, STRIDE, {
-  A = function(rid, uid, tenant, reply_to, min_cpu, min_mem, payload)
-    admit(rid, uid, tenant, reply_to, tonumber(min_cpu), tonumber(min_mem), payload)
-  end,
-  F = function(payload)
-    redis.call('XADD', admitted, '*', 'd', payload, 'c', '')
+local acks = each_row(CALL.items, {
+  admit = admit,
+  forward = function(row)
+    redis.call('XADD', admitted, '*', 'd', row.payload, 'c', '')
     n_admitted = n_admitted + 1
   end,
-  R = function(rid, uid, tenant, reply_to, reason, message)
-    refuse(rid, uid, tenant, reply_to, reason, message, nil, nil)
+  refuse = function(row)
+    refuse(row.request_id, row.user_id, row.tenant_id, row.reply_to, row.reason, row.message,
+      nil, nil)
   end,
-  D = function(letter)
-    redis.call('XADD', dead, '*', 'd', letter)
+  dead = function(row)
+    redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1
   end,
 })
-ack_all(requests, group, acks)
+ack_all(KEY.requests, group, acks)
 return {n_admitted, n_refused, n_dead}

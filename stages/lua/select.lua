@@ -1,24 +1,38 @@
 -- select: decide a batch of admitted requests, answer each producer, record the
 -- changes and ack the batch, in one atomic step.
--- KEYS: 1 admitted stream, 2 changes stream, 3 dead stream
--- ARGV: 1 prefix, 2 group, 3 now_ms, 4 idempotency ttl s, 5 reply ttl s, 6 released ttl s,
---       7 item count, then items of STRIDE fields each, first field the op:
---   A (allocate): entry, request_id, user_id, tenant_id, reply_to, min_cpu, min_mem,
---                 duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
---   L (release):  entry, request_id, reply_to, allocation_id, device_id, user_id
---   D (dead-letter): entry, dead-letter json
+-- KEY: admitted, changes, dead (streams).
+-- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
+-- released_ttl_s, items); each item one row, by op:
+--   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
+--             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
+--   release:  request_id, reply_to, allocation_id, device_id, user_id
+--   dead:     a dead letter to add (letter)
 -- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
 -- request's minimums and fits what the user's quota still allows (per-device caps and
 -- the CPU/memory/storage totals minus current usage). Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
-local STRIDE = 13
-local P, group, now = ARGV[1], ARGV[2], tonumber(ARGV[3])
-local idem_ttl, reply_ttl, released_ttl = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-local n = tonumber(ARGV[7])
-local admitted, changes, dead = KEYS[1], KEYS[2], KEYS[3]
+local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
+local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
+  CALL.released_ttl_s
+local changes, dead = KEY.changes, KEY.dead
 local n_alloc, n_release, n_failed = 0, 0, 0
+
+-- The replies only select sends (the other messages are built in common.lua).
+-- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
+local function allocated_reply(rid, aid, dev, d, uid, now, expires)
+  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
+    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
+end
+
+-- Released: `already` when the allocation was closed before (ended as `status`).
+local function released_reply(rid, aid, device_id, uid, released_at, seconds, already, status)
+  return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
+    device_id = device_id, user_id = uid, released_at_ms = released_at,
+    duration_seconds = seconds, already_released = already, status = status})
+end
 
 local PAGE = 8
 local pool_names = nil  -- the pools, read once per script call
@@ -45,7 +59,7 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
         'adb_host', 'adb_port')
-      if tonumber(d[1]) <= cap_sto and (model == '' or d[2] == model) then
+      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
         return page[i], score, d
       end
     end
@@ -63,7 +77,7 @@ end
 
 local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
   local pools
-  if pool ~= '' then
+  if pool then
     pools = {pool}
   else
     pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
@@ -107,22 +121,25 @@ local function settle_hold(uid, rid, hold, used, cpu, mem, sto, ...)
     (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto), ...)
 end
 
-local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
+local function allocate(row)
+  local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
+  local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
+  local hold, aid = row.hold, row.allocation_id
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
   STATE_FIELDS[1] = 'hold:' .. rid
   local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
   if not s[1] then
-    local json = failed_json(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
+    local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
     send_reply(reply_to, json, reply_ttl)
     n_failed = n_failed + 1
     return
   end
   local used = usage_at(s, 2)
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
-  local dev, dev_pool, score, d = pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
-    cap_sto)
+  local dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
+    cap_mem, cap_sto)
   if not dev then
     settle_hold(uid, rid, hold, used, nil, nil, nil)
     local reason, msg = 'no_available_devices',
@@ -132,11 +149,10 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
       msg = 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, ' .. cap_mem .. ' MB memory, '
         .. cap_sto .. ' MB storage'
     end
-    local json = failed_json(rid, reason, msg, nil)
+    local json = failed_reply(rid, reason, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
-    emit_change(changes, {kind = 'rejected', request_id = rid, user_id = uid, tenant_id = opt(tenant),
-      reason = reason, message = msg, at_ms = now})
+    emit_change(changes, rejected_change(rid, uid, tenant, reason, msg, now))
     n_failed = n_failed + 1
     return
   end
@@ -144,26 +160,23 @@ local function allocate(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, p
   -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host, port
   local cpu = math.floor(score / CPU_SCALE)
   local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
+  local seconds = row.duration_seconds
   local expires = now + seconds * 1000
   local minutes = math.ceil(seconds / 60)
   redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
   redis.call('HSET', dkey, 'status', 'allocated', 'alloc', aid)
-  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid, 'tenant_id', tenant,
-    'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now, 'expires_at_ms', expires,
-    'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem, 'storage_mb', sto,
-    'pool', dev_pool, 'version', 1)
+  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+    'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+    'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+    'storage_mb', sto, 'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
   settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
-  local json = cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
-    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
-    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
+  local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  emit_change(changes, {kind = 'allocation', allocation_id = aid, device_id = dev, user_id = uid,
-    tenant_id = opt(tenant), request_id = rid, status = 'allocated', allocated_at_ms = now,
-    expires_at_ms = expires, duration_minutes = minutes, cpu_cores = cpu, memory_mb = mem,
-    storage_mb = sto, pool = dev_pool, version = 1, at_ms = now})
+  emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
+    minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
   n_alloc = n_alloc + 1
 end
 
@@ -171,17 +184,19 @@ end
 local RELEASE_FIELDS = {unpack(ALLOC_FIELDS)}
 RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
 
-local function release(rid, reply_to, aid, device_id, uid)
+local function release(row)
+  local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
+  local aid, device_id = row.allocation_id, row.device_id or ''
   local idem_key = k_pool(P, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
   local function fail(reason, msg)
-    local json = failed_json(rid, reason, msg, nil)
+    local json = failed_reply(rid, reason, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
     n_failed = n_failed + 1
   end
-  if aid == '' then
+  if not aid then
     local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'last_alloc', 'pool')
     if not d[3] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
     aid = (d[1] ~= '' and d[1]) or d[2] or ''
@@ -193,33 +208,27 @@ local function release(rid, reply_to, aid, device_id, uid)
   if device_id ~= '' and a[1] ~= device_id then
     return fail('not_found', 'Allocation ' .. aid .. ' is not on device ' .. device_id)
   end
-  if uid ~= '' and a[2] ~= uid then
+  if uid and a[2] ~= uid then
     return fail('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
   end
   local json
   if a[5] ~= 'allocated' then
-    json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = a[1],
-      user_id = a[2], released_at_ms = tonumber(a[14]), duration_seconds = tonumber(a[15]),
-      already_released = true, status = a[5]})
+    json = released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), true, a[5])
   else
     local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a)
-    json = cjson.encode({type = 'released', request_id = rid, allocation_id = aid, device_id = rec.device_id,
-      user_id = rec.user_id, released_at_ms = now, duration_seconds = rec.duration_seconds,
-      already_released = false, status = 'released'})
+    json = released_reply(rid, aid, rec.device_id, rec.user_id, now, rec.duration_seconds, false,
+      'released')
     n_release = n_release + 1
   end
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
-local acks = each_item(n, STRIDE, {
-  A = function(rid, uid, tenant, reply_to, min_cpu, min_mem, seconds, pool, model, hold, aid)
-    allocate(rid, uid, tenant, reply_to, tonumber(min_cpu), tonumber(min_mem), tonumber(seconds),
-      pool, model, hold, aid)
-  end,
-  L = release,
-  D = function(letter) redis.call('XADD', dead, '*', 'd', letter) end,
+local acks = each_row(CALL.items, {
+  allocate = allocate,
+  release = release,
+  dead = function(row) redis.call('XADD', dead, '*', 'd', row.letter) end,
 })
-ack_all(admitted, group, acks)
+ack_all(KEY.admitted, group, acks)
 flush_stats(P)
 return {n_alloc, n_release, n_failed}

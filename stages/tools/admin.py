@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+import msgspec
 from redis.asyncio import Redis
 
 from pipeline.clock import Clock
@@ -20,29 +21,28 @@ from pipeline.connections import text
 from pipeline.worker import groups_caught_up
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import DeviceSpec, QuotaSpec
+from schemas.rows import AdminCall, AdminKeys
 from stages.scripts import ADMIN
 
 
 async def add_devices(redis: Redis, keys: Keys, clock: Clock, specs: list[DeviceSpec]) -> None:
+    """Add or update each device (a device without a name is named by its id)."""
+    script_keys = AdminKeys(changes=keys.changes)
     async with redis.pipeline(transaction=False) as pipe:
         for d in specs:
-            await ADMIN(pipe, [keys.changes], [
-                keys.prefix, clock.now_ms(), "device", d.id, d.name or d.id, d.pool, d.model,
-                d.host, d.adb_host, d.adb_port, d.cpu_cores, d.memory_mb, d.storage_mb,
-            ])
+            named = msgspec.structs.replace(d, name=d.name or d.id)
+            await ADMIN(pipe, script_keys, AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(),
+                                                     device=named))
         await ADMIN.load(redis)
         await pipe.execute()
 
 
 async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaSpec]) -> None:
+    script_keys = AdminKeys(changes=keys.changes)
     async with redis.pipeline(transaction=False) as pipe:
         for q in quotas:
-            await ADMIN(pipe, [keys.changes], [
-                keys.prefix, clock.now_ms(), "quota", q.user_id, q.status,
-                "" if q.expires_at_ms is None else q.expires_at_ms, q.max_devices,
-                q.max_cpu_per_device, q.max_memory_mb_per_device, q.total_cpu_cores,
-                q.total_memory_gb, q.total_storage_gb,
-            ])
+            await ADMIN(pipe, script_keys, AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(),
+                                                     quota=q))
         await ADMIN.load(redis)
         await pipe.execute()
 

@@ -4,18 +4,23 @@ Each client owns a reply stream (``<prefix>:reply:<client id>``) and one reader
 task that blocks on it (on a connection of its own, short BLOCKs, stopped by a
 flag) and resolves the waiting call by request id. A call that gets no reply
 within its timeout returns ``Failed(reason="timed_out")``; a late reply to it is
-dropped. Request ids default to fresh UUIDs; pass your own to make a retry
-idempotent (the same id always gets the first answer).
+dropped. A reply that does not decode is never dropped in silence: it is counted
+(``devsched_client_invalid_replies_total``), logged with its request id, and the
+call it answers (when a lenient read finds its request id) returns
+``Failed(reason="invalid_reply")`` at once instead of timing out. Request ids
+default to fresh UUIDs; pass your own to make a retry idempotent (the same id
+always gets the first answer).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import time
 import uuid
 from typing import Self
 
+import msgspec
 from redis.asyncio import Redis
 
 from pipeline.connections import (
@@ -24,8 +29,9 @@ from pipeline.connections import (
     blocking_reader,
     redis_client,
     stream_items,
+    text,
 )
-from pipeline.scripts import APPEND
+from pipeline.scripts import APPEND, AppendCall, AppendKeys
 from schemas.keys import Keys
 from schemas.messages import (
     Allocated,
@@ -37,7 +43,10 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
+from stages.metrics import CLIENT_INVALID_REPLIES
 from stages.settings import Settings
+
+log = logging.getLogger("devsched.client")
 
 READ_BLOCK_MS = 100
 """How long the reply reader blocks per read; bounds how fast close() returns."""
@@ -45,6 +54,24 @@ SEND_BATCH = 1_000
 """Most requests sent in one call."""
 TRIM_EVERY_S = 1.0
 """How often the reply reader drops the replies it has read."""
+
+
+class _ReplyEnvelope(msgspec.Struct):
+    """The least of a reply that names the call it answers: any JSON object, any value."""
+
+    request_id: object = None
+
+
+_envelope = msgspec.json.Decoder(_ReplyEnvelope)
+
+
+def _request_id_of(raw: bytes) -> str | None:
+    """The request id of an undecodable reply, when it has a readable one."""
+    try:
+        found = _envelope.decode(raw).request_id
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    return found if isinstance(found, str) else None
 
 
 def _time_out(future: asyncio.Future[Reply | None]) -> None:
@@ -67,7 +94,7 @@ class Client:
         self._waiting: dict[str, asyncio.Future[Reply | None]] = {}
         self._task: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
-        self._outbox: list[bytes] = []
+        self._outbox: list[str] = []
         self._outbox_ready = asyncio.Event()
         self._closing = False
 
@@ -133,8 +160,9 @@ class Client:
         return reply
 
     async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:
-        """Add a raw request to the request stream and wait for its reply."""
+        """Add a raw request (UTF-8 JSON) to the request stream and wait for its reply."""
         assert self._redis is not None, "call start() first"
+        text = payload.decode()  # a script call carries text; raises here, not in the sender
         timeout = timeout_s or self.timeout_s
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply | None] = loop.create_future()
@@ -142,7 +170,7 @@ class Client:
         # one timer handle per call (cheaper than wait_for's task and callbacks)
         timer = loop.call_later(timeout, _time_out, future)
         try:
-            self._outbox.append(payload)
+            self._outbox.append(text)
             self._outbox_ready.set()
             reply = await future
         finally:
@@ -167,8 +195,8 @@ class Client:
                     await self._send_channel.call("XADD", self.keys.requests, "*", "d", batch[0])
                 else:
                     for start in range(0, len(batch), SEND_BATCH):
-                        await APPEND(self._send_channel, [self.keys.requests],
-                                     batch[start:start + SEND_BATCH])
+                        await APPEND(self._send_channel, AppendKeys(stream=self.keys.requests),
+                                     AppendCall(payloads=batch[start:start + SEND_BATCH]))
             except REDIS_DOWN:
                 # not known to be sent: put them back in front and try again shortly (a
                 # request sent twice is answered once: request ids make it idempotent)
@@ -192,13 +220,28 @@ class Client:
             for _stream, items in stream_items(batch):
                 for entry_id, fields in items:
                     last = entry_id
-                    with contextlib.suppress(Exception):
-                        reply = reply_decoder.decode(fields[fields.index(b"d") + 1])
-                        future = self._waiting.get(reply.request_id)
-                        if future is not None and not future.done():
-                            future.set_result(reply)
+                    self._deliver(entry_id, fields)
             now = time.monotonic()
             if batch and self._redis is not None and now - trimmed_at > TRIM_EVERY_S:
                 # replies already read are dropped so the stream stays small
                 trimmed_at = now
                 await self._redis.xtrim(self.reply_stream, minid=last)
+
+    def _deliver(self, entry_id: object, fields: list[bytes]) -> None:
+        """Resolve the call a reply answers. An undecodable reply is counted, logged and,
+        when its request id can be read, answered as ``Failed(reason="invalid_reply")``."""
+        names = fields[::2]
+        raw = fields[2 * names.index(b"d") + 1] if b"d" in names else b""
+        try:
+            reply: Reply = reply_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            request_id = _request_id_of(raw)
+            CLIENT_INVALID_REPLIES.inc()
+            log.error("undecodable reply %s on %s: %s", text(entry_id), self.reply_stream, exc,
+                      extra={"request_id": request_id, "reply_stream": self.reply_stream})
+            if request_id is None:
+                return
+            reply = Failed(request_id=request_id, reason="invalid_reply", message=str(exc))
+        future = self._waiting.get(reply.request_id)
+        if future is not None and not future.done():
+            future.set_result(reply)

@@ -1,0 +1,178 @@
+"""What each stage script is called with: its keys and its call, declared once.
+
+A script call is a keys ``NamedTuple`` (the KEYS, by name) and one call Struct
+(the header fields, then ``items``, the batch's rows). ``pipeline.scripts``
+encodes the call as ONE msgpack value (``ARGV[1]``); the script reads
+``KEY.<name>`` and ``CALL.<field>``, and each row by name (``row.request_id``),
+from a preamble generated from these types: a field name the Struct does not
+declare raises ``row <op> has no field <name>`` in Lua instead of reading nil.
+
+Each row kind is one Struct tagged by ``op`` (``"admit"``, ``"forward"``,
+``"refuse"``, ``"dead"``, ``"allocate"``, ``"release"``) and carries the id of
+the stream entry it stands for (``entry_id``, acked by the same call). A new row
+kind is one Struct here, one member of its script's row union, and one handler
+in the script (``each_row`` in common.lua raises on a kind without a handler).
+
+Text fields are ``str``: Redis's cmsgpack reads no msgpack bin, and every
+payload a row carries (a request, a dead letter) is UTF-8 JSON. Absent
+optional fields (None) read as false in Lua (test them by truth).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from msgspec import Struct
+
+from schemas.messages import DeviceSpec, FailureReason, QuotaSpec
+
+
+class Row(Struct, kw_only=True, tag_field="op", omit_defaults=True):
+    """One item of a batch: the entry it stands for, acked by the same script call.
+    Optional fields that are None are left out of the encoding (they read as false
+    either way; a row is decoded faster without them)."""
+
+    entry_id: str
+
+
+class DeadRow(Row, tag="dead", kw_only=True):
+    """Move the entry to the dead stream with ``letter`` (a DeadLetter, JSON)."""
+
+    letter: str
+
+
+# --- quota.lua ----------------------------------------------------------------------
+
+
+class QuotaKeys(NamedTuple):
+    requests: str
+    admitted: str
+    changes: str
+    dead: str
+
+
+class AdmitRow(Row, tag="admit", kw_only=True):
+    """An allocate request to check against the user's quota; admitted, it goes on to
+    select as ``payload`` with its hold."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    payload: str
+    """The request as the producer sent it (JSON)."""
+
+
+class ForwardRow(Row, tag="forward", kw_only=True):
+    """A request that goes on to select unchanged, holding nothing (a release)."""
+
+    payload: str
+
+
+class RefuseRow(Row, tag="refuse", kw_only=True):
+    """A request answered with a failure at once (it did not validate)."""
+
+    request_id: str
+    user_id: str | None = None
+    tenant_id: str | None = None
+    reply_to: str
+    reason: FailureReason
+    message: str
+
+
+QuotaRow = AdmitRow | ForwardRow | RefuseRow | DeadRow
+
+
+class QuotaCall(Struct, kw_only=True):
+    prefix: str
+    group: str
+    now_ms: int
+    idempotency_ttl_s: int
+    reply_ttl_s: int
+    fail_open: bool
+    """Admit users with no quota record."""
+    items: list[QuotaRow]
+
+
+# --- select.lua ---------------------------------------------------------------------
+
+
+class SelectKeys(NamedTuple):
+    admitted: str
+    changes: str
+    dead: str
+
+
+class AllocateRow(Row, tag="allocate", kw_only=True):
+    """An admitted allocate request: pick a device, settle the hold, answer."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    duration_seconds: int
+    pool: str | None = None
+    model: str | None = None
+    hold: str
+    """What quota held for it ("cpu mem sto"), from the admitted entry's ``c``."""
+    allocation_id: str
+    """Derived from the user and request id (stages.select.allocation_id)."""
+
+
+class ReleaseRow(Row, tag="release", kw_only=True):
+    """A release request: close the allocation named by id, or the one on the device."""
+
+    request_id: str
+    reply_to: str
+    allocation_id: str | None = None
+    device_id: str | None = None
+    user_id: str | None = None
+    """When set, only this user's allocation may be released."""
+
+
+SelectRow = AllocateRow | ReleaseRow | DeadRow
+
+
+class SelectCall(Struct, kw_only=True):
+    prefix: str
+    group: str
+    now_ms: int
+    idempotency_ttl_s: int
+    reply_ttl_s: int
+    released_ttl_s: int
+    items: list[SelectRow]
+
+
+# --- expire.lua ---------------------------------------------------------------------
+
+
+class ExpireKeys(NamedTuple):
+    changes: str
+
+
+class ExpireCall(Struct, kw_only=True):
+    prefix: str
+    now_ms: int
+    limit: int
+    """Most allocations closed by one call."""
+    released_ttl_s: int
+
+
+# --- admin.lua ----------------------------------------------------------------------
+
+
+class AdminKeys(NamedTuple):
+    changes: str
+
+
+class AdminCall(Struct, kw_only=True):
+    """Exactly one of ``device`` (its ``name`` set) and ``quota``."""
+
+    prefix: str
+    now_ms: int
+    device: DeviceSpec | None = None
+    quota: QuotaSpec | None = None

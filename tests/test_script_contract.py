@@ -1,0 +1,344 @@
+"""The contract between the Lua scripts and the Structs: every message a script emits
+decodes with the strict decoders.
+
+Each script (quota, select, expire, admin) is driven through every path it has on the
+real Redis, by the stages' own code (QuotaStage, SelectStage, expire_due, add_devices,
+set_quotas): every refusal reason, invalid input, dead letters, allocation, no device,
+quota exceeded at select, release by allocation and by device, a second release,
+not_found, not_owner, expiry, device and quota updates, idempotent repeats. Then EVERY
+entry the scripts added to the reply stream, the admitted stream, the changes stream
+and the dead stream is decoded with the strict decoders (every Struct Lua emits
+forbids unknown fields), and the kinds seen must be exactly the kinds expected, so no
+path silently drops out of the run.
+
+That the test bites is shown by running the same paths with one emitted key renamed
+in one script's source (loaded under its own SHA) and seeing strict decoding fail.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import msgspec
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+import stages.quota
+import stages.select
+import stages.timers
+import stages.tools.admin
+from pipeline.clock import ManualClock
+from pipeline.connections import text
+from pipeline.scripts import Script
+from pipeline.worker import Entry
+from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
+from schemas.messages import (
+    Allocated,
+    AllocateRequest,
+    AllocationChange,
+    DeviceSpec,
+    DeviceUpserted,
+    Failed,
+    QuotaSet,
+    QuotaSpec,
+    Released,
+    ReleaseRequest,
+    RequestRejected,
+    change_decoder,
+    decode_admitted,
+    encoder,
+    reply_decoder,
+)
+from schemas.runtime import dead_decoder
+from stages.context import StageContext
+from stages.quota import QuotaStage
+from stages.scripts import ADMIN, EXPIRE, QUOTA, SELECT
+from stages.select import SelectStage, allocation_id
+from stages.timers import expire_due
+from stages.tools.admin import add_devices, set_quotas
+
+CLIENT = "contract"
+"""The reply stream every request of the run names (one producer)."""
+
+
+@dataclass
+class Run:
+    """One run of every path: what it wrote itself (not the scripts' output)."""
+
+    keys: Keys
+    own_admitted: set[str] = field(default_factory=set)
+    """Admitted entries the test added directly (to reach select's own error paths)."""
+
+
+class Driver:
+    """Feeds requests through the real stages, one stage step at a time."""
+
+    def __init__(self, redis: Redis, ctx: StageContext, clock: ManualClock) -> None:
+        self.redis, self.ctx, self.clock = redis, ctx, clock
+        self.keys = ctx.keys
+        self.reply_to = self.keys.reply(CLIENT)
+        self.quota = QuotaStage(ctx)
+        self.quota_fail_open = QuotaStage(
+            replace(ctx, settings=replace(ctx.settings, quota_fail_open=True)))
+        self.select = SelectStage(ctx)
+        self.run = Run(self.keys)
+
+    async def start(self) -> None:
+        for stream, group in ((self.keys.requests, GROUP_QUOTA),
+                              (self.keys.admitted, GROUP_SELECT)):
+            await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+
+    def allocate(self, user: str, rid: str, **fields: Any) -> bytes:
+        return encoder.encode(AllocateRequest(request_id=rid, user_id=user,
+                                              reply_to=self.reply_to, **fields))
+
+    def release(self, rid: str, **fields: Any) -> bytes:
+        return encoder.encode(ReleaseRequest(request_id=rid, reply_to=self.reply_to, **fields))
+
+    async def _read(self, stream: str, group: str) -> list[Entry]:
+        reply = await self.redis.xreadgroup(group, "contract", {stream: ">"}, count=10_000)
+        return [Entry(stream, text(eid), dict(fields)) for _s, items in reply
+                for eid, fields in items]
+
+    async def through_quota(self, *payloads: bytes, fail_open: bool = False) -> None:
+        for payload in payloads:
+            await self.redis.xadd(self.keys.requests, {"d": payload})
+        stage = self.quota_fail_open if fail_open else self.quota
+        await stage.handle(await self._read(self.keys.requests, GROUP_QUOTA))
+
+    async def through_select(self) -> None:
+        await self.select.handle(await self._read(self.keys.admitted, GROUP_SELECT))
+
+    async def both(self, *payloads: bytes, fail_open: bool = False) -> None:
+        await self.through_quota(*payloads, fail_open=fail_open)
+        await self.through_select()
+
+    async def admitted_directly(self, fields: dict[str, bytes]) -> None:
+        entry_id = await self.redis.xadd(self.keys.admitted, fields)  # type: ignore[arg-type]
+        self.run.own_admitted.add(text(entry_id))
+
+
+async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run:
+    """Drive quota, select, expire and admin through every path they have."""
+    d = Driver(redis, ctx, clock)
+    await d.start()
+    keys, now = ctx.keys, clock.now_ms()
+
+    # admin: devices (one updated after), quotas with and without an expiry
+    await add_devices(redis, keys, clock, [
+        DeviceSpec(id="d1", pool="p1", cpu_cores=2, memory_mb=4096),
+        DeviceSpec(id="d2", name="second", pool="p1", cpu_cores=4, memory_mb=8192),
+        DeviceSpec(id="d3", pool="p2", model="big", cpu_cores=8, memory_mb=16384),
+        DeviceSpec(id="d4", pool="p1", cpu_cores=2, memory_mb=5000),
+        DeviceSpec(id="d5", pool="p5", cpu_cores=2, memory_mb=4096),
+        DeviceSpec(id="idle", pool="p3", cpu_cores=1, memory_mb=1024),
+    ])
+    await add_devices(redis, keys, clock, [
+        DeviceSpec(id="d2", name="second", pool="p1", cpu_cores=4, memory_mb=8192,
+                   storage_mb=65536)])
+    await set_quotas(redis, keys, clock, [
+        QuotaSpec(user_id="ok"),
+        QuotaSpec(user_id="other"),
+        QuotaSpec(user_id="susp", status="suspended"),
+        QuotaSpec(user_id="overdue", status="overdue"),
+        QuotaSpec(user_id="lapsed", status="expired"),
+        QuotaSpec(user_id="past", expires_at_ms=now - 1),
+        QuotaSpec(user_id="full", max_devices=0),
+        QuotaSpec(user_id="small", max_cpu_per_device=1, max_memory_mb_per_device=1024),
+        QuotaSpec(user_id="nocpu", total_cpu_cores=0),
+        QuotaSpec(user_id="nomem", total_memory_gb=0),
+        QuotaSpec(user_id="sto", total_storage_gb=64),
+        QuotaSpec(user_id="race", total_cpu_cores=2, expires_at_ms=now + 86_400_000),
+    ])
+
+    # quota refuses, one reason each, and a refused request repeated gets its answer again
+    await d.both(
+        d.allocate("nobody", "r-none"), d.allocate("susp", "r-susp"),
+        d.allocate("overdue", "r-overdue"), d.allocate("lapsed", "r-lapsed"),
+        d.allocate("past", "r-past"), d.allocate("full", "r-full"),
+        d.allocate("small", "r-cpu-per", min_cpu_cores=2),
+        d.allocate("small", "r-mem-per", min_memory_mb=2048),
+        d.allocate("nocpu", "r-nocpu"), d.allocate("nomem", "r-nomem"),
+        d.allocate("susp", "r-susp"),
+    )
+    # invalid input: answered when it names a reply stream of ours, else dead-lettered
+    await d.both(
+        orjson.dumps({"type": "allocate", "request_id": "r-bad", "user_id": "ok",
+                      "reply_to": d.reply_to, "duration_minutes": 0}),
+        orjson.dumps({"type": "release", "request_id": "r-naming-nothing",
+                      "reply_to": d.reply_to}),
+        b"{not json",
+    )
+    # fail-open admits a user with no quota; select allocates within no caps
+    await d.both(d.allocate("nobody", "r-open", pool="p2"), fail_open=True)
+
+    # allocate (d1); the same request again while in flight (re-admitted with its hold)
+    # and after (the stored answer); then no device (pool, model)
+    await d.through_quota(d.allocate("ok", "r-1", pool="p1"), d.allocate("ok", "r-1", pool="p1"))
+    await d.through_select()
+    await d.both(d.allocate("ok", "r-1", pool="p1"))
+    await d.both(d.allocate("ok", "r-2", pool="p1", duration_seconds=60))  # d4
+    await d.both(d.allocate("ok", "r-nopool", pool="nowhere"),
+                 d.allocate("ok", "r-nomodel", model="tiny"))
+    # two admitted while the CPU total allowed one more device: the second is refused at
+    # select, against the device the first took (d5)
+    await d.both(d.allocate("race", "r-race-1", pool="p5"), d.allocate("race", "r-race-2"))
+    # total storage used up (d2, 64 GB) then the quota lowered: refused at quota
+    await d.both(d.allocate("sto", "r-sto-1", pool="p1"))
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="sto", total_storage_gb=1)])
+    await d.both(d.allocate("sto", "r-sto-2"))
+    # select's own refusals: an allocate quota never admitted; an undecodable entry
+    await d.admitted_directly({"d": d.allocate("ok", "r-unadmitted"), "c": b"0 0 0"})
+    await d.admitted_directly({"d": b"[]", "c": b""})
+    await d.through_select()
+
+    # releases: by allocation, by device, again, and each way to fail
+    first = allocation_id("ok", "r-1")
+    await d.both(
+        d.release("x-1", allocation_id=first, user_id="ok"),
+        d.release("x-1b", allocation_id=first),
+        d.release("x-owner", allocation_id=allocation_id("race", "r-race-1"), user_id="other"),
+        d.release("x-unknown", allocation_id="no-such-allocation"),
+        d.release("x-nodev", device_id="no-such-device"),
+        d.release("x-idle", device_id="idle"),
+        d.release("x-elsewhere", allocation_id=allocation_id("race", "r-race-1"),
+                  device_id="d1"),
+        d.release("x-by-device", device_id="d3"),
+    )
+    await d.both(d.release("x-1", allocation_id=first, user_id="ok"))  # answered before
+
+    # expiry: r-2 lasts 60 s; released after it expired, it says so
+    clock.advance(61_000)
+    assert await expire_due(ctx) == 1
+    await d.both(d.release("x-2", allocation_id=allocation_id("ok", "r-2")))
+    return d.run
+
+
+# --- reading everything back, strictly -----------------------------------------------
+
+
+async def entries(redis: Redis, stream: str) -> list[tuple[str, dict[bytes, bytes]]]:
+    return [(text(eid), dict(fields)) for eid, fields in await redis.xrange(stream)]
+
+
+def kind_of(message: object) -> str:
+    if isinstance(message, Failed):
+        return f"reply failed {message.reason}"
+    if isinstance(message, Released):
+        return f"reply released {message.status}" + (" again" if message.already_released else "")
+    if isinstance(message, Allocated):
+        return "reply allocated"
+    if isinstance(message, AllocationChange):
+        return f"change allocation {message.status}"
+    if isinstance(message, RequestRejected):
+        return f"change rejected {message.reason}"
+    if isinstance(message, DeviceUpserted):
+        return "change device"
+    if isinstance(message, QuotaSet):
+        return "change quota" + (" expiring" if message.expires_at_ms is not None else "")
+    raise AssertionError(message)
+
+
+async def decode_everything(redis: Redis, run: Run) -> list[str]:
+    """Every entry the scripts added, decoded strictly; yields the kind of each."""
+    keys = run.keys
+    seen: list[str] = []
+    for _id, fields in await entries(redis, keys.reply(CLIENT)):
+        assert list(fields) == [b"d"]
+        seen.append(kind_of(reply_decoder.decode(fields[b"d"])))
+    for entry_id, fields in await entries(redis, keys.admitted):
+        if entry_id not in run.own_admitted:
+            admitted = decode_admitted(fields)
+            seen.append(f"admitted {admitted.d.__class__.__name__} hold={bool(admitted.c)}")
+    for _id, fields in await entries(redis, keys.changes):
+        assert list(fields) == [b"d"]
+        seen.append(kind_of(change_decoder.decode(fields[b"d"])))
+    for _id, fields in await entries(redis, keys.dead):
+        assert list(fields) == [b"d"]
+        seen.append(f"dead from {dead_decoder.decode(fields[b'd']).stage}")
+    return seen
+
+
+EXPECTED = {
+    "reply allocated",
+    "reply released released",
+    "reply released released again",
+    "reply released expired again",
+    *(f"reply failed {reason}" for reason in (
+        "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
+        "no_available_devices", "not_found", "not_owner")),
+    "admitted AllocateRequest hold=True",
+    "admitted ReleaseRequest hold=False",
+    "change allocation allocated",
+    "change allocation released",
+    "change allocation expired",
+    *(f"change rejected {reason}" for reason in (
+        "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
+        "no_available_devices")),
+    "change device",
+    "change quota",
+    "change quota expiring",
+    "dead from quota",
+    "dead from select",
+}
+"""Every kind of entry the scripts emit: each must appear in one run of every path."""
+
+
+async def test_every_message_every_script_emits_decodes_strictly(
+    redis: Redis, ctx: StageContext, clock: ManualClock
+) -> None:
+    run = await every_path(redis, ctx, clock)
+    seen = await decode_everything(redis, run)
+    assert set(seen) == EXPECTED
+    # every quota refusal has its own message; spot-check that each reason path ran
+    messages = [reply_decoder.decode(f[b"d"]) for _i, f in await entries(
+        redis, ctx.keys.reply(CLIENT))]
+    texts = {m.message for m in messages if isinstance(m, Failed)}
+    for expected in ("No quota configured", "is suspended", "Billing overdue", "Quota is expired",
+                     "Quota expired", "Device quota exceeded", "CPU per device",
+                     "Memory per device", "Total CPU quota", "Total memory quota",
+                     "Total storage quota", "Resource quota exceeded", "not admitted by quota",
+                     "belongs to another user", "has no allocation", "is not on device",
+                     "No available device"):
+        assert any(expected in t for t in texts), expected
+
+
+# --- the contract test bites ------------------------------------------------------------
+
+SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SELECT"),
+                "expire": (stages.timers, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN")}
+"""Where each stage finds its script (module, name), to load a renamed copy there."""
+
+RENAMES = [
+    # (script, text in its source, replacement, what strict decoding names)
+    (QUOTA, "remaining_devices = remaining", "remaining = remaining", "remaining"),
+    (QUOTA, "user_id = opt(uid), tenant_id", "user_id = opt(uid), tenant", "tenant"),
+    (QUOTA, "'d', row.payload, 'c', ''", "'d', row.payload, 'hold', ''", "hold"),
+    (SELECT, "adb_port = tonumber(d[5])", "port = tonumber(d[5])", "port"),
+    (SELECT, "device = {id = dev, name = d[3]", "device = {id = dev, label = d[3]", "label"),
+    (SELECT, "already_released = already", "already = already", "already"),
+    (SELECT, "duration_minutes = minutes", "minutes = minutes", "minutes"),
+    (EXPIRE, "released_at_ms = released_at, duration_minutes",
+     "ended_at_ms = released_at, duration_minutes", "ended_at_ms"),
+    (ADMIN, "storage_mb = dev.storage_mb", "storage = dev.storage_mb", "storage"),
+    (ADMIN, "expires_at_ms = q.expires_at_ms or", "expires = q.expires_at_ms or", "expires"),
+]
+
+
+@pytest.mark.parametrize(("script", "old", "new", "named"), RENAMES,
+                         ids=[f"{s.name}:{n}" for s, _o, _n, n in RENAMES])
+async def test_a_key_renamed_in_one_script_fails_strict_decoding(
+    redis: Redis, ctx: StageContext, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+    script: Script[Any, Any], old: str, new: str, named: str,
+) -> None:
+    assert script.body.count(old) == 1, f"{old!r} must name one place in {script.name}"
+    renamed = Script(script.name, script.keys, script.call, script.body.replace(old, new))
+    assert renamed.sha != script.sha
+    module, attribute = SCRIPT_SLOTS[script.name]
+    monkeypatch.setattr(module, attribute, renamed)
+    run = await every_path(redis, ctx, clock)
+    with pytest.raises(msgspec.ValidationError, match=re.escape(f"`{named}`")):
+        await decode_everything(redis, run)
