@@ -12,11 +12,13 @@ one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import msgspec
 
 from pipeline.connections import RawChannel
+from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
 from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
@@ -24,6 +26,8 @@ from schemas.rows import AdmitRow, DeadRow, ForwardRow, QuotaCall, QuotaKeys, Qu
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
+
+log = logging.getLogger("devsched.quota")
 
 
 class _Envelope(msgspec.Struct):
@@ -53,6 +57,7 @@ class QuotaStage:
         # this stage's own connection for its script calls (the fast path of a hot loop)
         self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.requests]
+        self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
                                      dead=k.dead)
@@ -66,8 +71,9 @@ class QuotaStage:
             return self._invalid(entry, raw, f"message of {len(raw)} bytes exceeds {limit} bytes")
         try:
             request = request_decoder.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            return self._invalid(entry, raw, str(exc))
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            # RecursionError: JSON nested past the decoder's depth is invalid input too
+            return self._invalid(entry, raw, str(exc) or type(exc).__name__)
         if not request.reply_to.startswith(f"{self.keys.prefix}:reply:"):
             # never write a reply (and its EXPIRE) into a stream that is not a reply stream
             return self._invalid(entry, raw, f"reply_to must start with {self.keys.prefix}:reply:")
@@ -86,10 +92,14 @@ class QuotaStage:
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
         try:
             env = _envelope.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
             env = _Envelope()
         reply_to = _text(env.reply_to)
-        if len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:"):
+        answerable = len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:")
+        log.warning("request refused as invalid: %s", reason[:200], extra={
+            "request_id": _text(env.request_id)[:128], "user_id": _text(env.user_id)[:128],
+            "entry": entry.id, "outcome": "reply" if answerable else "dead_letter"})
+        if answerable:
             return RefuseRow(
                 entry_id=entry.id, request_id=_text(env.request_id)[:128],
                 user_id=_text(env.user_id)[:128] or None,
@@ -107,4 +117,6 @@ class QuotaStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             fail_open=s.quota_fail_open, items=[self.item(entry) for entry in entries],
         )
-        await QUOTA(self.channel, self.script_keys, call)
+        dead = (await QUOTA(self.channel, self.script_keys, call))[2]
+        if dead:
+            self._dead_lettered.inc(dead)

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import msgspec
 
 from pipeline.connections import RawChannel
+from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
 from schemas.messages import AllocateRequest, request_decoder
@@ -41,6 +42,7 @@ class SelectStage:
         # this stage's own connection for its script calls (the fast path of a hot loop)
         self.channel = RawChannel(ctx.redis)
         self.streams = [self.keys.admitted]
+        self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead)
 
@@ -77,4 +79,6 @@ class SelectStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
         )
-        await SELECT(self.channel, self.script_keys, call)
+        dead = (await SELECT(self.channel, self.script_keys, call))[3]
+        if dead:
+            self._dead_lettered.inc(dead)

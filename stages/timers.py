@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from redis.exceptions import ResponseError
 
-from pipeline.connections import REDIS_DOWN
+from pipeline.connections import REDIS_DOWN, text
 from pipeline.trim import trim
 from pipeline.worker import Entry
 from schemas.keys import GROUP_TIMERS
@@ -67,11 +67,16 @@ async def expire_due(ctx: StageContext) -> int:
     s = ctx.settings
     total = 0
     while True:
-        closed, seen = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes), ExpireCall(
-            prefix=s.prefix, now_ms=ctx.clock.now_ms(), limit=s.expire_batch,
-            released_ttl_s=s.released_ttl_s,
-        ))
-        total += int(closed)
+        count, seen, closed = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
+                                           ExpireCall(prefix=s.prefix, now_ms=ctx.clock.now_ms(),
+                                                      limit=s.expire_batch,
+                                                      released_ttl_s=s.released_ttl_s))
+        total += int(count)
+        if log.isEnabledFor(logging.INFO):
+            for i in range(0, len(closed), 3):
+                log.info("allocation expired", extra={
+                    "allocation_id": text(closed[i]), "user_id": text(closed[i + 1]),
+                    "device_id": text(closed[i + 2])})
         if int(seen) < s.expire_batch:
             break
     if total:

@@ -3,19 +3,24 @@
 -- released_ttl_s).
 -- Each allocation ends as 'expired' at its expires-at (the user is billed to that
 -- instant, not to when the tick ran). Closing is idempotent: an allocation already
--- released is skipped. Returns {expired, seen}; a full batch (seen = limit) means call
--- again.
+-- released is skipped. Returns {expired, seen, closed}: closed lists allocation id, user
+-- id and device id of each allocation expired (for the stage's log); a full batch
+-- (seen = limit) means call again.
 local P, now, released_ttl = CALL.prefix, CALL.now_ms, CALL.released_ttl_s
 local due = redis.call('ZRANGEBYSCORE', k_pool(P, 'expiry'), '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   CALL.limit)
-local count = 0
+local count, closed = 0, {}
 for i = 1, #due, 2 do
   local aid, at = due[i], tonumber(due[i + 1])
-  if close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl) then
+  local rec = close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl)
+  if rec then
     count = count + 1
+    closed[#closed + 1] = aid
+    closed[#closed + 1] = rec.user_id
+    closed[#closed + 1] = rec.device_id
   else
     redis.call('ZREM', k_pool(P, 'expiry'), aid)
   end
 end
 flush_stats(P)
-return {count, #due / 2}
+return {count, #due / 2, closed}

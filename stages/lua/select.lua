@@ -13,11 +13,12 @@
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
+-- Returns {allocated, released, failed, dead-lettered}.
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
   CALL.released_ttl_s
 local changes, dead = KEY.changes, KEY.dead
-local n_alloc, n_release, n_failed = 0, 0, 0
+local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
 
 -- The replies only select sends (the other messages are built in common.lua).
 -- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
@@ -227,8 +228,11 @@ end
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
-  dead = function(row) redis.call('XADD', dead, '*', 'd', row.letter) end,
+  dead = function(row)
+    redis.call('XADD', dead, '*', 'd', row.letter)
+    n_dead = n_dead + 1
+  end,
 })
 ack_all(KEY.admitted, group, acks)
 flush_stats(P)
-return {n_alloc, n_release, n_failed}
+return {n_alloc, n_release, n_failed, n_dead}

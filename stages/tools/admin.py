@@ -8,6 +8,7 @@ audit) only read.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,8 @@ from schemas.messages import DeviceSpec, QuotaSpec
 from schemas.rows import AdminCall, AdminKeys
 from stages.scripts import ADMIN
 
+log = logging.getLogger("devsched.admin")
+
 
 async def add_devices(redis: Redis, keys: Keys, clock: Clock, specs: list[DeviceSpec]) -> None:
     """Add or update each device (a device without a name is named by its id)."""
@@ -35,6 +38,8 @@ async def add_devices(redis: Redis, keys: Keys, clock: Clock, specs: list[Device
                                                      device=named))
         await ADMIN.load(redis)
         await pipe.execute()
+    for d in specs:
+        log.info("device added or updated", extra={"device_id": d.id, "pool": d.pool})
 
 
 async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaSpec]) -> None:
@@ -45,6 +50,8 @@ async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaS
                                                      quota=q))
         await ADMIN.load(redis)
         await pipe.execute()
+    for q in quotas:
+        log.info("quota set", extra={"user_id": q.user_id, "status": q.status})
 
 
 TABLES = "device_allocations, devices, user_quotas, billing_ledger"

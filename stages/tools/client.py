@@ -177,6 +177,7 @@ class Client:
             timer.cancel()
             self._waiting.pop(request_id, None)
         if reply is None:
+            log.warning("no reply within %s s", timeout, extra={"request_id": request_id})
             return Failed(request_id=request_id, reason="timed_out",
                           message=f"No reply within {timeout} s")
         return reply
