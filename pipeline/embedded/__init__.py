@@ -13,9 +13,11 @@ What the package guarantees (each module states its own part):
   terminal does not reach them) and outlive the process that started them until
   someone stops them; stopping is clean, waits for them and reaps them
   (``process``).
-- Redis keeps nothing on disk (``redis_server``); PostgreSQL keeps its cluster in
+- Redis keeps the live state in an append-only file under ``<data_dir>/redis``
+  (fsync every second by default, ``DEVSCHED_REDIS_FSYNC``) and asks for a password
+  generated once and kept there (``redis_server``); PostgreSQL keeps its cluster in
   ``<data_dir>/pg/data`` with fsync on, and runs as ``nobody`` under root
-  (``postgres``). File locations: ``layout``.
+  (``postgres``). Both outlive ``stop``. File locations: ``layout``.
 - A server that does not come up in time raises ``EmbeddedServerError`` with the
   tail of its log.
 """
