@@ -17,5 +17,7 @@ EXPIRE = Script("expire", _COMMON, LUA / "expire.lua")
 """Close allocations past their expires-at."""
 ADMIN = Script("admin", _COMMON, LUA / "admin.lua")
 """Add or update a device; set a user's quota."""
+REBUILD = Script("rebuild", _COMMON, LUA / "rebuild.lua")
+"""Write a chunk of the live state loaded from PostgreSQL (devsched rebuild)."""
 
 ALL = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)

@@ -31,13 +31,13 @@ from stages.app import APP
 from stages.settings import Settings
 from stages.tools.admin import (
     add_devices,
-    audit,
     delete_keys,
     empty_tables,
     set_quotas,
     stats,
     write_behind_drained,
 )
+from stages.tools.audit import audit
 from stages.tools.client import Client
 
 SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
