@@ -30,7 +30,6 @@ What it promises:
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import logging
 import os
@@ -256,19 +255,25 @@ def live(layout: Layout, record: RedisRecord) -> bool:
     return _is_ours(layout, record.pid) and _ping(record.url) != "down"
 
 
-def _shutdown_save(url: str) -> None:
+def _shutdown_save(url: str) -> bool:
+    """Ask for SHUTDOWN SAVE; False when the server refused (e.g. still writing its first
+    append-only file) or could not be asked."""
     client = redis.Redis.from_url(url, socket_timeout=SHUTDOWN_TIMEOUT_S,
                                   socket_connect_timeout=1.0)
-    with contextlib.suppress(redis.RedisError, OSError):
-        client.shutdown(save=True)
-    client.close()
+    try:
+        client.shutdown(save=True)  # the connection closing is the answer
+    except (redis.RedisError, OSError) as exc:
+        log.warning("redis-server refused SHUTDOWN SAVE: %s", exc)
+        return False
+    finally:
+        client.close()
+    return True
 
 
 def stop(layout: Layout, record: RedisRecord | None) -> None:
     """Stop the recorded redis and any leftover one named by redis.pid."""
     asked = None
-    if record is not None and live(layout, record):
-        _shutdown_save(record.url)
+    if record is not None and live(layout, record) and _shutdown_save(record.url):
         asked = record.pid
     pids = {record.pid} if record is not None else set()
     pids.add(read_pid(layout.redis_pidfile) or 0)
