@@ -7,6 +7,8 @@ import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import threading
 from dataclasses import replace
 from pathlib import Path
@@ -243,6 +245,7 @@ def test_embedded_redis_keeps_its_data_across_down_and_up(redis_only: Settings) 
     with local_servers(redis_only) as urls:
         _redis(urls.redis_url).hset("k:state", mapping={"a": "1"})
     assert running_servers(redis_only) is None
+    assert (Layout.of(redis_only.data_dir).redis_dir / "dump.rdb").exists()  # SHUTDOWN SAVE
     with local_servers(redis_only) as urls:
         assert _redis(urls.redis_url).hgetall("k:state") == {b"a": b"1"}
         config = _redis(urls.redis_url).config_get("append*")
@@ -286,3 +289,22 @@ def test_logged_urls_hide_the_password() -> None:
     assert redis_server.redacted("redis://:s3cret@127.0.0.1:5/0") == "redis://:***@127.0.0.1:5/0"
     assert redis_server.redacted("unix://:s3cret@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
     assert redis_server.redacted("redis://127.0.0.1:5/0") == "redis://127.0.0.1:5/0"
+
+
+def test_env_prints_the_url_with_the_password(redis_only: Settings) -> None:
+    env = dict(os.environ, DEVSCHED_DATA_DIR=str(redis_only.data_dir),
+               DATABASE_URL=redis_only.database_url)
+    env.pop("REDIS_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stages.tools.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    try:
+        assert cli("env", "--start").returncode == 0
+        printed = cli("env").stdout
+    finally:
+        cli("down")
+    secret = Layout.of(redis_only.data_dir).redis_password.read_text().strip()
+    assert f"export REDIS_URL='unix://:{secret}@" in printed
