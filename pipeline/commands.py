@@ -47,8 +47,7 @@ def run_coroutine(coro: Coroutine[Any, Any, Any], settings: RuntimeSettings | No
 def resolved_settings(app: Application[Any, S]) -> tuple[S, bool]:
     """The application's settings with both URLs filled in; True when servers were started now."""
     settings = app.settings()
-    if settings.redis_url and settings.database_url:
-        return settings, False
+    # also with both URLs set: one may be an embedded server's, as `env` exported it
     urls, started = ensure_servers(settings)
     return settings.with_urls(urls.redis_url, urls.database_url), started
 

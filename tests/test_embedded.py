@@ -255,8 +255,9 @@ def test_embedded_redis_keeps_its_data_across_down_and_up(redis_only: Settings) 
 def test_embedded_redis_killed_with_sigkill_comes_back_with_its_state(
     redis_only: Settings
 ) -> None:
-    """kill -9 of redis-server: the next start loads the append-only file. With
-    DEVSCHED_REDIS_FSYNC=always every acknowledged write is on disk before its reply."""
+    """kill -9 of redis-server: the next start loads the append-only file, also when the
+    URL is given as `devsched env` exported it. With DEVSCHED_REDIS_FSYNC=always every
+    acknowledged write is on disk before its reply."""
     durable = replace(redis_only, redis_fsync="always")
     urls, _ = ensure_servers(durable)
     try:
@@ -267,8 +268,11 @@ def test_embedded_redis_killed_with_sigkill_comes_back_with_its_state(
         os.kill(pid, signal.SIGKILL)
         assert wait_gone(pid, 5.0)
         assert running_servers(durable) is None
-        again, started = ensure_servers(durable)
-        assert started
+        # as after `eval "$(devsched env)"`: the exported URL names the embedded server
+        exported = replace(durable, redis_url=urls.redis_url)
+        assert running_servers(exported) is None
+        again, started = ensure_servers(exported)
+        assert started and again.redis_url == urls.redis_url  # the same socket and password
         client = _redis(again.redis_url)
         assert client.hgetall("k:alloc") == {b"status": b"allocated"}
         assert client.zscore("k:expiry", "a1") == 123

@@ -268,7 +268,8 @@ async def test_active_allocations_survive_kill_9_of_the_embedded_redis_and_up(
 ) -> None:
     """The embedded redis-server of a data dir of its own, with DEVSCHED_REDIS_FSYNC=always:
     `devsched up`, allocations, kill -9 of redis-server, `devsched up`: the allocations are
-    still active and are released with their exact durations."""
+    still active, and the pipeline that kept running releases them at once (no wait for a
+    reclaim) with their exact durations."""
     clock.set(time.time_ns() // 1_000_000)
     env = dict(os.environ, DEVSCHED_DATA_DIR=str(tmp_path / "data"),
                DATABASE_URL=settings.database_url, DEVSCHED_PREFIX=settings.prefix,
@@ -276,43 +277,36 @@ async def test_active_allocations_survive_kill_9_of_the_embedded_redis_and_up(
     env.pop("REDIS_URL", None)
     up = _cli("up", env=env)
     assert up.returncode == 0, up.stderr
-    own = replace(settings, redis_url=_redis_url(up.stdout))
+    own = replace(settings, redis_url=_redis_url(up.stdout), claim_idle_ms=600_000)
     keys = Keys(own.prefix)
     redis = redis_client(own)
+    running = None
     try:
         await seed(redis, keys, clock, devices=DEVICES[:2], quotas=QUOTAS[:1])
         running = await start_pipeline(own, clock)
-        try:
-            async with Client(own, timeout_s=5) as client:
-                first = await client.allocate("alice", request_id="k1")
-                second = await client.allocate("alice", request_id="k2")
+        async with Client(own, timeout_s=5) as client:
+            first = await client.allocate("alice", request_id="k1")
+            second = await client.allocate("alice", request_id="k2")
             assert isinstance(first, Allocated) and isinstance(second, Allocated)
-        finally:
-            await running.close()
-        await redis.aclose()
-        pid = json.loads(Layout.of(tmp_path / "data").state.read_text())["redis"]["pid"]
-        os.kill(pid, signal.SIGKILL)
-        assert wait_gone(pid, 5.0)
+            pid = json.loads(Layout.of(tmp_path / "data").state.read_text())["redis"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            assert wait_gone(pid, 5.0)
 
-        up = _cli("up", env=env)
-        assert up.returncode == 0, up.stderr
-        assert "rebuilding" not in up.stdout  # its own file brought the state back
-        own = replace(own, redis_url=_redis_url(up.stdout))
-        redis = redis_client(own)
-        active = {text(m) for m in await redis.zrange(keys.expiry, 0, -1)}
-        assert active == {first.allocation_id, second.allocation_id}
-        running = await start_pipeline(own, clock)
-        try:
+            up = await asyncio.to_thread(_cli, "up", env=env)
+            assert up.returncode == 0, up.stderr
+            assert "rebuilding" not in up.stdout  # its own file brought the state back
+            assert _redis_url(up.stdout) == own.redis_url  # the same socket and password
+            active = {text(m) for m in await redis.zrange(keys.expiry, 0, -1)}
+            assert active == {first.allocation_id, second.allocation_id}
             clock.advance(30_000)
-            async with Client(own, timeout_s=5) as client:
-                for got in (first, second):
-                    done = await client.release(allocation_id=got.allocation_id)
-                    assert isinstance(done, Released) and not done.already_released
-                    assert done.duration_seconds == 30
-            await wait_until(lambda: write_behind_drained(redis, keys))
-        finally:
-            await running.close()
+            for got in (first, second):
+                done = await client.release(allocation_id=got.allocation_id)
+                assert isinstance(done, Released) and not done.already_released
+                assert done.duration_seconds == 30
+        await wait_until(lambda: write_behind_drained(redis, keys))
         assert (await audit(redis, keys, pg))["consistent"]
     finally:
+        if running is not None:
+            await running.close()
         await redis.aclose()
         _cli("down", env=env)

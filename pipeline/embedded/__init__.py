@@ -4,7 +4,9 @@ When REDIS_URL or DATABASE_URL is empty, devsched runs its own server for it,
 kept under ``Settings.data_dir``; tests and benchmarks use the same launcher.
 What the package guarantees (each module states its own part):
 
-- A URL set in the settings is used as given; nothing is started for it.
+- A URL set in the settings is used as given; nothing is started for it (unless it
+  is the recorded URL of this data dir's embedded server: that one is restarted
+  when down).
 - One set of servers per data dir, found, reused and stopped through
   ``servers.json`` under an exclusive lock (``registry``); a stale record (dead
   pid, or a pid reused by a stranger, told apart by working directory) is

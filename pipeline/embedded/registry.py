@@ -3,7 +3,10 @@
 What it promises:
 
 - A URL set in the settings is used as given: nothing is started for it and the
-  data dir is not touched for it.
+  data dir is not written for it. Except the URL of an embedded server of this
+  data dir, as ``servers.json`` records it (what `devsched env` exports): that
+  names the embedded server, which is started again when it is down (a killed
+  redis-server comes back with its data, and the same unix socket URL).
 - One set of servers per data dir: ensuring and stopping hold an exclusive
   ``flock`` on ``<data_dir>/.lock``, so processes racing to start end up sharing
   one set of servers.
@@ -138,7 +141,16 @@ def _stop_one(layout: Layout, state: ServersFile, server: _Server[R]) -> Servers
 
 
 def _urls(settings: RuntimeSettings) -> dict[str, str]:
-    return {server.name: server.url_in(settings) for server in _SERVERS}
+    """The URL given for each server; empty for one to run embedded (none given, or the
+    recorded URL of the embedded one, live or not)."""
+    urls = {server.name: server.url_in(settings) for server in _SERVERS}
+    if any(urls.values()):
+        state = read_state(Layout.of(settings.data_dir))
+        for server in _SERVERS:
+            record = server.recorded(state)
+            if record is not None and urls[server.name] == record.url:
+                urls[server.name] = ""
+    return urls
 
 
 def _server_urls(urls: dict[str, str]) -> ServerUrls:
