@@ -137,6 +137,9 @@ class LoadResult(msgspec.Struct, frozen=True):
     generator_cpu_share: float = 0.0
     """CPU time over wall time of the busiest producer process during the load: near
     1.0 the generator itself, not the system under test, would be the bottleneck."""
+    generator_cpu_s: float = 0.0
+    """CPU seconds the producer processes spent during the load, all of them together
+    (what the generator cost, whatever share of the cores the machine gave it)."""
 
     def summary(self) -> dict[str, float]:
         """The figures of a latency-table row."""
@@ -402,14 +405,15 @@ async def _child_async(plan: _ChildPlan, conn: multiprocessing.connection.Connec
     start = time.perf_counter() + (start_wall - time.time())
     await asyncio.sleep(max(0.0, start - time.perf_counter()))
     tally = _Tally()
-    cpu_start, busy = time.process_time(), 0.0
+    cpu_start, cpu_s, busy = time.process_time(), 0.0, 0.0
     try:
         if plan.mode == "open":
             await _open_loop(plan, parts.cycle, start, tally)
         else:
             await _closed_loop(plan, parts.cycle, start, tally)
-        # the share of one core this producer used while it ran the load
-        busy = (time.process_time() - cpu_start) / max(time.perf_counter() - start, 1e-9)
+        # the CPU this producer used while it ran the load, and its share of one core
+        cpu_s = time.process_time() - cpu_start
+        busy = cpu_s / max(time.perf_counter() - start, 1e-9)
     finally:
         try:
             await asyncio.wait_for(parts.teardown(), TEARDOWN_GRACE_S / 2)
@@ -419,6 +423,7 @@ async def _child_async(plan: _ChildPlan, conn: multiprocessing.connection.Connec
         "hist": tally.hist.encode(),
         "start_lag": tally.start_lag.encode(),
         "cpu_share": busy,
+        "cpu_s": cpu_s,
         "marks": {name: h.encode() for name, h in _marks.items()},
         "errors": dict(tally.errors),
         "due": tally.due,
@@ -517,6 +522,7 @@ def _merge(reports: list[dict[str, Any]], mode: str, duration_s: float) -> LoadR
         marks={name: latency_of(h) for name, h in sorted(marks.items())},
         start_lag=latency_of(start_lag),
         generator_cpu_share=round(max((r["cpu_share"] for r in reports), default=0.0), 3),
+        generator_cpu_s=round(sum(r["cpu_s"] for r in reports), 3),
     )
 
 

@@ -37,7 +37,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -171,7 +171,11 @@ class StageWorker:
         *,
         consumer: str | None = None,
         dead_stream: str,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``sleep`` is how the worker waits between turns (the linger after a short
+        batch, the back-offs while Redis or a dependency is down); a test passes one
+        it can observe and hold."""
         self.stage = stage
         self.redis = redis
         self._reader = reader
@@ -180,6 +184,7 @@ class StageWorker:
         self.clock = clock
         self.consumer = consumer or consumer_name()
         self.dead_stream = dead_stream
+        self._sleep = sleep
         self.errors_key = f"{settings.prefix}:errors:{stage.group}"
         self._stopping = False
         self._cursors: dict[str, str] = {s: "0-0" for s in stage.streams}
@@ -227,7 +232,7 @@ class StageWorker:
                 except REDIS_DOWN as exc:
                     log.warning("redis unavailable, retrying: %s", exc,
                                 extra={"stage": self._label})
-                    await asyncio.sleep(0.5)
+                    await self._sleep(0.5)
         finally:
             await self._read_channel.close()
         log.info("worker stopped", extra={"stage": self.stage.group, "consumer": self.consumer})
@@ -244,7 +249,7 @@ class StageWorker:
         if entries:
             done += await self.process(entries)
             if self._linger_s and len(entries) < self._batch_size and not self._stopping:
-                await asyncio.sleep(self._linger_s)
+                await self._sleep(self._linger_s)
         return done
 
     async def read(self, block_ms: int) -> list[Entry]:
@@ -305,7 +310,7 @@ class StageWorker:
                     raise Transient(f"redis: {exc!r}") from exc
                 log.warning("dependency down, retrying in %.1fs: %s", backoff, exc,
                             extra={"stage": self._label})
-                await asyncio.sleep(backoff)
+                await self._sleep(backoff)
                 backoff = min(backoff * 2, TRANSIENT_BACKOFF_MAX_S)
                 await self._keep_claim(entries)
 

@@ -21,20 +21,35 @@ import asyncpg
 import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 import sql
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client
 from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
 from pipeline.migrate import migrate
-from schemas.keys import Keys
+from pipeline.worker import groups_caught_up
+from schemas.keys import (
+    GROUP_BILL,
+    GROUP_NOTIFY,
+    GROUP_PERSIST,
+    GROUP_QUOTA,
+    GROUP_SELECT,
+    GROUP_TIMERS,
+    Keys,
+)
 from schemas.messages import DeviceSpec, QuotaSpec
 from stages.app import serve
 from stages.context import StageContext
 from stages.settings import Settings
+from stages.timers import add_tick
 from stages.tools.admin import add_devices, delete_keys, empty_tables, set_quotas
 
 ROOT = Path(__file__).resolve().parent.parent
+
+EVENT_TIMEOUT_S = 30.0
+"""How long a test waits for something that must happen: far above what a busy shared
+machine needs, so only a broken behaviour reaches it (a passing test never waits it out)."""
 
 
 @pytest.fixture(scope="session")
@@ -104,6 +119,23 @@ async def seed(
     await set_quotas(redis, keys, clock, quotas)
 
 
+async def workers_up(redis: Redis, keys: Keys, task: asyncio.Task[None]) -> bool:
+    """Every stage of the pipeline has a consumer registered in its group (its worker is
+    reading); fails at once if the pipeline task ended."""
+    if task.done():
+        task.result()
+        raise AssertionError("the pipeline stopped before its workers were up")
+    for stream, group in ((keys.requests, GROUP_QUOTA), (keys.admitted, GROUP_SELECT),
+                          (keys.changes, GROUP_PERSIST), (keys.changes, GROUP_BILL),
+                          (keys.changes, GROUP_NOTIFY), (keys.ticks, GROUP_TIMERS)):
+        try:
+            if not await redis.xinfo_consumers(stream, group):
+                return False
+        except ResponseError:  # no stream or no group yet
+            return False
+    return True
+
+
 class RunningPipeline:
     def __init__(self, task: asyncio.Task[None], stop: asyncio.Event) -> None:
         self.task = task
@@ -111,7 +143,7 @@ class RunningPipeline:
 
     async def close(self) -> None:
         self.stop.set()
-        await asyncio.wait_for(self.task, 10)
+        await asyncio.wait_for(self.task, EVENT_TIMEOUT_S)
 
 
 @pytest_asyncio.fixture
@@ -123,15 +155,25 @@ async def pipeline(
     names = ["quota", "select", "persist", "bill", "notify", "timers"]
     task = asyncio.create_task(serve(names, settings, clock, stop=stop, install_signals=False))
     running = RunningPipeline(task, stop)
-    await asyncio.sleep(0.05)
+    await wait_until(lambda: workers_up(redis, Keys(settings.prefix), task))
     yield running
     if not task.done():
         await running.close()
 
 
-async def wait_until(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], timeout: float = EVENT_TIMEOUT_S,
+) -> None:
     """Poll an async condition until it holds; fail the test past the timeout."""
     deadline = time.monotonic() + timeout
     while not await predicate():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.02)
+
+
+async def tick_through_timers(redis: Redis, settings: Settings, clock: ManualClock) -> None:
+    """Give the running timers stage the tick of the clock's current period (added here
+    or by the pipeline's own ticker: one per period) and wait until it was handled."""
+    keys = Keys(settings.prefix)
+    await add_tick(StageContext(redis=redis, settings=settings, clock=clock))
+    await wait_until(lambda: groups_caught_up(redis, keys.ticks, [GROUP_TIMERS]))

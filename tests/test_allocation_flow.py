@@ -20,7 +20,7 @@ from stages.timers import expire_due
 from stages.tools.admin import user_state, write_behind_drained
 from stages.tools.audit import audit
 from stages.tools.client import Client
-from tests.conftest import RunningPipeline, seed, wait_until
+from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
 
 
 async def test_allocate_release_persist_and_bill(
@@ -31,7 +31,7 @@ async def test_allocate_release_persist_and_bill(
                devices=[DeviceSpec(id="d1", cpu_cores=4, memory_mb=8192),
                         DeviceSpec(id="d2", cpu_cores=2, memory_mb=4096)],
                quotas=[QuotaSpec(user_id="alice")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         got = await client.allocate("alice", tenant_id="t1", duration_minutes=30, min_cpu_cores=2)
         assert isinstance(got, Allocated), got
         assert got.device.id == "d2"  # best fit: the smaller device that meets the minimum
@@ -62,7 +62,7 @@ async def test_quota_refusals_are_typed(
                devices=[DeviceSpec(id=f"d{i}") for i in range(3)],
                quotas=[QuotaSpec(user_id="bob", max_devices=1),
                        QuotaSpec(user_id="sus", status="suspended")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         first = await client.allocate("bob")
         assert isinstance(first, Allocated)
         second = await client.allocate("bob")
@@ -82,7 +82,7 @@ async def test_no_device_fits_and_not_owner(
 ) -> None:
     await seed(redis, keys, clock, devices=[DeviceSpec(id="d1", cpu_cores=2)],
                quotas=[QuotaSpec(user_id="u1"), QuotaSpec(user_id="u2")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         none = await client.allocate("u1", min_memory_mb=60_000)
         assert isinstance(none, Failed) and none.reason == "no_available_devices"
         got = await client.allocate("u1")
@@ -103,7 +103,7 @@ async def test_same_request_id_gets_the_first_answer(
 ) -> None:
     await seed(redis, keys, clock, devices=[DeviceSpec(id="d1"), DeviceSpec(id="d2")],
                quotas=[QuotaSpec(user_id="u1")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         a = await client.allocate("u1", request_id="r-1")
         b = await client.allocate("u1", request_id="r-1")
         assert isinstance(a, Allocated) and a == b
@@ -115,7 +115,7 @@ async def test_expiry_releases_as_expired_at_expires_at(
     pg: asyncpg.Pool,
 ) -> None:
     await seed(redis, keys, clock, devices=[DeviceSpec(id="d1")], quotas=[QuotaSpec(user_id="u1")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         got = await client.allocate("u1", duration_minutes=1)
         assert isinstance(got, Allocated)
         clock.advance(59_000)

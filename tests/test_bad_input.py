@@ -16,11 +16,19 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
-from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, reply_decoder
+from schemas.messages import (
+    Allocated,
+    AllocateRequest,
+    DeviceSpec,
+    Failed,
+    QuotaSpec,
+    reply_decoder,
+    request_decoder,
+)
 from schemas.runtime import DeadLetter, dead_decoder
 from stages.settings import Settings
 from stages.tools.client import Client
-from tests.conftest import RunningPipeline, seed, wait_until
+from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
 
 
 def allocate(reply_to: str, **fields: object) -> dict[str, object]:
@@ -76,7 +84,7 @@ async def test_each_broken_request_with_a_reply_stream_gets_one_invalid_request_
         request["reply_to"] = keys.reply(name)
         await redis.xadd(keys.requests, {"d": orjson.dumps(request)})
 
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         good = await client.allocate("u1")
     assert isinstance(good, Allocated), good  # the quota stage survived every case above
 
@@ -124,7 +132,7 @@ async def test_broken_request_without_a_reply_stream_is_dead_lettered_with_its_r
     for name, (fields, _) in cases.items():
         ids[name] = (await redis.xadd(keys.requests, fields)).decode()
 
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         good = await client.allocate("u1")
     assert isinstance(good, Allocated), good
 
@@ -153,7 +161,7 @@ async def test_valid_request_naming_a_foreign_reply_stream_is_not_answered_there
     changes_before = await redis.xlen(keys.changes)
     entry = await redis.xadd(keys.requests, {"d": orjson.dumps(allocate(keys.changes))})
 
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         good = await client.allocate("u1")
     assert isinstance(good, Allocated), good  # the only allocation: the foreign one was refused
 
@@ -165,8 +173,18 @@ async def test_valid_request_naming_a_foreign_reply_stream_is_not_answered_there
     assert letter.stage == GROUP_QUOTA and "reply_to" in letter.error
 
 
-async def test_client_without_a_pipeline_gets_timed_out(settings: Settings, redis: Redis) -> None:
+async def test_client_without_a_pipeline_gets_timed_out(
+    settings: Settings, redis: Redis, keys: Keys,
+) -> None:
+    """The request is sent and nobody answers it: the call ends with a typed
+    ``timed_out`` after the timeout it was given (short here, so the test is quick;
+    no pipeline runs, so no reply can come whatever the machine's speed)."""
     async with Client(settings) as client:
-        got = await client.allocate("u1", timeout_s=0.3)
+        got = await client.allocate("u1", request_id="r-1", timeout_s=0.3)
     assert isinstance(got, Failed) and got.reason == "timed_out", got
-    assert got.message == "No reply within 0.3 s"
+    assert got.request_id == "r-1" and got.message == "No reply within 0.3 s"
+    # close() sends what was queued: the request is on the stream, unanswered
+    [(_, fields)] = await redis.xrange(keys.requests)
+    sent = request_decoder.decode(fields[b"d"])
+    assert isinstance(sent, AllocateRequest) and sent.request_id == "r-1"
+    assert not await redis.exists(keys.admitted)

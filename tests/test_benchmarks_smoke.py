@@ -19,9 +19,14 @@ from benchmarks.loadgen import (
 )
 from pipeline.embedded import ServerUrls
 
+LONG_DRAIN_S = 30.0
+"""Request timeout and drain of runs whose every cycle must finish: a run ends as soon as
+they have, so this bound is only reached by a broken generator, never by a slow machine."""
+
 
 async def test_open_loop_offers_the_rate_and_counts_errors_by_reason() -> None:
-    result = await run_open(CycleFactory(make_sleep_cycle, (0.001, 10)), 400, 1.0)
+    result = await run_open(CycleFactory(make_sleep_cycle, (0.001, 10)), 400, 1.0,
+                            request_timeout_s=LONG_DRAIN_S, drain_s=LONG_DRAIN_S)
     assert result.count == 400
     assert result.ok + result.errors["injected"] == 400
     assert result.errors["injected"] == 40
@@ -29,10 +34,13 @@ async def test_open_loop_offers_the_rate_and_counts_errors_by_reason() -> None:
 
 
 async def test_overloaded_system_yields_numbers_and_the_run_ends_by_itself() -> None:
-    result = await run_open(CycleFactory(make_sleep_cycle, (30.0,)), 200, 1.0,
-                            max_in_flight=50, request_timeout_s=0.5, drain_s=0.5)
+    # 100 cycles due in 0.5 s, 50 slots each held for the 1 s timeout: the first 50 start
+    # and the rest find no slot; every cycle started times out (the drain outlasts the
+    # timeout), and the run ends when they have, not after the 30 s the cycles would take
+    result = await run_open(CycleFactory(make_sleep_cycle, (30.0,)), 200, 0.5,
+                            max_in_flight=50, request_timeout_s=1.0, drain_s=LONG_DRAIN_S)
     assert result.errors["overloaded"] > 0 and result.errors["timeout"] >= 50
-    assert sum(result.errors.values()) == result.count == 200
+    assert result.errors["overloaded"] + result.errors["timeout"] == result.count == 100
     assert result.ok == 0
 
 
@@ -52,21 +60,31 @@ def make_busy_cycle(cpu_s: float) -> CycleParts:
 
 
 async def test_the_report_says_how_busy_the_generator_was_and_how_late_it_began() -> None:
-    # CPU time, not wall time: 200 cycles of 2 ms of CPU each in one second is about
-    # 0.4 s of CPU in that producer, whatever else the machine is doing
-    busy = await run_open(CycleFactory(make_busy_cycle, (0.002,)), 200, 1.0)
-    idle = await run_open(CycleFactory(make_sleep_cycle, (0.002,)), 200, 1.0)
+    # CPU time, not wall time: 200 cycles of 2 ms of CPU each are at least 0.4 s of CPU
+    # in that producer however little of a core a busy machine gives it (a long drain
+    # lets every cycle finish), and 200 sleeps of 2 ms cost it far less
+    rate, duration_s = 200, 1.0
+    busy = await run_open(CycleFactory(make_busy_cycle, (0.002,)), rate, duration_s,
+                          drain_s=LONG_DRAIN_S)
+    idle = await run_open(CycleFactory(make_sleep_cycle, (0.002,)), rate, duration_s,
+                          drain_s=LONG_DRAIN_S)
     for result in (busy, idle):
-        assert result.start_lag is not None and result.start_lag.count == result.count == 200
+        assert result.start_lag is not None
+        assert result.start_lag.count == result.count == result.ok == 200
         assert 0.0 < result.generator_cpu_share <= 1.0
-    assert busy.generator_cpu_share > idle.generator_cpu_share
+        # the share is that CPU over at least the schedule's span (plus its rounding)
+        span_s = duration_s - 1 / rate
+        assert result.generator_cpu_share <= result.generator_cpu_s / span_s + 0.001
+    assert busy.generator_cpu_s >= 200 * 0.002
+    assert idle.generator_cpu_s < busy.generator_cpu_s
     row = run._row(busy)
     assert row["generator_cpu_share"] == busy.generator_cpu_share
     assert row["start_lag_p99_ms"] == busy.start_lag.p99_ms
 
 
 async def test_two_producer_processes_merge_their_histograms() -> None:
-    result = await run_closed(CycleFactory(make_sleep_cycle, (0.002,)), 8, 0.5, processes=2)
+    result = await run_closed(CycleFactory(make_sleep_cycle, (0.002,)), 8, 0.5, processes=2,
+                              request_timeout_s=LONG_DRAIN_S, drain_s=LONG_DRAIN_S)
     assert result.processes == 2
     assert result.ok == result.count > 0
 
@@ -150,7 +168,7 @@ async def test_ceiling_chain_carries_messages_through_three_hops(servers: Server
     chain = await ceiling.start_chain(servers.redis_url)
     try:
         result = await run_open(CycleFactory(ceiling.make_cycle, (servers.redis_url, chain.prefix)),
-                                200, 1.0)
+                                200, 1.0, request_timeout_s=LONG_DRAIN_S, drain_s=LONG_DRAIN_S)
         assert result.ok == result.count == 200
     finally:
         await ceiling.stop_chain(chain)

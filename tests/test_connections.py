@@ -73,7 +73,8 @@ async def test_raw_channel_times_out_an_overdue_reply_then_reconnects(
     channel = RawChannel(client)  # socket timeout 1 s
     try:
         with pytest.raises(RedisTimeoutError):
-            await channel.call("BLPOP", f"{settings.prefix}:never", 5)  # would answer in 5 s
+            # Redis would answer (nil) in 30 s: only the 1 s watchdog ends it sooner
+            await channel.call("BLPOP", f"{settings.prefix}:never", 30)
         assert await channel.call("PING") in (b"PONG", "PONG", True)
     finally:
         await channel.close()

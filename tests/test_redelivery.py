@@ -59,7 +59,7 @@ from stages.persist import PersistStage, write_changes
 from stages.settings import Settings
 from stages.tools.admin import user_state
 from stages.tools.client import Client
-from tests.conftest import ROOT, RunningPipeline, seed, wait_until
+from tests.conftest import EVENT_TIMEOUT_S, ROOT, RunningPipeline, seed, wait_until
 
 
 async def drained(redis: Redis, stream: str, *groups: str) -> bool:
@@ -191,7 +191,7 @@ async def make_history(settings: Settings, clock: ManualClock, redis: Redis, key
     task = asyncio.create_task(serve(["quota", "select"], settings, clock, stop=stop,
                                      install_signals=False))
     try:
-        async with Client(settings, timeout_s=5) as client:
+        async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
             got = [await client.allocate("u1") for _ in range(3)]
             assert all(isinstance(g, Allocated) for g in got), got
             clock.advance(30_000)
@@ -201,7 +201,7 @@ async def make_history(settings: Settings, clock: ManualClock, redis: Redis, key
                 assert isinstance(rel, Released), rel
     finally:
         stop.set()
-        await asyncio.wait_for(task, 10)
+        await asyncio.wait_for(task, EVENT_TIMEOUT_S)
     return [g.allocation_id for g in got if isinstance(g, Allocated)]
 
 
@@ -378,7 +378,7 @@ async def test_persist_locks_rows_in_key_order_so_two_writers_cannot_deadlock(
                     await probe.execute(select_for_update + " NOWAIT", a)
         finally:
             await hold.rollback()  # the writer goes on, and finishes
-            await asyncio.wait_for(task, 10)
+            await asyncio.wait_for(task, EVENT_TIMEOUT_S)
         versions = {str(r["id"]): r["version"]
                     for r in await probe.fetch("SELECT id, version FROM device_allocations")}
     assert versions == {a: 2, b: 2}
@@ -386,9 +386,14 @@ async def test_persist_locks_rows_in_key_order_so_two_writers_cannot_deadlock(
 # --- d. a worker process killed with SIGKILL mid-run --------------------------------
 
 
+WORKER_BLOCK_MS = 10_000
+"""The victim's XREADGROUP BLOCK: long, so once seen parked in it, it stays there while
+the test freezes it and adds the lot (its socket timeout is longer still)."""
+
+
 def start_quota_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
-               DEVSCHED_PREFIX=settings.prefix, DEVSCHED_BLOCK_MS="4000")
+               DEVSCHED_PREFIX=settings.prefix, DEVSCHED_BLOCK_MS=str(WORKER_BLOCK_MS))
     with log.open("wb") as out:
         return subprocess.Popen([sys.executable, "-m", "stages.tools.cli", "worker", "quota"],
                                 cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -401,6 +406,17 @@ async def consumers(redis: Redis, keys: Keys) -> dict[str, int]:
     except Exception:  # noqa: BLE001 - no stream or group yet
         return {}
     return {c["name"].decode(): int(c["pending"]) for c in found}
+
+
+async def client_ids(redis: Redis) -> set[str]:
+    return {c["id"] for c in await redis.client_list()}
+
+
+async def parked_in_read(redis: Redis, others: set[str]) -> bool:
+    """A connection not in ``others`` is blocked in XREADGROUP (Redis' own view: the
+    worker's reader is waiting for entries, between two turns of its loop)."""
+    return any(c["id"] not in others and c.get("cmd") == "xreadgroup" and "b" in c["flags"]
+               for c in await redis.client_list())
 
 
 async def add_requests(redis: Redis, keys: Keys, users: Sequence[str]) -> None:
@@ -427,30 +443,32 @@ async def test_entries_of_a_worker_killed_mid_run_are_reclaimed_and_answered_onc
         sent.extend(names)
 
     log = tmp_path / "worker.log"
+    others = await client_ids(redis)  # every connection but the worker's
     proc = start_quota_worker(settings, log)
     try:
-        await wait_until(lambda: _has_consumer(redis, keys), timeout=15)
+        await wait_until(lambda: _has_consumer(redis, keys), timeout=2 * EVENT_TIMEOUT_S)
         [victim] = await consumers(redis, keys)
         await send(users[:5])  # it runs: it admits a first lot
         await wait_until(lambda: drained(redis, keys.requests, GROUP_QUOTA))
         for lot in lots:
             # frozen inside its blocking read, it is handed a batch it will never finish
-            await asyncio.sleep(0.1)  # back in XREADGROUP BLOCK (4 s) after its last turn
+            await wait_until(lambda: parked_in_read(redis, others))
             os.kill(proc.pid, signal.SIGSTOP)
-            await send(lot)
-            if (await consumers(redis, keys))[victim] == len(lot):
-                break
-            # caught between two reads: let it admit these and freeze it again
+            if await parked_in_read(redis, others):  # still there, now frozen
+                await send(lot)
+                if (await consumers(redis, keys))[victim] == len(lot):
+                    break
+            # its read ended just before the freeze: let it go on and catch it again
             os.kill(proc.pid, signal.SIGCONT)
             await wait_until(lambda: drained(redis, keys.requests, GROUP_QUOTA))
         else:
             pytest.fail("the worker was never caught inside its blocking read")
         os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(5)
+        proc.wait(EVENT_TIMEOUT_S)
     finally:
         if proc.poll() is None:
             proc.kill()
-            proc.wait(5)
+            proc.wait(EVENT_TIMEOUT_S)
     assert (await consumers(redis, keys))[victim] == 10, log.read_text()
 
     stop = asyncio.Event()

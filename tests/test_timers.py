@@ -29,7 +29,7 @@ from stages.settings import Settings
 from stages.timers import add_tick, run_ticker
 from stages.tools.admin import user_state
 from stages.tools.client import Client
-from tests.conftest import RunningPipeline, seed, wait_until
+from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
 
 
 @pytest_asyncio.fixture
@@ -78,7 +78,7 @@ async def test_tick_handled_by_timers_expires_due_allocations_and_is_acked(
 ) -> None:
     await seed(redis, keys, clock, devices=[DeviceSpec(id="d1"), DeviceSpec(id="d2")],
                quotas=[QuotaSpec(user_id="u1")])
-    async with Client(settings, timeout_s=5) as client:
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         short = await client.allocate("u1", duration_minutes=1)
         long = await client.allocate("u1", duration_minutes=10)
     assert isinstance(short, Allocated) and isinstance(long, Allocated)
@@ -120,5 +120,5 @@ async def test_ticker_that_cannot_reach_redis_keeps_trying_until_stopped(
         await wait_until(lambda: failed_ticks(3))
     finally:
         stopping.set()
-        await asyncio.wait_for(ticker, 2)
+        await asyncio.wait_for(ticker, EVENT_TIMEOUT_S)
         await unreachable.aclose()

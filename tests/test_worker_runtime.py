@@ -7,8 +7,10 @@ handled once; entries left pending by a dead consumer are reclaimed, past the fi
 XAUTOCLAIM page, with the cursor kept between calls; a pending entry deleted from the
 stream is acked rather than crashing reclaim; a dependency outage (``Transient``)
 keeps the batch without counting deliveries; an unreachable Redis does not end the
-loop; ``stop()`` returns after the batch in hand; and ``trim`` removes only entries
-every group has acked.
+loop; ``stop()`` returns after the batch in hand; ``trim`` removes only entries
+every group has acked; and a lingering stage waits (through the worker's injected
+sleep, held by the test: no timing) only after a short batch, then gets what arrived
+meanwhile in one batch.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from pipeline.worker import (
 from schemas.keys import Keys
 from schemas.runtime import DeadLetter, dead_decoder
 from stages.settings import Settings
-from tests.conftest import wait_until
+from tests.conftest import EVENT_TIMEOUT_S, wait_until
 
 GROUP = "ledger"
 
@@ -126,7 +128,7 @@ class Running:
 
     async def stop(self) -> None:
         self.worker.stop()
-        await asyncio.wait_for(self.task, 5)
+        await asyncio.wait_for(self.task, EVENT_TIMEOUT_S)
 
     async def __aenter__(self) -> Self:
         return self
@@ -291,13 +293,12 @@ async def test_stop_lets_the_batch_in_hand_finish_then_run_returns(
     stage.gate = asyncio.Event()
     first = await add(redis, stream, [b"a", b"b"])
     running = Running(worker(stage, redis, readers(), settings, keys, clock))
-    await asyncio.wait_for(stage.entered.wait(), 5)
+    await asyncio.wait_for(stage.entered.wait(), EVENT_TIMEOUT_S)  # the batch is in hand, held
     running.worker.stop()
-    await add(redis, stream, [b"later"])
-    done, _ = await asyncio.wait({running.task}, timeout=0.3)
-    assert not done  # still in the batch
+    await add(redis, stream, [b"later"])  # a round trip: the loop had every chance to end
+    assert not running.task.done()  # stop() waits for the batch, it does not cut it
     stage.gate.set()
-    await asyncio.wait_for(running.task, 2)
+    await asyncio.wait_for(running.task, EVENT_TIMEOUT_S)
     assert await stage.done() == [b"a", b"b"]
     assert await pending(redis, stream) == 0
     [group] = await redis.xinfo_groups(stream)
@@ -384,6 +385,45 @@ async def test_trim_of_a_long_backlog_goes_in_bounded_steps(
 # --- batching: stages off the request path gather larger batches --------------------------
 
 
+class HeldSleep:
+    """Stands in for the worker's sleep: records each wait asked for and holds it until
+    ``release`` is set, so a test sees the worker lingering without timing it."""
+
+    def __init__(self) -> None:
+        self.waits: list[float] = []
+        self.waiting = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, seconds: float) -> None:
+        self.waits.append(seconds)
+        self.waiting.set()
+        await self.release.wait()
+
+
+class Lingering(Running):
+    """A running worker whose waits go through a :class:`HeldSleep`; released at the end
+    so that the worker can stop."""
+
+    def __init__(self, worker: StageWorker, sleep: HeldSleep) -> None:
+        super().__init__(worker)
+        self.sleep = sleep
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.sleep.release.set()
+        await super().__aexit__(*exc)
+
+
+def lingering_worker(stage: Ledger, redis: Redis, reader: Redis, settings: Settings,
+                     keys: Keys, clock: ManualClock) -> Lingering:
+    sleep = HeldSleep()
+    return Lingering(StageWorker(stage, redis, reader, settings, clock, consumer="live",
+                                 dead_stream=keys.dead, sleep=sleep), sleep)
+
+
+def batches(stage: Ledger) -> list[list[bytes]]:
+    return [[data for data, _ in call] for call in stage.calls]
+
+
 async def test_a_lingering_stage_gets_what_arrived_meanwhile_in_one_batch(
     settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
     readers: Callable[[], Redis],
@@ -393,13 +433,34 @@ async def test_a_lingering_stage_gets_what_arrived_meanwhile_in_one_batch(
     stream = f"{settings.prefix}:work"
     stage = Ledger(redis, stream)
     stage.batching = Batching(size=100, linger_ms=400)  # type: ignore[attr-defined]
-    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
+    async with lingering_worker(stage, redis, readers(), settings, keys, clock) as running:
         await add(redis, stream, [b"first"])
-        await wait_until(lambda: _calls_at_least(stage, 1))
+        await asyncio.wait_for(running.sleep.waiting.wait(), EVENT_TIMEOUT_S)
+        assert running.sleep.waits == [0.4]  # after the short batch, for linger_ms
+        assert batches(stage) == [[b"first"]]
         for payload in (b"a", b"b", b"c"):  # arrive while the worker lingers
             await add(redis, stream, [payload])
+        running.sleep.release.set()
         await wait_until(lambda: _settled(redis, stream, stage, 4))
-    assert [[data for data, _ in call] for call in stage.calls] == [[b"first"], [b"a", b"b", b"c"]]
+    assert batches(stage) == [[b"first"], [b"a", b"b", b"c"]]
+
+
+async def test_a_full_batch_is_followed_by_the_next_read_at_once(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    """Only a batch that was not full makes the worker linger: a full one means more
+    is waiting, so it reads again at once."""
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    stage.batching = Batching(size=2, linger_ms=400)  # type: ignore[attr-defined]
+    await add(redis, stream, [b"0", b"1", b"2"])
+    async with lingering_worker(stage, redis, readers(), settings, keys, clock) as running:
+        # the held linger never ends here: the second batch can only come without one
+        await wait_until(lambda: _calls_at_least(stage, 2))
+        await asyncio.wait_for(running.sleep.waiting.wait(), EVENT_TIMEOUT_S)
+        assert batches(stage) == [[b"0", b"1"], [b"2"]]
+        assert running.sleep.waits == [0.4]  # after the short batch only
 
 
 async def test_a_stage_without_batching_reads_the_settings_batch_size(
