@@ -36,7 +36,7 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import asyncpg
@@ -417,7 +417,7 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
         "pg_devices": len(p.devices),
         "redis_quotas": sum(1 for s in users.values() if s.quota.get("status")),
         "pg_quotas": len(p.quotas),
-        "differences": [d.__dict__ for d in out.found[:LISTED]],
+        "differences": [asdict(d) for d in out.found[:LISTED]],
         "difference_count": len(out.found),
         "differences_by_kind": {k: by_kind.get(k, 0)
                                 for k in ("device", "quota", "usage", "allocation")},

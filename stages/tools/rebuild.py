@@ -85,8 +85,9 @@ class RebuildReport:
     expired_total: int = 0
 
 
-def _glob_escape(text_: str) -> str:
-    return "".join("\\" + c if c in "*?[]\\" else c for c in text_)
+def _glob_escape(pattern: str) -> str:
+    """``pattern`` with the characters SCAN MATCH reads as wildcards escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in pattern)
 
 
 async def live_state_present(redis: Redis, keys: Keys) -> bool:
@@ -234,7 +235,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
             })
             if active:
                 report.active += 1
-                report.overdue += row["expires_at_ms"] <= now_ms
+                report.overdue += int(row["expires_at_ms"] <= now_ms)
                 active_of_user.setdefault(row["user_id"], []).append(row["id"])
                 holder[row["device_id"]] = row["id"]  # newest last: ordered by allocated_at
             else:
