@@ -47,12 +47,12 @@ from stages.app import APP
 from stages.settings import Settings
 from stages.tools.admin import (
     add_devices,
-    audit,
     delete_keys,
     empty_tables,
     set_quotas,
     write_behind_drained,
 )
+from stages.tools.audit import audit
 from stages.tools.client import Client
 from stages.tools.demo import workers_ready
 

@@ -6,7 +6,8 @@ each from the application's context, whether it needs PostgreSQL, which process
 it shares under ``run``, a background task such as a ticker), its Lua scripts
 (loaded at start), its dead-letter stream, its settings type and migrations, and
 the module whose command line starts it (for the worker processes the runner
-spawns). ``pipeline.service`` serves stages of it; ``pipeline.commands`` gives it
+spawns), and optionally how `up` brings its live state back into a Redis that
+lost it. ``pipeline.service`` serves stages of it; ``pipeline.commands`` gives it
 the generic commands (up, down, env, migrate, worker, run).
 """
 
@@ -69,6 +70,9 @@ class Application(Generic[C, S]):
     """Loaded into Redis when a process starts serving."""
     migrations: Callable[[], Traversable] | None = None
     """The folder of numbered SQL migrations, applied by `up`, `migrate` and `run`."""
+    recover: Callable[[S], Coroutine[Any, Any, None]] | None = None
+    """Run by `up` after migrating: brings the live state back into Redis when Redis
+    came back without it (e.g. loads it from the database); does nothing otherwise."""
 
     @property
     def stage_names(self) -> list[str]:

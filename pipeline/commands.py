@@ -3,8 +3,14 @@
 An application's command line registers them with :func:`add_runtime_commands`
 next to its own. With REDIS_URL / DATABASE_URL unset, every command uses the
 embedded servers in the data dir: it reuses the running ones, or starts them and
-leaves them running for the next command (`down` stops them); `run` stops what it
-started when it exits.
+leaves them running for the next command (`down` stops them, the embedded Redis
+saving its data for the next `up`); `run` stops what it started when it exits.
+
+`up`, `run` and `worker` check the Redis server first (``pipeline.durability``): one
+that may evict keys is refused with a message that says how to fix it, and exit
+status ``EX_CONFIG`` (78), which the supervisor does not restart. `up` then hands
+the application its chance to bring the live state back (``Application.recover``,
+e.g. from the database after Redis came back empty).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pipeline.app import Application, S
+from pipeline.durability import EX_CONFIG, UnsafeRedisError, check_redis_of
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
 from pipeline.migrate import migrate
 from pipeline.runner import child_env, supervise, worker_commands
@@ -40,8 +47,7 @@ def run_coroutine(coro: Coroutine[Any, Any, Any], settings: RuntimeSettings | No
 def resolved_settings(app: Application[Any, S]) -> tuple[S, bool]:
     """The application's settings with both URLs filled in; True when servers were started now."""
     settings = app.settings()
-    if settings.redis_url and settings.database_url:
-        return settings, False
+    # also with both URLs set: one may be an embedded server's, as `env` exported it
     urls, started = ensure_servers(settings)
     return settings.with_urls(urls.redis_url, urls.database_url), started
 
@@ -77,9 +83,10 @@ def add_runtime_commands(sub: Any, app: Application[Any, Any]) -> None:
     s = sub.add_parser("env", help="print the URLs of the servers in use")
     s.add_argument("--start", action="store_true", help="start embedded servers if needed")
     s.set_defaults(fn=lambda args: cmd_env(app, start=args.start))
-    sub.add_parser("up", help="start embedded servers, leave them running, migrate").set_defaults(
+    sub.add_parser("up", help="start embedded servers, leave them running, migrate, and "
+                              "bring the live state back if Redis lost it").set_defaults(
         fn=lambda args: cmd_up(app))
-    sub.add_parser("down", help="stop embedded servers").set_defaults(
+    sub.add_parser("down", help="stop embedded servers (Redis saves its data first)").set_defaults(
         fn=lambda args: cmd_down(app))
 
 
@@ -100,9 +107,25 @@ def cmd_env(app: Application[Any, Any], *, start: bool) -> int:
     return 0
 
 
+def refused(exc: UnsafeRedisError) -> int:
+    """Say why the Redis server is refused; the exit status for it."""
+    print(f"error: {exc}", file=sys.stderr)
+    return EX_CONFIG
+
+
 def cmd_up(app: Application[Any, Any]) -> int:
     settings, _ = resolved_settings(app)
-    run_coroutine(migrate_database(app, settings.database_url), settings)
+
+    async def go() -> None:
+        await check_redis_of(settings)
+        await migrate_database(app, settings.database_url)
+        if app.recover is not None:
+            await app.recover(settings)
+
+    try:
+        run_coroutine(go(), settings)
+    except UnsafeRedisError as exc:
+        return refused(exc)
     print(f"REDIS_URL={settings.redis_url}")
     print(f"DATABASE_URL={settings.database_url}")
     return 0
@@ -124,13 +147,17 @@ def cmd_worker(app: Application[Any, Any], args: argparse.Namespace) -> int:
     settings, _ = resolved_settings(app)
     if args.nice:
         os.nice(args.nice)
-    run_coroutine(serve(app, args.stages, settings), settings)
+    try:
+        run_coroutine(serve(app, args.stages, settings), settings)
+    except UnsafeRedisError as exc:
+        return refused(exc)
     return 0
 
 
 def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
     settings, started = resolved_settings(app)
     try:
+        run_coroutine(check_redis_of(settings), settings)
         run_coroutine(migrate_database(app, settings.database_url), settings)
         names = args.stages or app.stage_names
         if args.in_process:
@@ -138,6 +165,8 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
             return 0
         os.environ.update(child_env(settings))
         return supervise(worker_commands(app, names, workers=args.workers, split=args.split))
+    except UnsafeRedisError as exc:
+        return refused(exc)
     finally:
         if started:
             stop_servers(settings)

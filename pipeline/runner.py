@@ -5,7 +5,9 @@ one command connection pool; SIGTERM or SIGINT sets each worker's stop flag,
 every worker finishes the batch in hand, and the process exits. The process
 supervisor starts the application's ``worker NAME...`` children (the command line
 comes from the :class:`~pipeline.app.Application`), restarts one that crashes (with
-a back-off), and on SIGTERM passes it on and waits for them to drain.
+a back-off), and on SIGTERM passes it on and waits for them to drain. A child that
+refuses its configuration (exit status ``EX_CONFIG``, e.g. a Redis that may evict
+keys) is not restarted: the supervisor stops the others and exits with that status.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from redis.asyncio import Redis
 
 from pipeline.clock import Clock
 from pipeline.connections import blocking_reader
+from pipeline.durability import EX_CONFIG
 from pipeline.settings import RuntimeSettings
 from pipeline.worker import Stage, StageWorker
 
@@ -81,11 +84,15 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
     signal.signal(signal.SIGINT, on_signal)
     children = [subprocess.Popen(cmd) for cmd in commands]
     backoff = [0.5] * len(children)
+    status = 0
     while not stopping:
         time.sleep(0.2)
         for i, child in enumerate(children):
             code = child.poll()
-            if code is not None and not stopping and restart:
+            if code == EX_CONFIG:
+                log.error("worker %s refused its configuration; stopping", commands[i])
+                stopping, status = True, EX_CONFIG
+            elif code is not None and not stopping and restart:
                 log.error("worker %s exited with %s; restarting", commands[i], code)
                 time.sleep(backoff[i])
                 backoff[i] = min(backoff[i] * 2, 10.0)
@@ -100,7 +107,7 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
-    return 0
+    return status
 
 
 def child_env(settings: RuntimeSettings, **extra: str) -> dict[str, str]:

@@ -2,8 +2,10 @@
 
 This is what `worker NAME...` and `run --in-process` call. One command connection
 pool and, when a stage needs it, one PostgreSQL pool are shared by the stages of
-the process; the application's scripts are loaded first (a worker never starts on
-a Redis that lacks them); every stage's background task (a ticker) runs beside
+the process. Before anything else the Redis server is checked (``pipeline.durability``:
+a server that may evict keys is refused with ``UnsafeRedisError``); the
+application's scripts are loaded next (a worker never starts on a Redis that lacks
+them); every stage's background task (a ticker) runs beside
 the workers. SIGTERM or SIGINT (or ``stop``) ends it after each worker has
 finished the batch in hand; the connections are closed on the way out.
 """
@@ -19,6 +21,7 @@ from pipeline import metrics
 from pipeline.app import Application, S
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client
+from pipeline.durability import check_redis
 from pipeline.runner import Background, run_workers
 
 
@@ -30,9 +33,10 @@ async def serve(
     clock = clock or SystemClock()
     redis = redis_client(settings)
     pg = None
-    if any(s.needs_database for s in specs):
-        pg = await pg_pool(settings, max_size=max(2, len(specs)))
     try:
+        await check_redis(redis)
+        if any(s.needs_database for s in specs):
+            pg = await pg_pool(settings, max_size=max(2, len(specs)))
         for script in app.scripts:
             await script.load(redis)
         ctx = app.context(redis, settings, clock, pg)

@@ -18,17 +18,23 @@ from typing import Any, Self, TypeVar
 
 T = TypeVar("T")
 
+FSYNC_POLICIES = ("always", "everysec", "no")
+"""The values of redis-server's `appendfsync`."""
 
-def env(name: str, default: T, *, minimum: float | None = None) -> T:
-    """A settings field read from the variable ``name`` (``default`` when unset or empty)."""
-    meta = {"env": name, "minimum": minimum}
+
+def env(name: str, default: T, *, minimum: float | None = None,
+        choices: tuple[str, ...] = ()) -> T:
+    """A settings field read from the variable ``name`` (``default`` when unset or empty);
+    a number below ``minimum``, or a text outside ``choices`` (when given), is refused."""
+    meta = {"env": name, "minimum": minimum, "choices": choices}
     if isinstance(default, Path):
         path = default
         return field(default_factory=lambda: path, metadata=meta)
     return field(default=default, metadata=meta)
 
 
-def _parse(name: str, raw: str, default: object, minimum: float | None) -> object:
+def _parse(name: str, raw: str, default: object, minimum: float | None,
+           choices: tuple[str, ...] = ()) -> object:
     if isinstance(default, bool):
         return raw.strip().lower() in {"1", "true", "yes", "on"}
     if isinstance(default, Path):
@@ -43,6 +49,8 @@ def _parse(name: str, raw: str, default: object, minimum: float | None) -> objec
         if minimum is not None and value < minimum:
             raise ValueError(f"{name} must be >= {minimum:g}, got {value}")
         return value
+    if choices and raw not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {raw!r}")
     return raw
 
 
@@ -78,6 +86,10 @@ class RuntimeSettings:
     """`uvloop` or `asyncio`: the event loop of the command's processes."""
     log_format: str = env("DEVSCHED_LOG_FORMAT", "text")
     """`text` (readable, with the record's fields as key=value) or `json` (one object a line)."""
+    redis_fsync: str = env("DEVSCHED_REDIS_FSYNC", "everysec", choices=FSYNC_POLICIES)
+    """`appendfsync` of the embedded redis-server's append-only file: `always` (every write
+    on disk before its reply), `everysec` (at most about a second of writes lost when the
+    machine or the server dies) or `no` (the operating system decides, up to ~30 s)."""
 
     @classmethod
     def from_env(cls) -> Self:
@@ -91,7 +103,8 @@ class RuntimeSettings:
             default = f.default
             if default is MISSING and f.default_factory is not MISSING:
                 default = f.default_factory()
-            values[f.name] = _parse(name, raw, default, f.metadata.get("minimum"))
+            values[f.name] = _parse(name, raw, default, f.metadata.get("minimum"),
+                                    f.metadata.get("choices", ()))
         return cls(**values)
 
     @classmethod

@@ -113,6 +113,10 @@ class Transient(Exception):
     """
 
 
+RETRIED_WHOLE: tuple[type[BaseException], ...] = (Transient, *REDIS_DOWN)
+"""What a stage's handle may raise for its batch to be kept and retried whole."""
+
+
 class Stage(Protocol):
     """What the runtime drives. ``group`` is the consumer group's name. A stage may
     also carry ``batching`` (a :class:`Batching`); without it the worker reads
@@ -291,14 +295,19 @@ class StageWorker:
         return len(entries)
 
     async def _handle_through_outages(self, entries: list[Entry]) -> None:
+        """Handle the batch; while a dependency is down (the stage raises Transient) or
+        Redis drops the call (a restarted server breaks the connections in hand), back
+        off and retry it whole: its effects are idempotent, as under redelivery."""
         backoff = TRANSIENT_BACKOFF_MIN_S
         while True:
             try:
                 await self.stage.handle(entries)
                 return
-            except Transient as exc:
+            except RETRIED_WHOLE as exc:
                 if self._stopping:
-                    raise
+                    if isinstance(exc, Transient):
+                        raise
+                    raise Transient(f"redis: {exc!r}") from exc
                 log.warning("dependency down, retrying in %.1fs: %s", backoff, exc,
                             extra={"stage": self._label})
                 await self._sleep(backoff)

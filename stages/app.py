@@ -6,7 +6,9 @@ is built from a :class:`~stages.context.StageContext`, which need PostgreSQL, an
 how `devsched run` groups them into processes: the request path (quota, select)
 in one process at normal priority, the stages behind the reply (persist, bill,
 notify, timers) in another at nice 5, so that on a few cores they yield the CPU
-to the request path. The timers stage brings the ticker with it.
+to the request path. The timers stage brings the ticker with it. `devsched up`
+rebuilds the live state from PostgreSQL when Redis came back without it
+(``stages.tools.rebuild.recover``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from stages.scripts import ALL
 from stages.select import SelectStage
 from stages.settings import Settings
 from stages.timers import TimersStage, run_ticker
+from stages.tools.rebuild import recover
 
 REQUEST_PATH = "request_path"
 BEHIND = "behind"
@@ -52,6 +55,7 @@ APP: Application[StageContext, Settings] = Application(
     dead_stream=lambda settings: Keys(settings.prefix).dead,
     scripts=ALL,
     migrations=migrations,
+    recover=recover,
 )
 
 

@@ -32,6 +32,8 @@ EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.l
 """Close allocations past their expires-at."""
 ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
 """Add or update a device; set a user's quota."""
+REBUILD = Script("rebuild", _COMMON, LUA / "rebuild.lua")
+"""Write a chunk of the live state loaded from PostgreSQL (devsched rebuild)."""
 
 ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -17,7 +17,8 @@ from schemas.messages import (
 )
 from stages.settings import Settings
 from stages.timers import expire_due
-from stages.tools.admin import audit, user_state, write_behind_drained
+from stages.tools.admin import user_state, write_behind_drained
+from stages.tools.audit import audit
 from stages.tools.client import Client
 from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
 

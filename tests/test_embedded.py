@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import stat
+import subprocess
+import sys
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from pipeline.embedded import (
     ServerUrls,
@@ -19,6 +25,8 @@ from pipeline.embedded import (
     running_servers,
     stop_servers,
 )
+from pipeline.embedded.layout import Layout
+from pipeline.embedded.process import wait_gone
 from stages.settings import Settings
 
 
@@ -60,7 +68,7 @@ def test_start_reuse_stop(settings: Settings) -> None:
     urls, started = ensure_servers(settings)
     try:
         assert started
-        assert urls.redis_url.startswith("unix://")
+        assert urls.redis_url.startswith("unix://:")
         assert urls.database_url.endswith("/devsched")
         assert redis_server.answers(urls.redis_url)
         assert "PostgreSQL" in _pg_version(urls.database_url)
@@ -166,7 +174,8 @@ def test_long_data_dir_uses_tcp(tmp_path: Path) -> None:
     deep = tmp_path / ("d" * 60) / ("e" * 60)
     long_settings = Settings(data_dir=deep)
     with local_servers(long_settings) as urls:
-        assert urls.redis_url.startswith("redis://127.0.0.1:")
+        assert urls.redis_url.startswith("redis://:")
+        assert "@127.0.0.1:" in urls.redis_url
         assert redis_server.answers(urls.redis_url)
         assert _pg_answers(urls.database_url)
     assert not any(name.startswith(".s.PGSQL") for name in os.listdir(deep / "pg"))
@@ -196,3 +205,110 @@ def test_the_newest_redis_server_found_is_used(tmp_path: Path,
     assert chosen != str(old) and redis_server.binary_version(chosen) >= (6, 2)
     monkeypatch.setenv("DEVSCHED_REDIS_SERVER", str(old))
     assert redis_server.find_binary() == str(old)
+
+
+@pytest.fixture
+def redis_only(settings: Settings) -> Settings:
+    """The embedded redis-server alone (a URL given for PostgreSQL starts nothing for it)."""
+    return replace(settings, database_url="postgresql://postgres@127.0.0.1:1/unused")
+
+
+def _redis(url: str) -> redis.Redis:
+    return redis.Redis.from_url(url, socket_timeout=5)
+
+
+def _without_password(url: str) -> str:
+    return url.replace(url[url.index("://:") + 3:url.index("@") + 1], "")
+
+
+def test_embedded_redis_asks_for_a_password_kept_private(redis_only: Settings) -> None:
+    """Another local user can reach neither the live state nor the password: the server
+    refuses a client without it, and the password, config, registry and data folder are
+    readable by their owner alone."""
+    layout = Layout.of(redis_only.data_dir)
+    with local_servers(redis_only) as urls:
+        secret = layout.redis_password.read_text().strip()
+        assert len(secret) >= 32 and f":{secret}@" in urls.redis_url
+        with pytest.raises(redis.AuthenticationError):
+            _redis(_without_password(urls.redis_url)).ping()
+        assert _redis(urls.redis_url).ping()
+        for path in (layout.redis_password, layout.redis_conf, layout.state):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+        assert stat.S_IMODE(layout.redis_dir.stat().st_mode) == 0o700
+        pid = json.loads(layout.state.read_text())["redis"]["pid"]
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_text()
+    with local_servers(redis_only) as again:  # the same password after a restart
+        assert f":{secret}@" in again.redis_url
+
+
+def test_embedded_redis_keeps_its_data_across_down_and_up(redis_only: Settings) -> None:
+    with local_servers(redis_only) as urls:
+        _redis(urls.redis_url).hset("k:state", mapping={"a": "1"})
+    assert running_servers(redis_only) is None
+    assert (Layout.of(redis_only.data_dir).redis_dir / "dump.rdb").exists()  # SHUTDOWN SAVE
+    with local_servers(redis_only) as urls:
+        assert _redis(urls.redis_url).hgetall("k:state") == {b"a": b"1"}
+        config = _redis(urls.redis_url).config_get("append*")
+        assert (config["appendonly"], config["appendfsync"]) == ("yes", "everysec")
+
+
+def test_embedded_redis_killed_with_sigkill_comes_back_with_its_state(
+    redis_only: Settings
+) -> None:
+    """kill -9 of redis-server: the next start loads the append-only file, also when the
+    URL is given as `devsched env` exported it. With DEVSCHED_REDIS_FSYNC=always every
+    acknowledged write is on disk before its reply."""
+    durable = replace(redis_only, redis_fsync="always")
+    urls, _ = ensure_servers(durable)
+    try:
+        client = _redis(urls.redis_url)
+        client.hset("k:alloc", mapping={"status": "allocated"})
+        client.zadd("k:expiry", {"a1": 123})
+        pid = json.loads(Layout.of(redis_only.data_dir).state.read_text())["redis"]["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_gone(pid, 5.0)
+        assert running_servers(durable) is None
+        # as after `eval "$(devsched env)"`: the exported URL names the embedded server
+        exported = replace(durable, redis_url=urls.redis_url)
+        assert running_servers(exported) is None
+        again, started = ensure_servers(exported)
+        assert started and again.redis_url == urls.redis_url  # the same socket and password
+        client = _redis(again.redis_url)
+        assert client.hgetall("k:alloc") == {b"status": b"allocated"}
+        assert client.zscore("k:expiry", "a1") == 123
+        assert client.config_get("appendfsync")["appendfsync"] == "always"
+    finally:
+        stop_servers(durable)
+
+
+def test_redis_fsync_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEVSCHED_REDIS_FSYNC", "sometimes")
+    with pytest.raises(ValueError, match="DEVSCHED_REDIS_FSYNC must be one of always, everysec, no"):
+        Settings.from_env()
+    monkeypatch.setenv("DEVSCHED_REDIS_FSYNC", "no")
+    assert Settings.from_env().redis_fsync == "no"
+
+
+def test_logged_urls_hide_the_password() -> None:
+    assert redis_server.redacted("redis://:s3cret@127.0.0.1:5/0") == "redis://:***@127.0.0.1:5/0"
+    assert redis_server.redacted("unix://:s3cret@/tmp/r.sock") == "unix://:***@/tmp/r.sock"
+    assert redis_server.redacted("redis://127.0.0.1:5/0") == "redis://127.0.0.1:5/0"
+
+
+def test_env_prints_the_url_with_the_password(redis_only: Settings) -> None:
+    env = dict(os.environ, DEVSCHED_DATA_DIR=str(redis_only.data_dir),
+               DATABASE_URL=redis_only.database_url)
+    env.pop("REDIS_URL", None)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "stages.tools.cli", *args], env=env,
+                              capture_output=True, text=True, timeout=60, check=False,
+                              cwd=Path(__file__).resolve().parent.parent)
+
+    try:
+        assert cli("env", "--start").returncode == 0
+        printed = cli("env").stdout
+    finally:
+        cli("down")
+    secret = Layout.of(redis_only.data_dir).redis_password.read_text().strip()
+    assert f"export REDIS_URL='unix://:{secret}@" in printed

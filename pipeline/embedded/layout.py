@@ -3,8 +3,11 @@
 A data dir holds one set of servers and nothing else:
 
 - ``.lock``: the ``flock`` that every start and stop holds;
-- ``servers.json``: the registry of the live servers (see ``registry``);
-- ``redis/``: redis-server's working folder (its socket, log and pidfile; no data);
+- ``servers.json``: the registry of the live servers (see ``registry``; mode 600, as
+  the URLs in it carry the Redis password);
+- ``redis/``: redis-server's working folder, mode 700: its socket, log and pidfile,
+  its append-only file (kept across restarts: the live state), its password and the
+  config file that hands the password over (both mode 600);
 - ``pg/``: PostgreSQL's folder (its socket and log), with the cluster in ``pg/data``.
 
 Paths are absolute (the data dir is resolved once): a server process is told
@@ -59,6 +62,14 @@ class Layout:
     @property
     def redis_pidfile(self) -> Path:
         return self.redis_dir / "redis.pid"
+
+    @property
+    def redis_password(self) -> Path:
+        return self.redis_dir / "password"
+
+    @property
+    def redis_conf(self) -> Path:
+        return self.redis_dir / "redis.conf"
 
     @property
     def pg_dir(self) -> Path:

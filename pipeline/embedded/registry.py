@@ -3,12 +3,16 @@
 What it promises:
 
 - A URL set in the settings is used as given: nothing is started for it and the
-  data dir is not touched for it.
+  data dir is not written for it. Except the URL of an embedded server of this
+  data dir, as ``servers.json`` records it (what `devsched env` exports): that
+  names the embedded server, which is started again when it is down (a killed
+  redis-server comes back with its data, and the same unix socket URL).
 - One set of servers per data dir: ensuring and stopping hold an exclusive
   ``flock`` on ``<data_dir>/.lock``, so processes racing to start end up sharing
   one set of servers.
 - ``servers.json`` holds one typed record per live server (pid, port, URL; for
-  PostgreSQL also the bin/ it runs from). Any process can find and reuse them.
+  PostgreSQL also the bin/ it runs from). Any process of the same user can find and
+  reuse them (the file is mode 600: the Redis URL carries its password).
   The file is replaced atomically (a temp file renamed over it) and removed
   when no server is recorded; a file that does not decode counts as empty.
 - A record is trusted only while its pid is still our server (alive, working in
@@ -71,7 +75,7 @@ class _Server(Generic[R]):
     url_in: Callable[[RuntimeSettings], str]
     """The URL the settings give for it; empty means: run the embedded one."""
     recorded: Callable[[ServersFile], R | None]
-    start: Callable[[Layout], R]
+    start: Callable[[Layout, RuntimeSettings], R]
     live: Callable[[Layout, R], bool]
     stop: Callable[[Layout, R | None], None]
 
@@ -81,11 +85,12 @@ class _Server(Generic[R]):
 
 _REDIS: _Server[RedisRecord] = _Server(
     "redis", lambda s: s.redis_url, lambda f: f.redis,
-    redis_server.start, redis_server.live, redis_server.stop,
+    lambda layout, s: redis_server.start(layout, fsync=s.redis_fsync),
+    redis_server.live, redis_server.stop,
 )
 _POSTGRES: _Server[PostgresRecord] = _Server(
     "postgres", lambda s: s.database_url, lambda f: f.postgres,
-    postgres.start, postgres.live, postgres.stop,
+    lambda layout, s: postgres.start(layout), postgres.live, postgres.stop,
 )
 _SERVERS: tuple[_Server[Any], ...] = (_REDIS, _POSTGRES)
 
@@ -121,7 +126,7 @@ def write_state(layout: Layout, state: ServersFile) -> None:
     fd, tmp = tempfile.mkstemp(dir=layout.root, prefix=".servers.", suffix=".tmp")
     with os.fdopen(fd, "wb") as handle:
         handle.write(text)
-    os.chmod(tmp, 0o644)
+    os.chmod(tmp, 0o600)  # the Redis URL in it carries the password
     os.replace(tmp, layout.state)
 
 
@@ -136,7 +141,16 @@ def _stop_one(layout: Layout, state: ServersFile, server: _Server[R]) -> Servers
 
 
 def _urls(settings: RuntimeSettings) -> dict[str, str]:
-    return {server.name: server.url_in(settings) for server in _SERVERS}
+    """The URL given for each server; empty for one to run embedded (none given, or the
+    recorded URL of the embedded one, live or not)."""
+    urls = {server.name: server.url_in(settings) for server in _SERVERS}
+    if any(urls.values()):
+        state = read_state(Layout.of(settings.data_dir))
+        for server in _SERVERS:
+            record = server.recorded(state)
+            if record is not None and urls[server.name] == record.url:
+                urls[server.name] = ""
+    return urls
 
 
 def _server_urls(urls: dict[str, str]) -> ServerUrls:
@@ -159,7 +173,7 @@ def _ensure(settings: RuntimeSettings) -> tuple[ServerUrls, set[str]]:
                 record = server.recorded(state)
                 if record is None or not server.live(layout, record):
                     state = _stop_one(layout, state, server)
-                    record = server.start(layout)
+                    record = server.start(layout, settings)
                     state = server.with_record(state, record)
                     write_state(layout, state)
                     started.add(server.name)
@@ -202,8 +216,9 @@ def ensure_servers(settings: RuntimeSettings) -> tuple[ServerUrls, bool]:
 def stop_servers(settings: RuntimeSettings) -> None:
     """Stop the embedded servers running from settings.data_dir; a no-op when none run.
 
-    Redis gets SHUTDOWN NOSAVE (SIGTERM if it does not answer), PostgreSQL a fast
-    shutdown; each is waited for and reaped. URLs in the settings play no part.
+    Redis gets SHUTDOWN SAVE (SIGTERM if it does not answer; its append-only file stays
+    for the next start), PostgreSQL a fast shutdown; each is waited for and reaped.
+    URLs in the settings play no part.
     """
     _stop(settings, {server.name for server in _SERVERS})
 

@@ -2,8 +2,8 @@
 
 Adding a device and setting a quota go through admin.lua: the Redis state and a
 change record on the changes stream in one step, so PostgreSQL receives them
-by the same write-behind as allocations. The readers here (stats, devices,
-audit) only read.
+by the same write-behind as allocations. The readers here (stats, devices, a
+user's state) only read; the audit is in ``audit``, the rebuild in ``rebuild``.
 """
 
 from __future__ import annotations
@@ -155,42 +155,3 @@ async def list_devices(
             continue
         out.append(d)
     return out[offset: offset + limit]
-
-
-async def redis_allocations(redis: Redis, keys: Keys) -> dict[str, dict[str, str]]:
-    """Every allocation record still in Redis, active or recently closed."""
-    out: dict[str, dict[str, str]] = {}
-    pattern = keys.allocation("*")
-    async for key in redis.scan_iter(match=pattern, count=1000):
-        raw = await redis.hgetall(key)
-        aid = text(key).rsplit(":", 1)[1]
-        out[aid] = {text(k): text(v) for k, v in raw.items()}
-    return out
-
-
-async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
-    """Compare Redis with PostgreSQL: every allocation in Redis must be in PostgreSQL
-    with the same status and version, and the active sets must be equal."""
-    in_redis = await redis_allocations(redis, keys)
-    async with pg.acquire() as conn:
-        rows = await conn.fetch("SELECT id::text, status, version, duration_seconds FROM device_allocations")
-    in_pg = {r["id"]: r for r in rows}
-    mismatched = []
-    for aid, rec in in_redis.items():
-        row = in_pg.get(aid)
-        if row is None or row["status"] != rec["status"] or row["version"] != int(rec["version"]):
-            mismatched.append(aid)
-            continue
-        if rec.get("duration_seconds") and row["duration_seconds"] != int(rec["duration_seconds"]):
-            mismatched.append(aid)
-    redis_active = {text(m) for m in await redis.zrange(keys.expiry, 0, -1)}
-    pg_active = {aid for aid, r in in_pg.items() if r["status"] == "allocated"}
-    return {
-        "redis_allocations": len(in_redis),
-        "pg_allocations": len(in_pg),
-        "redis_active": len(redis_active),
-        "pg_active": len(pg_active),
-        "mismatched": mismatched[:20],
-        "mismatched_count": len(mismatched),
-        "consistent": not mismatched and redis_active == pg_active,
-    }

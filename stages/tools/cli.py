@@ -2,7 +2,10 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, stats, audit, schema.
+scheduler's: demo, devices, quota, allocate, release, stats, audit, rebuild, schema.
+Every command that touches Redis checks the server first (``pipeline.durability``):
+one that may evict keys is refused with exit status 78 and a message saying how to
+fix it.
 Commands that other installed packages offer (the `devsched.commands` entry point
 group, e.g. `bench` from the benchmarks) take the rest of the command line
 themselves.
@@ -27,7 +30,8 @@ from typing import Any
 import msgspec
 
 from pipeline.clock import SystemClock
-from pipeline.commands import add_runtime_commands, resolved_settings, run_coroutine
+from pipeline.commands import add_runtime_commands, refused, resolved_settings, run_coroutine
+from pipeline.durability import UnsafeRedisError, check_redis, check_redis_of
 from pipeline.embedded import stop_servers
 from pipeline.logs import configure_logging
 from stages.app import APP
@@ -65,6 +69,7 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
     async def go() -> int:
         redis = redis_client(settings)
         try:
+            await check_redis(redis)
             return await fn(redis, settings)
         finally:
             await redis.aclose()
@@ -137,6 +142,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     settings, _ = resolved_settings(APP)
 
     async def go() -> int:
+        await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
             reply = await client.allocate(
                 args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
@@ -156,6 +162,7 @@ def cmd_release(args: argparse.Namespace) -> int:
     settings, _ = resolved_settings(APP)
 
     async def go() -> int:
+        await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
             reply = await client.release(allocation_id=args.allocation, device_id=args.device,
                                          user_id=args.user, request_id=args.request_id)
@@ -180,7 +187,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from pipeline.connections import pg_pool, redis_client
     from schemas.keys import Keys
-    from stages.tools.admin import audit
+    from stages.tools.audit import audit
 
     settings, _ = resolved_settings(APP)
 
@@ -188,12 +195,41 @@ def cmd_audit(args: argparse.Namespace) -> int:
         redis = redis_client(settings)
         pg = await pg_pool(settings)
         try:
+            await check_redis(redis)
             report = await audit(redis, Keys(settings.prefix), pg)
         finally:
             await pg.close()
             await redis.aclose()
-        print(json.dumps(report))
+        print(json.dumps(report, default=str))
         return 0 if report["consistent"] else 1
+
+    result: int = run_coroutine(go())
+    return result
+
+
+def cmd_rebuild(args: argparse.Namespace) -> int:
+    from pipeline.connections import pg_pool, redis_client
+    from schemas.keys import Keys
+    from stages.tools.rebuild import BacklogPending, StateNotEmpty, rebuild
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        redis = redis_client(settings)
+        pg = await pg_pool(settings)
+        try:
+            await check_redis(redis)
+            report = await rebuild(redis, Keys(settings.prefix), pg, settings, SystemClock(),
+                                   force=args.force,
+                                   progress=lambda line: print(f"rebuild: {line}", flush=True))
+        except (StateNotEmpty, BacklogPending) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            await pg.close()
+            await redis.aclose()
+        print(json.dumps(asdict(report)))
+        return 0
 
     result: int = run_coroutine(go())
     return result
@@ -287,7 +323,14 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_release)
 
     sub.add_parser("stats", help="allocation statistics").set_defaults(fn=cmd_stats)
-    sub.add_parser("audit", help="compare Redis with PostgreSQL").set_defaults(fn=cmd_audit)
+    sub.add_parser("audit", help="compare the live state in Redis with PostgreSQL; JSON "
+                                 "report, exit 1 on a difference").set_defaults(fn=cmd_audit)
+    s = sub.add_parser("rebuild", help="load the live state from PostgreSQL into a Redis "
+                                       "that lost it")
+    s.add_argument("--force", action="store_true",
+                   help="replace the live state Redis holds (the write-behind must have "
+                        "caught up)")
+    s.set_defaults(fn=cmd_rebuild)
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_schema)
@@ -309,6 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         code: int = args.fn(args)
     except KeyboardInterrupt:
         return 130
+    except UnsafeRedisError as exc:
+        return refused(exc)
     return code
 
 

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from pipeline.clock import SystemClock
 from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client
+from pipeline.durability import check_redis
 from pipeline.runner import spawn_run, stop_run
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
@@ -31,13 +32,13 @@ from stages.app import APP
 from stages.settings import Settings
 from stages.tools.admin import (
     add_devices,
-    audit,
     delete_keys,
     empty_tables,
     set_quotas,
     stats,
     write_behind_drained,
 )
+from stages.tools.audit import audit
 from stages.tools.client import Client
 
 SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
@@ -188,6 +189,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
     keys = Keys(settings.prefix)
     clock = SystemClock()
     redis = redis_client(settings)
+    await check_redis(redis)
     await migrate_database(APP, settings.database_url)
     await reset_state(redis, settings)
     await add_devices(redis, keys, clock, demo_devices(options.devices, rng))

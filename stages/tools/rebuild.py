@@ -1,0 +1,337 @@
+"""`devsched rebuild`: load the live state from PostgreSQL into a Redis that lost it.
+
+What it restores, from the write-behind tables:
+
+- devices and their pools (``devices``), each free unless an active allocation
+  holds it, with its version, so the next change continues above PostgreSQL's;
+- quotas (``user_quotas``) with their versions, and each user's usage recomputed
+  from the user's active allocations;
+- active allocations (``device_allocations`` with status ``allocated``) and the
+  expiry schedule; one whose expires-at passed while Redis was away is scheduled
+  at that expires-at, so the next timer tick expires it and bills it to then;
+- closed allocations still inside ``DEVSCHED_RELEASED_TTL_S`` (a second release
+  answers ``already_released``), with the time left of that window;
+- the stored answer of every allocation made inside ``DEVSCHED_IDEMPOTENCY_TTL_S``
+  (the request id is in ``metadata``; the device's name and adb endpoint come from
+  ``devices``), so a retried request gets its first answer, never a second device;
+- the counters of ``devsched stats`` (allocations, releases, expiries).
+
+What it cannot restore: changes Redis had not yet handed to PostgreSQL when it was
+lost (the write-behind backlog, at most the requests of the last moments before the
+loss), holds of requests between the quota and select stages, stored answers of
+refused requests and of releases (a release repeated after a rebuild answers
+``already_released: true`` with the same figures), and the streams themselves.
+
+How: ``rebuild.lua`` writes the state in chunks of ``CHUNK`` items, each call
+atomic, in the order stats, allocations, answers, users, devices; see the script
+for why a worker serving meanwhile never sees a device free that an allocation
+holds, nor a quota without its usage. Every item replaces what its keys held,
+and the keys of the live state are cleared first, so running it twice gives the
+same state. A Redis that holds live state is refused (:class:`StateNotEmpty`)
+unless ``force``; with ``force`` the write-behind must have caught up first
+(:class:`BacklogPending`): what is not yet in PostgreSQL would be lost.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import msgspec
+from redis.asyncio import Redis
+
+from pipeline.clock import Clock, SystemClock
+from pipeline.connections import pg_pool, redis_client, text
+from schemas.keys import GROUP_PERSIST, Keys
+from schemas.messages import Allocated, DeviceInfo, encoder
+from stages.scripts import REBUILD
+from stages.settings import Settings
+
+CHUNK = 200
+"""Items per script call: bounds how long one call holds Redis."""
+DELETE_CHUNK = 500
+"""Keys per UNLINK when clearing."""
+
+Progress = Callable[[str], None]
+
+
+class StateNotEmpty(RuntimeError):
+    """Redis holds live state; rebuild replaces it only when forced."""
+
+
+class BacklogPending(RuntimeError):
+    """Changes are still on their way to PostgreSQL; a forced rebuild would lose them."""
+
+
+@dataclass
+class RebuildReport:
+    """What a rebuild wrote."""
+
+    devices: int = 0
+    quotas: int = 0
+    users: int = 0
+    active: int = 0
+    overdue: int = 0
+    """Active allocations whose expires-at passed: the next timer tick expires them."""
+    closed: int = 0
+    answers: int = 0
+    cleared: int = 0
+    """Keys of a former state (or of debris on an empty one) removed first."""
+    allocated_total: int = 0
+    released_total: int = 0
+    expired_total: int = 0
+
+
+def _glob_escape(pattern: str) -> str:
+    """``pattern`` with the characters SCAN MATCH reads as wildcards escaped."""
+    return "".join("\\" + c if c in "*?[]\\" else c for c in pattern)
+
+
+async def live_state_present(redis: Redis, keys: Keys) -> bool:
+    """True when Redis holds live state: devices, quotas, active allocations or counters."""
+    found = await redis.exists(keys.devices, keys.pools, keys.users, keys.expiry, keys.stats)
+    return int(found) > 0
+
+
+async def persist_behind(redis: Redis, keys: Keys) -> bool:
+    """True when some change on the changes stream is not yet in PostgreSQL."""
+    if not await redis.exists(keys.changes):
+        return False
+    groups = {text(g["name"]): g for g in await redis.xinfo_groups(keys.changes)}
+    group = groups.get(GROUP_PERSIST)
+    if group is None:
+        return int(await redis.xlen(keys.changes)) > 0
+    if int(group["pending"]):
+        return True
+    after = await redis.xrange(keys.changes, min="(" + text(group["last-delivered-id"]),
+                               count=1)
+    return bool(after)
+
+
+async def clear_live_state(redis: Redis, keys: Keys) -> int:
+    """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
+    never the streams; returns how many."""
+    found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
+                                              count=1000)]
+    found.append(keys.users.encode())
+    removed = 0
+    for i in range(0, len(found), DELETE_CHUNK):
+        removed += int(await redis.unlink(*found[i:i + DELETE_CHUNK]))
+    return removed
+
+
+def _ms(column: str) -> str:
+    """SQL for a timestamptz column as integer milliseconds since the epoch (null stays)."""
+    return f"round(extract(epoch FROM {column}) * 1000)::bigint"
+
+
+DEVICES_SQL = """
+SELECT id, name, pool, model, host, adb_host, adb_port, cpu_cores, memory_mb, storage_mb,
+       status, version
+FROM devices ORDER BY id
+"""
+QUOTAS_SQL = f"""
+SELECT user_id, status, {_ms("expires_at")} AS expires_at_ms, max_devices, max_cpu_per_device,
+       max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version
+FROM user_quotas ORDER BY user_id
+"""
+ALLOCATIONS_SQL = f"""
+SELECT a.id::text AS id, a.device_id, a.user_id, a.tenant_id, a.status,
+       {_ms("a.allocated_at")} AS allocated_at_ms, {_ms("a.released_at")} AS released_at_ms,
+       {_ms("a.expires_at")} AS expires_at_ms, a.duration_minutes, a.duration_seconds,
+       a.metadata::text AS metadata, a.version, d.name AS device_name, d.adb_host, d.adb_port
+FROM device_allocations a LEFT JOIN devices d ON d.id = a.device_id
+WHERE a.status = 'allocated' OR a.released_at > to_timestamp($1 / 1000.0)
+   OR a.allocated_at > to_timestamp($2 / 1000.0)
+ORDER BY a.allocated_at, a.id
+"""
+COUNTS_SQL = """
+SELECT count(*) AS allocated, count(*) FILTER (WHERE status = 'released') AS released,
+       count(*) FILTER (WHERE status = 'expired') AS expired
+FROM device_allocations
+"""
+HAS_STATE_SQL = """
+SELECT EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM user_quotas)
+    OR EXISTS (SELECT 1 FROM device_allocations WHERE status = 'allocated')
+"""
+
+
+class _Meta(msgspec.Struct):
+    """What persist keeps of an allocation in ``metadata``."""
+
+    request_id: str
+    pool: str
+    cpu_cores: int
+    memory_mb: int
+    storage_mb: int
+
+
+_meta = msgspec.json.Decoder(_Meta)
+
+
+def _s(value: object) -> str:
+    return "" if value is None else str(value)
+
+
+def _seconds_left(ttl_s: int, since_ms: int, now_ms: int) -> int:
+    return ttl_s - (now_ms - since_ms) // 1000
+
+
+@dataclass
+class _Loaded:
+    stats: dict[str, str]
+    allocations: list[dict[str, Any]]
+    answers: list[dict[str, Any]]
+    users: list[dict[str, Any]]
+    devices: list[dict[str, Any]]
+    report: RebuildReport
+
+
+async def database_has_state(pg: asyncpg.Pool) -> bool:
+    """True when PostgreSQL holds devices, quotas or active allocations."""
+    async with pg.acquire() as conn:
+        return bool(await conn.fetchval(HAS_STATE_SQL))
+
+
+async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
+    """Read what the live state is made of from PostgreSQL, as the script's items."""
+    released_since = now_ms - settings.released_ttl_s * 1000
+    answered_since = now_ms - settings.idempotency_ttl_s * 1000
+    async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                      readonly=True):
+        devices = await conn.fetch(DEVICES_SQL)
+        quotas = await conn.fetch(QUOTAS_SQL)
+        allocations = await conn.fetch(ALLOCATIONS_SQL, released_since, answered_since)
+        counts = await conn.fetchrow(COUNTS_SQL)
+    report = RebuildReport(devices=len(devices), quotas=len(quotas),
+                           allocated_total=counts["allocated"],
+                           released_total=counts["released"], expired_total=counts["expired"])
+    alloc_items: list[dict[str, Any]] = []
+    answers: list[dict[str, Any]] = []
+    active_of_user: dict[str, list[str]] = {}
+    holder: dict[str, str] = {}
+    last_closed: dict[str, tuple[int, str]] = {}
+    for row in allocations:
+        meta = _meta.decode(row["metadata"])
+        active = row["status"] == "allocated"
+        released_at = row["released_at_ms"]
+        if active or (released_at is not None and released_at > released_since):
+            alloc_items.append({
+                "allocation_id": row["id"], "device_id": row["device_id"],
+                "user_id": row["user_id"], "tenant_id": _s(row["tenant_id"]),
+                "request_id": meta.request_id, "status": row["status"],
+                "allocated_at_ms": _s(row["allocated_at_ms"]),
+                "expires_at_ms": _s(row["expires_at_ms"]),
+                "duration_minutes": _s(row["duration_minutes"]),
+                "cpu_cores": _s(meta.cpu_cores), "memory_mb": _s(meta.memory_mb),
+                "storage_mb": _s(meta.storage_mb), "pool": meta.pool,
+                "version": _s(row["version"]), "released_at_ms": _s(released_at),
+                "duration_seconds": _s(row["duration_seconds"]),
+                "ttl_s": _s(max(1, _seconds_left(settings.released_ttl_s, released_at or now_ms,
+                                                 now_ms))),
+            })
+            if active:
+                report.active += 1
+                report.overdue += int(row["expires_at_ms"] <= now_ms)
+                active_of_user.setdefault(row["user_id"], []).append(row["id"])
+                holder[row["device_id"]] = row["id"]  # newest last: ordered by allocated_at
+            else:
+                report.closed += 1
+                seen = last_closed.get(row["device_id"])
+                if seen is None or seen[0] <= released_at:
+                    last_closed[row["device_id"]] = (released_at, row["id"])
+        answer_left = _seconds_left(settings.idempotency_ttl_s, row["allocated_at_ms"], now_ms)
+        if answer_left > 0 and row["device_name"] is not None:
+            answer = Allocated(
+                request_id=meta.request_id, allocation_id=row["id"],
+                device=DeviceInfo(id=row["device_id"], name=row["device_name"],
+                                  status="allocated"),
+                user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
+                expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
+                adb_port=row["adb_port"])
+            answers.append({"user_id": row["user_id"], "request_id": meta.request_id,
+                            "answer": encoder.encode(answer).decode(),
+                            "answer_ttl_s": _s(answer_left)})
+    report.answers = len(answers)
+    users: dict[str, dict[str, Any]] = {}
+    for q in quotas:
+        users[q["user_id"]] = {"user_id": q["user_id"], "allocations": [], "quota": {
+            name: _s(q[name]) for name in (
+                "status", "expires_at_ms", "max_devices", "max_cpu_per_device",
+                "max_memory_mb_per_device", "total_cpu_cores", "total_memory_gb",
+                "total_storage_gb", "version")}}
+    for user_id, ids in active_of_user.items():
+        users.setdefault(user_id, {"user_id": user_id, "allocations": []})["allocations"] = ids
+    report.users = len(users)
+    device_items = [{
+        "device_id": d["id"], "name": d["name"], "pool": d["pool"], "model": d["model"],
+        "host": d["host"], "adb_host": d["adb_host"], "adb_port": _s(d["adb_port"]),
+        "cpu_cores": _s(d["cpu_cores"]), "memory_mb": _s(d["memory_mb"]),
+        "storage_mb": _s(d["storage_mb"]), "status": d["status"], "version": _s(d["version"]),
+        "allocation_id": holder.get(d["id"], ""),
+        "last_allocation_id": last_closed.get(d["id"], (0, ""))[1],
+    } for d in devices]
+    stats = {"allocated": _s(report.allocated_total), "released": _s(report.released_total),
+             "expired": _s(report.expired_total)}
+    return _Loaded(stats, alloc_items, answers, list(users.values()), device_items, report)
+
+
+def _chunks(items: Sequence[dict[str, Any]]) -> Iterable[list[str]]:
+    for i in range(0, len(items), CHUNK):
+        yield [json.dumps(item, separators=(",", ":")) for item in items[i:i + CHUNK]]
+
+
+async def rebuild(
+    redis: Redis, keys: Keys, pg: asyncpg.Pool, settings: Settings, clock: Clock, *,
+    force: bool = False, progress: Progress | None = None,
+) -> RebuildReport:
+    """Load the live state from PostgreSQL into Redis (see the module's docstring)."""
+    say = progress or (lambda _line: None)
+    if await live_state_present(redis, keys):
+        if not force:
+            raise StateNotEmpty(
+                "Redis already holds live state (devices, quotas, allocations or counters "
+                f"under the prefix {keys.prefix!r}); rebuild replaces it only with --force")
+        if await persist_behind(redis, keys):
+            raise BacklogPending(
+                "changes on the changes stream are not yet in PostgreSQL; rebuilding now "
+                "would lose them. Let the write-behind catch up (`devsched run`, or "
+                "`devsched worker persist`) and try again")
+    loaded = await load(pg, settings, clock.now_ms())
+    report = loaded.report
+    say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
+        f"{report.active} active allocations ({report.overdue} past their expiry), "
+        f"{report.closed} recently closed, {report.answers} stored answers")
+    report.cleared = await clear_live_state(redis, keys)
+    if report.cleared:
+        say(f"cleared {report.cleared} keys of the former state")
+    await REBUILD(redis, [], [keys.prefix, "stats", json.dumps(loaded.stats)])
+    for kind, items in (("allocations", loaded.allocations), ("answers", loaded.answers),
+                        ("users", loaded.users), ("devices", loaded.devices)):
+        done = 0
+        for chunk in _chunks(items):
+            done += int(await REBUILD(redis, [], [keys.prefix, kind, *chunk]))
+        say(f"wrote {done} {kind}")
+    say("rebuild done" + (f"; {report.overdue} allocations expire at the next timer tick"
+                          if report.overdue else ""))
+    return report
+
+
+async def recover(settings: Settings) -> None:
+    """What `devsched up` runs after migrating: when Redis holds no live state and
+    PostgreSQL does (Redis came back empty), rebuild it, printing progress."""
+    keys = Keys(settings.prefix)
+    redis = redis_client(settings)
+    pg = await pg_pool(settings)
+    try:
+        if await live_state_present(redis, keys) or not await database_has_state(pg):
+            return
+        print("Redis holds no live state and PostgreSQL does: rebuilding it", flush=True)
+        await rebuild(redis, keys, pg, settings, SystemClock(),
+                      progress=lambda line: print(f"rebuild: {line}", flush=True))
+    finally:
+        await pg.close()
+        await redis.aclose()

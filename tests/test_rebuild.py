@@ -1,0 +1,312 @@
+"""Rebuild: a Redis that lost the live state gets it back from PostgreSQL.
+
+After Redis is emptied, `rebuild` restores devices (free or held), pools, quotas,
+usage recomputed from the active allocations, active and recently closed
+allocations, the expiry schedule, the counters and the answers of the allocations,
+key for key as the pipeline had made them; the audit finds nothing to report; a
+retried request gets its first answer; releases are billed exactly; an allocation
+whose expires-at passed during the outage expires at the next tick, billed to its
+expires-at. It refuses a live state without --force and a forced run while changes
+are not yet persisted; run twice, it writes the same state. `devsched up` runs it
+by itself when Redis came back empty, and kill -9 of the embedded redis-server
+loses nothing with DEVSCHED_REDIS_FSYNC=always.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from pipeline.clock import ManualClock
+from pipeline.connections import redis_client, text
+from pipeline.embedded.layout import Layout
+from pipeline.embedded.process import wait_gone
+from schemas.keys import Keys
+from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
+from stages.app import serve
+from stages.context import StageContext
+from stages.settings import Settings
+from stages.timers import expire_due
+from stages.tools.admin import delete_keys, write_behind_drained
+from stages.tools.audit import audit
+from stages.tools.client import Client
+from stages.tools.rebuild import BacklogPending, StateNotEmpty, rebuild, recover
+from tests.conftest import RunningPipeline, seed, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ["quota", "select", "persist", "bill", "notify", "timers"]
+
+
+async def start_pipeline(settings: Settings, clock: ManualClock) -> RunningPipeline:
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve(STAGES, settings, clock, stop=stop, install_signals=False))
+    await asyncio.sleep(0.05)
+    return RunningPipeline(task, stop)
+
+
+async def live_state(redis: Redis, keys: Keys) -> dict[str, Any]:
+    """Every key of the live state with its value; answers decoded from JSON."""
+    names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)]
+    names.append(keys.users)
+    out: dict[str, Any] = {}
+    for name in sorted(names):
+        kind = text(await redis.type(name))
+        if kind == "hash":
+            out[name] = {text(k): text(v) for k, v in (await redis.hgetall(name)).items()}
+        elif kind == "zset":
+            out[name] = {text(m): s for m, s in await redis.zrange(name, 0, -1, withscores=True)}
+        elif kind == "set":
+            out[name] = sorted(text(m) for m in await redis.smembers(name))
+        elif kind == "string":
+            out[name] = json.loads(await redis.get(name) or b"null")
+    return out
+
+
+USAGE = ("used_devices", "used_cpu", "used_mem", "used_sto")
+
+
+def restorable(state: dict[str, Any], keys: Keys) -> dict[str, Any]:
+    """What rebuild restores: all but the stored answers of releases and refusals; a user's
+    usage is written in full (a user never admitted had no usage fields: zero)."""
+    out = {name: value for name, value in state.items()
+           if not (":req:" in name and (name.startswith(f"{keys.prefix}:{{pool}}")
+                                        or value.get("type") != "allocated"))}
+    for name, value in out.items():
+        if name.endswith(":user"):
+            out[name] = {**dict.fromkeys(USAGE, "0"), **value}
+    return out
+
+
+DEVICES = [DeviceSpec(id="d1", cpu_cores=2, memory_mb=4096),
+           DeviceSpec(id="d2", cpu_cores=4, memory_mb=8192),
+           DeviceSpec(id="d3", cpu_cores=8, memory_mb=16384),
+           DeviceSpec(id="lab1", pool="lab", cpu_cores=2, memory_mb=4096, adb_port=6000)]
+QUOTAS = [QuotaSpec(user_id="alice"), QuotaSpec(user_id="bob", max_devices=1),
+          QuotaSpec(user_id="carol", status="suspended")]
+
+
+async def drive(settings: Settings, clock: ManualClock) -> dict[str, Any]:
+    """Alice holds one device and released another, bob holds a 60 s one, carol is refused."""
+    async with Client(settings, timeout_s=5) as client:
+        held = await client.allocate("alice", request_id="r-a1", duration_minutes=30,
+                                     min_cpu_cores=4, tenant_id="t1")
+        short = await client.allocate("alice", request_id="r-a2", pool="lab")
+        clock.advance(45_000)
+        gone = await client.release(allocation_id=short.allocation_id, request_id="r-a3")
+        bobs = await client.allocate("bob", request_id="r-b1", duration_seconds=60)
+        refused = await client.allocate("carol", request_id="r-c1")
+    assert isinstance(held, Allocated) and isinstance(short, Allocated)
+    assert isinstance(gone, Released) and isinstance(bobs, Allocated)
+    assert isinstance(refused, Failed)
+    return {"held": held, "short": short, "bobs": bobs}
+
+
+async def test_rebuild_restores_the_live_state_after_redis_is_emptied(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    got = await drive(settings, clock)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    before = await live_state(redis, keys)
+
+    await delete_keys(redis, settings.prefix)  # Redis came back empty
+    report = await rebuild(redis, keys, pg, settings, clock)
+
+    assert (report.devices, report.quotas, report.active, report.closed) == (4, 3, 2, 1)
+    assert (report.answers, report.overdue) == (3, 0)
+    assert await live_state(redis, keys) == restorable(before, keys)
+    closed_ttl = await redis.ttl(keys.allocation(got["short"].allocation_id))
+    assert 0 < closed_ttl <= settings.released_ttl_s
+    assert (await audit(redis, keys, pg))["consistent"]
+
+    again = await start_pipeline(settings, clock)
+    try:
+        async with Client(settings, timeout_s=5) as client:
+            retried = await client.allocate("alice", request_id="r-a1", duration_minutes=30,
+                                             min_cpu_cores=4, tenant_id="t1")
+            assert retried == got["held"]  # the first answer, not a second device
+            clock.advance(90_000)
+            done = await client.release(allocation_id=got["held"].allocation_id,
+                                        user_id="alice")
+            assert isinstance(done, Released) and done.duration_seconds == 135
+            twice = await client.release(allocation_id=got["short"].allocation_id)
+            assert isinstance(twice, Released) and twice.already_released
+            assert twice.duration_seconds == 45
+            expired = await expire_due(StageContext(redis=redis, settings=settings, clock=clock))
+            assert expired == 1  # bob's 60 s allocation, 90 s ago
+        await wait_until(lambda: write_behind_drained(redis, keys))
+    finally:
+        await again.close()
+    async with pg.acquire() as conn:
+        ledger = {r["allocation_id"]: (r["end_reason"], r["duration_seconds"])
+                  for r in await conn.fetch("SELECT allocation_id::text, end_reason, "
+                                            "duration_seconds FROM billing_ledger")}
+    assert ledger == {got["short"].allocation_id: ("released", 45),
+                      got["held"].allocation_id: ("released", 135),
+                      got["bobs"].allocation_id: ("expired", 60)}
+    report_after = await audit(redis, keys, pg)
+    assert report_after["consistent"], report_after
+
+
+async def test_an_allocation_that_expired_during_the_outage_is_billed_to_its_expires_at(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES[:1], quotas=QUOTAS[:1])
+    async with Client(settings, timeout_s=5) as client:
+        got = await client.allocate("alice", duration_seconds=60)
+    assert isinstance(got, Allocated)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    await delete_keys(redis, settings.prefix)
+    clock.advance(600_000)  # Redis was away for ten minutes
+
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert (report.active, report.overdue) == (1, 1)
+    ctx = StageContext(redis=redis, settings=settings, clock=clock)
+    assert await expire_due(ctx) == 1
+    again = await start_pipeline(settings, clock)
+    try:
+        await wait_until(lambda: write_behind_drained(redis, keys))
+    finally:
+        await again.close()
+    async with pg.acquire() as conn:
+        row = await conn.fetchrow("SELECT status, duration_seconds, "
+                                  "round(extract(epoch FROM released_at) * 1000)::bigint AS end_ms"
+                                  " FROM device_allocations")
+        ledger = await conn.fetchrow("SELECT end_reason, duration_seconds FROM billing_ledger")
+    assert tuple(row) == ("expired", 60, got.expires_at_ms)
+    assert tuple(ledger) == ("expired", 60)
+    assert (await redis.hget(keys.device("d1"), "status")) == b"available"
+
+
+async def test_rebuild_refuses_a_live_state_without_force_and_is_idempotent_with_it(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    await drive(settings, clock)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    before = await live_state(redis, keys)
+    with pytest.raises(StateNotEmpty, match="--force"):
+        await rebuild(redis, keys, pg, settings, clock)
+    assert await live_state(redis, keys) == before  # untouched
+
+    await redis.hset(keys.device("d1"), "status", "broken")  # a state to be replaced
+    await rebuild(redis, keys, pg, settings, clock, force=True)
+    first = await live_state(redis, keys)
+    await rebuild(redis, keys, pg, settings, clock, force=True)
+    assert await live_state(redis, keys) == first == restorable(before, keys)
+
+
+async def test_a_forced_rebuild_waits_for_changes_not_yet_persisted(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES[:1], quotas=QUOTAS[:1])  # nothing persists
+    with pytest.raises(BacklogPending, match="not yet in PostgreSQL"):
+        await rebuild(redis, keys, pg, settings, clock, force=True)
+    assert await redis.hget(keys.device("d1"), "status") == b"available"
+
+
+async def test_rebuild_prints_its_progress(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    await delete_keys(redis, settings.prefix)
+    lines: list[str] = []
+    await rebuild(redis, keys, pg, settings, clock, progress=lines.append)
+    assert lines[0].startswith("loaded from PostgreSQL: 4 devices, 3 quotas")
+    assert "wrote 4 devices" in lines and lines[-1] == "rebuild done"
+
+
+async def test_up_rebuilds_when_redis_came_back_empty(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool, capsys: pytest.CaptureFixture[str],
+) -> None:
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    before = await live_state(redis, keys)
+    await recover(settings)  # what `up` runs: the state is there, nothing to do
+    assert "rebuild" not in capsys.readouterr().out
+    await delete_keys(redis, settings.prefix)
+    await recover(settings)
+    assert "rebuilding" in capsys.readouterr().out
+    assert await live_state(redis, keys) == restorable(before, keys)
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "stages.tools.cli", *args], env=env,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT, check=False)
+
+
+def _redis_url(output: str) -> str:
+    return next(line.split("=", 1)[1] for line in output.splitlines()
+                if line.startswith("REDIS_URL="))
+
+
+async def test_active_allocations_survive_kill_9_of_the_embedded_redis_and_up(
+    settings: Settings, clock: ManualClock, pg: asyncpg.Pool, tmp_path: Path,
+) -> None:
+    """The embedded redis-server of a data dir of its own, with DEVSCHED_REDIS_FSYNC=always:
+    `devsched up`, allocations, kill -9 of redis-server, `devsched up`: the allocations are
+    still active, and the pipeline that kept running releases them at once (no wait for a
+    reclaim) with their exact durations."""
+    clock.set(time.time_ns() // 1_000_000)
+    env = dict(os.environ, DEVSCHED_DATA_DIR=str(tmp_path / "data"),
+               DATABASE_URL=settings.database_url, DEVSCHED_PREFIX=settings.prefix,
+               DEVSCHED_REDIS_FSYNC="always")
+    env.pop("REDIS_URL", None)
+    up = _cli("up", env=env)
+    assert up.returncode == 0, up.stderr
+    own = replace(settings, redis_url=_redis_url(up.stdout), claim_idle_ms=600_000)
+    keys = Keys(own.prefix)
+    redis = redis_client(own)
+    running = None
+    try:
+        await seed(redis, keys, clock, devices=DEVICES[:2], quotas=QUOTAS[:1])
+        running = await start_pipeline(own, clock)
+        async with Client(own, timeout_s=5) as client:
+            first = await client.allocate("alice", request_id="k1")
+            second = await client.allocate("alice", request_id="k2")
+            assert isinstance(first, Allocated) and isinstance(second, Allocated)
+            pid = json.loads(Layout.of(tmp_path / "data").state.read_text())["redis"]["pid"]
+            os.kill(pid, signal.SIGKILL)
+            assert wait_gone(pid, 5.0)
+
+            up = await asyncio.to_thread(_cli, "up", env=env)
+            assert up.returncode == 0, up.stderr
+            assert "rebuilding" not in up.stdout  # its own file brought the state back
+            assert _redis_url(up.stdout) == own.redis_url  # the same socket and password
+            active = {text(m) for m in await redis.zrange(keys.expiry, 0, -1)}
+            assert active == {first.allocation_id, second.allocation_id}
+            clock.advance(30_000)
+            for got in (first, second):
+                done = await client.release(allocation_id=got.allocation_id)
+                assert isinstance(done, Released) and not done.already_released
+                assert done.duration_seconds == 30
+        await wait_until(lambda: write_behind_drained(redis, keys))
+        assert (await audit(redis, keys, pg))["consistent"]
+    finally:
+        if running is not None:
+            await running.close()
+        await redis.aclose()
+        _cli("down", env=env)
