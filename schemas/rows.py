@@ -176,3 +176,102 @@ class AdminCall(Struct, kw_only=True):
     now_ms: int
     device: DeviceSpec | None = None
     quota: QuotaSpec | None = None
+
+
+# --- rebuild.lua --------------------------------------------------------------------
+
+
+class RebuildKeys(NamedTuple):
+    users: str
+    """The set of users with a quota."""
+    stats: str
+    """The pool's counters."""
+
+
+class RebuildAllocation(Struct, kw_only=True, omit_defaults=True):
+    """An allocation's hash as select and close_allocation write it: an active one goes
+    into the expiry schedule, a closed one expires from Redis after ``ttl_s``."""
+
+    allocation_id: str
+    device_id: str
+    user_id: str
+    tenant_id: str | None = None
+    request_id: str
+    status: str
+    allocated_at_ms: int
+    expires_at_ms: int
+    duration_minutes: int
+    cpu_cores: int
+    memory_mb: int
+    storage_mb: int
+    pool: str
+    version: int
+    released_at_ms: int | None = None
+    duration_seconds: int | None = None
+    ttl_s: int
+
+
+class RebuildAnswer(Struct, kw_only=True):
+    """An allocation's reply, stored as its request id's answer for ``ttl_s``."""
+
+    user_id: str
+    request_id: str
+    answer: str
+    ttl_s: int
+
+
+class RebuildUser(Struct, kw_only=True, omit_defaults=True):
+    """A user's hash: the quota (``status`` None: the user has none), and the usage
+    recomputed from those of ``allocations`` that are active in Redis now."""
+
+    user_id: str
+    allocations: list[str]
+    status: str | None = None
+    expires_at_ms: int | None = None
+    max_devices: int | None = None
+    max_cpu_per_device: int | None = None
+    max_memory_mb_per_device: int | None = None
+    total_cpu_cores: int | None = None
+    total_memory_gb: int | None = None
+    total_storage_gb: int | None = None
+    version: int | None = None
+
+
+class RebuildDevice(Struct, kw_only=True, omit_defaults=True):
+    """A device's hash: held by ``allocation_id`` when that allocation is active in Redis
+    now, else in ``status`` (an available device goes into its pool's free set)."""
+
+    device_id: str
+    name: str
+    pool: str
+    model: str
+    host: str
+    adb_host: str
+    adb_port: int
+    cpu_cores: int
+    memory_mb: int
+    storage_mb: int
+    status: str
+    version: int
+    allocation_id: str | None = None
+    last_allocation_id: str | None = None
+
+
+class RebuildStats(Struct, kw_only=True):
+    """The pool's counters, set (not added to)."""
+
+    allocated: int
+    released: int
+    expired: int
+
+
+class RebuildCall(Struct, kw_only=True, omit_defaults=True):
+    """One chunk of the live state; the caller sends stats, then allocations, answers,
+    users and devices, in that order (see rebuild.lua)."""
+
+    prefix: str
+    stats: RebuildStats | None = None
+    allocations: list[RebuildAllocation] | None = None
+    answers: list[RebuildAnswer] | None = None
+    users: list[RebuildUser] | None = None
+    devices: list[RebuildDevice] | None = None

@@ -20,6 +20,8 @@ from schemas.rows import (
     ExpireKeys,
     QuotaCall,
     QuotaKeys,
+    RebuildCall,
+    RebuildKeys,
     SelectCall,
     SelectKeys,
 )
@@ -32,7 +34,8 @@ EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.l
 """Close allocations past their expires-at."""
 ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
 """Add or update a device; set a user's quota."""
-REBUILD = Script("rebuild", _COMMON, LUA / "rebuild.lua")
+REBUILD = Script("rebuild", RebuildKeys, RebuildCall,
+                 lua_source("stages", "common.lua", "rebuild.lua"))
 """Write a chunk of the live state loaded from PostgreSQL (devsched rebuild)."""
 
 ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)

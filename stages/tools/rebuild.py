@@ -34,10 +34,8 @@ unless ``force``; with ``force`` the write-behind must have caught up first
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import asyncpg
 import msgspec
@@ -47,6 +45,15 @@ from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from schemas.keys import GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceInfo, encoder
+from schemas.rows import (
+    RebuildAllocation,
+    RebuildAnswer,
+    RebuildCall,
+    RebuildDevice,
+    RebuildKeys,
+    RebuildStats,
+    RebuildUser,
+)
 from stages.scripts import REBUILD
 from stages.settings import Settings
 
@@ -172,21 +179,17 @@ class _Meta(msgspec.Struct):
 _meta = msgspec.json.Decoder(_Meta)
 
 
-def _s(value: object) -> str:
-    return "" if value is None else str(value)
-
-
 def _seconds_left(ttl_s: int, since_ms: int, now_ms: int) -> int:
     return ttl_s - (now_ms - since_ms) // 1000
 
 
 @dataclass
 class _Loaded:
-    stats: dict[str, str]
-    allocations: list[dict[str, Any]]
-    answers: list[dict[str, Any]]
-    users: list[dict[str, Any]]
-    devices: list[dict[str, Any]]
+    stats: RebuildStats
+    allocations: list[RebuildAllocation]
+    answers: list[RebuildAnswer]
+    users: list[RebuildUser]
+    devices: list[RebuildDevice]
     report: RebuildReport
 
 
@@ -209,8 +212,8 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     report = RebuildReport(devices=len(devices), quotas=len(quotas),
                            allocated_total=counts["allocated"],
                            released_total=counts["released"], expired_total=counts["expired"])
-    alloc_items: list[dict[str, Any]] = []
-    answers: list[dict[str, Any]] = []
+    alloc_items: list[RebuildAllocation] = []
+    answers: list[RebuildAnswer] = []
     active_of_user: dict[str, list[str]] = {}
     holder: dict[str, str] = {}
     last_closed: dict[str, tuple[int, str]] = {}
@@ -219,20 +222,17 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
         active = row["status"] == "allocated"
         released_at = row["released_at_ms"]
         if active or (released_at is not None and released_at > released_since):
-            alloc_items.append({
-                "allocation_id": row["id"], "device_id": row["device_id"],
-                "user_id": row["user_id"], "tenant_id": _s(row["tenant_id"]),
-                "request_id": meta.request_id, "status": row["status"],
-                "allocated_at_ms": _s(row["allocated_at_ms"]),
-                "expires_at_ms": _s(row["expires_at_ms"]),
-                "duration_minutes": _s(row["duration_minutes"]),
-                "cpu_cores": _s(meta.cpu_cores), "memory_mb": _s(meta.memory_mb),
-                "storage_mb": _s(meta.storage_mb), "pool": meta.pool,
-                "version": _s(row["version"]), "released_at_ms": _s(released_at),
-                "duration_seconds": _s(row["duration_seconds"]),
-                "ttl_s": _s(max(1, _seconds_left(settings.released_ttl_s, released_at or now_ms,
-                                                 now_ms))),
-            })
+            alloc_items.append(RebuildAllocation(
+                allocation_id=row["id"], device_id=row["device_id"], user_id=row["user_id"],
+                tenant_id=row["tenant_id"], request_id=meta.request_id, status=row["status"],
+                allocated_at_ms=row["allocated_at_ms"], expires_at_ms=row["expires_at_ms"],
+                duration_minutes=row["duration_minutes"], cpu_cores=meta.cpu_cores,
+                memory_mb=meta.memory_mb, storage_mb=meta.storage_mb, pool=meta.pool,
+                version=row["version"], released_at_ms=released_at,
+                duration_seconds=row["duration_seconds"],
+                ttl_s=max(1, _seconds_left(settings.released_ttl_s, released_at or now_ms,
+                                           now_ms)),
+            ))
             if active:
                 report.active += 1
                 report.overdue += int(row["expires_at_ms"] <= now_ms)
@@ -252,36 +252,33 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                 user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
                 expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
                 adb_port=row["adb_port"])
-            answers.append({"user_id": row["user_id"], "request_id": meta.request_id,
-                            "answer": encoder.encode(answer).decode(),
-                            "answer_ttl_s": _s(answer_left)})
+            answers.append(RebuildAnswer(user_id=row["user_id"], request_id=meta.request_id,
+                                         answer=encoder.encode(answer).decode(),
+                                         ttl_s=answer_left))
     report.answers = len(answers)
-    users: dict[str, dict[str, Any]] = {}
-    for q in quotas:
-        users[q["user_id"]] = {"user_id": q["user_id"], "allocations": [], "quota": {
-            name: _s(q[name]) for name in (
-                "status", "expires_at_ms", "max_devices", "max_cpu_per_device",
-                "max_memory_mb_per_device", "total_cpu_cores", "total_memory_gb",
-                "total_storage_gb", "version")}}
+    users: dict[str, RebuildUser] = {
+        q["user_id"]: RebuildUser(
+            user_id=q["user_id"], allocations=[], status=q["status"],
+            expires_at_ms=q["expires_at_ms"], max_devices=q["max_devices"],
+            max_cpu_per_device=q["max_cpu_per_device"],
+            max_memory_mb_per_device=q["max_memory_mb_per_device"],
+            total_cpu_cores=q["total_cpu_cores"], total_memory_gb=q["total_memory_gb"],
+            total_storage_gb=q["total_storage_gb"], version=q["version"])
+        for q in quotas
+    }
     for user_id, ids in active_of_user.items():
-        users.setdefault(user_id, {"user_id": user_id, "allocations": []})["allocations"] = ids
+        users.setdefault(user_id, RebuildUser(user_id=user_id, allocations=[])).allocations = ids
     report.users = len(users)
-    device_items = [{
-        "device_id": d["id"], "name": d["name"], "pool": d["pool"], "model": d["model"],
-        "host": d["host"], "adb_host": d["adb_host"], "adb_port": _s(d["adb_port"]),
-        "cpu_cores": _s(d["cpu_cores"]), "memory_mb": _s(d["memory_mb"]),
-        "storage_mb": _s(d["storage_mb"]), "status": d["status"], "version": _s(d["version"]),
-        "allocation_id": holder.get(d["id"], ""),
-        "last_allocation_id": last_closed.get(d["id"], (0, ""))[1],
-    } for d in devices]
-    stats = {"allocated": _s(report.allocated_total), "released": _s(report.released_total),
-             "expired": _s(report.expired_total)}
+    device_items = [RebuildDevice(
+        device_id=d["id"], name=d["name"], pool=d["pool"], model=d["model"], host=d["host"],
+        adb_host=d["adb_host"], adb_port=d["adb_port"], cpu_cores=d["cpu_cores"],
+        memory_mb=d["memory_mb"], storage_mb=d["storage_mb"], status=d["status"],
+        version=d["version"], allocation_id=holder.get(d["id"]),
+        last_allocation_id=last_closed.get(d["id"], (0, None))[1],
+    ) for d in devices]
+    stats = RebuildStats(allocated=report.allocated_total, released=report.released_total,
+                         expired=report.expired_total)
     return _Loaded(stats, alloc_items, answers, list(users.values()), device_items, report)
-
-
-def _chunks(items: Sequence[dict[str, Any]]) -> Iterable[list[str]]:
-    for i in range(0, len(items), CHUNK):
-        yield [json.dumps(item, separators=(",", ":")) for item in items[i:i + CHUNK]]
 
 
 async def rebuild(
@@ -308,12 +305,22 @@ async def rebuild(
     report.cleared = await clear_live_state(redis, keys)
     if report.cleared:
         say(f"cleared {report.cleared} keys of the former state")
-    await REBUILD(redis, [], [keys.prefix, "stats", json.dumps(loaded.stats)])
-    for kind, items in (("allocations", loaded.allocations), ("answers", loaded.answers),
-                        ("users", loaded.users), ("devices", loaded.devices)):
+    script_keys = RebuildKeys(users=keys.users, stats=keys.stats)
+    await REBUILD(redis, script_keys, RebuildCall(prefix=keys.prefix, stats=loaded.stats))
+    calls: tuple[tuple[str, int, Callable[[int], RebuildCall]], ...] = (
+        ("allocations", len(loaded.allocations), lambda i: RebuildCall(
+            prefix=keys.prefix, allocations=loaded.allocations[i:i + CHUNK])),
+        ("answers", len(loaded.answers), lambda i: RebuildCall(
+            prefix=keys.prefix, answers=loaded.answers[i:i + CHUNK])),
+        ("users", len(loaded.users), lambda i: RebuildCall(
+            prefix=keys.prefix, users=loaded.users[i:i + CHUNK])),
+        ("devices", len(loaded.devices), lambda i: RebuildCall(
+            prefix=keys.prefix, devices=loaded.devices[i:i + CHUNK])),
+    )
+    for kind, count, chunk in calls:
         done = 0
-        for chunk in _chunks(items):
-            done += int(await REBUILD(redis, [], [keys.prefix, kind, *chunk]))
+        for i in range(0, count, CHUNK):
+            done += int(await REBUILD(redis, script_keys, chunk(i)))
         say(f"wrote {done} {kind}")
     say("rebuild done" + (f"; {report.overdue} allocations expire at the next timer tick"
                           if report.overdue else ""))
