@@ -5,8 +5,9 @@
 is built from a :class:`~stages.context.StageContext`, which need PostgreSQL, and
 how `devsched run` groups them into processes: the request path (quota, select)
 in one process at normal priority, the stages behind the reply (persist, bill,
-notify, timers) in another at nice 5, so that on a few cores they yield the CPU
-to the request path. The timers stage brings the ticker with it.
+notify, timers) and the events from other systems (events) in another at nice 5,
+so that on a few cores they yield the CPU to the request path. The timers stage
+brings the ticker with it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from schemas.keys import Keys
 from sql import migrations
 from stages.bill import BillStage
 from stages.context import StageContext
+from stages.events import EventsStage
 from stages.notify import NotifyStage
 from stages.persist import PersistStage
 from stages.quota import QuotaStage
@@ -46,6 +48,7 @@ APP: Application[StageContext, Settings] = Application(
         StageSpec("notify", NotifyStage, process_group=BEHIND, nice=BEHIND_NICE),
         StageSpec("timers", TimersStage, process_group=BEHIND, nice=BEHIND_NICE,
                   background=run_ticker),
+        StageSpec("events", EventsStage, process_group=BEHIND, nice=BEHIND_NICE),
     ),
     settings=Settings.from_env,
     context=StageContext,

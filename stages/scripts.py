@@ -16,6 +16,8 @@ from pipeline.scripts import APPEND, HANDOFF, Script, lua_source
 from schemas.rows import (
     AdminCall,
     AdminKeys,
+    EventsCall,
+    EventsKeys,
     ExpireCall,
     ExpireKeys,
     QuotaCall,
@@ -33,5 +35,8 @@ EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.l
 ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
 """Add or update a device; set a user's quota."""
 
-ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
+EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.lua", "events.lua"))
+"""Apply a batch of events from other systems, record their changes, ack."""
+
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -11,7 +11,8 @@ local due = redis.call('ZRANGEBYSCORE', k_pool(P, 'expiry'), '-inf', now, 'WITHS
 local count = 0
 for i = 1, #due, 2 do
   local aid, at = due[i], tonumber(due[i + 1])
-  if close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl) then
+  if close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl, nil,
+    'expired') then
     count = count + 1
   else
     redis.call('ZREM', k_pool(P, 'expiry'), aid)
