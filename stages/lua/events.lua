@@ -79,7 +79,12 @@ local function apply_device(row)
     -- out of the pool first, so that closing its allocation does not put it back
     redis.call('HSET', dkey, 'status', down[1])
     redis.call('ZREM', k_pool(P, 'free:' .. pool), id)
-    if t == 'device.deleted' then redis.call('SREM', k_pool(P, 'devices'), id) end
+    -- listed unless deleted: the newest event alone says whether the device exists
+    if t == 'device.deleted' then
+      redis.call('SREM', k_pool(P, 'devices'), id)
+    else
+      redis.call('SADD', k_pool(P, 'devices'), id)
+    end
     if alloc ~= '' then rec = end_allocation(alloc, down[2]) end
   else
     if t == 'device.created' then
