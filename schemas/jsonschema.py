@@ -1,7 +1,9 @@
 """The JSON Schema of the public streams, generated from the Structs.
 
 `devsched schema` prints it; docs/schema.json is the published copy (a test
-checks it is current), for producers written in other languages.
+checks it is current), for producers written in other languages: the requests
+and replies, the events other systems send (``<prefix>:events``) and the
+notifications the scheduler sends them (``<prefix>:notifications``).
 """
 
 from __future__ import annotations
@@ -10,19 +12,27 @@ from typing import Any
 
 import msgspec
 
-from schemas.messages import Reply, Request
+from schemas.events import Event
+from schemas.messages import Notification, Reply, Request
+
+PUBLIC_TYPES: dict[str, Any] = {
+    "Request": Request, "Reply": Reply, "Event": Event, "Notification": Notification,
+}
+"""Each public message by name: what producers send and what they read back."""
 
 
 def public_schema() -> dict[str, Any]:
-    (request, reply), components = msgspec.json.schema_components((Request, Reply))
+    names = list(PUBLIC_TYPES)
+    roots, components = msgspec.json.schema_components(tuple(PUBLIC_TYPES.values()))
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "devsched public streams",
         "description": (
             "Each stream entry has one field, `d`, holding one JSON object. "
             "Producers add a Request to the requests stream; the reply (a Reply) is added "
-            "to the stream named by the request's reply_to."
+            "to the stream named by the request's reply_to. Other systems add an Event to "
+            "the events stream and read Notifications from the notifications stream."
         ),
-        "$defs": {**components, "Request": request, "Reply": reply},
-        "oneOf": [{"$ref": "#/$defs/Request"}, {"$ref": "#/$defs/Reply"}],
+        "$defs": {**components, **dict(zip(names, roots, strict=True))},
+        "oneOf": [{"$ref": f"#/$defs/{name}"} for name in names],
     }

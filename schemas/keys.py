@@ -15,6 +15,7 @@ GROUP_PERSIST = "persist"
 GROUP_BILL = "bill"
 GROUP_NOTIFY = "notify"
 GROUP_TIMERS = "timers"
+GROUP_EVENTS = "events"
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,11 @@ class Keys:
     @property
     def ticks(self) -> str:
         return f"{self.prefix}:ticks"
+
+    @property
+    def events(self) -> str:
+        """Inbound events from other systems (schemas/events.py), read by the events stage."""
+        return f"{self.prefix}:events"
 
     @property
     def dead(self) -> str:
@@ -62,6 +68,11 @@ class Keys:
         return f"{self.prefix}:{{pool}}:free:{pool}"
 
     def device(self, device_id: str) -> str:
+        """One hash per device: its spec, ``status`` (available, allocated, or down:
+        failed, maintenance, stopped, error, deleted), ``alloc`` (the active allocation,
+        or empty), ``last_alloc``, ``version`` and the last applied ``event_version``. A
+        deleted device keeps its hash (so older events stay stale) but leaves the
+        ``devices`` set and its free pool."""
         return f"{self.prefix}:{{pool}}:dev:{device_id}"
 
     @property
@@ -77,6 +88,10 @@ class Keys:
         set of active allocations (every allocation has an expiry)."""
         return f"{self.prefix}:{{pool}}:expiry"
 
+    def device_event(self, event_id: str) -> str:
+        """A device event's id, once applied (with a TTL): a second delivery changes nothing."""
+        return f"{self.prefix}:{{pool}}:evt:{event_id}"
+
     @property
     def stats(self) -> str:
         return f"{self.prefix}:{{pool}}:stats"
@@ -87,8 +102,21 @@ class Keys:
         (``status``, ``expires_at_ms``, ``max_*``, ``total_*``, ``version``), the usage
         (``used_devices``, ``used_cpu``, ``used_mem``, ``used_sto``), a
         ``hold:<request id>`` per admitted request select has not decided yet, and an
-        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation."""
+        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation. Events add
+        ``user_status`` (active/suspended/deleted, from user.* events) and
+        ``billing_status`` (ok/overdue/suspended, from billing.* events), of which
+        ``status`` is the effect, and the last applied ``user_event_version`` and
+        ``billing_event_version``."""
         return f"{self.prefix}:{{u:{user_id}}}:user"
+
+    def user_event(self, user_id: str, event_id: str) -> str:
+        """A user or billing event's id, once applied (with a TTL)."""
+        return f"{self.prefix}:{{u:{user_id}}}:evt:{event_id}"
+
+    def payment_failures(self, user_id: str) -> str:
+        """The user's count of failed payments (billing.payment_failed), expiring
+        DEVSCHED_PAYMENT_FAILURE_TTL_S after the last one."""
+        return f"{self.prefix}:{{u:{user_id}}}:payfail"
 
     @property
     def users(self) -> str:

@@ -48,6 +48,28 @@ FailureReason = Literal[
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode."""
 
+EndReason = Literal[
+    "released",
+    "expired",
+    "device_failed",
+    "device_deleted",
+    "device_maintenance",
+    "device_stopped",
+    "device_error",
+    "user_deleted",
+    "user_suspended",
+    "quota_reduced",
+    "quota_exceeded",
+    "payment_failed",
+    "billing_overdue",
+]
+"""Why an allocation ended: ``released`` by its user, ``expired`` at its expires-at, or
+closed by an event from another system (schemas/events.py): its device failed, was
+deleted, went to maintenance, stopped or reported an error; its user was deleted or
+suspended; the user's quota was lowered below the use (``quota_reduced``, oldest
+allocations first) or reported exceeded; payments failed up to the threshold; billing
+overdue."""
+
 
 # --- requests (public stream) ------------------------------------------------
 
@@ -157,6 +179,8 @@ class AllocationChange(
     pool: str
     version: int
     at_ms: int
+    reason: EndReason | None = None
+    """Why a closed allocation ended (None while it is active)."""
 
 
 class RequestRejected(
@@ -204,7 +228,55 @@ class QuotaSet(Struct, tag_field="kind", tag="quota", kw_only=True, forbid_unkno
     at_ms: int
 
 
-Change = AllocationChange | RequestRejected | DeviceUpserted | QuotaSet
+class DeviceEventApplied(DeviceUpserted, tag="device_event", kw_only=True,
+                         forbid_unknown_fields=True):
+    """A device event (schemas/events.py) applied: the device's whole record as it is now
+    (persist writes it like DeviceUpserted), with what notify announces: the event, the
+    status before, the allocation it ended (and its user), the maintenance details."""
+
+    event: str
+    """The inbound event's type, e.g. ``device.failed``."""
+    event_id: str
+    previous_status: str | None = None
+    """The device's status before the event (None: the event created it)."""
+    reason: str | None = None
+    """The event's own text (why it failed, what the maintenance is for)."""
+    info: str | None = None
+    """Maintenance information (``device.maintenance``)."""
+    expected_end_ms: int | None = None
+    """When the maintenance is expected to end."""
+    allocation_id: str | None = None
+    """The allocation the event ended on this device."""
+    user_id: str | None = None
+    """That allocation's user (who is notified)."""
+
+
+class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_fields=True):
+    """A user or billing event (schemas/events.py) applied: the user's whole quota record
+    as it is now (persist writes it like QuotaSet), with what notify announces."""
+
+    event: str
+    """The inbound event's type, e.g. ``billing.overdue``."""
+    event_id: str
+    previous_status: str
+    reason: str | None = None
+    """The event's own text."""
+    released_allocations: int = 0
+    """How many of the user's allocations the event ended."""
+    amount: float | None = None
+    """billing: the amount (overdue, failed, paid or recharged)."""
+    days: int | None = None
+    """billing.overdue: days overdue."""
+    balance: float | None = None
+    """billing: the balance the event reports."""
+    failure_count: int | None = None
+    """billing.payment_failed: failed payments counted (within the count's TTL)."""
+    failure_threshold: int | None = None
+    """billing.payment_failed: the count at which the user is suspended."""
+
+
+Change = (AllocationChange | RequestRejected | DeviceUpserted | QuotaSet | DeviceEventApplied
+          | UserEventApplied)
 
 
 Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+)?$")]
@@ -225,7 +297,10 @@ class Tick(Struct, kw_only=True):
     at_ms: int
 
 
-class Notification(Struct, kw_only=True):
+class Notification(Struct, kw_only=True, omit_defaults=True):
+    """One entry of the outbound notifications stream (docs/wire-format.md lists every
+    ``event``). Fields that do not apply to an event are left out."""
+
     event: str
     user_id: str | None = None
     tenant_id: str | None = None
@@ -234,8 +309,24 @@ class Notification(Struct, kw_only=True):
     request_id: str | None = None
     reason: str | None = None
     message: str
-    channels: list[str] = msgspec.field(default_factory=lambda: ["webhook"])
+    channels: list[str]
+    """Where to deliver it: ``webhook``, ``websocket``, ``email``, ``sms`` (hints)."""
     at_ms: int
+    status: str | None = None
+    """The device's or user's status after the event."""
+    duration_seconds: int | None = None
+    """device.released / allocation.expired: the allocation's billed length."""
+    released_allocations: int | None = None
+    """User and billing events: how many allocations the event ended."""
+    info: str | None = None
+    expected_end_ms: int | None = None
+    """device.maintenance: what it is and when it is expected to end."""
+    amount: float | None = None
+    days: int | None = None
+    balance: float | None = None
+    failure_count: int | None = None
+    failure_threshold: int | None = None
+    """Billing details (see the event that caused it)."""
 
 
 # --- records ------------------------------------------------------------------
@@ -285,6 +376,3 @@ def decode_admitted(fields: Mapping[bytes, bytes]) -> AdmittedEntry:
     if isinstance(hold := named.get("c"), bytes):
         named["c"] = hold.decode()
     return msgspec.convert(named, AdmittedEntry)
-
-
-PUBLIC_TYPES: dict[str, object] = {"Request": Request, "Reply": Reply}

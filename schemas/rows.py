@@ -208,6 +208,8 @@ class RebuildAllocation(Struct, kw_only=True, omit_defaults=True):
     version: int
     released_at_ms: int | None = None
     duration_seconds: int | None = None
+    end_reason: str | None = None
+    """Why a closed one ended (released, expired, or the event's reason)."""
     ttl_s: int
 
 
@@ -275,3 +277,75 @@ class RebuildCall(Struct, kw_only=True, omit_defaults=True):
     answers: list[RebuildAnswer] | None = None
     users: list[RebuildUser] | None = None
     devices: list[RebuildDevice] | None = None
+
+
+# --- events.lua ---------------------------------------------------------------------
+
+
+class EventsKeys(NamedTuple):
+    events: str
+    changes: str
+    dead: str
+
+
+class DeviceEventRow(Row, tag="device", kw_only=True):
+    """A device.* event (schemas.events): ``type`` says which; the fields of other types
+    are absent. device.created carries the whole spec (its defaults filled in)."""
+
+    type: str
+    event_id: str
+    version: int | None = None
+    device_id: str
+    reason: str | None = None
+    status: str | None = None
+    """device.status_changed: running, stopped or error."""
+    info: str | None = None
+    expected_end_ms: int | None = None
+    name: str | None = None
+    pool: str | None = None
+    model: str | None = None
+    host: str | None = None
+    adb_host: str | None = None
+    adb_port: int | None = None
+    cpu_cores: int | None = None
+    memory_mb: int | None = None
+    storage_mb: int | None = None
+
+
+class UserEventRow(Row, tag="user", kw_only=True):
+    """A user.* or billing.* event (schemas.events): ``type`` says which; the fields of
+    other types are absent (a user.quota_updated limit left out keeps its value)."""
+
+    type: str
+    event_id: str
+    version: int | None = None
+    user_id: str
+    reason: str | None = None
+    amount: float | None = None
+    days: int | None = None
+    balance: float | None = None
+    max_devices: int | None = None
+    max_cpu_per_device: int | None = None
+    max_memory_mb_per_device: int | None = None
+    total_cpu_cores: int | None = None
+    total_memory_gb: int | None = None
+    total_storage_gb: int | None = None
+    expires_at_ms: int | None = None
+
+
+EventsRow = DeviceEventRow | UserEventRow | DeadRow
+
+
+class EventsCall(Struct, kw_only=True):
+    prefix: str
+    group: str
+    now_ms: int
+    event_ttl_s: int
+    """How long an applied event id is remembered."""
+    released_ttl_s: int
+    payment_failure_ttl_s: int
+    payment_failure_threshold: int
+    quota_defaults: QuotaSpec
+    """The limits a user.quota_updated gives a user without a quota record, for the
+    limits it leaves out (``user_id`` unused)."""
+    items: list[EventsRow]

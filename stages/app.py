@@ -5,10 +5,10 @@
 is built from a :class:`~stages.context.StageContext`, which need PostgreSQL, and
 how `devsched run` groups them into processes: the request path (quota, select)
 in one process at normal priority, the stages behind the reply (persist, bill,
-notify, timers) in another at nice 5, so that on a few cores they yield the CPU
-to the request path. The timers stage brings the ticker with it. `devsched up`
-rebuilds the live state from PostgreSQL when Redis came back without it
-(``stages.tools.rebuild.recover``).
+notify, timers) and the events from other systems (events) in another at nice 5,
+so that on a few cores they yield the CPU to the request path. The timers stage
+brings the ticker with it. `devsched up` rebuilds the live state from PostgreSQL
+when Redis came back without it (``stages.tools.rebuild.recover``).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from schemas.keys import Keys
 from sql import migrations
 from stages.bill import BillStage
 from stages.context import StageContext
+from stages.events import EventsStage
 from stages.notify import NotifyStage
 from stages.persist import PersistStage
 from stages.quota import QuotaStage
@@ -49,6 +50,7 @@ APP: Application[StageContext, Settings] = Application(
         StageSpec("notify", NotifyStage, process_group=BEHIND, nice=BEHIND_NICE),
         StageSpec("timers", TimersStage, process_group=BEHIND, nice=BEHIND_NICE,
                   background=run_ticker),
+        StageSpec("events", EventsStage, process_group=BEHIND, nice=BEHIND_NICE),
     ),
     settings=Settings.from_env,
     context=StageContext,

@@ -4,7 +4,8 @@ Each ``released`` or ``expired`` change becomes one ledger row keyed by the
 allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
 statement (in key order, as persist writes) and acked after commit: a redelivered
 change finds its row and adds nothing. Duration is the allocation's exact length in
-whole seconds. The export to an external billing service comes later; rows not yet
+whole seconds; ``end_reason`` says why it ended (released, expired, or the event that
+ended it: device_failed, user_suspended, ...). The export to an external billing service comes later; rows not yet
 exported are marked by ``exported_at IS NULL``.
 """
 
@@ -52,6 +53,6 @@ class BillStage:
                     [r.tenant_id for r in rows], [r.device_id for r in rows],
                     [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
                     [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
-                    [r.memory_mb for r in rows], [r.status for r in rows],
+                    [r.memory_mb for r in rows], [r.reason or r.status for r in rows],
                 )
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

@@ -11,6 +11,16 @@ from __future__ import annotations
 from prometheus_client import Counter
 
 AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
+"""``reason``: expired, or the schemas.messages.EndReason of an event (device_failed, ...)."""
+EVENT_CONSUMED = Counter(
+    "scheduler_event_consumed", "Events from other systems read by the events stage",
+    ["type", "status"],
+)
+"""Exported as ``scheduler_event_consumed_total``. ``type``: one of the 15 event types, or
+``unknown`` for an event whose type is not one; ``status``: applied, stale (its version
+not above the last applied), duplicate (its event id applied before), ignored (unknown
+device or user), invalid (did not decode: dead-lettered), failed (an informational event
+whose application failed: dead-lettered and acked)."""
 CLIENT_INVALID_REPLIES = Counter(
     "devsched_client_invalid_replies",
     "Replies the producer client could not decode (the waiting call, when its request id "

@@ -1,23 +1,33 @@
 """notify: one notification per outcome, on the outbound notifications stream.
 
-Every change that a person cares about (allocated, released, expired, refused)
-becomes one Notification; each entry's notification is added and the entry acked
+Every change that a person or another system cares about (allocated, released
+with its reason, expired, refused, and each event from other systems that was
+applied: device failed, maintenance, ..., user suspended, billing warnings; the
+list is in docs/wire-format.md) becomes one Notification; each entry's notification is added and the entry acked
 in the same script call, so a crash cannot send one twice or drop one, and a
 notification is added only by the call whose XACK took its entry off the pending
 list, so an entry handled by two consumers (one slow, one that took it over) is
 still notified once. A large batch goes in several such calls, each atomic for its
-own entries. Device and quota updates are administrative and produce none. Webhook
+own entries. Device and quota updates by command are administrative and produce none. Webhook
 delivery over HTTP comes later, reading this stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from pipeline.scripts import HANDOFF, HandoffCall, HandoffKeys, HandOn
 from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
-from schemas.messages import AllocationChange, Notification, RequestRejected, encoder
+from schemas.messages import (
+    AllocationChange,
+    DeviceEventApplied,
+    Notification,
+    RequestRejected,
+    UserEventApplied,
+    encoder,
+)
 from stages.changes import decode_changes
 from stages.context import StageContext
 
@@ -30,29 +40,138 @@ millisecond or more. Each call is atomic for its own entries, which is all the
 once-only promise needs."""
 
 
-def notification_for(change: object) -> Notification | None:
-    if isinstance(change, AllocationChange):
-        if change.status == "allocated":
-            event, message = "device.allocated", f"Device {change.device_id} allocated"
-        elif change.status == "released":
-            event = "device.released"
-            message = f"Device {change.device_id} released after {change.duration_seconds} s"
+WEB = ["webhook", "websocket"]
+MAIL = ["webhook", "websocket", "email"]
+URGENT = ["webhook", "websocket", "email", "sms"]
+"""Channel hints: every notification goes to the webhook and the websocket; the ones a
+user must not miss also by email; an overdue account also by SMS."""
+
+
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
+
+
+def _money(amount: float | None) -> str:
+    return "" if amount is None else f"{amount:.2f}"
+
+
+def allocation_notification(change: AllocationChange) -> Notification:
+    """device.allocated, device.released (with its reason) or allocation.expired."""
+    reason: str | None = None
+    if change.status == "allocated":
+        event, message = "device.allocated", f"Device {change.device_id} allocated"
+    elif change.status == "released":
+        event, reason = "device.released", change.reason or "released"
+        message = f"Device {change.device_id} released after {change.duration_seconds} s"
+        if reason != "released":
+            message += f" ({reason.replace('_', ' ')})"
+    else:
+        event, reason = "allocation.expired", "expired"
+        message = f"Allocation on device {change.device_id} expired"
+    return Notification(
+        event=event, user_id=change.user_id, tenant_id=change.tenant_id,
+        allocation_id=change.allocation_id, device_id=change.device_id,
+        request_id=change.request_id, reason=reason, message=message, at_ms=change.at_ms,
+        channels=WEB, status=change.status, duration_seconds=change.duration_seconds,
+    )
+
+
+def device_event_notification(change: DeviceEventApplied) -> Notification:
+    """The device event, for the user whose allocation it ended (if any) and for other
+    systems: device.failed, device.deleted, device.status_changed, device.maintenance (with
+    its info and expected end), device.created."""
+    dev, why = change.device_id, f": {change.reason}" if change.reason else ""
+    if change.event == "device.failed":
+        message, channels = f"Device {dev} failed{why}", MAIL
+    elif change.event == "device.deleted":
+        message, channels = f"Device {dev} deleted{why}", MAIL
+    elif change.event == "device.maintenance":
+        message, channels = f"Device {dev} is in maintenance{why}", MAIL
+        if change.info:
+            message += f" ({change.info})"
+        if change.expected_end_ms is not None:
+            end = datetime.fromtimestamp(change.expected_end_ms / 1000, tz=UTC)
+            message += f", expected back at {end.isoformat(timespec='seconds')}"
+    elif change.event == "device.created":
+        message, channels = f"Device {dev} added to pool {change.pool}", WEB
+    else:
+        message, channels = f"Device {dev} is {change.status}{why}", WEB
+    if change.allocation_id:
+        message += f"; allocation {change.allocation_id} released"
+    return Notification(
+        event=change.event, user_id=change.user_id, allocation_id=change.allocation_id,
+        device_id=dev, reason=change.reason, message=message, at_ms=change.at_ms,
+        channels=channels, status=change.status, info=change.info,
+        expected_end_ms=change.expected_end_ms,
+    )
+
+
+def user_event_notification(change: UserEventApplied) -> Notification:
+    """The user or billing event, for the user: suspended, deleted, activated, quota
+    updated or exceeded (with the allocations it released), payment warnings (1 and 2
+    of 3) and the suspension at the threshold, low balance, overdue (amount and days),
+    payment succeeded, recharged."""
+    uid, n, ev = change.user_id, change.released_allocations, change.event
+    released = f"; {_plural(n, 'allocation')} released" if n else ""
+    channels = WEB
+    if ev == "user.deleted":
+        message, channels = f"User {uid} deleted{released}", MAIL
+    elif ev == "user.suspended":
+        message, channels = f"User {uid} suspended{released}", MAIL
+    elif ev == "user.activated":
+        message = f"User {uid} activated" + (
+            f" (still {change.status})" if change.status != "active" else "")
+    elif ev == "user.quota_updated":
+        message = (f"Quota updated: at most {_plural(change.max_devices, 'device')}, "
+                   f"{change.total_cpu_cores} CPU cores, {change.total_memory_gb} GB memory"
+                   + (f"; {_plural(n, 'oldest allocation')} released" if n else ""))
+    elif ev == "user.quota_exceeded":
+        message = "Quota exceeded" + (f"; {_plural(n, 'oldest allocation')} released" if n else "")
+    elif ev == "billing.payment_failed":
+        count, limit = change.failure_count or 0, change.failure_threshold or 0
+        channels = MAIL
+        if count < limit:
+            message = f"Payment failed ({count} of {limit}): please update your payment method"
         else:
-            event = "allocation.expired"
-            message = f"Allocation on device {change.device_id} expired"
-        return Notification(
-            event=event, user_id=change.user_id, tenant_id=change.tenant_id,
-            allocation_id=change.allocation_id, device_id=change.device_id,
-            request_id=change.request_id, message=message, at_ms=change.at_ms,
-            channels=["webhook", "websocket"],
-        )
+            message = f"Payment failed {count} times: service suspended{released}"
+    elif ev == "billing.balance_low":
+        message, channels = f"Balance low: {_money(change.balance)}", MAIL
+    elif ev == "billing.overdue":
+        message = (f"Account overdue: {_money(change.amount)} for "
+                   f"{_plural(change.days or 0, 'day')}{released}")
+        channels = URGENT
+    elif ev == "billing.payment_success":
+        message = f"Payment of {_money(change.amount)} succeeded" + (
+            f", balance {_money(change.balance)}" if change.balance is not None else "")
+    else:
+        message = f"Account recharged with {_money(change.amount)}" + (
+            f", balance {_money(change.balance)}" if change.balance is not None else "")
+    if change.status != change.previous_status and ev != "user.activated":
+        message += f" (status: {change.status})"
+    return Notification(
+        event=ev, user_id=uid, reason=change.reason, message=message, at_ms=change.at_ms,
+        channels=channels, status=change.status, released_allocations=n,
+        amount=change.amount, days=change.days, balance=change.balance,
+        failure_count=change.failure_count, failure_threshold=change.failure_threshold,
+    )
+
+
+def notification_for(change: object) -> Notification | None:
+    """The notification of one change, or None for an administrative one (a device
+    added or a quota set by command)."""
+    if isinstance(change, AllocationChange):
+        return allocation_notification(change)
+    if isinstance(change, DeviceEventApplied):
+        return device_event_notification(change)
+    if isinstance(change, UserEventApplied):
+        return user_event_notification(change)
     if isinstance(change, RequestRejected):
         event = ("allocation.quota_exceeded" if change.reason == "quota_exceeded"
                  else "allocation.failed")
         return Notification(
             event=event, user_id=change.user_id, tenant_id=change.tenant_id,
             request_id=change.request_id, reason=change.reason, message=change.message,
-            at_ms=change.at_ms, channels=["webhook", "websocket"],
+            at_ms=change.at_ms, channels=WEB,
         )
     return None
 

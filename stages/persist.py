@@ -4,7 +4,10 @@ Per batch, at most one statement per table (arrays unnested into one upsert) in
 one transaction, then the acks. Rows only move forward: an upsert applies only
 when the incoming ``version`` is newer than the stored one, so a change that
 arrives late, twice, or out of order (several persist workers) never overwrites
-a newer row. Within a batch only the newest change of each entity is written,
+a newer row. Device events and user events (DeviceEventApplied, UserEventApplied) carry the
+device's or the user's whole record and are written as DeviceUpserted and QuotaSet
+are, on the same version sequence. Within a batch only the newest change of each
+entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
 While PostgreSQL is down (or aborts a transaction for a retry: a deadlock with
@@ -29,13 +32,13 @@ from stages.context import StageContext
 
 UPSERT_ALLOCATIONS = """
 INSERT INTO device_allocations AS a (id, device_id, user_id, tenant_id, status, allocated_at,
-    released_at, expires_at, duration_minutes, duration_seconds, metadata, version)
+    released_at, expires_at, duration_minutes, duration_seconds, metadata, version, end_reason)
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::int[],
-    $11::jsonb[], $12::bigint[]) ORDER BY 1
+    $11::jsonb[], $12::bigint[], $13::text[]) ORDER BY 1
 ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, released_at = EXCLUDED.released_at,
     expires_at = EXCLUDED.expires_at, duration_seconds = EXCLUDED.duration_seconds,
-    metadata = EXCLUDED.metadata, version = EXCLUDED.version
+    metadata = EXCLUDED.metadata, version = EXCLUDED.version, end_reason = EXCLUDED.end_reason
 WHERE a.version < EXCLUDED.version
 """
 
@@ -96,7 +99,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [msgspec.json.encode({"request_id": r.request_id, "pool": r.pool,
                                   "cpu_cores": r.cpu_cores, "memory_mb": r.memory_mb,
                                   "storage_mb": r.storage_mb}).decode() for r in rows],
-            [r.version for r in rows],
+            [r.version for r in rows], [r.reason for r in rows],
         )
     if devices:
         ds = list(devices.values())

@@ -16,6 +16,8 @@ from pipeline.scripts import APPEND, HANDOFF, Script, lua_source
 from schemas.rows import (
     AdminCall,
     AdminKeys,
+    EventsCall,
+    EventsKeys,
     ExpireCall,
     ExpireKeys,
     QuotaCall,
@@ -38,5 +40,8 @@ REBUILD = Script("rebuild", RebuildKeys, RebuildCall,
                  lua_source("stages", "common.lua", "rebuild.lua"))
 """Write a chunk of the live state loaded from PostgreSQL (devsched rebuild)."""
 
-ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, HANDOFF, APPEND)
+EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.lua", "events.lua"))
+"""Apply a batch of events from other systems, record their changes, ack."""
+
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -37,3 +37,9 @@ class Settings(RuntimeSettings):
     """Streams are trimmed every N ticks."""
     quota_fail_open: bool = env("DEVSCHED_QUOTA_FAIL_OPEN", False)
     """Admit users with no quota record (default: refuse them as quota_exceeded)."""
+    payment_failure_ttl_s: int = env("DEVSCHED_PAYMENT_FAILURE_TTL_S", 604_800, minimum=1)
+    """A user's count of failed payments (billing.payment_failed) is forgotten this long
+    after the last one (default 7 days); kept in Redis, shared by every worker."""
+    payment_failure_threshold: int = env("DEVSCHED_PAYMENT_FAILURE_THRESHOLD", 3, minimum=1)
+    """At this many failed payments the user's allocations end and the user is suspended
+    until a payment succeeds; below it each failure is a warning."""

@@ -87,7 +87,7 @@ async def expire_due(ctx: StageContext) -> int:
 async def trim_streams(ctx: StageContext) -> int:
     k = ctx.keys
     removed = 0
-    for stream in (k.requests, k.admitted, k.changes, k.ticks, k.notifications, k.dead):
+    for stream in (k.requests, k.admitted, k.changes, k.ticks, k.events, k.notifications, k.dead):
         removed += await trim(ctx.redis, stream)
     return removed
 

@@ -31,6 +31,7 @@ from pipeline.migrate import migrate
 from pipeline.worker import groups_caught_up
 from schemas.keys import (
     GROUP_BILL,
+    GROUP_EVENTS,
     GROUP_NOTIFY,
     GROUP_PERSIST,
     GROUP_QUOTA,
@@ -127,7 +128,8 @@ async def workers_up(redis: Redis, keys: Keys, task: asyncio.Task[None]) -> bool
         raise AssertionError("the pipeline stopped before its workers were up")
     for stream, group in ((keys.requests, GROUP_QUOTA), (keys.admitted, GROUP_SELECT),
                           (keys.changes, GROUP_PERSIST), (keys.changes, GROUP_BILL),
-                          (keys.changes, GROUP_NOTIFY), (keys.ticks, GROUP_TIMERS)):
+                          (keys.changes, GROUP_NOTIFY), (keys.ticks, GROUP_TIMERS),
+                          (keys.events, GROUP_EVENTS)):
         try:
             if not await redis.xinfo_consumers(stream, group):
                 return False
@@ -152,7 +154,7 @@ async def pipeline(
 ) -> AsyncIterator[RunningPipeline]:
     """Every stage running in this event loop on the test's prefix and clock."""
     stop = asyncio.Event()
-    names = ["quota", "select", "persist", "bill", "notify", "timers"]
+    names = ["quota", "select", "persist", "bill", "notify", "timers", "events"]
     task = asyncio.create_task(serve(names, settings, clock, stop=stop, install_signals=False))
     running = RunningPipeline(task, stop)
     await wait_until(lambda: workers_up(redis, Keys(settings.prefix), task))

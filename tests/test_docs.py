@@ -8,6 +8,7 @@ from pathlib import Path
 
 import msgspec
 
+from schemas.events import EVENT_TYPES, event_decoder, event_type
 from schemas.jsonschema import public_schema
 from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
 
@@ -38,3 +39,14 @@ def test_wire_example_decodes_as_documented() -> None:
         assert "duration_minutes" in str(exc)
     else:
         raise AssertionError("a zero duration must be refused")
+
+
+def test_wire_format_has_one_valid_example_per_event_type() -> None:
+    text = (ROOT / "docs" / "wire-format.md").read_text()
+    section = text.split("## Events from other systems", 1)[1].split("\n## ", 1)[0]
+    block = re.search(r"```json\n(.*?)\n```", section, re.DOTALL)
+    assert block is not None
+    examples = [event_decoder.decode(line.encode()) for line in block.group(1).splitlines()]
+    assert sorted(event_type(e) for e in examples) == sorted(EVENT_TYPES)
+    for kind in EVENT_TYPES:  # each type has its row in the table
+        assert f"| `{kind}` |" in section, kind

@@ -1,11 +1,14 @@
 """The contract between the Lua scripts and the Structs: every message a script emits
 decodes with the strict decoders.
 
-Each script (quota, select, expire, admin) is driven through every path it has on the
-real Redis, by the stages' own code (QuotaStage, SelectStage, expire_due, add_devices,
-set_quotas): every refusal reason, invalid input, dead letters, allocation, no device,
-quota exceeded at select, release by allocation and by device, a second release,
-not_found, not_owner, expiry, device and quota updates, idempotent repeats. Then EVERY
+Each script (quota, select, expire, admin, events) is driven through every path it has
+on the real Redis, by the stages' own code (QuotaStage, SelectStage, expire_due,
+add_devices, set_quotas, EventsStage): every refusal reason, invalid input, dead
+letters, allocation, no device, quota exceeded at select, a user blocked between quota
+and select, release by allocation and by device, a second release, not_found,
+not_owner, expiry, device and quota updates, idempotent repeats, and each of the 15
+events with every reason it releases for (plus stale, duplicate, ignored and invalid
+events). Then EVERY
 entry the scripts added to the reply stream, the admitted stream, the changes stream
 and the dead stream is decoded with the strict decoders (every Struct Lua emits
 forbids unknown fields), and the kinds seen must be exactly the kinds expected, so no
@@ -26,6 +29,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+import stages.events
 import stages.quota
 import stages.select
 import stages.timers
@@ -34,11 +38,12 @@ from pipeline.clock import ManualClock
 from pipeline.connections import text
 from pipeline.scripts import Script
 from pipeline.worker import Entry
-from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
+from schemas.keys import GROUP_EVENTS, GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
     Allocated,
     AllocateRequest,
     AllocationChange,
+    DeviceEventApplied,
     DeviceSpec,
     DeviceUpserted,
     Failed,
@@ -47,6 +52,7 @@ from schemas.messages import (
     Released,
     ReleaseRequest,
     RequestRejected,
+    UserEventApplied,
     change_decoder,
     decode_admitted,
     encoder,
@@ -54,8 +60,9 @@ from schemas.messages import (
 )
 from schemas.runtime import dead_decoder
 from stages.context import StageContext
+from stages.events import EventsStage
 from stages.quota import QuotaStage
-from stages.scripts import ADMIN, EXPIRE, QUOTA, SELECT
+from stages.scripts import ADMIN, EVENTS, EXPIRE, QUOTA, SELECT
 from stages.select import SelectStage, allocation_id
 from stages.timers import expire_due
 from stages.tools.admin import add_devices, set_quotas
@@ -84,12 +91,22 @@ class Driver:
         self.quota_fail_open = QuotaStage(
             replace(ctx, settings=replace(ctx.settings, quota_fail_open=True)))
         self.select = SelectStage(ctx)
+        self.events = EventsStage(ctx)
         self.run = Run(self.keys)
 
     async def start(self) -> None:
         for stream, group in ((self.keys.requests, GROUP_QUOTA),
-                              (self.keys.admitted, GROUP_SELECT)):
+                              (self.keys.admitted, GROUP_SELECT),
+                              (self.keys.events, GROUP_EVENTS)):
             await self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+
+    async def through_events(self, *events: dict[str, Any] | bytes) -> None:
+        for n, ev in enumerate(events):
+            if isinstance(ev, dict):
+                ev = orjson.dumps({"event_id": f"{ev['type']}-{n}-{self.clock.now_ms()}",
+                                   "occurred_at_ms": self.clock.now_ms(), **ev})
+            await self.redis.xadd(self.keys.events, {"d": ev})
+        await self.events.handle(await self._read(self.keys.events, GROUP_EVENTS))
 
     def allocate(self, user: str, rid: str, **fields: Any) -> bytes:
         return encoder.encode(AllocateRequest(request_id=rid, user_id=user,
@@ -214,7 +231,59 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     clock.advance(61_000)
     assert await expire_due(ctx) == 1
     await d.both(d.release("x-2", allocation_id=allocation_id("ok", "r-2")))
+
+    await every_event_path(d)
     return d.run
+
+
+async def every_event_path(d: Driver) -> None:
+    """Each of the 15 events, each releasing for its reason where it can, and the events
+    that change nothing (stale, duplicate, unknown entity) or do not decode."""
+    redis, keys, clock = d.redis, d.keys, d.clock
+    device_events = ("failed", "deleted", "stopped", "error", "maintenance")
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"ev-{n}", pool=f"pe-{n}")
+                                           for n in device_events])
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"eu-{i}", pool="pu") for i in range(8)])
+    users = ("del", "sus", "quota", "exc", "pay", "over", "blocked")
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="evd")] + [
+        QuotaSpec(user_id=f"u-{u}") for u in users])
+    await d.both(*(d.allocate("evd", f"e-{n}", pool=f"pe-{n}") for n in device_events))
+    await d.both(*(d.allocate(f"u-{u}", f"e-{u}-{i}", pool="pu")
+                   for u, n in (("del", 1), ("sus", 1), ("quota", 2), ("exc", 2), ("pay", 1),
+                                ("over", 1)) for i in range(n)))
+    await d.through_events(
+        {"type": "device.failed", "device_id": "ev-failed", "version": 1, "reason": "crash"},
+        {"type": "device.deleted", "device_id": "ev-deleted"},
+        {"type": "device.status_changed", "device_id": "ev-stopped", "status": "stopped"},
+        {"type": "device.status_changed", "device_id": "ev-error", "status": "error"},
+        {"type": "device.maintenance", "device_id": "ev-maintenance", "info": "screen",
+         "expected_end_ms": clock.now_ms() + 3_600_000},
+        {"type": "device.status_changed", "device_id": "ev-failed", "status": "running",
+         "version": 2},
+        {"type": "device.failed", "device_id": "ev-failed", "version": 1},  # stale
+        {"type": "device.failed", "device_id": "no-such-device"},  # ignored
+        {"type": "device.created", "device_id": "ev-new", "name": "new", "pool": "pe-new"},
+        {"type": "user.deleted", "user_id": "u-del"},
+        {"type": "user.suspended", "user_id": "u-sus", "reason": "terms"},
+        {"type": "user.activated", "user_id": "u-sus"},
+        {"type": "user.quota_updated", "user_id": "u-quota", "max_devices": 1},
+        {"type": "user.quota_updated", "user_id": "u-new", "expires_at_ms": clock.now_ms() + 1},
+        {"type": "billing.balance_low", "user_id": "u-pay", "balance": 1.5},
+        *({"type": "billing.payment_failed", "user_id": "u-pay", "amount": 9.5}
+          for _ in range(3)),
+        {"type": "billing.payment_success", "user_id": "u-pay", "amount": 9.5, "balance": 1.0},
+        {"type": "billing.overdue", "user_id": "u-over", "amount": 12.25, "days": 3},
+        {"type": "billing.recharged", "user_id": "u-over", "amount": 20.0},
+        {"type": "user.suspended", "user_id": "nobody-known"},  # ignored
+        b'{"type": "user.suspended"}',  # invalid: dead
+    )
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="u-exc", max_devices=1)])
+    dup = {"type": "user.quota_exceeded", "user_id": "u-exc", "event_id": "exc-once"}
+    await d.through_events(dup, dup)
+    # blocked between quota and select: admitted, then suspended, then refused at select
+    await d.through_quota(d.allocate("u-blocked", "r-blocked"))
+    await d.through_events({"type": "user.suspended", "user_id": "u-blocked"})
+    await d.through_select()
 
 
 # --- reading everything back, strictly -----------------------------------------------
@@ -232,9 +301,14 @@ def kind_of(message: object) -> str:
     if isinstance(message, Allocated):
         return "reply allocated"
     if isinstance(message, AllocationChange):
-        return f"change allocation {message.status}"
+        why = f" {message.reason}" if message.reason not in (None, message.status) else ""
+        return f"change allocation {message.status}{why}"
     if isinstance(message, RequestRejected):
         return f"change rejected {message.reason}"
+    if isinstance(message, DeviceEventApplied):
+        return f"change device_event {message.event}"
+    if isinstance(message, UserEventApplied):
+        return f"change user_event {message.event}"
     if isinstance(message, DeviceUpserted):
         return "change device"
     if isinstance(message, QuotaSet):
@@ -283,6 +357,17 @@ EXPECTED = {
     "change quota expiring",
     "dead from quota",
     "dead from select",
+    "dead from events",
+    *(f"change allocation released {reason}" for reason in (
+        "device_failed", "device_deleted", "device_stopped", "device_error",
+        "device_maintenance", "user_deleted", "user_suspended", "quota_reduced",
+        "quota_exceeded", "payment_failed", "billing_overdue")),
+    *(f"change device_event device.{kind}" for kind in (
+        "failed", "deleted", "status_changed", "maintenance", "created")),
+    *(f"change user_event {kind}" for kind in (
+        "user.deleted", "user.suspended", "user.activated", "user.quota_updated",
+        "user.quota_exceeded", "billing.payment_failed", "billing.balance_low",
+        "billing.overdue", "billing.payment_success", "billing.recharged")),
 }
 """Every kind of entry the scripts emit: each must appear in one run of every path."""
 
@@ -304,12 +389,17 @@ async def test_every_message_every_script_emits_decodes_strictly(
                      "belongs to another user", "has no allocation", "is not on device",
                      "No available device"):
         assert any(expected in t for t in texts), expected
+    # suspended between quota and select: refused by select, its hold given back
+    (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
+    assert isinstance(blocked, Failed) and blocked.reason == "user_suspended"
+    assert (await redis.hgetall(ctx.keys.user("u-blocked")))[b"used_devices"] == b"0"
 
 
 # --- the contract test bites ------------------------------------------------------------
 
 SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SELECT"),
-                "expire": (stages.timers, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN")}
+                "expire": (stages.timers, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
+                "events": (stages.events, "EVENTS")}
 """Where each stage finds its script (module, name), to load a renamed copy there."""
 
 RENAMES = [
@@ -325,6 +415,13 @@ RENAMES = [
      "ended_at_ms = released_at, duration_minutes", "ended_at_ms"),
     (ADMIN, "storage_mb = dev.storage_mb", "storage = dev.storage_mb", "storage"),
     (ADMIN, "expires_at_ms = q.expires_at_ms or", "expires = q.expires_at_ms or", "expires"),
+    (EVENTS, "previous_status = opt(previous), reason", "previous = opt(previous), reason",
+     "previous"),
+    (EVENTS, "expected_end_ms = opt(row.expected_end_ms)", "end_ms = opt(row.expected_end_ms)",
+     "end_ms"),
+    (EVENTS, "released_allocations = released", "released = released", "released"),
+    (EVENTS, "failure_threshold = failures and", "threshold = failures and", "threshold"),
+    (SELECT, "reason = reason}", "end_reason = reason}", "end_reason"),
 ]
 
 

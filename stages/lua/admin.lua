@@ -2,7 +2,8 @@
 -- KEY: changes (stream). CALL: schemas.rows.AdminCall (prefix, now_ms, and one of
 -- device: a schemas.messages.DeviceSpec with its name set, quota: a QuotaSpec).
 -- A device that is allocated keeps its allocation; its new size applies from its next
--- allocation. Each call bumps the entity's version, so the write-behind keeps the newest.
+-- allocation. A device an event took down (failed, maintenance, ...) stays down; a deleted
+-- one is added again. Each call bumps the entity's version, so the write-behind keeps the newest.
 -- Returns the new version.
 
 -- The changes only admin records (the other messages are built in common.lua).
@@ -37,6 +38,7 @@ if dev then
     'cpu_cores', dev.cpu_cores, 'memory_mb', dev.memory_mb, 'storage_mb', dev.storage_mb)
   local status = old[1] or 'available'
   if status == 'allocated' and (old[3] == nil or old[3] == '') then status = 'available' end
+  if status == 'deleted' then status = 'available' end  -- added again after device.deleted
   redis.call('HSET', dkey, 'status', status)
   if not old[3] then redis.call('HSET', dkey, 'alloc', '') end
   redis.call('SADD', k_pool(P, 'pools'), pool)
@@ -54,6 +56,9 @@ elseif q then
     'max_devices', q.max_devices, 'max_cpu_per_device', q.max_cpu_per_device,
     'max_memory_mb_per_device', q.max_memory_mb_per_device, 'total_cpu_cores', q.total_cpu_cores,
     'total_memory_gb', q.total_memory_gb, 'total_storage_gb', q.total_storage_gb)
+  -- the status set here is the user's own again: the parts events keep (user_status,
+  -- billing_status) are read from it anew by the next event
+  redis.call('HDEL', qkey, 'user_status', 'billing_status')
   redis.call('SADD', P .. ':users', uid)
   emit_change(KEY.changes, quota_change(q, version, now))
   return version

@@ -91,14 +91,16 @@ local function failed_reply(rid, reason, message, remaining)
                        remaining_devices = remaining == nil and cjson.null or remaining})
 end
 
--- AllocationChange; `released_at` and `seconds` are nil while the allocation is active.
+-- AllocationChange; `released_at`, `seconds` and `reason` (an EndReason) are nil while
+-- the allocation is active.
 local function allocation_change(aid, device_id, uid, tenant, rid, status, allocated_at, expires,
-                                 minutes, cpu, mem, sto, pool, version, now, released_at, seconds)
+                                 minutes, cpu, mem, sto, pool, version, now, released_at, seconds,
+                                 reason)
   return {kind = 'allocation', allocation_id = aid, device_id = device_id, user_id = uid,
     tenant_id = opt(tenant), request_id = rid, status = status, allocated_at_ms = allocated_at,
     expires_at_ms = expires, released_at_ms = released_at, duration_minutes = minutes,
     duration_seconds = seconds, cpu_cores = cpu, memory_mb = mem, storage_mb = sto, pool = pool,
-    version = version, at_ms = now}
+    version = version, at_ms = now, reason = reason}
 end
 
 -- RequestRejected: a request that got a failure reply.
@@ -120,11 +122,14 @@ local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status
   'allocated_at_ms', 'expires_at_ms', 'duration_minutes', 'cpu_cores', 'memory_mb', 'storage_mb',
   'pool', 'version'}
 
--- Close an active allocation as `status` ('released' or 'expired') at end_ms.
--- Frees the device, gives the usage back, records the change. Returns the
--- allocation's fields, or nil when it is not active (so a second close is a no-op).
--- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
-local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a)
+-- Close an active allocation as `status` ('released' or 'expired') at end_ms, for
+-- `reason` (an EndReason of schemas/messages.py: 'released', 'expired', 'device_failed',
+-- ...), kept in the allocation as end_reason. Frees the device (back to its free pool
+-- only if it is still 'allocated': a device an event took down stays out), gives the
+-- usage back, records the change. Returns the change, or nil when the allocation is not
+-- active (so a second close is a no-op). `a` is the allocation as HMGET of
+-- ALLOC_FIELDS, when the caller has read it already.
+local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a, reason)
   local akey = k_pool(P, 'alloc:' .. aid)
   a = a or redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
   if not a[1] or a[5] ~= 'allocated' then return nil end
@@ -133,7 +138,7 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   local dur = math.floor((end_ms - allocated_at) / 1000)
   local version = tonumber(a[13]) + 1
   redis.call('HSET', akey, 'status', status, 'released_at_ms', end_ms, 'duration_seconds', dur,
-    'version', version)
+    'version', version, 'end_reason', reason)
   redis.call('EXPIRE', akey, released_ttl)
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
   count_stat(status)
@@ -153,7 +158,7 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
     add_usage(P, a[2], read_usage(P, a[2]), -1, 0 - cpu, 0 - mem, 0 - sto)
   end
   local rec = allocation_change(aid, a[1], a[2], a[3], a[4], status, allocated_at, tonumber(a[7]),
-    tonumber(a[8]), cpu, mem, sto, a[12], version, now, end_ms, dur)
+    tonumber(a[8]), cpu, mem, sto, a[12], version, now, end_ms, dur, reason)
   emit_change(changes, rec)
   return rec
 end

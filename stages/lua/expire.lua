@@ -12,7 +12,8 @@ local due = redis.call('ZRANGEBYSCORE', k_pool(P, 'expiry'), '-inf', now, 'WITHS
 local count, closed = 0, {}
 for i = 1, #due, 2 do
   local aid, at = due[i], tonumber(due[i + 1])
-  local rec = close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl)
+  local rec = close_allocation(P, KEY.changes, aid, at, 'expired', now, released_ttl, nil,
+    'expired')
   if rec then
     count = count + 1
     closed[#closed + 1] = aid

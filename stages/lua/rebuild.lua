@@ -30,7 +30,7 @@ local function write_allocation(a)
     redis.call('ZADD', k_pool(P, 'expiry'), a.expires_at_ms, a.allocation_id)
   else
     redis.call('HSET', akey, 'released_at_ms', a.released_at_ms,
-      'duration_seconds', a.duration_seconds)
+      'duration_seconds', a.duration_seconds, 'end_reason', a.end_reason or a.status)
     redis.call('EXPIRE', akey, a.ttl_s)
     redis.call('ZREM', k_pool(P, 'expiry'), a.allocation_id)
   end

@@ -95,12 +95,19 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
   return best, best_pool, best_score, best_fields
 end
 
--- What a user's state read gives select: the hold, the usage, then the quota's caps.
+-- What a user's state read gives select: the hold, the usage, then the quota's caps,
+-- then the status (at 11).
 local STATE_FIELDS = {'hold', unpack(USAGE_FIELDS)}
 for _, f in ipairs({'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores',
-                    'total_memory_gb', 'total_storage_gb'}) do
+                    'total_memory_gb', 'total_storage_gb', 'status'}) do
   STATE_FIELDS[#STATE_FIELDS + 1] = f
 end
+
+-- A status an event set after quota admitted the request (user.suspended, user.deleted,
+-- billing.overdue, payments failed): the request is refused, as quota would refuse it now,
+-- so no allocation is made for a user an event just blocked.
+local BLOCKED = {suspended = 'user_suspended', overdue = 'billing_overdue',
+  deleted = 'quota_exceeded'}
 
 -- What one more device of this user may be, from the quota's caps (in the state read
 -- `q`, from index i) and the current usage (read in the same atomic step that records
@@ -138,6 +145,19 @@ local function allocate(row)
     return
   end
   local used = usage_at(s, 2)
+  local blocked = s[11] and BLOCKED[s[11]]
+  if blocked then
+    settle_hold(uid, rid, hold, used, nil, nil, nil)
+    local msg = blocked == 'quota_exceeded' and 'Quota is ' .. s[11]
+      or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+      or 'User ' .. uid .. ' is suspended'
+    local json = failed_reply(rid, blocked, msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
+    n_failed = n_failed + 1
+    return
+  end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
   local dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
     cap_mem, cap_sto)
@@ -216,7 +236,8 @@ local function release(row)
   if a[5] ~= 'allocated' then
     json = released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), true, a[5])
   else
-    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a)
+    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
+      'released')
     json = released_reply(rid, aid, rec.device_id, rec.user_id, now, rec.duration_seconds, false,
       'released')
     n_release = n_release + 1

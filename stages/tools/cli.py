@@ -2,7 +2,7 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, stats, audit, rebuild, schema.
+scheduler's: demo, devices, quota, allocate, release, events, stats, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -235,6 +235,46 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_events_send(args: argparse.Namespace) -> int:
+    """Publish one event on ``<prefix>:events``, validated first. ``event_id`` (a new
+    uuid) and ``occurred_at_ms`` (now) are filled in when the JSON leaves them out."""
+    import uuid
+
+    import orjson
+
+    from schemas.events import event_decoder
+    from schemas.keys import Keys
+
+    try:
+        fields = orjson.loads(args.json)
+    except orjson.JSONDecodeError as exc:
+        print(f"invalid event: --json is not JSON: {exc}", file=sys.stderr)
+        return 2
+    if not isinstance(fields, dict):
+        print("invalid event: --json must be a JSON object", file=sys.stderr)
+        return 2
+    if fields.setdefault("type", args.type) != args.type:
+        print(f"invalid event: type {fields['type']!r} in --json, {args.type!r} given",
+              file=sys.stderr)
+        return 2
+    fields.setdefault("event_id", uuid.uuid4().hex)
+    fields.setdefault("occurred_at_ms", SystemClock().now_ms())
+    payload = orjson.dumps(fields)
+    try:
+        event_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        print(f"invalid event: {exc}", file=sys.stderr)
+        return 2
+
+    async def go(redis: Any, settings: Settings) -> int:
+        entry_id = await redis.xadd(Keys(settings.prefix).events, {"d": payload})
+        print(json.dumps({"entry_id": entry_id.decode() if isinstance(entry_id, bytes)
+                          else entry_id, "event": fields}))
+        return 0
+
+    return _with_redis(go)
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import public_schema
 
@@ -321,6 +361,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--request-id")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_release)
+
+    from schemas.events import EVENT_TYPES
+
+    ev = sub.add_parser("events", help="send an event from another system").add_subparsers(
+        dest="sub", required=True)
+    s = ev.add_parser("send", help="validate one event and add it to <prefix>:events")
+    s.add_argument("type", choices=EVENT_TYPES)
+    s.add_argument("--json", default="{}",
+                   help="the event's fields, a JSON object (docs/wire-format.md); event_id "
+                        "and occurred_at_ms are filled in when left out")
+    s.set_defaults(fn=cmd_events_send)
 
     sub.add_parser("stats", help="allocation statistics").set_defaults(fn=cmd_stats)
     sub.add_parser("audit", help="compare the live state in Redis with PostgreSQL; JSON "

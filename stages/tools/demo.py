@@ -26,7 +26,7 @@ from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client
 from pipeline.durability import check_redis
 from pipeline.runner import spawn_run, stop_run
-from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
+from schemas.keys import GROUP_BILL, GROUP_EVENTS, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
 from stages.app import APP
 from stages.settings import Settings
@@ -150,7 +150,8 @@ async def session(client: Client, users: list[str], tally: Tally, until: float,
 async def workers_ready(redis: Redis, keys: Keys) -> bool:
     """True once every stage's group has a consumer reading."""
     wanted = {keys.requests: ["quota"], keys.admitted: ["select"], keys.ticks: ["timers"],
-              keys.changes: [GROUP_PERSIST, GROUP_BILL, GROUP_NOTIFY]}
+              keys.changes: [GROUP_PERSIST, GROUP_BILL, GROUP_NOTIFY],
+              keys.events: [GROUP_EVENTS]}
     for stream, groups in wanted.items():
         try:
             info = {g["name"].decode(): g for g in await redis.xinfo_groups(stream)}

@@ -149,7 +149,7 @@ ALLOCATIONS_SQL = f"""
 SELECT a.id::text AS id, a.device_id, a.user_id, a.tenant_id, a.status,
        {_ms("a.allocated_at")} AS allocated_at_ms, {_ms("a.released_at")} AS released_at_ms,
        {_ms("a.expires_at")} AS expires_at_ms, a.duration_minutes, a.duration_seconds,
-       a.metadata::text AS metadata, a.version, d.name AS device_name, d.adb_host, d.adb_port
+       a.metadata::text AS metadata, a.version, a.end_reason, d.name AS device_name, d.adb_host, d.adb_port
 FROM device_allocations a LEFT JOIN devices d ON d.id = a.device_id
 WHERE a.status = 'allocated' OR a.released_at > to_timestamp($1 / 1000.0)
    OR a.allocated_at > to_timestamp($2 / 1000.0)
@@ -230,6 +230,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                 memory_mb=meta.memory_mb, storage_mb=meta.storage_mb, pool=meta.pool,
                 version=row["version"], released_at_ms=released_at,
                 duration_seconds=row["duration_seconds"],
+                end_reason=None if active else (row["end_reason"] or row["status"]),
                 ttl_s=max(1, _seconds_left(settings.released_ttl_s, released_at or now_ms,
                                            now_ms)),
             ))
