@@ -184,6 +184,11 @@ def _prepare(layout: Layout) -> None:
     _write_private(layout.redis_conf, f"requirepass {password(layout)}\n")
 
 
+AOF_REWRITE_MIN_SIZE = "512mb"
+"""The append-only file is rewritten (compacted, by a forked child) only once it is past
+this size and four times its size after the last rewrite."""
+
+
 def server_args(layout: Layout, port: int, fsync: str = "everysec") -> list[str]:
     """The redis-server command line: its config file (the password), loopback, the
     append-only file in its folder (no periodic snapshots), its files in its folder."""
@@ -196,6 +201,11 @@ def server_args(layout: Layout, port: int, fsync: str = "everysec") -> list[str]
         "--save", "",
         "--appendonly", "yes",
         "--appendfsync", fsync,
+        # the live state is small and the streams are trimmed, so after a rewrite the file
+        # is small and the default (rewrite at 64 MB and double) forks every few seconds
+        # under load; rewrite only past AOF_REWRITE_MIN_SIZE and four times the last size
+        "--auto-aof-rewrite-min-size", AOF_REWRITE_MIN_SIZE,
+        "--auto-aof-rewrite-percentage", "300",
         "--dir", str(layout.redis_dir),
         "--pidfile", str(layout.redis_pidfile),
         "--logfile", str(layout.redis_log),
