@@ -24,6 +24,11 @@ PUBLIC_TYPES: dict[str, Any] = {
 def public_schema() -> dict[str, Any]:
     names = list(PUBLIC_TYPES)
     roots, components = msgspec.json.schema_components(tuple(PUBLIC_TYPES.values()))
+    defs = dict(components)
+    for name, root in zip(names, roots, strict=True):
+        # a Struct's root is a reference to its own component: keep the component
+        if root != {"$ref": f"#/$defs/{name}"}:
+            defs[name] = root
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "title": "devsched public streams",
@@ -33,6 +38,6 @@ def public_schema() -> dict[str, Any]:
             "to the stream named by the request's reply_to. Other systems add an Event to "
             "the events stream and read Notifications from the notifications stream."
         ),
-        "$defs": {**components, **dict(zip(names, roots, strict=True))},
+        "$defs": defs,
         "oneOf": [{"$ref": f"#/$defs/{name}"} for name in names],
     }

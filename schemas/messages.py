@@ -74,8 +74,10 @@ overdue."""
 # --- requests (public stream) ------------------------------------------------
 
 
-class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True, forbid_unknown_fields=True):
-    """Ask for one device for ``duration_minutes``."""
+class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True,
+                      forbid_unknown_fields=True, omit_defaults=True):
+    """Ask for one device for ``duration_minutes``. Fields at their defaults are left out
+    of the encoding (a producer's request stays small; they decode to the same values)."""
 
     request_id: Id
     """Idempotency key: the same id always gets the first answer."""
@@ -92,6 +94,10 @@ class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True, fo
     model: Name | None = None
     priority: Priority = 0
     sent_at_ms: int | None = None
+    replace_on_failure: bool = False
+    """When the device fails, is deleted, goes to maintenance or stops, move the
+    allocation to an equivalent free device (same pool, model and size; same allocation
+    id, user and expires-at) instead of ending it; ended only when none is free."""
 
 
 class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forbid_unknown_fields=True):
@@ -181,6 +187,30 @@ class AllocationChange(
     at_ms: int
     reason: EndReason | None = None
     """Why a closed allocation ended (None while it is active)."""
+    replace_on_failure: bool = False
+    """Its request asked to move it to an equivalent device when its device goes down
+    (set on the change that made it and on a move)."""
+
+
+class AllocationReplaced(AllocationChange, tag="allocation_replaced", kw_only=True,
+                         forbid_unknown_fields=True):
+    """An active allocation moved to an equivalent free device because its device went
+    down (``replace_on_failure``): the same allocation (id, user, sizes, allocated-at,
+    expires-at, still ``allocated``) on ``device_id``, its version one higher; persist
+    writes it as any AllocationChange (the row's device_id changes), notify announces
+    ``allocation.replaced`` with the new ADB endpoint."""
+
+    previous_device_id: str
+    """The device it was on (now down)."""
+    device_name: str
+    adb_host: str
+    adb_port: int
+    """The new device's name and ADB endpoint."""
+    replace_reason: EndReason
+    """What the previous device's event would have ended it for (device_failed, ...)."""
+    event: str
+    """The device event's type, e.g. ``device.failed``."""
+    event_id: str
 
 
 class RequestRejected(
@@ -246,9 +276,11 @@ class DeviceEventApplied(DeviceUpserted, tag="device_event", kw_only=True,
     expected_end_ms: int | None = None
     """When the maintenance is expected to end."""
     allocation_id: str | None = None
-    """The allocation the event ended on this device."""
+    """The allocation the event ended on this device, or moved off it."""
     user_id: str | None = None
     """That allocation's user (who is notified)."""
+    replacement_device_id: str | None = None
+    """The device the allocation moved to (``replace_on_failure``); None: it was ended."""
 
 
 class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_fields=True):
@@ -275,8 +307,8 @@ class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_
     """billing.payment_failed: the count at which the user is suspended."""
 
 
-Change = (AllocationChange | RequestRejected | DeviceUpserted | QuotaSet | DeviceEventApplied
-          | UserEventApplied)
+Change = (AllocationChange | AllocationReplaced | RequestRejected | DeviceUpserted | QuotaSet
+          | DeviceEventApplied | UserEventApplied)
 
 
 Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+)?$")]
@@ -327,6 +359,15 @@ class Notification(Struct, kw_only=True, omit_defaults=True):
     failure_count: int | None = None
     failure_threshold: int | None = None
     """Billing details (see the event that caused it)."""
+    previous_device_id: str | None = None
+    """allocation.replaced: the device the allocation was on (``device_id`` is the new one)."""
+    device_name: str | None = None
+    adb_host: str | None = None
+    adb_port: int | None = None
+    """allocation.replaced: the new device's name and ADB endpoint."""
+    replacement_device_id: str | None = None
+    """A device event: the device its allocation moved to (``allocation.replaced``
+    carries the details)."""
 
 
 # --- records ------------------------------------------------------------------

@@ -121,6 +121,9 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     """What quota held for it ("cpu mem sto"), from the admitted entry's ``c``."""
     allocation_id: str
     """Derived from the user and request id (stages.select.allocation_id)."""
+    replace_on_failure: bool | None = None
+    """The request's replace_on_failure (None when false: left out of the encoding);
+    kept on the allocation's hash for events.lua."""
 
 
 class ReleaseRow(Row, tag="release", kw_only=True):
@@ -210,6 +213,8 @@ class RebuildAllocation(Struct, kw_only=True, omit_defaults=True):
     duration_seconds: int | None = None
     end_reason: str | None = None
     """Why a closed one ended (released, expired, or the event's reason)."""
+    replace_on_failure: bool | None = None
+    """Moved to an equivalent device when its device goes down (see events.lua)."""
     ttl_s: int
 
 

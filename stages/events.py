@@ -10,8 +10,10 @@ there) and acks the batch, atomically: a crash before the call changes nothing,
 after it everything is done. Each event is applied once (its ``event_id`` is
 kept), in order per entity and source (its ``version``), and an allocation it
 ends is closed exactly as a release closes one, with the reason (see
-events.lua). Events for a device or user the scheduler does not know are
-counted ``ignored``.
+events.lua). An allocation whose request said ``replace_on_failure`` is moved
+instead, in that same call, to an equivalent free device when its device goes
+down (ended only when none is free; counted in ``scheduler_auto_replace_total``).
+Events for a device or user the scheduler does not know are counted ``ignored``.
 
 Failures (SPEC B4): when the call fails, the worker retries the entries one at a
 time. A critical event (:data:`schemas.events.CRITICAL`) that still fails is
@@ -148,7 +150,7 @@ class EventsStage:
             quota_defaults=QUOTA_DEFAULTS, items=[row for row, _type in items],
         )
         try:
-            statuses, reasons = await EVENTS(self.ctx.redis, self.script_keys, call)
+            statuses, reasons, replaced = await EVENTS(self.ctx.redis, self.script_keys, call)
         except ResponseError as exc:
             row, kind = items[0]
             if len(entries) > 1 or kind in CRITICAL or isinstance(row, DeadRow):
@@ -160,6 +162,8 @@ class EventsStage:
             metrics.EVENT_CONSUMED.labels(kind, "invalid" if label == "dead" else label).inc()
         for i in range(0, len(reasons), 2):
             metrics.AUTO_RELEASE.labels(text(reasons[i])).inc(int(reasons[i + 1]))
+        for i in range(0, len(replaced), 2):
+            metrics.AUTO_REPLACE.labels(text(replaced[i])).inc(int(replaced[i + 1]))
 
     async def _give_up(self, entry: Entry, kind: str, exc: ResponseError) -> None:
         """An informational event that could not be applied: to the dead stream with the

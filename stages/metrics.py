@@ -12,6 +12,12 @@ from prometheus_client import Counter
 
 AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
 """``reason``: expired, or the schemas.messages.EndReason of an event (device_failed, ...)."""
+AUTO_REPLACE = Counter(
+    "scheduler_auto_replace_total",
+    "Allocations moved to an equivalent device instead of ended (replace_on_failure)", ["reason"],
+)
+"""``reason``: what the device's event would have ended the allocation for (device_failed,
+device_deleted, device_maintenance, device_stopped, device_error)."""
 EVENT_CONSUMED = Counter(
     "scheduler_event_consumed", "Events from other systems read by the events stage",
     ["type", "status"],

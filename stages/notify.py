@@ -2,7 +2,8 @@
 
 Every change that a person or another system cares about (allocated, released
 with its reason, expired, refused, and each event from other systems that was
-applied: device failed, maintenance, ..., user suspended, billing warnings; the
+applied: device failed, maintenance, ..., an allocation moved to another device
+(allocation.replaced), user suspended, billing warnings; the
 list is in docs/wire-format.md) becomes one Notification; each entry's notification is added and the entry acked
 in the same script call, so a crash cannot send one twice or drop one, and a
 notification is added only by the call whose XACK took its entry off the pending
@@ -22,6 +23,7 @@ from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import (
     AllocationChange,
+    AllocationReplaced,
     DeviceEventApplied,
     Notification,
     RequestRejected,
@@ -76,6 +78,23 @@ def allocation_notification(change: AllocationChange) -> Notification:
     )
 
 
+def replaced_notification(change: AllocationReplaced) -> Notification:
+    """allocation.replaced: the allocation moved to an equivalent device; the user gets the
+    new device and its ADB endpoint (same allocation id and expires-at)."""
+    why = change.replace_reason.replace("_", " ")
+    message = (f"Device {change.previous_device_id} went down ({why}); allocation "
+               f"{change.allocation_id} moved to device {change.device_id} "
+               f"({change.device_name}) at {change.adb_host}:{change.adb_port}")
+    return Notification(
+        event="allocation.replaced", user_id=change.user_id, tenant_id=change.tenant_id,
+        allocation_id=change.allocation_id, device_id=change.device_id,
+        request_id=change.request_id, reason=change.replace_reason, message=message,
+        at_ms=change.at_ms, channels=MAIL, status=change.status,
+        previous_device_id=change.previous_device_id, device_name=change.device_name,
+        adb_host=change.adb_host, adb_port=change.adb_port,
+    )
+
+
 def device_event_notification(change: DeviceEventApplied) -> Notification:
     """The device event, for the user whose allocation it ended (if any) and for other
     systems: device.failed, device.deleted, device.status_changed, device.maintenance (with
@@ -96,13 +115,17 @@ def device_event_notification(change: DeviceEventApplied) -> Notification:
         message, channels = f"Device {dev} added to pool {change.pool}", WEB
     else:
         message, channels = f"Device {dev} is {change.status}{why}", WEB
-    if change.allocation_id:
+    if change.replacement_device_id:
+        message += (f"; allocation {change.allocation_id} moved to device "
+                    f"{change.replacement_device_id}")
+    elif change.allocation_id:
         message += f"; allocation {change.allocation_id} released"
     return Notification(
         event=change.event, user_id=change.user_id, allocation_id=change.allocation_id,
         device_id=dev, reason=change.reason, message=message, at_ms=change.at_ms,
         channels=channels, status=change.status, info=change.info,
         expected_end_ms=change.expected_end_ms,
+        replacement_device_id=change.replacement_device_id,
     )
 
 
@@ -159,6 +182,8 @@ def user_event_notification(change: UserEventApplied) -> Notification:
 def notification_for(change: object) -> Notification | None:
     """The notification of one change, or None for an administrative one (a device
     added or a quota set by command)."""
+    if isinstance(change, AllocationReplaced):
+        return replaced_notification(change)
     if isinstance(change, AllocationChange):
         return allocation_notification(change)
     if isinstance(change, DeviceEventApplied):

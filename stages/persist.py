@@ -4,7 +4,8 @@ Per batch, at most one statement per table (arrays unnested into one upsert) in
 one transaction, then the acks. Rows only move forward: an upsert applies only
 when the incoming ``version`` is newer than the stored one, so a change that
 arrives late, twice, or out of order (several persist workers) never overwrites
-a newer row. Device events and user events (DeviceEventApplied, UserEventApplied) carry the
+a newer row; a change may move an allocation to another device
+(AllocationReplaced: the row's device_id follows). Device events and user events (DeviceEventApplied, UserEventApplied) carry the
 device's or the user's whole record and are written as DeviceUpserted and QuotaSet
 are, on the same version sequence. Within a batch only the newest change of each
 entity is written,
@@ -36,9 +37,11 @@ INSERT INTO device_allocations AS a (id, device_id, user_id, tenant_id, status, 
 SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
     $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::int[], $10::int[],
     $11::jsonb[], $12::bigint[], $13::text[]) ORDER BY 1
-ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status, released_at = EXCLUDED.released_at,
-    expires_at = EXCLUDED.expires_at, duration_seconds = EXCLUDED.duration_seconds,
-    metadata = EXCLUDED.metadata, version = EXCLUDED.version, end_reason = EXCLUDED.end_reason
+ON CONFLICT (id) DO UPDATE SET device_id = EXCLUDED.device_id, status = EXCLUDED.status,
+    released_at = EXCLUDED.released_at, expires_at = EXCLUDED.expires_at,
+    duration_seconds = EXCLUDED.duration_seconds,
+    metadata = COALESCE(a.metadata, '{}'::jsonb) || EXCLUDED.metadata,
+    version = EXCLUDED.version, end_reason = EXCLUDED.end_reason
 WHERE a.version < EXCLUDED.version
 """
 
@@ -66,6 +69,17 @@ ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLU
     total_storage_gb = EXCLUDED.total_storage_gb, version = EXCLUDED.version
 WHERE q.version < EXCLUDED.version
 """
+
+def metadata(change: AllocationChange) -> str:
+    """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
+    when set. Merged into the stored one (a later change that leaves a key out keeps it)."""
+    meta: dict[str, object] = {"request_id": change.request_id, "pool": change.pool,
+                               "cpu_cores": change.cpu_cores, "memory_mb": change.memory_mb,
+                               "storage_mb": change.storage_mb}
+    if change.replace_on_failure:
+        meta["replace_on_failure"] = True
+    return msgspec.json.encode(meta).decode()
+
 
 Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet)
 
@@ -96,9 +110,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
             [ts(r.expires_at_ms) for r in rows], [r.duration_minutes for r in rows],
             [r.duration_seconds for r in rows],
-            [msgspec.json.encode({"request_id": r.request_id, "pool": r.pool,
-                                  "cpu_cores": r.cpu_cores, "memory_mb": r.memory_mb,
-                                  "storage_mb": r.storage_mb}).decode() for r in rows],
+            [metadata(r) for r in rows],
             [r.version for r in rows], [r.reason for r in rows],
         )
     if devices:

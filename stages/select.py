@@ -65,6 +65,7 @@ class SelectStage:
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(),
                 allocation_id=allocation_id(request.user_id, request.request_id),
+                replace_on_failure=request.replace_on_failure or None,
             )
         return ReleaseRow(
             entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,

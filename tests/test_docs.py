@@ -20,6 +20,14 @@ def test_published_schema_matches_the_structs() -> None:
     assert published == json.loads(json.dumps(public_schema())), "run: devsched schema --out docs/schema.json"
 
 
+def test_every_public_type_is_defined_not_a_reference_to_itself() -> None:
+    defs = public_schema()["$defs"]
+    for name in ("Request", "Reply", "Event", "Notification"):
+        assert defs[name] != {"$ref": f"#/$defs/{name}"}, name
+    assert {"previous_device_id", "adb_host", "adb_port", "device_name"} <= set(
+        defs["Notification"]["properties"])
+
+
 def test_ci_runs_the_readme_test_command() -> None:
     blocks = re.findall(r"```sh\n(.*?)\n```", (ROOT / "README.md").read_text(), re.DOTALL)
     assert "devsched demo" in blocks[0]

@@ -7,14 +7,16 @@ a user's ``billing.*``), each event setting its entity's state outright: device
 failed / maintenance / stopped / error / deleted / running / created; user suspended
 / activated / deleted; billing overdue / payment_success / recharged. It then
 delivers them in any order, some twice (the same event id again), in batches of any
-size, with allocate requests of both users between batches, through the real quota,
-select and events stages on the real Redis (one script call per batch, as in
-production). After every batch, read from Redis:
+size, with allocate requests of both users between batches (each asking or not for
+``replace_on_failure``, so some allocations move to another device when theirs goes
+down), through the real quota, select and events stages on the real Redis (one script
+call per batch, as in production). After every batch, read from Redis:
 
 * each user's usage equals the sum over the user's active allocations, and no quota
   hold is left;
 * no active allocation is on a device that is down (failed, maintenance, stopped,
-  error, deleted) or belongs to a user that is blocked (suspended, deleted, overdue);
+  error, deleted), moved or not, or belongs to a user that is blocked (suspended,
+  deleted, overdue); one that moved kept its allocated-at and expires-at;
 * a device is in its free pool exactly when it is up and holds no allocation.
 
 At the end, each device's and user's status is the one its highest versions say.
@@ -123,6 +125,14 @@ async def check_invariants(redis: Redis, driver: Driver) -> dict[str, Any]:
     return {"devices": devices, "users": users}
 
 
+async def allocation_times(redis: Redis, driver: Driver) -> dict[str, tuple[bytes, ...]]:
+    """Each active allocation's allocated-at and expires-at (a move keeps both)."""
+    k = driver.keys
+    return {text(aid): tuple(await redis.hmget(k.allocation(text(aid)), "allocated_at_ms",
+                                               "expires_at_ms"))
+            for aid in await redis.zrange(k.expiry, 0, -1)}
+
+
 def test_any_order_and_redelivery_of_versioned_events_ends_at_the_highest_versions(
     servers: ServerUrls,
 ) -> None:
@@ -149,14 +159,17 @@ def test_any_order_and_redelivery_of_versioned_events_ends_at_the_highest_versio
             requests = data.draw(st.lists(st.sampled_from([*USERS, None]),
                                           min_size=len(batches), max_size=len(batches)),
                                  label="allocate between batches")
-            runner.run(run_example(base, batches, requests, history))
+            flags = data.draw(st.lists(st.booleans(), min_size=len(batches) + 4,
+                                         max_size=len(batches) + 4),
+                                label="replace_on_failure (4 first allocations, then each)")
+            runner.run(run_example(base, batches, requests, flags, history))
 
         check()
 
 
 async def run_example(base: Settings, batches: list[list[dict[str, Any]]],
-                      requests: list[str | None], history: dict[tuple[str, str], list[str]]
-                      ) -> None:
+                      requests: list[str | None], replace_on_failure: list[bool],
+                      history: dict[tuple[str, str], list[str]]) -> None:
     settings = replace(base, prefix=f"evp{uuid.uuid4().hex[:10]}")
     redis = redis_client(settings)
     clock = ManualClock()
@@ -168,16 +181,22 @@ async def run_example(base: Settings, batches: list[list[dict[str, Any]]],
                           [DeviceSpec(id=d, pool="p") for d in DEVICES + SPARE])
         await set_quotas(redis, driver.keys, clock, [QuotaSpec(user_id=u) for u in USERS])
         # each user holds devices before any event
-        await driver.both(*(driver.allocate(u, f"{u}-start-{i}") for u in USERS
-                            for i in range(2)))
+        flags = iter(replace_on_failure)
+        await driver.both(*(driver.allocate(u, f"{u}-start-{i}", replace_on_failure=next(flags))
+                            for u in USERS for i in range(2)))
+        started = await allocation_times(redis, driver)
         await check_invariants(redis, driver)
         for n, (batch, user) in enumerate(zip(batches, requests, strict=True)):
             clock.advance(1_000)
             await driver.through_events(*batch)
             await check_invariants(redis, driver)
+            flag = next(flags)
             if user is not None:
-                await driver.both(driver.allocate(user, f"{user}-{n}"))
+                await driver.both(driver.allocate(user, f"{user}-{n}", replace_on_failure=flag))
                 await check_invariants(redis, driver)
+            times = await allocation_times(redis, driver)
+            assert all(started.get(aid, t) == t for aid, t in times.items()), (started, times)
+            started |= times
         seen = await check_invariants(redis, driver)
         for d in DEVICES:
             want = expected_device_status(history["device", d])

@@ -8,7 +8,9 @@ letters, allocation, no device, quota exceeded at select, a user blocked between
 and select, release by allocation and by device, a second release, not_found,
 not_owner, expiry, device and quota updates, idempotent repeats, and each of the 15
 events with every reason it releases for (plus stale, duplicate, ignored and invalid
-events). Then EVERY
+events), an allocation asking for replace_on_failure moved to an equivalent device (its
+request repeated: the stored answer names the new device) and one ended for want of an
+equivalent device. Then EVERY
 entry the scripts added to the reply stream, the admitted stream, the changes stream
 and the dead stream is decoded with the strict decoders (every Struct Lua emits
 forbids unknown fields), and the kinds seen must be exactly the kinds expected, so no
@@ -43,6 +45,7 @@ from schemas.messages import (
     Allocated,
     AllocateRequest,
     AllocationChange,
+    AllocationReplaced,
     DeviceEventApplied,
     DeviceSpec,
     DeviceUpserted,
@@ -247,7 +250,15 @@ async def every_event_path(d: Driver) -> None:
     users = ("del", "sus", "quota", "exc", "pay", "over", "blocked")
     await set_quotas(redis, keys, clock, [QuotaSpec(user_id="evd")] + [
         QuotaSpec(user_id=f"u-{u}") for u in users])
-    await d.both(*(d.allocate("evd", f"e-{n}", pool=f"pe-{n}") for n in device_events))
+    # the maintenance one asked for a replacement but its pool has no other device: ended
+    await d.both(*(d.allocate("evd", f"e-{n}", pool=f"pe-{n}",
+                              replace_on_failure=n == "maintenance") for n in device_events))
+    # replacement instead of loss: two equal devices in one pool, the allocation's moves
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"rp-{n}", pool="prp", adb_port=port)
+                                           for n, port in (("a", 5601), ("b", 5602))])
+    moving = d.allocate("evd", "e-replace", pool="prp", replace_on_failure=True)
+    await d.both(moving)
+    on = text(await redis.hget(keys.allocation(allocation_id("evd", "e-replace")), "device_id"))
     await d.both(*(d.allocate(f"u-{u}", f"e-{u}-{i}", pool="pu")
                    for u, n in (("del", 1), ("sus", 1), ("quota", 2), ("exc", 2), ("pay", 1),
                                 ("over", 1)) for i in range(n)))
@@ -263,6 +274,7 @@ async def every_event_path(d: Driver) -> None:
         {"type": "device.failed", "device_id": "ev-failed", "version": 1},  # stale
         {"type": "device.failed", "device_id": "no-such-device"},  # ignored
         {"type": "device.created", "device_id": "ev-new", "name": "new", "pool": "pe-new"},
+        {"type": "device.failed", "device_id": on, "reason": "moved"},
         {"type": "user.deleted", "user_id": "u-del"},
         {"type": "user.suspended", "user_id": "u-sus", "reason": "terms"},
         {"type": "user.activated", "user_id": "u-sus"},
@@ -280,6 +292,8 @@ async def every_event_path(d: Driver) -> None:
     await set_quotas(redis, keys, clock, [QuotaSpec(user_id="u-exc", max_devices=1)])
     dup = {"type": "user.quota_exceeded", "user_id": "u-exc", "event_id": "exc-once"}
     await d.through_events(dup, dup)
+    # the moved allocation's request again: its stored answer names the new device
+    await d.both(moving)
     # blocked between quota and select: admitted, then suspended, then refused at select
     await d.through_quota(d.allocate("u-blocked", "r-blocked"))
     await d.through_events({"type": "user.suspended", "user_id": "u-blocked"})
@@ -300,6 +314,8 @@ def kind_of(message: object) -> str:
         return f"reply released {message.status}" + (" again" if message.already_released else "")
     if isinstance(message, Allocated):
         return "reply allocated"
+    if isinstance(message, AllocationReplaced):
+        return f"change allocation_replaced {message.replace_reason}"
     if isinstance(message, AllocationChange):
         why = f" {message.reason}" if message.reason not in (None, message.status) else ""
         return f"change allocation {message.status}{why}"
@@ -347,6 +363,7 @@ EXPECTED = {
     "admitted AllocateRequest hold=True",
     "admitted ReleaseRequest hold=False",
     "change allocation allocated",
+    "change allocation_replaced device_failed",
     "change allocation released",
     "change allocation expired",
     *(f"change rejected {reason}" for reason in (
@@ -393,6 +410,13 @@ async def test_every_message_every_script_emits_decodes_strictly(
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
     assert isinstance(blocked, Failed) and blocked.reason == "user_suspended"
     assert (await redis.hgetall(ctx.keys.user("u-blocked")))[b"used_devices"] == b"0"
+    # the moved allocation's request repeated: answered with the device it moved to
+    first_answer, again = [m for m in messages if m.request_id == "e-replace"]
+    assert isinstance(first_answer, Allocated) and isinstance(again, Allocated)
+    assert {first_answer.device.id, again.device.id} == {"rp-a", "rp-b"}
+    assert again.adb_port == {"rp-a": 5601, "rp-b": 5602}[again.device.id]
+    assert (again.allocation_id, again.expires_at_ms) == (first_answer.allocation_id,
+                                                          first_answer.expires_at_ms)
 
 
 # --- the contract test bites ------------------------------------------------------------
@@ -422,6 +446,16 @@ RENAMES = [
     (EVENTS, "released_allocations = released", "released = released", "released"),
     (EVENTS, "failure_threshold = failures and", "threshold = failures and", "threshold"),
     (SELECT, "reason = reason}", "end_reason = reason}", "end_reason"),
+    (SELECT, "rec.replace_on_failure = true end", "rec.replace = true end", "replace"),
+    (EVENTS, "rec.previous_device_id, rec.device_name = old_id, d[3]",
+     "rec.previous_device, rec.device_name = old_id, d[3]", "previous_device"),
+    (EVENTS, "rec.adb_host, rec.adb_port = d[4], tonumber(d[5])",
+     "rec.host, rec.adb_port = d[4], tonumber(d[5])", "host"),
+    (EVENTS, "rec.replace_reason, rec.event", "rec.because, rec.event", "because"),
+    (EVENTS, "replacement_device_id = rec and rec.kind", "replaced_by = rec and rec.kind",
+     "replaced_by"),
+    (EVENTS, "answer.adb_host, answer.adb_port = d[4]", "answer.host, answer.adb_port = d[4]",
+     "host"),
 ]
 
 

@@ -22,15 +22,29 @@
 --   ('ignored'); user.quota_updated and device.created create what they name.
 -- * Every allocation it ends is closed by close_allocation, exactly as a release closes
 --   one (exact seconds, usage given back, the change recorded), with its EndReason.
+-- * Replacement instead of loss: an allocation whose request said replace_on_failure
+--   (its hash has replace_on_failure) whose device goes down (failed, deleted,
+--   maintenance, stopped, error) moves, in this same step, to an equivalent free device:
+--   same pool, model, CPU, memory and storage (its fit score in the pool's free set,
+--   then model and storage checked), so the user's usage is unchanged. The allocation
+--   keeps its id, user, allocated-at and expires-at (billed as one allocation when it
+--   ends); its device_id and version change (AllocationReplaced); the new device is
+--   held, the old one, down, keeps it as last_alloc (a release by the old device id
+--   answers not_found); the request's stored answer names the new device. Only when no
+--   equivalent device is free is the allocation ended with the reason. The keys it
+--   touches are named from the allocation (pool, request id, user): {pool} keys and the
+--   user's {u:ID} stored answer.
 -- * Its effect on the entity is recorded as one change (DeviceEventApplied or
 --   UserEventApplied: the entity's whole record, a new version) for persist and notify.
--- Returns {statuses, reasons}: one status per row (applied, stale, duplicate, ignored,
--- dead) and the allocations closed as flat pairs (reason, count).
+-- Returns {statuses, reasons, replaced}: one status per row (applied, stale, duplicate,
+-- ignored, dead), the allocations closed and those moved to another device, each as flat
+-- pairs (reason, count).
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local event_ttl, released_ttl = CALL.event_ttl_s, CALL.released_ttl_s
 local changes = KEY.changes
 
 local closed_by = {}  -- EndReason -> allocations closed in this call
+local replaced_by = {}  -- EndReason -> allocations moved to an equivalent device
 
 local function end_allocation(aid, reason)
   local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, nil, reason)
@@ -52,7 +66,8 @@ local STATUS_DOWN = {stopped = {'stopped', 'device_stopped'}, error = {'error', 
 local DEVICE_RECORD = {'name', 'pool', 'model', 'host', 'adb_host', 'adb_port', 'cpu_cores',
   'memory_mb', 'storage_mb', 'status'}
 
--- DeviceEventApplied: the device's record as it is now, and what notify announces.
+-- DeviceEventApplied: the device's record as it is now, and what notify announces;
+-- `rec` is the change of the allocation the event ended or moved (AllocationReplaced).
 local function device_event_change(row, id, previous, version, rec)
   local d = redis.call('HMGET', k_pool(P, 'dev:' .. id), unpack(DEVICE_RECORD))
   return {kind = 'device_event', device_id = id, name = d[1], pool = d[2], model = d[3],
@@ -62,7 +77,80 @@ local function device_event_change(row, id, previous, version, rec)
     previous_status = opt(previous), reason = opt(row.reason), info = opt(row.info),
     expected_end_ms = opt(row.expected_end_ms),
     allocation_id = rec and rec.allocation_id or cjson.null,
-    user_id = rec and rec.user_id or cjson.null}
+    user_id = rec and rec.user_id or cjson.null,
+    replacement_device_id = rec and rec.kind == 'allocation_replaced' and rec.device_id
+      or cjson.null}
+end
+
+-- --- replacement instead of loss -----------------------------------------------------
+
+local REPLACE_PAGE = 16
+-- What a move reads of the allocation: the flag, its status, then what its change needs.
+local MOVE_FIELDS = {'replace_on_failure', 'status', 'user_id', 'tenant_id', 'request_id',
+  'allocated_at_ms', 'expires_at_ms', 'duration_minutes', 'cpu_cores', 'memory_mb',
+  'storage_mb', 'pool', 'version'}
+
+-- A free device equivalent to the one going down: in the allocation's pool, with its
+-- exact fit score (CPU and memory), its model and its storage. Returns the id and its
+-- name, adb_host, adb_port; nil when none is free. Reads the devices of that one score.
+local function equivalent_free(pool, model, cpu, mem, sto)
+  local key, score = k_pool(P, 'free:' .. pool), fit_score(cpu, mem)
+  local offset = 0
+  while true do
+    local page = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', offset, REPLACE_PAGE)
+    for _, cand in ipairs(page) do
+      local d = redis.call('HMGET', k_pool(P, 'dev:' .. cand), 'model', 'storage_mb', 'name',
+        'adb_host', 'adb_port')
+      if d[1] == model and tonumber(d[2]) == sto then return cand, d end
+    end
+    if #page < REPLACE_PAGE then return nil end
+    offset = offset + REPLACE_PAGE
+  end
+end
+
+-- AllocationReplaced: the allocation as it is after the move, and what notify announces.
+local function allocation_replaced_change(aid, a, new_id, version, old_id, d, reason, row)
+  local rec = allocation_change(aid, new_id, a[3], a[4], a[5], 'allocated', tonumber(a[6]),
+    tonumber(a[7]), tonumber(a[8]), tonumber(a[9]), tonumber(a[10]), tonumber(a[11]), a[12],
+    version, now, nil, nil, nil)
+  rec.kind, rec.replace_on_failure = 'allocation_replaced', true
+  rec.previous_device_id, rec.device_name = old_id, d[3]
+  rec.adb_host, rec.adb_port = d[4], tonumber(d[5])
+  rec.replace_reason, rec.event, rec.event_id = reason, row.type, row.event_id
+  return rec
+end
+
+-- Move the allocation `aid` off device `old_id` (already down and out of its pool) to an
+-- equivalent free device, if it asked for that and one is free; returns the change, or
+-- nil (the caller then ends it).
+local function replace_allocation(aid, old_id, reason, row)
+  local akey = k_pool(P, 'alloc:' .. aid)
+  local a = redis.call('HMGET', akey, unpack(MOVE_FIELDS))
+  if not a[1] or a[2] ~= 'allocated' then return nil end
+  local sto = tonumber(a[11])
+  local model = redis.call('HGET', k_pool(P, 'dev:' .. old_id), 'model')
+  local new_id, d = equivalent_free(a[12], model, tonumber(a[9]), tonumber(a[10]), sto)
+  if not new_id then return nil end
+  redis.call('ZREM', k_pool(P, 'free:' .. a[12]), new_id)
+  redis.call('HSET', k_pool(P, 'dev:' .. new_id), 'status', 'allocated', 'alloc', aid)
+  redis.call('HSET', k_pool(P, 'dev:' .. old_id), 'alloc', '', 'last_alloc', aid)
+  local version = tonumber(a[13]) + 1
+  redis.call('HSET', akey, 'device_id', new_id, 'version', version)
+  -- a retried request (same request id) is answered with the allocation as it is now
+  local answer_key = k_user(P, a[3], 'req:' .. a[5])
+  local stored = redis.call('GET', answer_key)
+  if stored then
+    local answer = cjson.decode(stored)
+    if answer.type == 'allocated' and answer.allocation_id == aid then
+      answer.device = {id = new_id, name = d[3], status = 'allocated'}
+      answer.adb_host, answer.adb_port = d[4], tonumber(d[5])
+      redis.call('SET', answer_key, cjson.encode(answer), 'KEEPTTL')
+    end
+  end
+  replaced_by[reason] = (replaced_by[reason] or 0) + 1
+  local rec = allocation_replaced_change(aid, a, new_id, version, old_id, d, reason, row)
+  emit_change(changes, rec)
+  return rec
 end
 
 local function apply_device(row)
@@ -85,7 +173,9 @@ local function apply_device(row)
     else
       redis.call('SADD', k_pool(P, 'devices'), id)
     end
-    if alloc ~= '' then rec = end_allocation(alloc, down[2]) end
+    if alloc ~= '' then
+      rec = replace_allocation(alloc, id, down[2], row) or end_allocation(alloc, down[2])
+    end
   else
     if t == 'device.created' then
       if pool and pool ~= row.pool then redis.call('ZREM', k_pool(P, 'free:' .. pool), id) end
@@ -281,9 +371,12 @@ local acks = each_row(CALL.items, {
 })
 ack_all(KEY.events, group, acks)
 flush_stats(P)
-local reasons = {}
-for reason, n in pairs(closed_by) do
-  reasons[#reasons + 1] = reason
-  reasons[#reasons + 1] = n
+local function flat(counts)
+  local out = {}
+  for reason, n in pairs(counts) do
+    out[#out + 1] = reason
+    out[#out + 1] = n
+  end
+  return out
 end
-return {statuses, reasons}
+return {statuses, flat(closed_by), flat(replaced_by)}

@@ -26,6 +26,7 @@ local function write_allocation(a)
     'allocated_at_ms', a.allocated_at_ms, 'expires_at_ms', a.expires_at_ms,
     'duration_minutes', a.duration_minutes, 'cpu_cores', a.cpu_cores, 'memory_mb', a.memory_mb,
     'storage_mb', a.storage_mb, 'pool', a.pool, 'version', a.version)
+  if a.replace_on_failure then redis.call('HSET', akey, 'replace_on_failure', 1) end
   if a.status == 'allocated' then
     redis.call('ZADD', k_pool(P, 'expiry'), a.expires_at_ms, a.allocation_id)
   else

@@ -4,7 +4,8 @@
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- released_ttl_s, items); each item one row, by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
---             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
+--             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id,
+--             replace_on_failure (kept on the allocation's hash, for events.lua)
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
 --   dead:     a dead letter to add (letter)
 -- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
@@ -190,14 +191,19 @@ local function allocate(row)
     'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
     'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
     'storage_mb', sto, 'pool', dev_pool, 'version', 1)
+  if row.replace_on_failure then
+    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'replace_on_failure', 1)
+  end
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
   settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
   local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
-    minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
+  local rec = allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires, minutes,
+    cpu, mem, sto, dev_pool, 1, now, nil, nil)
+  if row.replace_on_failure then rec.replace_on_failure = true end
+  emit_change(changes, rec)
   n_alloc = n_alloc + 1
 end
 

@@ -46,7 +46,13 @@ from redis.exceptions import ResponseError
 
 from pipeline.connections import text
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import AllocationChange, DeviceUpserted, QuotaSet, change_decoder
+from schemas.messages import (
+    AllocationChange,
+    AllocationReplaced,
+    DeviceUpserted,
+    QuotaSet,
+    change_decoder,
+)
 from stages.tools.admin import USAGE_FIELDS, parse_user_state
 
 READ_CHUNK = 500
@@ -241,6 +247,8 @@ async def _in_flight(redis: Redis, keys: Keys, mark: str, position: str) -> _InF
             if isinstance(change, AllocationChange):
                 touched |= {("allocation", change.allocation_id), ("device", change.device_id),
                             ("user", change.user_id)}
+                if isinstance(change, AllocationReplaced):
+                    touched.add(("device", change.previous_device_id))
             elif isinstance(change, DeviceUpserted):
                 touched.add(("device", change.device_id))
             elif isinstance(change, QuotaSet):

@@ -148,6 +148,7 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
                 min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool,
                 model=args.model, request_id=args.request_id,
+                replace_on_failure=args.replace_on_failure,
             )
         print(msgspec.json.encode(reply).decode())
         return 0 if type(reply).__name__ == "Allocated" else 2
@@ -350,6 +351,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--pool")
     s.add_argument("--model")
     s.add_argument("--request-id")
+    s.add_argument("--replace-on-failure", action="store_true",
+                   help="move the allocation to an equivalent free device when its device "
+                        "fails, is deleted, goes to maintenance or stops")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_allocate)
 

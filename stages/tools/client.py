@@ -135,13 +135,14 @@ class Client:
         self, user_id: str, *, tenant_id: str | None = None, duration_minutes: int = 60,
         duration_seconds: int | None = None, min_cpu_cores: int = 0, min_memory_mb: int = 0, pool: str | None = None,
         model: str | None = None, priority: int = 0, request_id: str | None = None,
-        timeout_s: float | None = None,
+        timeout_s: float | None = None, replace_on_failure: bool = False,
     ) -> Allocated | Failed:
         request = AllocateRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, reply_to=self.reply_stream,
             tenant_id=tenant_id, duration_minutes=duration_minutes,
             duration_seconds=duration_seconds, min_cpu_cores=min_cpu_cores,
             min_memory_mb=min_memory_mb, pool=pool, model=model, priority=priority,
+            replace_on_failure=replace_on_failure,
         )
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
         assert not isinstance(reply, Released)

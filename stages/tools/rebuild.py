@@ -174,6 +174,7 @@ class _Meta(msgspec.Struct):
     cpu_cores: int
     memory_mb: int
     storage_mb: int
+    replace_on_failure: bool = False
 
 
 _meta = msgspec.json.Decoder(_Meta)
@@ -231,6 +232,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                 version=row["version"], released_at_ms=released_at,
                 duration_seconds=row["duration_seconds"],
                 end_reason=None if active else (row["end_reason"] or row["status"]),
+                replace_on_failure=meta.replace_on_failure or None,
                 ttl_s=max(1, _seconds_left(settings.released_ttl_s, released_at or now_ms,
                                            now_ms)),
             ))
