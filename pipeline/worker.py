@@ -17,6 +17,11 @@ What it promises:
   most ``RECLAIM_PAGE`` entries per call so one call stays cheap. An entry
   delivered more than ``max_deliveries`` times is moved to the dead stream
   with stage, error and delivery count, atomically with its ack.
+* **Nothing waits for a reclaim after an outage.** A read that Redis answered but
+  whose reply was lost (the connection broke, the server restarted) leaves entries
+  pending to this consumer that it never saw; after an outage the worker first
+  walks its own pending list (XREADGROUP from id 0) and handles what is there, so
+  those entries are done at once, not after ``claim_idle_ms``.
 * **Reads never hang and are never cut.** XREADGROUP blocks at most
   ``block_ms`` on a connection of its own whose socket timeout is longer than
   that (kept by the RawChannel's watchdog); the loop stops by a flag checked
@@ -189,6 +194,8 @@ class StageWorker:
         self._stopping = False
         self._cursors: dict[str, str] = {s: "0-0" for s in stage.streams}
         self._last_claim = 0.0
+        self._own_cursor: dict[str, str] | None = None
+        """Set after an outage: where this consumer's own pending list is read from next."""
         self._label = stage.group
         batching = getattr(stage, "batching", None) or Batching(settings.batch_size)
         self._batch_size = batching.size
@@ -232,6 +239,9 @@ class StageWorker:
                 except REDIS_DOWN as exc:
                     log.warning("redis unavailable, retrying: %s", exc,
                                 extra={"stage": self._label})
+                    # a read whose reply was lost left entries pending to this consumer:
+                    # take them first when Redis is back, not after claim_idle_ms
+                    self._own_cursor = {s: "0-0" for s in self.stage.streams}
                     await self._sleep(0.5)
         finally:
             await self._read_channel.close()
@@ -245,6 +255,10 @@ class StageWorker:
             done += await self.reclaim()
             await self.sample()
             await self.forget_idle_consumers()
+        if self._own_cursor is not None:
+            own = await self.read_own_pending()
+            if own:
+                return done + await self.process(own)
         entries = await self.read(self.settings.block_ms if block_ms is None else block_ms)
         if entries:
             done += await self.process(entries)
@@ -265,6 +279,34 @@ class StageWorker:
                 eid = text(entry_id)
                 entries.append(Entry(name, eid, dict(zip(fields[::2], fields[1::2]))
                                      if fields else {}))
+        return entries
+
+    async def read_own_pending(self) -> list[Entry]:
+        """The next page of entries pending to this very consumer (after an outage: a read
+        Redis answered but whose reply never arrived). Walks each stream's pending list
+        once, from its start; entries deleted from the stream meanwhile are acked."""
+        assert self._own_cursor is not None
+        streams = list(self._own_cursor)
+        reply = await self._read_channel.call(
+            "XREADGROUP", "GROUP", self.stage.group, self.consumer, "COUNT", self._batch_size,
+            "STREAMS", *streams, *[self._own_cursor[s] for s in streams])
+        entries: list[Entry] = []
+        seen = False
+        for stream, items in stream_items(reply):
+            name = text(stream)
+            gone: list[str] = []
+            for entry_id, fields in items:
+                seen = True
+                eid = text(entry_id)
+                self._own_cursor[name] = eid
+                if fields:
+                    entries.append(Entry(name, eid, dict(zip(fields[::2], fields[1::2]))))
+                else:
+                    gone.append(eid)
+            if gone:
+                await self.redis.xack(name, self.stage.group, *gone)
+        if not seen:
+            self._own_cursor = None
         return entries
 
     async def process(self, entries: list[Entry]) -> int:

@@ -284,6 +284,41 @@ async def test_worker_keeps_running_while_redis_is_unreachable(
     assert await stage.done() == [b"a"]
 
 
+async def test_after_an_outage_entries_delivered_to_the_worker_but_never_received_are_done_at_once(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A read Redis answered whose reply was lost leaves entries pending to the worker's
+    own consumer; with reclaim out of reach (claim_idle_ms of an hour) the worker still
+    handles them once Redis is back, and only them, once each."""
+    settings = replace(settings, claim_idle_ms=3_600_000)
+    with socket.socket() as s:  # a port where nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.2,
+                        single_connection_client=True, retry=Retry(NoBackoff(), 0))
+    stream = f"{settings.prefix}:work"
+    stage = Ledger(redis, stream)
+    await add(redis, stream, [b"lost-1", b"lost-2"])
+    await leave_pending(redis, stream, "live", 2)  # delivered to "live", reply never arrived
+    w = worker(stage, redis, unreachable, settings, keys, clock, name="live")
+    running = Running(w)
+    try:
+        await wait_until(lambda: _contains(caplog, "redis unavailable, retrying"))
+        w.reader = readers()  # Redis is back
+        await wait_until(lambda: _settled(redis, stream, stage, 2))
+        await add(redis, stream, [b"new"])
+        await wait_until(lambda: _settled(redis, stream, stage, 3))
+    finally:
+        await running.stop()
+        await unreachable.aclose()
+    assert sorted(await stage.done()) == [b"lost-1", b"lost-2", b"new"]
+
+
+async def _contains(caplog: pytest.LogCaptureFixture, text: str) -> bool:
+    return text in caplog.text
+
+
 async def test_stop_lets_the_batch_in_hand_finish_then_run_returns(
     settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
     readers: Callable[[], Redis],
