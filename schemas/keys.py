@@ -96,13 +96,34 @@ class Keys:
     def stats(self) -> str:
         return f"{self.prefix}:{{pool}}:stats"
 
+    @property
+    def strategy(self) -> str:
+        """The allocation strategy in force: field ``*`` the global one, a pool's name
+        that pool's (set by ``devsched strategy set``; select.lua reads it once per call).
+        Configuration, not live state: a rebuild keeps it."""
+        return f"{self.prefix}:{{pool}}:strategy"
+
+    @property
+    def host_active(self) -> str:
+        """Host -> how many of its devices an active allocation holds (the load that
+        least_loaded and bin_pack weigh), kept by the scripts that allocate and close."""
+        return f"{self.prefix}:{{pool}}:host_active"
+
+    @property
+    def round_robin(self) -> str:
+        """Scope (a pool, or ``*`` for requests without one) -> the device round_robin
+        gave last."""
+        return f"{self.prefix}:{{pool}}:round_robin"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota
         (``status``, ``expires_at_ms``, ``max_*``, ``total_*``, ``version``), the usage
         (``used_devices``, ``used_cpu``, ``used_mem``, ``used_sto``), a
-        ``hold:<request id>`` per admitted request select has not decided yet, and an
-        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation. Events add
+        ``hold:<request id>`` per admitted request select has not decided yet, an
+        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation, and the device
+        and host of the user's last allocation (``last_device``, ``last_host``: the
+        affinity strategy's memory). Events add
         ``user_status`` (active/suspended/deleted, from user.* events) and
         ``billing_status`` (ok/overdue/suspended, from billing.* events), of which
         ``status`` is the effect, and the last applied ``user_event_version`` and

@@ -237,6 +237,9 @@ class RebuildUser(Struct, kw_only=True, omit_defaults=True):
     total_memory_gb: int | None = None
     total_storage_gb: int | None = None
     version: int | None = None
+    last_device: str | None = None
+    """The device of the user's newest allocation (the affinity strategy's memory)."""
+    last_host: str | None = None
 
 
 class RebuildDevice(Struct, kw_only=True, omit_defaults=True):

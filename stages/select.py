@@ -1,7 +1,8 @@
 """select: the deciding stage. Takes devices from the free pool and gives them back.
 
-One script call per batch (select.lua) picks each device by the resource_based
-strategy, records the allocation and its expiry, settles the quota hold, answers
+One script call per batch (select.lua) picks each device by the strategy in force
+(``Keys.strategy``, read once per call, so ``devsched strategy set`` applies from the
+next batch; resource_based by default), records the allocation and its expiry, settles the quota hold, answers
 the producer, writes the change and acks: a crash before the call changes
 nothing, after it everything is done. Allocation ids are derived from the user
 and request id, so a redelivered request finds its first answer and a retried

@@ -68,7 +68,7 @@ end
 local function apply_device(row)
   local id, t = row.device_id, row.type
   local dkey = k_pool(P, 'dev:' .. id)
-  local d = redis.call('HMGET', dkey, 'status', 'alloc', 'event_version', 'pool')
+  local d = redis.call('HMGET', dkey, 'status', 'alloc', 'event_version', 'pool', 'host')
   local status, alloc, pool = d[1], d[2] or '', d[4]
   if not status and t ~= 'device.created' then return 'ignored' end
   if row.version and d[3] and row.version <= tonumber(d[3]) then return 'stale' end
@@ -89,6 +89,10 @@ local function apply_device(row)
   else
     if t == 'device.created' then
       if pool and pool ~= row.pool then redis.call('ZREM', k_pool(P, 'free:' .. pool), id) end
+      if alloc ~= '' and d[5] ~= row.host then  -- a held device moves host
+        host_active_now(P, d[5], -1)
+        host_active_now(P, row.host, 1)
+      end
       pool = row.pool
       redis.call('HSET', dkey, 'id', id, 'name', row.name or id, 'pool', pool,
         'model', row.model, 'host', row.host, 'adb_host', row.adb_host,

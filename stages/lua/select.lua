@@ -7,9 +7,19 @@
 --             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
 --   dead:     a dead letter to add (letter)
--- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
--- request's minimums and fits what the user's quota still allows (per-device caps and
--- the CPU/memory/storage totals minus current usage). Device and allocation keys are
+-- A device fits when it is free, in the request's pool (any pool without one), of its
+-- model, meets its minimums and fits what the user's quota still allows (per-device
+-- caps and the CPU/memory/storage totals minus current usage). Among the fitting ones
+-- the strategy in force chooses (P:{pool}:strategy, read once per call: the request's
+-- pool's, else the global one '*', else resource_based):
+--   resource_based: the smallest (CPU, then memory): best fit, the default;
+--   least_loaded:   on the host with the fewest active allocations (host_active);
+--   bin_pack:       on the host with the most active allocations (keeps hosts empty);
+--   round_robin:    the next fitting device by id after the last one given in this
+--                   scope (the pool, or '*'; P:{pool}:round_robin), wrapping around;
+--   affinity:       the device this user had last, else a device on that host, else
+--                   as resource_based (the user's last_device / last_host).
+-- Ties go to the best fit, then the smaller id. Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
@@ -59,7 +69,7 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       if mem < min_mem then jump = fit_score(cpu, min_mem) break end
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
-        'adb_host', 'adb_port')
+        'adb_host', 'adb_port', 'host')
       if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
         return page[i], score, d
       end
@@ -93,6 +103,127 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
     end
   end
   return best, best_pool, best_score, best_fields
+end
+
+-- --- the other strategies --------------------------------------------------------------
+
+local STRATEGY_PICKS = {}  -- name -> function(candidates, uid, scope): the chosen candidate
+local strategy_of = nil  -- field -> strategy, read once per call at its first allocation
+
+local function strategy_for(pool)
+  if not strategy_of then
+    strategy_of = {}
+    local flat = redis.call('HGETALL', k_pool(P, 'strategy'))
+    for i = 1, #flat, 2 do strategy_of[flat[i]] = flat[i + 1] end
+  end
+  return (pool and strategy_of[pool]) or strategy_of['*'] or 'resource_based'
+end
+
+local SCAN_PAGE = 64
+-- Every fitting device of one free pool, by the rules of best_in_pool (the same jumps
+-- over memory), as candidates {id, score, pool, d}; d as best_in_pool's. It reads every
+-- device that passes CPU and memory: these strategies cost a read per candidate.
+local function add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local key = k_pool(P, 'free:' .. pl)
+  local hi = fit_score(cap_cpu, CPU_SCALE - 1)
+  local from, offset = fit_score(min_cpu, min_mem), 0
+  while from <= hi do
+    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset,
+      SCAN_PAGE)
+    if #page == 0 then return end
+    local jump = nil
+    for i = 1, #page, 2 do
+      local score = tonumber(page[i + 1])
+      local cpu = math.floor(score / CPU_SCALE)
+      local mem = score - cpu * CPU_SCALE
+      if mem < min_mem then jump = fit_score(cpu, min_mem) break end
+      if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
+      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
+        'adb_host', 'adb_port', 'host')
+      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
+        list[#list + 1] = {page[i], score, pl, d}
+      end
+    end
+    if jump then
+      from, offset = jump, 0
+    elseif #page < 2 * SCAN_PAGE then
+      return
+    else
+      offset = offset + SCAN_PAGE
+    end
+  end
+end
+
+-- a before b: the better fit (lower score), then the smaller id
+local function fits_better(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[1] < b[1]
+end
+
+local function best_of(list, keep)
+  local best = nil
+  for _, c in ipairs(list) do
+    if (not keep or keep(c)) and (not best or fits_better(c, best)) then best = c end
+  end
+  return best
+end
+
+-- The candidate on the host whose active count `load` prefers (more_is_better: bin_pack).
+local function by_host_load(list, more_is_better)
+  local flat = redis.call('HGETALL', k_pool(P, 'host_active'))
+  local load = {}
+  for i = 1, #flat, 2 do load[flat[i]] = tonumber(flat[i + 1]) end
+  local best, best_load = nil, nil
+  for _, c in ipairs(list) do
+    local host = c[4][6] or ''
+    local l = (load[host] or 0) + host_pending(host)
+    if not best or (more_is_better and l > best_load) or (not more_is_better and l < best_load)
+        or (l == best_load and fits_better(c, best)) then
+      best, best_load = c, l
+    end
+  end
+  return best
+end
+
+STRATEGY_PICKS.least_loaded = function(list) return by_host_load(list, false) end
+STRATEGY_PICKS.bin_pack = function(list) return by_host_load(list, true) end
+
+STRATEGY_PICKS.round_robin = function(list, _uid, scope)
+  local key = k_pool(P, 'round_robin')
+  local last = redis.call('HGET', key, scope) or ''
+  local first, next_one = nil, nil
+  for _, c in ipairs(list) do
+    if not first or c[1] < first[1] then first = c end
+    if c[1] > last and (not next_one or c[1] < next_one[1]) then next_one = c end
+  end
+  local chosen = next_one or first
+  redis.call('HSET', key, scope, chosen[1])
+  return chosen
+end
+
+STRATEGY_PICKS.affinity = function(list, uid)
+  local last = redis.call('HMGET', k_state(P, uid), 'last_device', 'last_host')
+  return (last[1] and best_of(list, function(c) return c[1] == last[1] end))
+    or (last[2] and best_of(list, function(c) return c[4][6] == last[2] end))
+    or best_of(list)
+end
+
+-- pick_device's answer under a strategy other than resource_based.
+local function pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
+                                cap_sto)
+  local list, pools = {}, nil
+  if pool then
+    pools = {pool}
+  else
+    pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
+    pools = pool_names
+  end
+  for _, pl in ipairs(pools) do
+    add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  end
+  if #list == 0 then return nil end
+  local c = choose(list, uid, pool or '*')
+  return c[1], c[3], c[2], c[4]
 end
 
 -- What a user's state read gives select: the hold, the usage, then the quota's caps,
@@ -159,8 +290,15 @@ local function allocate(row)
     return
   end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
-  local dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
-    cap_mem, cap_sto)
+  local dev, dev_pool, score, d
+  local choose = STRATEGY_PICKS[strategy_for(row.pool)]
+  if choose then
+    dev, dev_pool, score, d = pick_by_strategy(choose, uid, row.pool, row.model, min_cpu, min_mem,
+      cap_cpu, cap_mem, cap_sto)
+  else  -- resource_based (or a name this script does not know)
+    dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
+      cap_mem, cap_sto)
+  end
   if not dev then
     settle_hold(uid, rid, hold, used, nil, nil, nil)
     local reason, msg = 'no_available_devices',
@@ -178,7 +316,8 @@ local function allocate(row)
     return
   end
   local dkey = k_pool(P, 'dev:' .. dev)
-  -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host, port
+  -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host,
+  -- port, host
   local cpu = math.floor(score / CPU_SCALE)
   local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
   local seconds = row.duration_seconds
@@ -192,7 +331,9 @@ local function allocate(row)
     'storage_mb', sto, 'pool', dev_pool, 'version', 1)
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
-  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
+  host_active_add(P, d[6], 1)
+  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto,
+    'last_device', dev, 'last_host', d[6] or '')
   local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
@@ -77,6 +77,45 @@ async def empty_tables(pg: asyncpg.Pool) -> None:
         await conn.execute(f"TRUNCATE {TABLES}")
 
 
+STRATEGIES = ("resource_based", "least_loaded", "round_robin", "affinity", "bin_pack")
+"""The allocation strategies select.lua knows (see its header); resource_based is the
+default."""
+DEFAULT_STRATEGY = "resource_based"
+GLOBAL = "*"
+"""The field of ``Keys.strategy`` that holds the global strategy."""
+
+
+class UnknownStrategy(ValueError):
+    """A strategy name select.lua does not know."""
+
+
+async def set_strategy(redis: Redis, keys: Keys, name: str, pool: str | None = None) -> None:
+    """Put ``name`` in force globally, or for ``pool`` (requests naming that pool); the
+    select workers use it from their next batch, without a restart."""
+    if name not in STRATEGIES:
+        raise UnknownStrategy(f"unknown strategy {name!r}; one of {', '.join(STRATEGIES)}")
+    await redis.hset(keys.strategy, pool or GLOBAL, name)
+    log.info("strategy set", extra={"strategy": name, "pool": pool or GLOBAL})
+
+
+@dataclass
+class StrategiesInForce:
+    """The global strategy and, for each known pool, the one its requests get (its own,
+    else the global one); ``pool_overrides`` the pools that have their own."""
+
+    strategy: str
+    pools: dict[str, str]
+    pool_overrides: dict[str, str]
+
+
+async def strategies(redis: Redis, keys: Keys) -> StrategiesInForce:
+    raw = {text(k): text(v) for k, v in (await redis.hgetall(keys.strategy)).items()}
+    current = raw.pop(GLOBAL, DEFAULT_STRATEGY)
+    pools = sorted({text(p) for p in await redis.smembers(keys.pools)} | set(raw))
+    return StrategiesInForce(strategy=current, pools={p: raw.get(p, current) for p in pools},
+                             pool_overrides=raw)
+
+
 @dataclass
 class Stats:
     devices: int
@@ -85,7 +124,10 @@ class Stats:
     allocated_total: int
     released_total: int
     expired_total: int
-    strategy: str = "resource_based"
+    strategy: str = DEFAULT_STRATEGY
+    """The global strategy in force."""
+    pool_strategies: dict[str, str] = field(default_factory=dict)
+    """Pools with a strategy of their own."""
 
 
 async def stats(redis: Redis, keys: Keys) -> Stats:
@@ -94,6 +136,7 @@ async def stats(redis: Redis, keys: Keys) -> Stats:
     for pool in pools:
         free += int(await redis.zcard(keys.free(pool)))
     counters = {text(k): int(v) for k, v in (await redis.hgetall(keys.stats)).items()}
+    in_force = await strategies(redis, keys)
     return Stats(
         devices=int(await redis.scard(keys.devices)),
         free=free,
@@ -101,6 +144,8 @@ async def stats(redis: Redis, keys: Keys) -> Stats:
         allocated_total=counters.get("allocated", 0),
         released_total=counters.get("released", 0),
         expired_total=counters.get("expired", 0),
+        strategy=in_force.strategy,
+        pool_strategies=in_force.pool_overrides,
     )
 
 

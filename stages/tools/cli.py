@@ -2,7 +2,8 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, events, stats, audit, rebuild, schema.
+scheduler's: demo, devices, quota, allocate, release, events, stats, strategy, audit,
+rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -179,6 +180,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     async def go(redis: Any, settings: Settings) -> int:
         print(json.dumps(asdict(await stats(redis, Keys(settings.prefix)))))
+        return 0
+
+    return _with_redis(go)
+
+
+def cmd_strategy(args: argparse.Namespace) -> int:
+    """``devsched strategy``: the strategy in force, globally and per pool;
+    ``devsched strategy set NAME [--pool P]`` puts one in force."""
+    from schemas.keys import Keys
+    from stages.tools.admin import UnknownStrategy, set_strategy, strategies
+
+    async def go(redis: Any, settings: Settings) -> int:
+        keys = Keys(settings.prefix)
+        if getattr(args, "sub", None) == "set":
+            try:
+                await set_strategy(redis, keys, args.name, args.pool)
+            except UnknownStrategy as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        in_force = await strategies(redis, keys)
+        if args.json:
+            print(json.dumps(asdict(in_force)))
+            return 0
+        print(f"global: {in_force.strategy}")
+        for pool, name in in_force.pools.items():
+            own = "" if pool in in_force.pool_overrides else " (global)"
+            print(f"pool {pool}: {name}{own}")
         return 0
 
     return _with_redis(go)
@@ -374,6 +402,20 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_events_send)
 
     sub.add_parser("stats", help="allocation statistics").set_defaults(fn=cmd_stats)
+
+    from stages.tools.admin import STRATEGIES
+
+    st = sub.add_parser("strategy", help="show the allocation strategy in force (global and "
+                                         "per pool), or set one")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_strategy)
+    st_sub = st.add_subparsers(dest="sub", required=False)
+    s = st_sub.add_parser("set", help="put a strategy in force (the select workers use it "
+                                      "from their next batch)")
+    s.add_argument("name", choices=STRATEGIES)
+    s.add_argument("--pool", help="only for requests that name this pool")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_strategy)
     sub.add_parser("audit", help="compare the live state in Redis with PostgreSQL; JSON "
                                  "report, exit 1 on a difference").set_defaults(fn=cmd_audit)
     s = sub.add_parser("rebuild", help="load the live state from PostgreSQL into a Redis "

@@ -5,7 +5,10 @@ What it restores, from the write-behind tables:
 - devices and their pools (``devices``), each free unless an active allocation
   holds it, with its version, so the next change continues above PostgreSQL's;
 - quotas (``user_quotas``) with their versions, and each user's usage recomputed
-  from the user's active allocations;
+  from the user's active allocations; the device and host of the user's newest
+  allocation (what the affinity strategy prefers);
+- the count of active allocations per host (``host_active``), from the devices an
+  active allocation holds;
 - active allocations (``device_allocations`` with status ``allocated``) and the
   expiry schedule; one whose expires-at passed while Redis was away is scheduled
   at that expires-at, so the next timer tick expires it and bills it to then;
@@ -120,9 +123,10 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams; returns how many."""
+    never the streams nor the strategy setting; returns how many."""
+    kept = keys.strategy.encode()  # configuration, not state
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000)]
+                                              count=1000) if k != kept]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -155,6 +159,13 @@ WHERE a.status = 'allocated' OR a.released_at > to_timestamp($1 / 1000.0)
    OR a.allocated_at > to_timestamp($2 / 1000.0)
 ORDER BY a.allocated_at, a.id
 """
+LAST_DEVICE_SQL = """
+SELECT DISTINCT ON (a.user_id) a.user_id, a.device_id, d.host
+FROM device_allocations a JOIN devices d ON d.id = a.device_id
+ORDER BY a.user_id, a.allocated_at DESC, a.id DESC
+"""
+"""Each user's newest allocation's device and host: the affinity strategy's memory (two
+allocations of one user in the same millisecond: the larger id counts as the newer)."""
 COUNTS_SQL = """
 SELECT count(*) AS allocated, count(*) FILTER (WHERE status = 'released') AS released,
        count(*) FILTER (WHERE status = 'expired') AS expired
@@ -209,6 +220,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
         quotas = await conn.fetch(QUOTAS_SQL)
         allocations = await conn.fetch(ALLOCATIONS_SQL, released_since, answered_since)
         counts = await conn.fetchrow(COUNTS_SQL)
+        last_devices = await conn.fetch(LAST_DEVICE_SQL)
     report = RebuildReport(devices=len(devices), quotas=len(quotas),
                            allocated_total=counts["allocated"],
                            released_total=counts["released"], expired_total=counts["expired"])
@@ -269,6 +281,10 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     }
     for user_id, ids in active_of_user.items():
         users.setdefault(user_id, RebuildUser(user_id=user_id, allocations=[])).allocations = ids
+    for row in last_devices:
+        user = users.get(row["user_id"])
+        if user is not None:
+            user.last_device, user.last_host = row["device_id"], row["host"]
     report.users = len(users)
     device_items = [RebuildDevice(
         device_id=d["id"], name=d["name"], pool=d["pool"], model=d["model"], host=d["host"],
