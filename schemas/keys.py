@@ -1,7 +1,7 @@
 """Stream names, consumer-group names and Redis key names, in one place.
 
-Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, so
-each family hashes to one slot. The Lua scripts build the same names from the
+Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, a
+tenant's rate bucket ``{t:TENANT}``, so each family hashes to one slot. The Lua scripts build the same names from the
 prefix (stages/lua/common.lua); this module is the reference both follow.
 """
 
@@ -138,6 +138,19 @@ class Keys:
         """The user's count of failed payments (billing.payment_failed), expiring
         DEVSCHED_PAYMENT_FAILURE_TTL_S after the last one."""
         return f"{self.prefix}:{{u:{user_id}}}:payfail"
+
+    def user_rate(self, user_id: str) -> str:
+        """The user's token bucket of allocate requests (``tokens`` in thousandths of a
+        token, ``at_ms`` when they were counted), while
+        DEVSCHED_RATE_USER_PER_S is set; it expires once it would be full again."""
+        return f"{self.prefix}:{{u:{user_id}}}:rate"
+
+    # tenant side, tag {t:TENANT}
+
+    def tenant_rate(self, tenant_id: str) -> str:
+        """The tenant's token bucket (DEVSCHED_RATE_TENANT_PER_S), as ``user_rate``. Its
+        own slot: see quota.lua for how the check splits on Redis Cluster."""
+        return f"{self.prefix}:{{t:{tenant_id}}}:rate"
 
     @property
     def users(self) -> str:

@@ -42,11 +42,13 @@ FailureReason = Literal[
     "invalid_request",
     "not_owner",
     "not_found",
+    "rate_limited",
     "timed_out",
     "invalid_reply",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
-reply came in time, or the reply that came did not decode."""
+reply came in time, or the reply that came did not decode. ``rate_limited``: the user
+or the tenant made more allocate requests than its rate allows (``retry_after_ms``)."""
 
 EndReason = Literal[
     "released",
@@ -149,6 +151,8 @@ class Failed(Struct, tag_field="type", tag="failed", kw_only=True, forbid_unknow
     reason: FailureReason
     message: str
     remaining_devices: int | None = None
+    retry_after_ms: int | None = None
+    """``rate_limited`` only: how long until the request would be admitted."""
 
 
 Reply = Allocated | Released | Failed

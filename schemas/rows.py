@@ -85,7 +85,17 @@ class RefuseRow(Row, tag="refuse", kw_only=True):
 QuotaRow = AdmitRow | ForwardRow | RefuseRow | DeadRow
 
 
-class QuotaCall(Struct, kw_only=True):
+class RateLimits(Struct, kw_only=True, omit_defaults=True):
+    """The token buckets checked at admission (stages.settings: DEVSCHED_RATE_*); a
+    bucket whose rate is None is off. ``*_burst`` is the bucket's size."""
+
+    user_per_s: float | None = None
+    user_burst: int = 1
+    tenant_per_s: float | None = None
+    tenant_burst: int = 1
+
+
+class QuotaCall(Struct, kw_only=True, omit_defaults=True):
     prefix: str
     group: str
     now_ms: int
@@ -93,6 +103,8 @@ class QuotaCall(Struct, kw_only=True):
     reply_ttl_s: int
     fail_open: bool
     """Admit users with no quota record."""
+    rate: RateLimits | None = None
+    """None (left out) when no rate limit is on: the script does nothing for them."""
     items: list[QuotaRow]
 
 

@@ -90,6 +90,9 @@ class Driver:
         self.quota = QuotaStage(ctx)
         self.quota_fail_open = QuotaStage(
             replace(ctx, settings=replace(ctx.settings, quota_fail_open=True)))
+        self.quota_rate_limited = QuotaStage(replace(ctx, settings=replace(
+            ctx.settings, rate_user_per_s=1.0, rate_user_burst=1, rate_tenant_per_s=1.0,
+            rate_tenant_burst=1)))
         self.select = SelectStage(ctx)
         self.events = EventsStage(ctx)
         self.run = Run(self.keys)
@@ -120,10 +123,12 @@ class Driver:
         return [Entry(stream, text(eid), dict(fields)) for _s, items in reply
                 for eid, fields in items]
 
-    async def through_quota(self, *payloads: bytes, fail_open: bool = False) -> None:
+    async def through_quota(self, *payloads: bytes, fail_open: bool = False,
+                            rate_limited: bool = False) -> None:
         for payload in payloads:
             await self.redis.xadd(self.keys.requests, {"d": payload})
-        stage = self.quota_fail_open if fail_open else self.quota
+        stage = (self.quota_fail_open if fail_open else
+                 self.quota_rate_limited if rate_limited else self.quota)
         await stage.handle(await self._read(self.keys.requests, GROUP_QUOTA))
 
     async def through_select(self) -> None:
@@ -189,6 +194,13 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
                       "reply_to": d.reply_to}),
         b"{not json",
     )
+    # rate limits: a user's second request and a tenant's second (another user) at once
+    await d.through_quota(d.allocate("other", "r-rate-1", pool="nowhere"),
+                          d.allocate("other", "r-rate-2"),
+                          d.allocate("ok", "r-rate-t1", tenant_id="acme", pool="nowhere"),
+                          d.allocate("small", "r-rate-t2", tenant_id="acme"),
+                          rate_limited=True)
+    await d.through_select()
     # fail-open admits a user with no quota; select allocates within no caps
     await d.both(d.allocate("nobody", "r-open", pool="p2"), fail_open=True)
 
@@ -343,7 +355,7 @@ EXPECTED = {
     "reply released expired again",
     *(f"reply failed {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices", "not_found", "not_owner")),
+        "no_available_devices", "not_found", "not_owner", "rate_limited")),
     "admitted AllocateRequest hold=True",
     "admitted ReleaseRequest hold=False",
     "change allocation allocated",
@@ -351,7 +363,7 @@ EXPECTED = {
     "change allocation expired",
     *(f"change rejected {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices")),
+        "no_available_devices", "rate_limited")),
     "change device",
     "change quota",
     "change quota expiring",
@@ -387,7 +399,8 @@ async def test_every_message_every_script_emits_decodes_strictly(
                      "Memory per device", "Total CPU quota", "Total memory quota",
                      "Total storage quota", "Resource quota exceeded", "not admitted by quota",
                      "belongs to another user", "has no allocation", "is not on device",
-                     "No available device"):
+                     "No available device", "Rate limit of user other",
+                     "Rate limit of tenant acme"):
         assert any(expected in t for t in texts), expected
     # suspended between quota and select: refused by select, its hold given back
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
@@ -407,6 +420,7 @@ RENAMES = [
     (QUOTA, "remaining_devices = remaining", "remaining = remaining", "remaining"),
     (QUOTA, "user_id = opt(uid), tenant_id", "user_id = opt(uid), tenant", "tenant"),
     (QUOTA, "'d', row.payload, 'c', ''", "'d', row.payload, 'hold', ''", "hold"),
+    (QUOTA, "retry_after_ms = retry_after", "retry_after = retry_after", "retry_after"),
     (SELECT, "adb_port = tonumber(d[5])", "port = tonumber(d[5])", "port"),
     (SELECT, "device = {id = dev, name = d[3]", "device = {id = dev, label = d[3]", "label"),
     (SELECT, "already_released = already", "already = already", "already"),
