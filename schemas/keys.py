@@ -79,6 +79,12 @@ class Keys:
     def devices(self) -> str:
         return f"{self.prefix}:{{pool}}:devices"
 
+    @property
+    def device_ids(self) -> str:
+        """The ids of ``devices`` in a sorted set, every score 0 (so in id order): what
+        ``devices list`` pages through, from a cursor, without reading the others."""
+        return f"{self.prefix}:{{pool}}:device_ids"
+
     def allocation(self, allocation_id: str) -> str:
         return f"{self.prefix}:{{pool}}:alloc:{allocation_id}"
 

@@ -46,7 +46,7 @@ if dev then
   redis.call('HSET', dkey, 'status', status)
   if not old[3] then redis.call('HSET', dkey, 'alloc', '') end
   redis.call('SADD', k_pool(P, 'pools'), pool)
-  redis.call('SADD', k_pool(P, 'devices'), id)
+  list_device(P, id)
   if status == 'available' then
     redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(dev.cpu_cores, dev.memory_mb), id)
   end

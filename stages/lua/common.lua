@@ -37,6 +37,18 @@ local function host_active_now(P, host, n)
   if host and host ~= '' then redis.call('HINCRBY', k_pool(P, 'host_active'), host, n) end
 end
 
+-- The devices listed (P:{pool}:devices, a set) and the same ids sorted
+-- (P:{pool}:device_ids, every score 0, so in id order: what `devices list` pages through
+-- with a cursor). Every script that lists or unlists a device does it through these.
+local function list_device(P, id)
+  redis.call('SADD', k_pool(P, 'devices'), id)
+  redis.call('ZADD', k_pool(P, 'device_ids'), 0, id)
+end
+local function unlist_device(P, id)
+  redis.call('SREM', k_pool(P, 'devices'), id)
+  redis.call('ZREM', k_pool(P, 'device_ids'), id)
+end
+
 -- Counters of the pool's stats hash, added up during a script call and written once
 -- at its end by flush_stats (every script that counts, or calls host_active_add, must
 -- call it last).

@@ -81,9 +81,9 @@ local function apply_device(row)
     redis.call('ZREM', k_pool(P, 'free:' .. pool), id)
     -- listed unless deleted: the newest event alone says whether the device exists
     if t == 'device.deleted' then
-      redis.call('SREM', k_pool(P, 'devices'), id)
+      unlist_device(P, id)
     else
-      redis.call('SADD', k_pool(P, 'devices'), id)
+      list_device(P, id)
     end
     if alloc ~= '' then rec = end_allocation(alloc, down[2]) end
   else
@@ -109,7 +109,7 @@ local function apply_device(row)
       redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(tonumber(size[1]), tonumber(size[2])),
         id)
     end
-    redis.call('SADD', k_pool(P, 'devices'), id)
+    list_device(P, id)
   end
   local version = redis.call('HINCRBY', dkey, 'version', 1)
   emit_change(changes, device_event_change(row, id, status, version, rec))

@@ -100,7 +100,7 @@ local function write_device(d)
     redis.call('ZREM', free, d.device_id)
   end
   redis.call('SADD', k_pool(P, 'pools'), d.pool)
-  redis.call('SADD', k_pool(P, 'devices'), d.device_id)
+  list_device(P, d.device_id)
 end
 
 local written = 0

@@ -359,9 +359,11 @@ local function release(row)
     n_failed = n_failed + 1
   end
   if not aid then
-    local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'last_alloc', 'pool')
-    if not d[3] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
-    aid = (d[1] ~= '' and d[1]) or d[2] or ''
+    -- only the allocation on the device now: a device nobody holds is not_found, not
+    -- already_released (its last allocation is released by its id)
+    local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'pool')
+    if not d[2] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
+    aid = d[1] or ''
     if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
   end
   local akey = k_pool(P, 'alloc:' .. aid)

@@ -2,8 +2,8 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, events, stats, strategy, audit,
-rebuild, schema.
+scheduler's: demo, devices, allocations, pools, quota, allocate, release, events, stats,
+strategy, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -102,15 +102,98 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     return _with_redis(go)
 
 
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as an aligned text table: numbers right-aligned, None as "-"."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.2%}" if value <= 1 else f"{value:g}"
+        return str(value)
+
+    cells = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(row[c], int | float) and not isinstance(row[c], bool)
+                                  for row in rows) for c in columns]
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    print(line([c.upper() for c in columns]))
+    for r in cells:
+        print(line(r))
+
+
+def _print_page(kind: str, rows: list[Any], next_cursor: str | None, columns: list[str],
+                as_json: bool, **extra: Any) -> None:
+    listed = [asdict(r) for r in rows]
+    if as_json:
+        print(json.dumps({kind: listed, "next_cursor": next_cursor, **extra}))
+        return
+    print_table(listed, columns)
+    if next_cursor is not None:
+        print(f"(more: --cursor {next_cursor})")
+
+
 def cmd_devices_list(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from stages.tools.admin import list_devices
 
     async def go(redis: Any, settings: Settings) -> int:
-        rows = await list_devices(redis, Keys(settings.prefix), pool=args.pool,
-                                  status=args.status, offset=args.offset, limit=args.limit)
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
+        page = await list_devices(redis, Keys(settings.prefix), pool=args.pool,
+                                  status=args.status, model=args.model, min_cpu=args.min_cpu,
+                                  min_memory=args.min_memory, cursor=args.cursor,
+                                  limit=args.limit)
+        _print_page("devices", page.devices, page.next_cursor,
+                    ["id", "pool", "model", "host", "status", "cpu_cores", "memory_mb",
+                     "storage_mb", "adb_host", "adb_port", "allocation_id"], args.json)
+        return 0
+
+    return _with_redis(go)
+
+
+def cmd_allocations_list(args: argparse.Namespace) -> int:
+    from pipeline.connections import pg_pool, redis_client
+    from schemas.keys import Keys
+    from stages.tools.admin import ACTIVE, list_allocations
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        redis = redis_client(settings)
+        pg = await pg_pool(settings) if args.status != ACTIVE else None
+        try:
+            await check_redis(redis)
+            page = await list_allocations(redis, Keys(settings.prefix), pg, user=args.user,
+                                          status=args.status, cursor=args.cursor,
+                                          limit=args.limit)
+        finally:
+            if pg is not None:
+                await pg.close()
+            await redis.aclose()
+        _print_page("allocations", page.allocations, page.next_cursor,
+                    ["allocation_id", "user_id", "device_id", "pool", "status",
+                     "allocated_at_ms", "expires_at_ms", "released_at_ms", "duration_seconds",
+                     "cpu_cores", "memory_mb", "end_reason"], args.json, source=page.source)
+        if not args.json:
+            print(f"(from {page.source})")
+        return 0
+
+    result: int = run_coroutine(go())
+    return result
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    from schemas.keys import Keys
+    from stages.tools.admin import pools
+
+    async def go(redis: Any, settings: Settings) -> int:
+        rows = [asdict(p) for p in await pools(redis, Keys(settings.prefix))]
+        if args.json:
+            print(json.dumps({"pools": rows}))
+        else:
+            print_table(rows, ["pool", "devices", "free", "allocated", "maintenance", "down",
+                               "share_used", "strategy"])
         return 0
 
     return _with_redis(go)
@@ -349,12 +432,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--adb-host", default="127.0.0.1")
     s.add_argument("--adb-port", type=int, default=5555)
     s.set_defaults(fn=cmd_devices_add)
-    s = dev.add_parser("list")
+    s = dev.add_parser("list", help="one page of devices in id order, filtered; a table, "
+                                    "or JSON with --json")
     s.add_argument("--pool")
-    s.add_argument("--status")
-    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--status", help="available, allocated, maintenance, failed, stopped, error")
+    s.add_argument("--model")
+    s.add_argument("--min-cpu", type=int, default=0)
+    s.add_argument("--min-memory", type=int, default=0, help="MB")
+    s.add_argument("--cursor", help="the next_cursor of the previous page")
     s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_devices_list)
+
+    al = sub.add_parser("allocations", help="list allocations").add_subparsers(
+        dest="sub", required=True)
+    s = al.add_parser("list", help="one page of allocations: active ones from Redis, the "
+                                   "history from PostgreSQL")
+    s.add_argument("--user")
+    s.add_argument("--status", default="allocated",
+                   choices=["allocated", "released", "expired", "all"],
+                   help="allocated (default): the active ones, from Redis; released, expired "
+                        "or all: from PostgreSQL, newest first")
+    s.add_argument("--cursor", help="the next_cursor of the previous page")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_allocations_list)
+
+    s = sub.add_parser("pools", help="utilisation per pool: devices, free, allocated, in "
+                                     "maintenance, down, share used, strategy")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_pools)
 
     q = sub.add_parser("quota", help="set a user's quota").add_subparsers(dest="sub", required=True)
     s = q.add_parser("set")
