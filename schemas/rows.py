@@ -61,6 +61,10 @@ class AdmitRow(Row, tag="admit", kw_only=True):
     reply_to: str
     min_cpu_cores: int
     min_memory_mb: int
+    count: int = 1
+    """Devices asked for (a batch above 1)."""
+    best_effort: bool = False
+    """A batch that takes what fits (else all or nothing)."""
     payload: str
     """The request as the producer sent it (JSON)."""
 
@@ -135,6 +139,37 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     """Derived from the user and request id (stages.select.allocation_id)."""
 
 
+class AllocateBatchRow(Row, tag="allocate_batch", kw_only=True):
+    """An admitted allocate request for ``count`` > 1 devices: the fields of an
+    AllocateRow (its ``allocation_id`` the first of ``allocation_ids``), the batch's
+    mode, and one allocation id per device, derived as stages.select.batch_allocation_ids."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    duration_seconds: int
+    pool: str | None = None
+    model: str | None = None
+    hold: str
+    """What quota held for it ("cpu mem sto n": n devices)."""
+    count: int
+    best_effort: bool = False
+    allocation_ids: list[str]
+
+
+class ReleaseBatchRow(Row, tag="release_batch", kw_only=True):
+    """A release request naming several allocations."""
+
+    request_id: str
+    reply_to: str
+    allocation_ids: list[str]
+    user_id: str | None = None
+    """When set, only this user's allocations may be released."""
+
+
 class ReleaseRow(Row, tag="release", kw_only=True):
     """A release request: close the allocation named by id, or the one on the device."""
 
@@ -146,7 +181,7 @@ class ReleaseRow(Row, tag="release", kw_only=True):
     """When set, only this user's allocation may be released."""
 
 
-SelectRow = AllocateRow | ReleaseRow | DeadRow
+SelectRow = AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | DeadRow
 
 
 class SelectCall(Struct, kw_only=True):

@@ -114,11 +114,15 @@ class QuotaStage:
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
                 tenant_id=request.tenant_id, reply_to=request.reply_to,
                 min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                count=request.count, best_effort=request.mode == "best_effort",
                 payload=raw.decode(),
             )
         assert isinstance(request, ReleaseRequest)
-        if not request.allocation_id and not request.device_id:
-            return self._invalid(entry, raw, "release needs allocation_id or device_id")
+        if request.allocation_ids and (request.allocation_id or request.device_id):
+            return self._invalid(entry, raw, "allocation_ids excludes allocation_id and device_id")
+        if not request.allocation_id and not request.device_id and not request.allocation_ids:
+            return self._invalid(entry, raw,
+                                 "release needs allocation_id, device_id or allocation_ids")
         return ForwardRow(entry_id=entry.id, payload=raw.decode())
 
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:

@@ -41,6 +41,7 @@ from pipeline.worker import Entry
 from schemas.keys import GROUP_EVENTS, GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
     Allocated,
+    AllocatedBatch,
     AllocateRequest,
     AllocationChange,
     DeviceEventApplied,
@@ -50,6 +51,7 @@ from schemas.messages import (
     QuotaSet,
     QuotaSpec,
     Released,
+    ReleasedBatch,
     ReleaseRequest,
     RequestRejected,
     UserEventApplied,
@@ -63,7 +65,7 @@ from stages.context import StageContext
 from stages.events import EventsStage
 from stages.quota import QuotaStage
 from stages.scripts import ADMIN, EVENTS, EXPIRE, QUOTA, SELECT
-from stages.select import SelectStage, allocation_id
+from stages.select import SelectStage, allocation_id, batch_allocation_ids
 from stages.timers import expire_due
 from stages.tools.admin import add_devices, set_quotas
 
@@ -245,7 +247,26 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     await d.both(d.release("x-2", allocation_id=allocation_id("ok", "r-2")))
 
     await every_event_path(d)
+    await every_batch_path(d)
     return d.run
+
+
+async def every_batch_path(d: Driver) -> None:
+    """Batches: all or nothing that fits and that does not, best effort, one refused at
+    admission, one answered again, and a release batch with every kind of result."""
+    redis, keys, clock = d.redis, d.keys, d.clock
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"bt-{i}", pool="pb") for i in range(3)])
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="batch"),
+                                          QuotaSpec(user_id="batch-1", max_devices=1)])
+    await d.both(d.allocate("batch", "b-all", pool="pb", count=2),
+                 d.allocate("batch", "b-none", pool="pb", count=5),
+                 d.allocate("batch", "b-some", pool="pb", count=3, mode="best_effort"),
+                 d.allocate("batch-1", "b-over", pool="pb", count=2))
+    await d.both(d.allocate("batch", "b-all", pool="pb", count=2))  # answered before
+    await d.both(d.release("b-rel", user_id="batch", allocation_ids=[
+        *batch_allocation_ids("batch", "b-all", 2), "no-such-allocation"]))
+    await d.both(d.release("b-rel-2", user_id="other", allocation_ids=[
+        *batch_allocation_ids("batch", "b-all", 1), *batch_allocation_ids("batch", "b-some", 1)]))
 
 
 async def every_event_path(d: Driver) -> None:
@@ -312,6 +333,10 @@ def kind_of(message: object) -> str:
         return f"reply released {message.status}" + (" again" if message.already_released else "")
     if isinstance(message, Allocated):
         return "reply allocated"
+    if isinstance(message, AllocatedBatch):
+        return "reply allocated_batch " + ("some" if message.success_count else "none")
+    if isinstance(message, ReleasedBatch):
+        return "reply released_batch"
     if isinstance(message, AllocationChange):
         why = f" {message.reason}" if message.reason not in (None, message.status) else ""
         return f"change allocation {message.status}{why}"
@@ -350,6 +375,9 @@ async def decode_everything(redis: Redis, run: Run) -> list[str]:
 
 EXPECTED = {
     "reply allocated",
+    "reply allocated_batch some",
+    "reply allocated_batch none",
+    "reply released_batch",
     "reply released released",
     "reply released released again",
     "reply released expired again",
@@ -400,7 +428,7 @@ async def test_every_message_every_script_emits_decodes_strictly(
                      "Total storage quota", "Resource quota exceeded", "not admitted by quota",
                      "belongs to another user", "has no allocation", "is not on device",
                      "No available device", "Rate limit of user other",
-                     "Rate limit of tenant acme"):
+                     "Rate limit of tenant acme", "Requested: 2"):
         assert any(expected in t for t in texts), expected
     # suspended between quota and select: refused by select, its hold given back
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
@@ -436,6 +464,9 @@ RENAMES = [
     (EVENTS, "released_allocations = released", "released = released", "released"),
     (EVENTS, "failure_threshold = failures and", "threshold = failures and", "threshold"),
     (SELECT, "reason = reason}", "end_reason = reason}", "end_reason"),
+    (SELECT, """'","success_count":' .. #allocations""", """'","successes":' .. #allocations""",
+     "successes"),
+    (SELECT, """#releases .. ',"failed_count":'""", """#releases .. ',"fails":'""", "fails"),
 ]
 
 

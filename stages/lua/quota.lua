@@ -3,7 +3,10 @@
 -- CALL: schemas.rows.QuotaCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- fail_open, rate, items); each item one row, by op:
 --   admit:   an allocate request to check (request_id, user_id, tenant_id, reply_to,
---            min_cpu_cores, min_memory_mb, payload)
+--            min_cpu_cores, min_memory_mb, count, best_effort, payload); a batch (count >
+--            1) holds count devices (all_or_nothing: refused when the device quota has
+--            not room for all) or as many as there is room for (best_effort), its hold
+--            "0 0 0 n"; it takes one token of a rate limit, as any request
 --   forward: a request that goes on unchanged, e.g. a release (payload)
 --   refuse:  invalid input, answered at once (request_id, user_id, tenant_id, reply_to,
 --            reason, message)
@@ -122,6 +125,7 @@ local function admit(row)
   local used = usage_at(q, 9)
   local used_dev, used_cpu, used_mem, used_sto = used[1], used[2], used[3], used[4]
   local cap_cpu, cap_mem, cap_sto
+  local held = row.count  -- devices of the count it holds (a batch's may be fewer)
   if not q[1] then
     if not fail_open then
       return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
@@ -146,6 +150,14 @@ local function admit(row)
         'Device quota exceeded. Max: ' .. max_dev .. ', Current: ' .. used_dev, 0, idem_key)
     end
     local remaining = max_dev - used_dev
+    if held > remaining then
+      if not row.best_effort then  -- all or nothing: the whole batch within the count
+        return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+          'Device quota exceeded. Max: ' .. max_dev .. ', Current: ' .. used_dev ..
+          ', Requested: ' .. held, remaining, idem_key)
+      end
+      held = remaining
+    end
     local per_cpu, per_mem = num(q[4]), num(q[5])
     if min_cpu > per_cpu then
       return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
@@ -178,7 +190,8 @@ local function admit(row)
   -- hold one device of the count; the resource totals are checked exactly by select,
   -- against the chosen device, in the same atomic step that records its usage
   local hold = '0 0 0'
-  redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + 1)
+  if row.count > 1 then hold = '0 0 0 ' .. held end  -- a batch holds `held` devices
+  redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + held)
   redis.call('XADD', admitted, '*', 'd', row.payload, 'c', hold)
   n_admitted = n_admitted + 1
 end

@@ -6,6 +6,8 @@
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
 --             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
+--   allocate_batch: as allocate, with count, best_effort and allocation_ids (one each)
+--   release_batch:  request_id, reply_to, allocation_ids, user_id
 --   dead:     a dead letter to add (letter)
 -- A device fits when it is free, in the request's pool (any pool without one), of its
 -- model, meets its minimums and fits what the user's quota still allows (per-device
@@ -342,6 +344,152 @@ local function allocate(row)
   n_alloc = n_alloc + 1
 end
 
+-- --- batches --------------------------------------------------------------------------
+
+-- A device by the strategy in force (as allocate picks).
+local function pick(uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local choose = STRATEGY_PICKS[strategy_for(pool)]
+  if choose then
+    return pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  end
+  return pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+end
+
+-- Why no device was found: the quota's room, else the pool.
+local function no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
+    return 'quota_exceeded', 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, '
+      .. cap_mem .. ' MB memory, ' .. cap_sto .. ' MB storage'
+  end
+  return 'no_available_devices',
+    'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
+end
+
+local function json_list(items) return '[' .. table.concat(items, ',') .. ']' end
+
+-- AllocatedBatch / ReleasedBatch: item replies (JSON each) joined as they are.
+local function allocated_batch_reply(rid, mode, allocations, failures)
+  return '{"type":"allocated_batch","request_id":' .. cjson.encode(rid) .. ',"mode":"' .. mode
+    .. '","success_count":' .. #allocations .. ',"failed_count":' .. #failures
+    .. ',"allocations":' .. json_list(allocations) .. ',"failures":' .. json_list(failures) .. '}'
+end
+
+local function released_batch_reply(rid, releases, failures)
+  return '{"type":"released_batch","request_id":' .. cjson.encode(rid) .. ',"success_count":'
+    .. #releases .. ',"failed_count":' .. #failures .. ',"releases":' .. json_list(releases)
+    .. ',"failures":' .. json_list(failures) .. '}'
+end
+
+-- An allocate request for count > 1 devices, decided whole in this step. Each device is
+-- picked as a single request's would be (the strategy, the fit rules), against what the
+-- quota allows after the devices picked before it, and taken out of its free pool at
+-- once; all_or_nothing puts them all back when not every one was found. Then each is
+-- recorded as allocate records one, the hold ("0 0 0 n") settled in one write, and one
+-- AllocatedBatch answers. A user blocked since admission, or a request quota never
+-- admitted, gets one Failed, as a single request does.
+local function allocate_batch(row)
+  local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
+  local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  STATE_FIELDS[1] = 'hold:' .. rid
+  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
+  if not s[1] then
+    local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
+    send_reply(reply_to, json, reply_ttl)
+    n_failed = n_failed + 1
+    return
+  end
+  local used = usage_at(s, 2)
+  local held = tonumber(string.match(s[1], ' (%d+)$')) or 1
+  local function settle(n, cpu, mem, sto, ...)
+    redis.call('HDEL', k_state(P, uid), 'hold:' .. rid)
+    add_usage(P, uid, used, n - held, cpu, mem, sto, ...)
+  end
+  local blocked = s[11] and BLOCKED[s[11]]
+  if blocked then
+    settle(0, 0, 0, 0)
+    local msg = blocked == 'quota_exceeded' and 'Quota is ' .. s[11]
+      or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+      or 'User ' .. uid .. ' is suspended'
+    local json = failed_reply(rid, blocked, msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
+    n_failed = n_failed + 1
+    return
+  end
+  local want = row.best_effort and math.min(held, row.count) or row.count
+  local picks, taken = {}, {used[1], used[2], used[3], used[4]}
+  local short, short_msg = nil, nil
+  for _ = 1, want do
+    local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, taken)
+    local dev, dev_pool, score, d = pick(uid, row.pool, row.model, min_cpu, min_mem, cap_cpu,
+      cap_mem, cap_sto)
+    if not dev then
+      short, short_msg = no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+      break
+    end
+    redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
+    local cpu = math.floor(score / CPU_SCALE)
+    local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
+    picks[#picks + 1] = {dev, dev_pool, score, d, cpu, mem, sto}
+    taken = {taken[1] + 1, taken[2] + cpu, taken[3] + mem, taken[4] + sto}
+  end
+  if not row.best_effort and #picks < row.count then
+    short_msg = 'All or nothing: ' .. #picks .. ' of ' .. row.count .. ' devices fit; ' .. short_msg
+    for _, p in ipairs(picks) do redis.call('ZADD', k_pool(P, 'free:' .. p[2]), p[3], p[1]) end
+    picks = {}
+  end
+  local seconds = row.duration_seconds
+  local expires, minutes = now + seconds * 1000, math.ceil(seconds / 60)
+  local allocations, fields, tot = {}, {}, {0, 0, 0}
+  for i, p in ipairs(picks) do
+    local dev, dev_pool, d, cpu, mem, sto = p[1], p[2], p[4], p[5], p[6], p[7]
+    local aid = row.allocation_ids[i]
+    redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
+    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+      'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+      'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+      'storage_mb', sto, 'pool', dev_pool, 'version', 1)
+    redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
+    count_stat('allocated')
+    host_active_add(P, d[6], 1)
+    fields[#fields + 1], fields[#fields + 2] = 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto
+    tot = {tot[1] + cpu, tot[2] + mem, tot[3] + sto}
+    allocations[i] = allocated_reply(rid, aid, dev, d, uid, now, expires)
+    emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
+      minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
+    n_alloc = n_alloc + 1
+  end
+  if #picks > 0 then
+    local last = picks[#picks]
+    fields[#fields + 1], fields[#fields + 2] = 'last_device', last[1]
+    fields[#fields + 1], fields[#fields + 2] = 'last_host', last[4][6] or ''
+  end
+  settle(#picks, tot[1], tot[2], tot[3], unpack(fields))
+  local failures = {}
+  for i = #picks + 1, row.count do
+    if i > want then  -- best effort, beyond what the device quota had room for
+      failures[#failures + 1] = failed_reply(rid, 'quota_exceeded',
+        'Device quota exceeded: room for ' .. want .. ' of ' .. row.count .. ' devices', nil)
+    else
+      failures[#failures + 1] = failed_reply(rid, short, short_msg, nil)
+    end
+  end
+  local mode = row.best_effort and 'best_effort' or 'all_or_nothing'
+  local json = allocated_batch_reply(rid, mode, allocations, failures)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  if #picks == 0 then  -- refused as a whole
+    local reason = short or 'quota_exceeded'
+    emit_change(changes, rejected_change(rid, uid, tenant, reason,
+      short_msg or 'Device quota exceeded', now))
+    n_failed = n_failed + 1
+  end
+end
+
 -- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
 local RELEASE_FIELDS = {unpack(ALLOC_FIELDS)}
 RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
@@ -389,9 +537,42 @@ local function release(row)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
+-- A release request naming several allocations: each released as a release by its id
+-- would be (already closed ones answer already_released), one ReleasedBatch answers.
+local function release_batch(row)
+  local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
+  local idem_key = k_pool(P, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local releases, failures = {}, {}
+  for _, aid in ipairs(row.allocation_ids) do
+    local a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+    if not a[1] then
+      failures[#failures + 1] = failed_reply(rid, 'not_found', 'Allocation ' .. aid .. ' not found', nil)
+    elseif uid and a[2] ~= uid then
+      failures[#failures + 1] = failed_reply(rid, 'not_owner',
+        'Allocation ' .. aid .. ' belongs to another user', nil)
+    elseif a[5] ~= 'allocated' then
+      releases[#releases + 1] = released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
+        tonumber(a[15]), true, a[5])
+    else
+      local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
+        'released')
+      releases[#releases + 1] = released_reply(rid, aid, rec.device_id, rec.user_id, now,
+        rec.duration_seconds, false, 'released')
+      n_release = n_release + 1
+    end
+  end
+  local json = released_batch_reply(rid, releases, failures)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+end
+
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
+  allocate_batch = allocate_batch,
+  release_batch = release_batch,
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

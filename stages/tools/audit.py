@@ -361,7 +361,8 @@ def _compare_usage(out: _Differences, users: dict[str, Any], p: _PgState) -> Non
         usage = state.usage if state else dict.fromkeys(USAGE_FIELDS.values(), 0)
         holds = [h.split() for h in state.holds.values()] if state else []
         want = {
-            "devices": len(rows) + len(holds),
+            # a hold is one device, or n for a batch's "cpu mem sto n"
+            "devices": len(rows) + sum(int(h[3]) if len(h) > 3 else 1 for h in holds),
             "cpu": sum(r["cpu_cores"] for r in rows) + sum(int(h[0]) for h in holds),
             "mem": sum(r["memory_mb"] for r in rows) + sum(int(h[1]) for h in holds),
             "sto": sum(r["storage_mb"] for r in rows) + sum(int(h[2]) for h in holds),

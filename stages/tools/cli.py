@@ -228,6 +228,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     async def go() -> int:
         await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
+            if args.count > 1:
+                batch = await client.allocate_many(
+                    args.user, args.count, best_effort=args.best_effort, tenant_id=args.tenant,
+                    duration_minutes=args.minutes, min_cpu_cores=args.cpu,
+                    min_memory_mb=args.memory, pool=args.pool, model=args.model,
+                    request_id=args.request_id)
+                print(msgspec.json.encode(batch).decode())
+                return 0 if getattr(batch, "success_count", 0) else 2
             reply = await client.allocate(
                 args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
                 min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool,
@@ -248,6 +256,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     async def go() -> int:
         await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
+            if args.allocations:
+                batch = await client.release_many(
+                    [i for i in args.allocations.split(",") if i], user_id=args.user,
+                    request_id=args.request_id)
+                print(msgspec.json.encode(batch).decode())
+                return 0 if getattr(batch, "failed_count", 1) == 0 else 2
             reply = await client.release(allocation_id=args.allocation, device_id=args.device,
                                          user_id=args.user, request_id=args.request_id)
         print(msgspec.json.encode(reply).decode())
@@ -484,6 +498,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", type=int, default=0)
     s.add_argument("--pool")
     s.add_argument("--model")
+    s.add_argument("--count", type=int, default=1,
+                   help="devices in one request (2..100: an allocated_batch reply)")
+    s.add_argument("--best-effort", action="store_true",
+                   help="with --count: take what fits (default: all or nothing)")
     s.add_argument("--request-id")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_allocate)
@@ -492,6 +510,8 @@ def parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--allocation")
     g.add_argument("--device")
+    g.add_argument("--allocations", help="several allocation ids, comma separated (a "
+                                         "released_batch reply)")
     s.add_argument("--user")
     s.add_argument("--request-id")
     s.add_argument("--timeout", type=float, default=10.0)

@@ -16,7 +16,10 @@ What it restores, from the write-behind tables:
   answers ``already_released``), with the time left of that window;
 - the stored answer of every allocation made inside ``DEVSCHED_IDEMPOTENCY_TTL_S``
   (the request id is in ``metadata``; the device's name and adb endpoint come from
-  ``devices``), so a retried request gets its first answer, never a second device;
+  ``devices``), so a retried request gets its first answer, never a second device; a
+  batch's answer is rebuilt from its allocations (an AllocatedBatch listing them, mode
+  ``best_effort``, no failures: a batch's failures and mode are not in PostgreSQL), so
+  a retried batch never gets a second set;
 - the counters of ``devsched stats`` (allocations, releases, expiries).
 
 What it cannot restore: changes Redis had not yet handed to PostgreSQL when it was
@@ -47,7 +50,7 @@ from redis.asyncio import Redis
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import Allocated, DeviceInfo, encoder
+from schemas.messages import MAX_BATCH, Allocated, AllocatedBatch, DeviceInfo, encoder
 from schemas.rows import (
     RebuildAllocation,
     RebuildAnswer,
@@ -58,6 +61,7 @@ from schemas.rows import (
     RebuildUser,
 )
 from stages.scripts import REBUILD
+from stages.select import allocation_id, batch_allocation_ids
 from stages.settings import Settings
 
 CHUNK = 200
@@ -229,6 +233,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     active_of_user: dict[str, list[str]] = {}
     holder: dict[str, str] = {}
     last_closed: dict[str, tuple[int, str]] = {}
+    batches: dict[tuple[str, str], list[tuple[int, Allocated]]] = {}
     for row in allocations:
         meta = _meta.decode(row["metadata"])
         active = row["status"] == "allocated"
@@ -258,6 +263,17 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                     last_closed[row["device_id"]] = (released_at, row["id"])
         answer_left = _seconds_left(settings.idempotency_ttl_s, row["allocated_at_ms"], now_ms)
         if answer_left > 0 and row["device_name"] is not None:
+            item = Allocated(
+                request_id=meta.request_id, allocation_id=row["id"],
+                device=DeviceInfo(id=row["device_id"], name=row["device_name"],
+                                  status="allocated"),
+                user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
+                expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
+                adb_port=row["adb_port"])
+            if row["id"] != allocation_id(row["user_id"], meta.request_id):  # of a batch
+                batches.setdefault((row["user_id"], meta.request_id), []).append(
+                    (answer_left, item))
+                continue
             answer = Allocated(
                 request_id=meta.request_id, allocation_id=row["id"],
                 device=DeviceInfo(id=row["device_id"], name=row["device_name"],
@@ -268,6 +284,16 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
             answers.append(RebuildAnswer(user_id=row["user_id"], request_id=meta.request_id,
                                          answer=encoder.encode(answer).decode(),
                                          ttl_s=answer_left))
+    for (user_id, request_id), items in batches.items():
+        order = {aid: i for i, aid in enumerate(
+            batch_allocation_ids(user_id, request_id, MAX_BATCH))}
+        given = sorted((item for _left, item in items), key=lambda a: order.get(a.allocation_id, 0))
+        batch = AllocatedBatch(request_id=request_id, mode="best_effort",
+                               success_count=len(given), failed_count=0, allocations=given,
+                               failures=[])
+        answers.append(RebuildAnswer(user_id=user_id, request_id=request_id,
+                                     answer=encoder.encode(batch).decode(),
+                                     ttl_s=min(left for left, _item in items)))
     report.answers = len(answers)
     users: dict[str, RebuildUser] = {
         q["user_id"]: RebuildUser(
