@@ -1,7 +1,7 @@
 """Stream names, consumer-group names and Redis key names, in one place.
 
-Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, so
-each family hashes to one slot. The Lua scripts build the same names from the
+Device-side keys carry the hash tag ``{pool}``, user-side keys ``{u:ID}``, a
+tenant's rate bucket ``{t:TENANT}``, so each family hashes to one slot. The Lua scripts build the same names from the
 prefix (stages/lua/common.lua); this module is the reference both follow.
 """
 
@@ -79,6 +79,12 @@ class Keys:
     def devices(self) -> str:
         return f"{self.prefix}:{{pool}}:devices"
 
+    @property
+    def device_ids(self) -> str:
+        """The ids of ``devices`` in a sorted set, every score 0 (so in id order): what
+        ``devices list`` pages through, from a cursor, without reading the others."""
+        return f"{self.prefix}:{{pool}}:device_ids"
+
     def allocation(self, allocation_id: str) -> str:
         return f"{self.prefix}:{{pool}}:alloc:{allocation_id}"
 
@@ -96,13 +102,34 @@ class Keys:
     def stats(self) -> str:
         return f"{self.prefix}:{{pool}}:stats"
 
+    @property
+    def strategy(self) -> str:
+        """The allocation strategy in force: field ``*`` the global one, a pool's name
+        that pool's (set by ``devsched strategy set``; select.lua reads it once per call).
+        Configuration, not live state: a rebuild keeps it."""
+        return f"{self.prefix}:{{pool}}:strategy"
+
+    @property
+    def host_active(self) -> str:
+        """Host -> how many of its devices an active allocation holds (the load that
+        least_loaded and bin_pack weigh), kept by the scripts that allocate and close."""
+        return f"{self.prefix}:{{pool}}:host_active"
+
+    @property
+    def round_robin(self) -> str:
+        """Scope (a pool, or ``*`` for requests without one) -> the device round_robin
+        gave last."""
+        return f"{self.prefix}:{{pool}}:round_robin"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota
         (``status``, ``expires_at_ms``, ``max_*``, ``total_*``, ``version``), the usage
         (``used_devices``, ``used_cpu``, ``used_mem``, ``used_sto``), a
-        ``hold:<request id>`` per admitted request select has not decided yet, and an
-        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation. Events add
+        ``hold:<request id>`` per admitted request select has not decided yet, an
+        ``alloc:<allocation id>`` ("cpu mem sto") per active allocation, and the device
+        and host of the user's last allocation (``last_device``, ``last_host``: the
+        affinity strategy's memory). Events add
         ``user_status`` (active/suspended/deleted, from user.* events) and
         ``billing_status`` (ok/overdue/suspended, from billing.* events), of which
         ``status`` is the effect, and the last applied ``user_event_version`` and
@@ -117,6 +144,19 @@ class Keys:
         """The user's count of failed payments (billing.payment_failed), expiring
         DEVSCHED_PAYMENT_FAILURE_TTL_S after the last one."""
         return f"{self.prefix}:{{u:{user_id}}}:payfail"
+
+    def user_rate(self, user_id: str) -> str:
+        """The user's token bucket of allocate requests (``tokens`` in thousandths of a
+        token, ``at_ms`` when they were counted), while
+        DEVSCHED_RATE_USER_PER_S is set; it expires once it would be full again."""
+        return f"{self.prefix}:{{u:{user_id}}}:rate"
+
+    # tenant side, tag {t:TENANT}
+
+    def tenant_rate(self, tenant_id: str) -> str:
+        """The tenant's token bucket (DEVSCHED_RATE_TENANT_PER_S), as ``user_rate``. Its
+        own slot: see quota.lua for how the check splits on Redis Cluster."""
+        return f"{self.prefix}:{{t:{tenant_id}}}:rate"
 
     @property
     def users(self) -> str:

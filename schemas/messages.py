@@ -33,6 +33,9 @@ Minutes = Annotated[int, Meta(gt=0, le=525_600)]
 Cores = Annotated[int, Meta(ge=0, le=4096)]
 MegaBytes = Annotated[int, Meta(ge=0, le=1 << 30)]
 Priority = Annotated[int, Meta(ge=0, le=9)]
+MAX_BATCH = 100
+"""Most devices one allocate request asks for, most allocations one release names."""
+BatchMode = Literal["all_or_nothing", "best_effort"]
 
 FailureReason = Literal[
     "no_available_devices",
@@ -42,11 +45,13 @@ FailureReason = Literal[
     "invalid_request",
     "not_owner",
     "not_found",
+    "rate_limited",
     "timed_out",
     "invalid_reply",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
-reply came in time, or the reply that came did not decode."""
+reply came in time, or the reply that came did not decode. ``rate_limited``: the user
+or the tenant made more allocate requests than its rate allows (``retry_after_ms``)."""
 
 EndReason = Literal[
     "released",
@@ -93,6 +98,12 @@ class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True,
     pool: Id | None = None
     model: Name | None = None
     priority: Priority = 0
+    count: Annotated[int, Meta(ge=1, le=MAX_BATCH)] = 1
+    """How many devices (each fitting the request); above 1 the reply is an
+    AllocatedBatch."""
+    mode: BatchMode | None = None
+    """With count > 1: ``all_or_nothing`` (the default: every device or none) or
+    ``best_effort`` (what fits)."""
     sent_at_ms: int | None = None
     replace_on_failure: bool = False
     """When the device fails, is deleted, goes to maintenance or stops, move the
@@ -109,6 +120,8 @@ class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forb
     device_id: Id | None = None
     user_id: Id | None = None
     """When set, only this user's allocation may be released."""
+    allocation_ids: Annotated[list[Id], Meta(min_length=1, max_length=MAX_BATCH)] | None = None
+    """Release these allocations (a batch: the reply is a ReleasedBatch)."""
     sent_at_ms: int | None = None
 
 
@@ -155,9 +168,39 @@ class Failed(Struct, tag_field="type", tag="failed", kw_only=True, forbid_unknow
     reason: FailureReason
     message: str
     remaining_devices: int | None = None
+    retry_after_ms: int | None = None
+    """``rate_limited`` only: how long until the request would be admitted."""
 
 
-Reply = Allocated | Released | Failed
+class AllocatedBatch(
+    Struct, tag_field="type", tag="allocated_batch", kw_only=True, forbid_unknown_fields=True
+):
+    """The answer to an allocate request with count > 1 that select decided: one
+    Allocated per device given, one Failed per device not given (all of them for an
+    all_or_nothing request that could not have them all)."""
+
+    request_id: str
+    mode: BatchMode
+    success_count: int
+    failed_count: int
+    allocations: list[Allocated]
+    failures: list[Failed]
+
+
+class ReleasedBatch(
+    Struct, tag_field="type", tag="released_batch", kw_only=True, forbid_unknown_fields=True
+):
+    """The answer to a release request with allocation_ids: one Released or one Failed
+    per allocation named, in the order named."""
+
+    request_id: str
+    success_count: int
+    failed_count: int
+    releases: list[Released]
+    failures: list[Failed]
+
+
+Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch
 
 
 # --- internal streams ---------------------------------------------------------
@@ -311,9 +354,10 @@ Change = (AllocationChange | AllocationReplaced | RequestRejected | DeviceUpsert
           | DeviceEventApplied | UserEventApplied)
 
 
-Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+)?$")]
-"""What quota holds of a user's quota for an admitted request: "cpu mem sto" (integers);
-empty for a release, which holds nothing."""
+Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+( [0-9]+)?)?$")]
+"""What quota holds of a user's quota for an admitted request: "cpu mem sto" (integers),
+one device; "cpu mem sto n" for a batch holding n devices; empty for a release, which
+holds nothing."""
 
 
 class AdmittedEntry(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -61,6 +61,10 @@ class AdmitRow(Row, tag="admit", kw_only=True):
     reply_to: str
     min_cpu_cores: int
     min_memory_mb: int
+    count: int = 1
+    """Devices asked for (a batch above 1)."""
+    best_effort: bool = False
+    """A batch that takes what fits (else all or nothing)."""
     payload: str
     """The request as the producer sent it (JSON)."""
 
@@ -85,7 +89,17 @@ class RefuseRow(Row, tag="refuse", kw_only=True):
 QuotaRow = AdmitRow | ForwardRow | RefuseRow | DeadRow
 
 
-class QuotaCall(Struct, kw_only=True):
+class RateLimits(Struct, kw_only=True, omit_defaults=True):
+    """The token buckets checked at admission (stages.settings: DEVSCHED_RATE_*); a
+    bucket whose rate is None is off. ``*_burst`` is the bucket's size."""
+
+    user_per_s: float | None = None
+    user_burst: int = 1
+    tenant_per_s: float | None = None
+    tenant_burst: int = 1
+
+
+class QuotaCall(Struct, kw_only=True, omit_defaults=True):
     prefix: str
     group: str
     now_ms: int
@@ -93,6 +107,8 @@ class QuotaCall(Struct, kw_only=True):
     reply_ttl_s: int
     fail_open: bool
     """Admit users with no quota record."""
+    rate: RateLimits | None = None
+    """None (left out) when no rate limit is on: the script does nothing for them."""
     items: list[QuotaRow]
 
 
@@ -126,6 +142,37 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     kept on the allocation's hash for events.lua."""
 
 
+class AllocateBatchRow(Row, tag="allocate_batch", kw_only=True):
+    """An admitted allocate request for ``count`` > 1 devices: the fields of an
+    AllocateRow (its ``allocation_id`` the first of ``allocation_ids``), the batch's
+    mode, and one allocation id per device, derived as stages.select.batch_allocation_ids."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    duration_seconds: int
+    pool: str | None = None
+    model: str | None = None
+    hold: str
+    """What quota held for it ("cpu mem sto n": n devices)."""
+    count: int
+    best_effort: bool = False
+    allocation_ids: list[str]
+
+
+class ReleaseBatchRow(Row, tag="release_batch", kw_only=True):
+    """A release request naming several allocations."""
+
+    request_id: str
+    reply_to: str
+    allocation_ids: list[str]
+    user_id: str | None = None
+    """When set, only this user's allocations may be released."""
+
+
 class ReleaseRow(Row, tag="release", kw_only=True):
     """A release request: close the allocation named by id, or the one on the device."""
 
@@ -137,7 +184,7 @@ class ReleaseRow(Row, tag="release", kw_only=True):
     """When set, only this user's allocation may be released."""
 
 
-SelectRow = AllocateRow | ReleaseRow | DeadRow
+SelectRow = AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | DeadRow
 
 
 class SelectCall(Struct, kw_only=True):
@@ -242,6 +289,9 @@ class RebuildUser(Struct, kw_only=True, omit_defaults=True):
     total_memory_gb: int | None = None
     total_storage_gb: int | None = None
     version: int | None = None
+    last_device: str | None = None
+    """The device of the user's newest allocation (the affinity strategy's memory)."""
+    last_host: str | None = None
 
 
 class RebuildDevice(Struct, kw_only=True, omit_defaults=True):

@@ -6,13 +6,18 @@ decode, is too large, or names neither allocation nor device gets a typed
 the reason; it never stops the stage. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
-ack, is one script call: atomic, and idempotent by request id. Each entry becomes
+ack, is one script call: atomic, and idempotent by request id. With rate limits set
+(DEVSCHED_RATE_USER_PER_S, DEVSCHED_RATE_TENANT_PER_S) an allocate request also takes a
+token of its user's and its tenant's bucket, or is refused ``rate_limited`` with
+``retry_after_ms`` (see quota.lua); with none set the call carries no ``rate`` and the
+script reads no bucket. Each entry becomes
 one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 
 import msgspec
@@ -22,10 +27,20 @@ from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
 from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
-from schemas.rows import AdmitRow, DeadRow, ForwardRow, QuotaCall, QuotaKeys, QuotaRow, RefuseRow
+from schemas.rows import (
+    AdmitRow,
+    DeadRow,
+    ForwardRow,
+    QuotaCall,
+    QuotaKeys,
+    QuotaRow,
+    RateLimits,
+    RefuseRow,
+)
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
+from stages.settings import Settings
 
 log = logging.getLogger("devsched.quota")
 
@@ -48,6 +63,22 @@ def _text(value: object) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _burst(per_s: float, burst: int) -> int:
+    return burst or max(1, math.ceil(per_s))
+
+
+def rate_limits(settings: Settings) -> RateLimits | None:
+    """The buckets quota.lua checks, from the settings; None when both are off (the
+    script then reads no bucket at all)."""
+    user, tenant = settings.rate_user_per_s, settings.rate_tenant_per_s
+    if not user and not tenant:
+        return None
+    return RateLimits(
+        user_per_s=user or None, user_burst=_burst(user, settings.rate_user_burst),
+        tenant_per_s=tenant or None, tenant_burst=_burst(tenant, settings.rate_tenant_burst),
+    )
+
+
 class QuotaStage:
     group = GROUP_QUOTA
 
@@ -61,6 +92,7 @@ class QuotaStage:
         k = self.keys
         self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
                                      dead=k.dead)
+        self.rate = rate_limits(ctx.settings)
 
     def item(self, entry: Entry) -> QuotaRow:
         """The row for one request entry. A request that decoded is valid UTF-8 JSON, so
@@ -82,11 +114,15 @@ class QuotaStage:
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
                 tenant_id=request.tenant_id, reply_to=request.reply_to,
                 min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                count=request.count, best_effort=request.mode == "best_effort",
                 payload=raw.decode(),
             )
         assert isinstance(request, ReleaseRequest)
-        if not request.allocation_id and not request.device_id:
-            return self._invalid(entry, raw, "release needs allocation_id or device_id")
+        if request.allocation_ids and (request.allocation_id or request.device_id):
+            return self._invalid(entry, raw, "allocation_ids excludes allocation_id and device_id")
+        if not request.allocation_id and not request.device_id and not request.allocation_ids:
+            return self._invalid(entry, raw,
+                                 "release needs allocation_id, device_id or allocation_ids")
         return ForwardRow(entry_id=entry.id, payload=raw.decode())
 
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
@@ -115,7 +151,8 @@ class QuotaStage:
         call = QuotaCall(
             prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
-            fail_open=s.quota_fail_open, items=[self.item(entry) for entry in entries],
+            fail_open=s.quota_fail_open, rate=self.rate,
+            items=[self.item(entry) for entry in entries],
         )
         dead = (await QUOTA(self.channel, self.script_keys, call))[2]
         if dead:

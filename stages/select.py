@@ -1,12 +1,15 @@
 """select: the deciding stage. Takes devices from the free pool and gives them back.
 
-One script call per batch (select.lua) picks each device by the resource_based
-strategy, records the allocation and its expiry, settles the quota hold, answers
+One script call per batch (select.lua) picks each device by the strategy in force
+(``Keys.strategy``, read once per call, so ``devsched strategy set`` applies from the
+next batch; resource_based by default), records the allocation and its expiry, settles the quota hold, answers
 the producer, writes the change and acks: a crash before the call changes
 nothing, after it everything is done. Allocation ids are derived from the user
 and request id, so a redelivered request finds its first answer and a retried
 one can never make a second allocation. Each entry becomes one typed row of that
-call (schemas/rows.py: allocate, release or dead).
+call (schemas/rows.py: allocate, release, allocate_batch for count > 1, release_batch
+for allocation_ids, or dead). A batch is decided whole in the same call: all or nothing
+(devices taken tentatively and put back when not every one fits) or best effort.
 """
 
 from __future__ import annotations
@@ -21,7 +24,16 @@ from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
 from schemas.messages import AllocateRequest, request_decoder
-from schemas.rows import AllocateRow, DeadRow, ReleaseRow, SelectCall, SelectKeys, SelectRow
+from schemas.rows import (
+    AllocateBatchRow,
+    AllocateRow,
+    DeadRow,
+    ReleaseBatchRow,
+    ReleaseRow,
+    SelectCall,
+    SelectKeys,
+    SelectRow,
+)
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
@@ -31,6 +43,12 @@ ALLOCATION_NAMESPACE = uuid.UUID("6f1c1d2e-3b7a-4c55-9a43-0d5e1f0a7b21")
 
 def allocation_id(user_id: str, request_id: str) -> str:
     return str(uuid.uuid5(ALLOCATION_NAMESPACE, f"{user_id}/{request_id}"))
+
+
+def batch_allocation_ids(user_id: str, request_id: str, count: int) -> list[str]:
+    """The allocation id of each device of a batch request: of ``<request id>#<i>``
+    (``#`` is not allowed in request ids, so no single request derives the same)."""
+    return [allocation_id(user_id, f"{request_id}#{i}") for i in range(count)]
 
 
 class SelectStage:
@@ -56,6 +74,18 @@ class SelectStage:
                                     error=f"undecodable admitted entry: {exc}",
                                     at_ms=self.ctx.clock.now_ms(), refused=True)
             return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+        if isinstance(request, AllocateRequest) and request.count > 1:
+            return AllocateBatchRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                tenant_id=request.tenant_id, reply_to=request.reply_to,
+                min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                duration_seconds=request.duration_seconds or request.duration_minutes * 60,
+                pool=request.pool, model=request.model,
+                hold=entry.fields.get(b"c", b"").decode(), count=request.count,
+                best_effort=request.mode == "best_effort",
+                allocation_ids=batch_allocation_ids(request.user_id, request.request_id,
+                                                    request.count),
+            )
         if isinstance(request, AllocateRequest):
             return AllocateRow(
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
@@ -66,6 +96,11 @@ class SelectStage:
                 hold=entry.fields.get(b"c", b"").decode(),
                 allocation_id=allocation_id(request.user_id, request.request_id),
                 replace_on_failure=request.replace_on_failure or None,
+            )
+        if request.allocation_ids:
+            return ReleaseBatchRow(
+                entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
+                allocation_ids=request.allocation_ids, user_id=request.user_id,
             )
         return ReleaseRow(
             entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,

@@ -43,3 +43,14 @@ class Settings(RuntimeSettings):
     payment_failure_threshold: int = env("DEVSCHED_PAYMENT_FAILURE_THRESHOLD", 3, minimum=1)
     """At this many failed payments the user's allocations end and the user is suspended
     until a payment succeeds; below it each failure is a warning."""
+    rate_user_per_s: float = env("DEVSCHED_RATE_USER_PER_S", 0.0, minimum=0)
+    """Allocate requests a user may make per second, on average (a token bucket checked
+    at admission); 0: no limit."""
+    rate_user_burst: int = env("DEVSCHED_RATE_USER_BURST", 0, minimum=0)
+    """How many a user may make at once (the bucket's size); 0: one second's worth
+    (at least 1)."""
+    rate_tenant_per_s: float = env("DEVSCHED_RATE_TENANT_PER_S", 0.0, minimum=0)
+    """Allocate requests all users of a tenant together may make per second (requests
+    that name a tenant_id); 0: no limit."""
+    rate_tenant_burst: int = env("DEVSCHED_RATE_TENANT_BURST", 0, minimum=0)
+    """The tenant bucket's size; 0: one second's worth (at least 1)."""

@@ -255,8 +255,8 @@ class Model:
             assert op.device_id is not None
             if op.device_id not in self.devices:
                 return ("failed", "not_found", None)
-            aid = self.holder[op.device_id] or self.last.get(op.device_id)
-            if aid is None:
+            aid = self.holder[op.device_id]
+            if aid is None:  # a device nobody holds: not_found, whatever it held before
                 return ("failed", "not_found", None)
         a = self.allocations.get(aid)
         if a is None or (op.device_id is not None and a.device != op.device_id):

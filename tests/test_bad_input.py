@@ -78,7 +78,7 @@ async def test_each_broken_request_with_a_reply_stream_gets_one_invalid_request_
         "user_id_with_space": (allocate("", user_id="a b"), "`$.user_id`"),
         "oversized": (allocate("", model="x" * too_big), f"exceeds {settings.max_message_bytes}"),
         "release_naming_nothing": ({"type": "release", "request_id": "r-1", "reply_to": ""},
-                                   "release needs allocation_id or device_id"),
+                                   "release needs allocation_id, device_id or allocation_ids"),
     }
     for name, (request, _) in cases.items():
         request["reply_to"] = keys.reply(name)

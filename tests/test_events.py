@@ -147,7 +147,7 @@ async def test_device_deleted_releases_and_leaves_pool_and_listings(
         clock.advance(5_000)
         await send(redis, keys, event("device.deleted", device_id=got.device.id))
         await assert_closed(redis, keys, pg, [got], "device_deleted", 5)
-        listed = [d["id"] for d in await list_devices(redis, keys)]
+        listed = [d.id for d in (await list_devices(redis, keys)).devices]
         assert got.device.id not in listed and len(listed) == 1
         assert await redis.zscore(keys.free("default"), got.device.id) is None
         assert await pg_value(pg, "SELECT status FROM devices WHERE id = $1",
@@ -222,8 +222,8 @@ async def test_device_created_adds_it_to_the_pool_as_devices_add_does(
         await send(redis, keys, event("device.created", device_id="new-1", pool="p9",
                                       model="pixel", cpu_cores=8, memory_mb=8192,
                                       adb_host="10.0.0.9", adb_port=5601))
-        [listed] = await list_devices(redis, keys)
-        assert (listed["id"], listed["name"], listed["pool"], listed["status"]) == (
+        [listed] = (await list_devices(redis, keys)).devices
+        assert (listed.id, listed.name, listed.pool, listed.status) == (
             "new-1", "new-1", "p9", "available")
         async with pg.acquire() as conn:
             row = await conn.fetchrow("SELECT * FROM devices WHERE id = 'new-1'")

@@ -32,6 +32,7 @@ import asyncio
 from typing import Any
 
 import asyncpg
+import msgspec
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -405,3 +406,25 @@ async def test_devsched_allocate_replace_on_failure_sets_the_flag(
         assert isinstance(printed, Allocated)
         flagged = await redis.hget(keys.allocation(printed.allocation_id), "replace_on_failure")
         assert flagged == (b"1" if flag else None)
+
+
+async def test_a_move_to_a_device_on_another_host_moves_its_host_count(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """The per-host active counts (least_loaded, bin_pack) follow the allocation to the
+    new device's host in the same step, and the audit agrees."""
+    first = msgspec.structs.replace(phone(1), host="rack-a")
+    second = msgspec.structs.replace(phone(2), host="rack-b")
+    await seed(redis, keys, clock, devices=[first, second], quotas=[QuotaSpec(user_id="alice")])
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        got = await client.allocate("alice", pool="eu", request_id="r-1",
+                                    replace_on_failure=True)
+    assert isinstance(got, Allocated) and got.device.id == "pixel-1"
+    assert await redis.hget(keys.host_active, "rack-a") == b"1"
+    await send(redis, keys, event("device.failed", device_id="pixel-1"))
+    moved = await record(redis, keys.allocation(got.allocation_id))
+    assert moved["device_id"] == "pixel-2"
+    counts = {text(k): int(v) for k, v in (await redis.hgetall(keys.host_active)).items()}
+    assert counts.get("rack-a", 0) == 0 and counts["rack-b"] == 1
+    assert (await audit(redis, keys, pg))["consistent"]

@@ -43,6 +43,7 @@ from pipeline.worker import Entry
 from schemas.keys import GROUP_EVENTS, GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
     Allocated,
+    AllocatedBatch,
     AllocateRequest,
     AllocationChange,
     AllocationReplaced,
@@ -53,6 +54,7 @@ from schemas.messages import (
     QuotaSet,
     QuotaSpec,
     Released,
+    ReleasedBatch,
     ReleaseRequest,
     RequestRejected,
     UserEventApplied,
@@ -66,7 +68,7 @@ from stages.context import StageContext
 from stages.events import EventsStage
 from stages.quota import QuotaStage
 from stages.scripts import ADMIN, EVENTS, EXPIRE, QUOTA, SELECT
-from stages.select import SelectStage, allocation_id
+from stages.select import SelectStage, allocation_id, batch_allocation_ids
 from stages.timers import expire_due
 from stages.tools.admin import add_devices, set_quotas
 
@@ -93,6 +95,9 @@ class Driver:
         self.quota = QuotaStage(ctx)
         self.quota_fail_open = QuotaStage(
             replace(ctx, settings=replace(ctx.settings, quota_fail_open=True)))
+        self.quota_rate_limited = QuotaStage(replace(ctx, settings=replace(
+            ctx.settings, rate_user_per_s=1.0, rate_user_burst=1, rate_tenant_per_s=1.0,
+            rate_tenant_burst=1)))
         self.select = SelectStage(ctx)
         self.events = EventsStage(ctx)
         self.run = Run(self.keys)
@@ -123,10 +128,12 @@ class Driver:
         return [Entry(stream, text(eid), dict(fields)) for _s, items in reply
                 for eid, fields in items]
 
-    async def through_quota(self, *payloads: bytes, fail_open: bool = False) -> None:
+    async def through_quota(self, *payloads: bytes, fail_open: bool = False,
+                            rate_limited: bool = False) -> None:
         for payload in payloads:
             await self.redis.xadd(self.keys.requests, {"d": payload})
-        stage = self.quota_fail_open if fail_open else self.quota
+        stage = (self.quota_fail_open if fail_open else
+                 self.quota_rate_limited if rate_limited else self.quota)
         await stage.handle(await self._read(self.keys.requests, GROUP_QUOTA))
 
     async def through_select(self) -> None:
@@ -192,6 +199,13 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
                       "reply_to": d.reply_to}),
         b"{not json",
     )
+    # rate limits: a user's second request and a tenant's second (another user) at once
+    await d.through_quota(d.allocate("other", "r-rate-1", pool="nowhere"),
+                          d.allocate("other", "r-rate-2"),
+                          d.allocate("ok", "r-rate-t1", tenant_id="acme", pool="nowhere"),
+                          d.allocate("small", "r-rate-t2", tenant_id="acme"),
+                          rate_limited=True)
+    await d.through_select()
     # fail-open admits a user with no quota; select allocates within no caps
     await d.both(d.allocate("nobody", "r-open", pool="p2"), fail_open=True)
 
@@ -236,7 +250,26 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     await d.both(d.release("x-2", allocation_id=allocation_id("ok", "r-2")))
 
     await every_event_path(d)
+    await every_batch_path(d)
     return d.run
+
+
+async def every_batch_path(d: Driver) -> None:
+    """Batches: all or nothing that fits and that does not, best effort, one refused at
+    admission, one answered again, and a release batch with every kind of result."""
+    redis, keys, clock = d.redis, d.keys, d.clock
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"bt-{i}", pool="pb") for i in range(3)])
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="batch"),
+                                          QuotaSpec(user_id="batch-1", max_devices=1)])
+    await d.both(d.allocate("batch", "b-all", pool="pb", count=2),
+                 d.allocate("batch", "b-none", pool="pb", count=5),
+                 d.allocate("batch", "b-some", pool="pb", count=3, mode="best_effort"),
+                 d.allocate("batch-1", "b-over", pool="pb", count=2))
+    await d.both(d.allocate("batch", "b-all", pool="pb", count=2))  # answered before
+    await d.both(d.release("b-rel", user_id="batch", allocation_ids=[
+        *batch_allocation_ids("batch", "b-all", 2), "no-such-allocation"]))
+    await d.both(d.release("b-rel-2", user_id="other", allocation_ids=[
+        *batch_allocation_ids("batch", "b-all", 1), *batch_allocation_ids("batch", "b-some", 1)]))
 
 
 async def every_event_path(d: Driver) -> None:
@@ -316,6 +349,10 @@ def kind_of(message: object) -> str:
         return "reply allocated"
     if isinstance(message, AllocationReplaced):
         return f"change allocation_replaced {message.replace_reason}"
+    if isinstance(message, AllocatedBatch):
+        return "reply allocated_batch " + ("some" if message.success_count else "none")
+    if isinstance(message, ReleasedBatch):
+        return "reply released_batch"
     if isinstance(message, AllocationChange):
         why = f" {message.reason}" if message.reason not in (None, message.status) else ""
         return f"change allocation {message.status}{why}"
@@ -354,12 +391,15 @@ async def decode_everything(redis: Redis, run: Run) -> list[str]:
 
 EXPECTED = {
     "reply allocated",
+    "reply allocated_batch some",
+    "reply allocated_batch none",
+    "reply released_batch",
     "reply released released",
     "reply released released again",
     "reply released expired again",
     *(f"reply failed {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices", "not_found", "not_owner")),
+        "no_available_devices", "not_found", "not_owner", "rate_limited")),
     "admitted AllocateRequest hold=True",
     "admitted ReleaseRequest hold=False",
     "change allocation allocated",
@@ -368,7 +408,7 @@ EXPECTED = {
     "change allocation expired",
     *(f"change rejected {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices")),
+        "no_available_devices", "rate_limited")),
     "change device",
     "change quota",
     "change quota expiring",
@@ -404,7 +444,8 @@ async def test_every_message_every_script_emits_decodes_strictly(
                      "Memory per device", "Total CPU quota", "Total memory quota",
                      "Total storage quota", "Resource quota exceeded", "not admitted by quota",
                      "belongs to another user", "has no allocation", "is not on device",
-                     "No available device"):
+                     "No available device", "Rate limit of user other",
+                     "Rate limit of tenant acme", "Requested: 2"):
         assert any(expected in t for t in texts), expected
     # suspended between quota and select: refused by select, its hold given back
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
@@ -431,6 +472,7 @@ RENAMES = [
     (QUOTA, "remaining_devices = remaining", "remaining = remaining", "remaining"),
     (QUOTA, "user_id = opt(uid), tenant_id", "user_id = opt(uid), tenant", "tenant"),
     (QUOTA, "'d', row.payload, 'c', ''", "'d', row.payload, 'hold', ''", "hold"),
+    (QUOTA, "retry_after_ms = retry_after", "retry_after = retry_after", "retry_after"),
     (SELECT, "adb_port = tonumber(d[5])", "port = tonumber(d[5])", "port"),
     (SELECT, "device = {id = dev, name = d[3]", "device = {id = dev, label = d[3]", "label"),
     (SELECT, "already_released = already", "already = already", "already"),
@@ -456,6 +498,9 @@ RENAMES = [
      "replaced_by"),
     (EVENTS, "answer.adb_host, answer.adb_port = d[4]", "answer.host, answer.adb_port = d[4]",
      "host"),
+    (SELECT, """'","success_count":' .. #allocations""", """'","successes":' .. #allocations""",
+     "successes"),
+    (SELECT, """#releases .. ',"failed_count":'""", """#releases .. ',"fails":'""", "fails"),
 ]
 
 

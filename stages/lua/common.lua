@@ -20,8 +20,38 @@ local function send_reply(stream, json, ttl_s)
   end
 end
 
+-- Active allocations per host (P:{pool}:host_active, host -> count): how many devices
+-- of each host an active allocation holds, read by the least_loaded and bin_pack
+-- strategies. Every script that gives a device an allocation or takes it away changes
+-- it in the same atomic call: select.lua allocating and close_allocation through
+-- host_active_add (added up per host, written once by flush_stats: one write per host
+-- and call, not per allocation; host_pending gives a count in the middle of a call),
+-- admin.lua and events.lua moving a held device to another host through
+-- host_active_now; rebuild.lua recomputes it.
+local host_counts = {}
+local function host_active_add(P, host, n)
+  if host and host ~= '' then host_counts[host] = (host_counts[host] or 0) + n end
+end
+local function host_pending(host) return host_counts[host] or 0 end
+local function host_active_now(P, host, n)
+  if host and host ~= '' then redis.call('HINCRBY', k_pool(P, 'host_active'), host, n) end
+end
+
+-- The devices listed (P:{pool}:devices, a set) and the same ids sorted
+-- (P:{pool}:device_ids, every score 0, so in id order: what `devices list` pages through
+-- with a cursor). Every script that lists or unlists a device does it through these.
+local function list_device(P, id)
+  redis.call('SADD', k_pool(P, 'devices'), id)
+  redis.call('ZADD', k_pool(P, 'device_ids'), 0, id)
+end
+local function unlist_device(P, id)
+  redis.call('SREM', k_pool(P, 'devices'), id)
+  redis.call('ZREM', k_pool(P, 'device_ids'), id)
+end
+
 -- Counters of the pool's stats hash, added up during a script call and written once
--- at its end by flush_stats (every script that counts must call it last).
+-- at its end by flush_stats (every script that counts, or calls host_active_add, must
+-- call it last).
 local stat_counts = {}
 local function count_stat(name)
   stat_counts[name] = (stat_counts[name] or 0) + 1
@@ -29,6 +59,9 @@ end
 local function flush_stats(P)
   for name, n in pairs(stat_counts) do
     redis.call('HINCRBY', k_pool(P, 'stats'), name, n)
+  end
+  for host, n in pairs(host_counts) do
+    if n ~= 0 then redis.call('HINCRBY', k_pool(P, 'host_active'), host, n) end
   end
 end
 
@@ -143,8 +176,9 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
   count_stat(status)
   local dkey = k_pool(P, 'dev:' .. a[1])
-  local d = redis.call('HMGET', dkey, 'alloc', 'status', 'cpu_cores', 'memory_mb', 'pool')
+  local d = redis.call('HMGET', dkey, 'alloc', 'status', 'cpu_cores', 'memory_mb', 'pool', 'host')
   if d[1] == aid then
+    host_active_add(P, d[6], -1)
     if d[2] == 'allocated' then
       redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid, 'status', 'available')
       redis.call('ZADD', k_pool(P, 'free:' .. d[5]), fit_score(tonumber(d[3]), tonumber(d[4])), a[1])

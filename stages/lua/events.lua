@@ -100,7 +100,7 @@ local function equivalent_free(pool, model, cpu, mem, sto)
     local page = redis.call('ZRANGEBYSCORE', key, score, score, 'LIMIT', offset, REPLACE_PAGE)
     for _, cand in ipairs(page) do
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. cand), 'model', 'storage_mb', 'name',
-        'adb_host', 'adb_port')
+        'adb_host', 'adb_port', 'host')
       if d[1] == model and tonumber(d[2]) == sto then return cand, d end
     end
     if #page < REPLACE_PAGE then return nil end
@@ -128,9 +128,12 @@ local function replace_allocation(aid, old_id, reason, row)
   local a = redis.call('HMGET', akey, unpack(MOVE_FIELDS))
   if not a[1] or a[2] ~= 'allocated' then return nil end
   local sto = tonumber(a[11])
-  local model = redis.call('HGET', k_pool(P, 'dev:' .. old_id), 'model')
-  local new_id, d = equivalent_free(a[12], model, tonumber(a[9]), tonumber(a[10]), sto)
+  local old = redis.call('HMGET', k_pool(P, 'dev:' .. old_id), 'model', 'host')
+  local new_id, d = equivalent_free(a[12], old[1], tonumber(a[9]), tonumber(a[10]), sto)
   if not new_id then return nil end
+  -- the allocation now counts on the new device's host (written by flush_stats)
+  host_active_add(P, old[2], -1)
+  host_active_add(P, d[6], 1)
   redis.call('ZREM', k_pool(P, 'free:' .. a[12]), new_id)
   redis.call('HSET', k_pool(P, 'dev:' .. new_id), 'status', 'allocated', 'alloc', aid)
   redis.call('HSET', k_pool(P, 'dev:' .. old_id), 'alloc', '', 'last_alloc', aid)
@@ -156,7 +159,7 @@ end
 local function apply_device(row)
   local id, t = row.device_id, row.type
   local dkey = k_pool(P, 'dev:' .. id)
-  local d = redis.call('HMGET', dkey, 'status', 'alloc', 'event_version', 'pool')
+  local d = redis.call('HMGET', dkey, 'status', 'alloc', 'event_version', 'pool', 'host')
   local status, alloc, pool = d[1], d[2] or '', d[4]
   if not status and t ~= 'device.created' then return 'ignored' end
   if row.version and d[3] and row.version <= tonumber(d[3]) then return 'stale' end
@@ -169,9 +172,9 @@ local function apply_device(row)
     redis.call('ZREM', k_pool(P, 'free:' .. pool), id)
     -- listed unless deleted: the newest event alone says whether the device exists
     if t == 'device.deleted' then
-      redis.call('SREM', k_pool(P, 'devices'), id)
+      unlist_device(P, id)
     else
-      redis.call('SADD', k_pool(P, 'devices'), id)
+      list_device(P, id)
     end
     if alloc ~= '' then
       rec = replace_allocation(alloc, id, down[2], row) or end_allocation(alloc, down[2])
@@ -179,6 +182,10 @@ local function apply_device(row)
   else
     if t == 'device.created' then
       if pool and pool ~= row.pool then redis.call('ZREM', k_pool(P, 'free:' .. pool), id) end
+      if alloc ~= '' and d[5] ~= row.host then  -- a held device moves host
+        host_active_now(P, d[5], -1)
+        host_active_now(P, row.host, 1)
+      end
       pool = row.pool
       redis.call('HSET', dkey, 'id', id, 'name', row.name or id, 'pool', pool,
         'model', row.model, 'host', row.host, 'adb_host', row.adb_host,
@@ -195,7 +202,7 @@ local function apply_device(row)
       redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(tonumber(size[1]), tonumber(size[2])),
         id)
     end
-    redis.call('SADD', k_pool(P, 'devices'), id)
+    list_device(P, id)
   end
   local version = redis.call('HINCRBY', dkey, 'version', 1)
   emit_change(changes, device_event_change(row, id, status, version, rec))

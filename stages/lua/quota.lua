@@ -1,14 +1,18 @@
 -- quota: admit or refuse a batch of requests, and ack them, in one atomic step.
 -- KEY: requests, admitted, changes, dead (streams).
 -- CALL: schemas.rows.QuotaCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
--- fail_open, items); each item one row, by op:
+-- fail_open, rate, items); each item one row, by op:
 --   admit:   an allocate request to check (request_id, user_id, tenant_id, reply_to,
---            min_cpu_cores, min_memory_mb, payload)
+--            min_cpu_cores, min_memory_mb, count, best_effort, payload); a batch (count >
+--            1) holds count devices (all_or_nothing: refused when the device quota has
+--            not room for all) or as many as there is room for (best_effort), its hold
+--            "0 0 0 n"; it takes one token of a rate limit, as any request
 --   forward: a request that goes on unchanged, e.g. a release (payload)
 --   refuse:  invalid input, answered at once (request_id, user_id, tenant_id, reply_to,
 --            reason, message)
 --   dead:    a dead letter to add (letter)
--- Per user it touches only keys tagged {u:ID}. It refuses what the quota can never
+-- Per user it touches only keys tagged {u:ID} (and, with a tenant rate limit on, the
+-- tenant's bucket, tagged {t:TENANT}: see the rate limits below). It refuses what the quota can never
 -- allow (status, expiry, device count, per-device caps, totals already used up) and
 -- an admitted allocation holds one device of the user's count, so concurrent
 -- requests can never take a user past max_devices; select checks the resource
@@ -29,6 +33,67 @@ end
 
 local function num(v) return tonumber(v) or 0 end
 
+-- Rate limits (CALL.rate: present only when a limit is on; absent, nothing below runs):
+-- token buckets of allocate requests, the user's (P:{u:ID}:rate) and, for a request that
+-- names a tenant, the tenant's (P:{t:TENANT}:rate), each a hash {tokens, at_ms} refilled
+-- at per_s tokens a second up to its burst (a missing bucket is full). A request takes
+-- one token of each bucket, or none: it is refused `rate_limited` with retry_after_ms
+-- (when every bucket it needs has a token again). The refusal is not kept as the request
+-- id's answer: the same id may come back after that time. A request id answered before,
+-- or in flight already, takes no token. A bucket expires once it would be full again.
+-- On Redis Cluster the tenant's key is in another slot than the user's: the check there
+-- is two steps, the tenant's first (take a tenant token in the tenant's slot, or refuse),
+-- then this script in the user's slot, which gives the tenant token back (a second call
+-- to the tenant's slot) when it refuses the request; a crash between the two loses at
+-- most one tenant token for one refill period.
+local rate = CALL.rate
+
+-- Buckets count thousandths of a token (whole numbers: exact waits), per_s of which
+-- come back per millisecond.
+local function bucket_tokens(key, per_s, burst)
+  local b = redis.call('HMGET', key, 'tokens', 'at_ms')
+  local milli, at = tonumber(b[1]), tonumber(b[2])
+  if not milli then return burst * 1000 end
+  if now > at then milli = math.min(burst * 1000, milli + math.floor((now - at) * per_s)) end
+  return milli
+end
+
+local function bucket_keep(key, milli, per_s, burst)
+  redis.call('HSET', key, 'tokens', milli, 'at_ms', now)
+  redis.call('PEXPIRE', key, math.ceil((burst * 1000 - milli) / per_s) + 60000)
+end
+
+-- Milliseconds until a bucket holding `milli` has a whole token.
+local function wait_ms(milli, per_s) return math.ceil((1000 - milli) / per_s - 1e-9) end
+
+-- nil when the request may go on (its tokens taken), else (retry_after_ms, whose limit).
+local function take_tokens(uid, tenant)
+  local ukey, u, tkey, t
+  local wait, who = 0, nil
+  if rate.user_per_s then
+    ukey = k_user(P, uid, 'rate')
+    u = bucket_tokens(ukey, rate.user_per_s, rate.user_burst)
+    if u < 1000 then wait, who = wait_ms(u, rate.user_per_s), 'user ' .. uid end
+  end
+  if rate.tenant_per_s and tenant then
+    tkey = P .. ':{t:' .. tenant .. '}:rate'
+    t = bucket_tokens(tkey, rate.tenant_per_s, rate.tenant_burst)
+    if t < 1000 and wait_ms(t, rate.tenant_per_s) > wait then
+      wait, who = wait_ms(t, rate.tenant_per_s), 'tenant ' .. tenant
+    end
+  end
+  if who then return wait, who end
+  if ukey then bucket_keep(ukey, u - 1000, rate.user_per_s, rate.user_burst) end
+  if tkey then bucket_keep(tkey, t - 1000, rate.tenant_per_s, rate.tenant_burst) end
+  return nil
+end
+
+-- Failed with reason rate_limited (the one reply only quota sends).
+local function rate_limited_reply(rid, message, retry_after)
+  return cjson.encode({type = 'failed', request_id = rid, reason = 'rate_limited',
+    message = message, remaining_devices = cjson.null, retry_after_ms = retry_after})
+end
+
 local function admit(row)
   local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
   local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
@@ -46,10 +111,21 @@ local function admit(row)
     n_admitted = n_admitted + 1
     return
   end
+  if rate then
+    local wait, who = take_tokens(uid, tenant)
+    if wait then
+      local msg = 'Rate limit of ' .. who .. ' exceeded; retry after ' .. wait .. ' ms'
+      send_reply(reply_to, rate_limited_reply(rid, msg, wait), reply_ttl)
+      emit_change(changes, rejected_change(rid, uid, tenant, 'rate_limited', msg, now))
+      n_refused = n_refused + 1
+      return
+    end
+  end
   table.remove(q, 1)
   local used = usage_at(q, 9)
   local used_dev, used_cpu, used_mem, used_sto = used[1], used[2], used[3], used[4]
   local cap_cpu, cap_mem, cap_sto
+  local held = row.count  -- devices of the count it holds (a batch's may be fewer)
   if not q[1] then
     if not fail_open then
       return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
@@ -74,6 +150,14 @@ local function admit(row)
         'Device quota exceeded. Max: ' .. max_dev .. ', Current: ' .. used_dev, 0, idem_key)
     end
     local remaining = max_dev - used_dev
+    if held > remaining then
+      if not row.best_effort then  -- all or nothing: the whole batch within the count
+        return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
+          'Device quota exceeded. Max: ' .. max_dev .. ', Current: ' .. used_dev ..
+          ', Requested: ' .. held, remaining, idem_key)
+      end
+      held = remaining
+    end
     local per_cpu, per_mem = num(q[4]), num(q[5])
     if min_cpu > per_cpu then
       return refuse(rid, uid, tenant, reply_to, 'quota_exceeded',
@@ -106,7 +190,8 @@ local function admit(row)
   -- hold one device of the count; the resource totals are checked exactly by select,
   -- against the chosen device, in the same atomic step that records its usage
   local hold = '0 0 0'
-  redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + 1)
+  if row.count > 1 then hold = '0 0 0 ' .. held end  -- a batch holds `held` devices
+  redis.call('HSET', state, 'hold:' .. rid, hold, 'used_devices', used_dev + held)
   redis.call('XADD', admitted, '*', 'd', row.payload, 'c', hold)
   n_admitted = n_admitted + 1
 end

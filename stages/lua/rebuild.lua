@@ -1,7 +1,8 @@
 -- rebuild: write one chunk of the live state loaded from PostgreSQL (devsched rebuild).
 -- KEY: users (the set of users with a quota), stats (the pool's counters); every other key
 -- is named from the prefix and the items:
---   {pool}: alloc:<id>, expiry, dev:<id>, free:<pool>, pools, devices
+--   {pool}: alloc:<id>, expiry, dev:<id>, free:<pool>, pools, devices, host_active (each held
+--           device counts once for its host)
 --   {u:ID}: user (the user's hash), req:<request id> (a stored answer)
 -- CALL: schemas.rows.RebuildCall: prefix, then any of stats, allocations, answers, users,
 -- devices (each item a Struct of schemas/rows.py, read by name).
@@ -67,12 +68,16 @@ local function write_user(u)
     end
   end
   add_usage(P, u.user_id, {0, 0, 0, 0}, used[1], used[2], used[3], used[4])
+  if u.last_device then
+    redis.call('HSET', key, 'last_device', u.last_device, 'last_host', u.last_host or '')
+  end
 end
 
 local function write_device(d)
   local dkey = k_pool(P, 'dev:' .. d.device_id)
-  local old_pool = redis.call('HGET', dkey, 'pool')
-  if old_pool then redis.call('ZREM', k_pool(P, 'free:' .. old_pool), d.device_id) end
+  local old = redis.call('HMGET', dkey, 'pool', 'alloc', 'host')
+  if old[1] then redis.call('ZREM', k_pool(P, 'free:' .. old[1]), d.device_id) end
+  if old[2] and old[2] ~= '' then host_active_now(P, old[3], -1) end  -- replaced below
   redis.call('DEL', dkey)
   local holder, status = '', d.status
   if active(d.allocation_id) and
@@ -85,6 +90,7 @@ local function write_device(d)
     'host', d.host, 'adb_host', d.adb_host, 'adb_port', d.adb_port, 'cpu_cores', d.cpu_cores,
     'memory_mb', d.memory_mb, 'storage_mb', d.storage_mb, 'status', status, 'alloc', holder,
     'version', d.version)
+  if holder ~= '' then host_active_now(P, d.host, 1) end
   if d.last_allocation_id then
     redis.call('HSET', dkey, 'last_alloc', d.last_allocation_id)
   end
@@ -95,7 +101,7 @@ local function write_device(d)
     redis.call('ZREM', free, d.device_id)
   end
   redis.call('SADD', k_pool(P, 'pools'), d.pool)
-  redis.call('SADD', k_pool(P, 'devices'), d.device_id)
+  list_device(P, d.device_id)
 end
 
 local written = 0

@@ -7,10 +7,22 @@
 --             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id,
 --             replace_on_failure (kept on the allocation's hash, for events.lua)
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
+--   allocate_batch: as allocate, with count, best_effort and allocation_ids (one each)
+--   release_batch:  request_id, reply_to, allocation_ids, user_id
 --   dead:     a dead letter to add (letter)
--- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
--- request's minimums and fits what the user's quota still allows (per-device caps and
--- the CPU/memory/storage totals minus current usage). Device and allocation keys are
+-- A device fits when it is free, in the request's pool (any pool without one), of its
+-- model, meets its minimums and fits what the user's quota still allows (per-device
+-- caps and the CPU/memory/storage totals minus current usage). Among the fitting ones
+-- the strategy in force chooses (P:{pool}:strategy, read once per call: the request's
+-- pool's, else the global one '*', else resource_based):
+--   resource_based: the smallest (CPU, then memory): best fit, the default;
+--   least_loaded:   on the host with the fewest active allocations (host_active);
+--   bin_pack:       on the host with the most active allocations (keeps hosts empty);
+--   round_robin:    the next fitting device by id after the last one given in this
+--                   scope (the pool, or '*'; P:{pool}:round_robin), wrapping around;
+--   affinity:       the device this user had last, else a device on that host, else
+--                   as resource_based (the user's last_device / last_host).
+-- Ties go to the best fit, then the smaller id. Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
@@ -60,7 +72,7 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       if mem < min_mem then jump = fit_score(cpu, min_mem) break end
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
-        'adb_host', 'adb_port')
+        'adb_host', 'adb_port', 'host')
       if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
         return page[i], score, d
       end
@@ -94,6 +106,127 @@ local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
     end
   end
   return best, best_pool, best_score, best_fields
+end
+
+-- --- the other strategies --------------------------------------------------------------
+
+local STRATEGY_PICKS = {}  -- name -> function(candidates, uid, scope): the chosen candidate
+local strategy_of = nil  -- field -> strategy, read once per call at its first allocation
+
+local function strategy_for(pool)
+  if not strategy_of then
+    strategy_of = {}
+    local flat = redis.call('HGETALL', k_pool(P, 'strategy'))
+    for i = 1, #flat, 2 do strategy_of[flat[i]] = flat[i + 1] end
+  end
+  return (pool and strategy_of[pool]) or strategy_of['*'] or 'resource_based'
+end
+
+local SCAN_PAGE = 64
+-- Every fitting device of one free pool, by the rules of best_in_pool (the same jumps
+-- over memory), as candidates {id, score, pool, d}; d as best_in_pool's. It reads every
+-- device that passes CPU and memory: these strategies cost a read per candidate.
+local function add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local key = k_pool(P, 'free:' .. pl)
+  local hi = fit_score(cap_cpu, CPU_SCALE - 1)
+  local from, offset = fit_score(min_cpu, min_mem), 0
+  while from <= hi do
+    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset,
+      SCAN_PAGE)
+    if #page == 0 then return end
+    local jump = nil
+    for i = 1, #page, 2 do
+      local score = tonumber(page[i + 1])
+      local cpu = math.floor(score / CPU_SCALE)
+      local mem = score - cpu * CPU_SCALE
+      if mem < min_mem then jump = fit_score(cpu, min_mem) break end
+      if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
+      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
+        'adb_host', 'adb_port', 'host')
+      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
+        list[#list + 1] = {page[i], score, pl, d}
+      end
+    end
+    if jump then
+      from, offset = jump, 0
+    elseif #page < 2 * SCAN_PAGE then
+      return
+    else
+      offset = offset + SCAN_PAGE
+    end
+  end
+end
+
+-- a before b: the better fit (lower score), then the smaller id
+local function fits_better(a, b)
+  if a[2] ~= b[2] then return a[2] < b[2] end
+  return a[1] < b[1]
+end
+
+local function best_of(list, keep)
+  local best = nil
+  for _, c in ipairs(list) do
+    if (not keep or keep(c)) and (not best or fits_better(c, best)) then best = c end
+  end
+  return best
+end
+
+-- The candidate on the host whose active count `load` prefers (more_is_better: bin_pack).
+local function by_host_load(list, more_is_better)
+  local flat = redis.call('HGETALL', k_pool(P, 'host_active'))
+  local load = {}
+  for i = 1, #flat, 2 do load[flat[i]] = tonumber(flat[i + 1]) end
+  local best, best_load = nil, nil
+  for _, c in ipairs(list) do
+    local host = c[4][6] or ''
+    local l = (load[host] or 0) + host_pending(host)
+    if not best or (more_is_better and l > best_load) or (not more_is_better and l < best_load)
+        or (l == best_load and fits_better(c, best)) then
+      best, best_load = c, l
+    end
+  end
+  return best
+end
+
+STRATEGY_PICKS.least_loaded = function(list) return by_host_load(list, false) end
+STRATEGY_PICKS.bin_pack = function(list) return by_host_load(list, true) end
+
+STRATEGY_PICKS.round_robin = function(list, _uid, scope)
+  local key = k_pool(P, 'round_robin')
+  local last = redis.call('HGET', key, scope) or ''
+  local first, next_one = nil, nil
+  for _, c in ipairs(list) do
+    if not first or c[1] < first[1] then first = c end
+    if c[1] > last and (not next_one or c[1] < next_one[1]) then next_one = c end
+  end
+  local chosen = next_one or first
+  redis.call('HSET', key, scope, chosen[1])
+  return chosen
+end
+
+STRATEGY_PICKS.affinity = function(list, uid)
+  local last = redis.call('HMGET', k_state(P, uid), 'last_device', 'last_host')
+  return (last[1] and best_of(list, function(c) return c[1] == last[1] end))
+    or (last[2] and best_of(list, function(c) return c[4][6] == last[2] end))
+    or best_of(list)
+end
+
+-- pick_device's answer under a strategy other than resource_based.
+local function pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
+                                cap_sto)
+  local list, pools = {}, nil
+  if pool then
+    pools = {pool}
+  else
+    pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
+    pools = pool_names
+  end
+  for _, pl in ipairs(pools) do
+    add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  end
+  if #list == 0 then return nil end
+  local c = choose(list, uid, pool or '*')
+  return c[1], c[3], c[2], c[4]
 end
 
 -- What a user's state read gives select: the hold, the usage, then the quota's caps,
@@ -160,8 +293,15 @@ local function allocate(row)
     return
   end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
-  local dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
-    cap_mem, cap_sto)
+  local dev, dev_pool, score, d
+  local choose = STRATEGY_PICKS[strategy_for(row.pool)]
+  if choose then
+    dev, dev_pool, score, d = pick_by_strategy(choose, uid, row.pool, row.model, min_cpu, min_mem,
+      cap_cpu, cap_mem, cap_sto)
+  else  -- resource_based (or a name this script does not know)
+    dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
+      cap_mem, cap_sto)
+  end
   if not dev then
     settle_hold(uid, rid, hold, used, nil, nil, nil)
     local reason, msg = 'no_available_devices',
@@ -179,7 +319,8 @@ local function allocate(row)
     return
   end
   local dkey = k_pool(P, 'dev:' .. dev)
-  -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host, port
+  -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host,
+  -- port, host
   local cpu = math.floor(score / CPU_SCALE)
   local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
   local seconds = row.duration_seconds
@@ -196,7 +337,9 @@ local function allocate(row)
   end
   redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
   count_stat('allocated')
-  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto)
+  host_active_add(P, d[6], 1)
+  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto,
+    'last_device', dev, 'last_host', d[6] or '')
   local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
@@ -205,6 +348,152 @@ local function allocate(row)
   if row.replace_on_failure then rec.replace_on_failure = true end
   emit_change(changes, rec)
   n_alloc = n_alloc + 1
+end
+
+-- --- batches --------------------------------------------------------------------------
+
+-- A device by the strategy in force (as allocate picks).
+local function pick(uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local choose = STRATEGY_PICKS[strategy_for(pool)]
+  if choose then
+    return pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  end
+  return pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+end
+
+-- Why no device was found: the quota's room, else the pool.
+local function no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
+    return 'quota_exceeded', 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, '
+      .. cap_mem .. ' MB memory, ' .. cap_sto .. ' MB storage'
+  end
+  return 'no_available_devices',
+    'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
+end
+
+local function json_list(items) return '[' .. table.concat(items, ',') .. ']' end
+
+-- AllocatedBatch / ReleasedBatch: item replies (JSON each) joined as they are.
+local function allocated_batch_reply(rid, mode, allocations, failures)
+  return '{"type":"allocated_batch","request_id":' .. cjson.encode(rid) .. ',"mode":"' .. mode
+    .. '","success_count":' .. #allocations .. ',"failed_count":' .. #failures
+    .. ',"allocations":' .. json_list(allocations) .. ',"failures":' .. json_list(failures) .. '}'
+end
+
+local function released_batch_reply(rid, releases, failures)
+  return '{"type":"released_batch","request_id":' .. cjson.encode(rid) .. ',"success_count":'
+    .. #releases .. ',"failed_count":' .. #failures .. ',"releases":' .. json_list(releases)
+    .. ',"failures":' .. json_list(failures) .. '}'
+end
+
+-- An allocate request for count > 1 devices, decided whole in this step. Each device is
+-- picked as a single request's would be (the strategy, the fit rules), against what the
+-- quota allows after the devices picked before it, and taken out of its free pool at
+-- once; all_or_nothing puts them all back when not every one was found. Then each is
+-- recorded as allocate records one, the hold ("0 0 0 n") settled in one write, and one
+-- AllocatedBatch answers. A user blocked since admission, or a request quota never
+-- admitted, gets one Failed, as a single request does.
+local function allocate_batch(row)
+  local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
+  local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  STATE_FIELDS[1] = 'hold:' .. rid
+  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
+  if not s[1] then
+    local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
+    send_reply(reply_to, json, reply_ttl)
+    n_failed = n_failed + 1
+    return
+  end
+  local used = usage_at(s, 2)
+  local held = tonumber(string.match(s[1], ' (%d+)$')) or 1
+  local function settle(n, cpu, mem, sto, ...)
+    redis.call('HDEL', k_state(P, uid), 'hold:' .. rid)
+    add_usage(P, uid, used, n - held, cpu, mem, sto, ...)
+  end
+  local blocked = s[11] and BLOCKED[s[11]]
+  if blocked then
+    settle(0, 0, 0, 0)
+    local msg = blocked == 'quota_exceeded' and 'Quota is ' .. s[11]
+      or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+      or 'User ' .. uid .. ' is suspended'
+    local json = failed_reply(rid, blocked, msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
+    n_failed = n_failed + 1
+    return
+  end
+  local want = row.best_effort and math.min(held, row.count) or row.count
+  local picks, taken = {}, {used[1], used[2], used[3], used[4]}
+  local short, short_msg = nil, nil
+  for _ = 1, want do
+    local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, taken)
+    local dev, dev_pool, score, d = pick(uid, row.pool, row.model, min_cpu, min_mem, cap_cpu,
+      cap_mem, cap_sto)
+    if not dev then
+      short, short_msg = no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+      break
+    end
+    redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
+    local cpu = math.floor(score / CPU_SCALE)
+    local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
+    picks[#picks + 1] = {dev, dev_pool, score, d, cpu, mem, sto}
+    taken = {taken[1] + 1, taken[2] + cpu, taken[3] + mem, taken[4] + sto}
+  end
+  if not row.best_effort and #picks < row.count then
+    short_msg = 'All or nothing: ' .. #picks .. ' of ' .. row.count .. ' devices fit; ' .. short_msg
+    for _, p in ipairs(picks) do redis.call('ZADD', k_pool(P, 'free:' .. p[2]), p[3], p[1]) end
+    picks = {}
+  end
+  local seconds = row.duration_seconds
+  local expires, minutes = now + seconds * 1000, math.ceil(seconds / 60)
+  local allocations, fields, tot = {}, {}, {0, 0, 0}
+  for i, p in ipairs(picks) do
+    local dev, dev_pool, d, cpu, mem, sto = p[1], p[2], p[4], p[5], p[6], p[7]
+    local aid = row.allocation_ids[i]
+    redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
+    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+      'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+      'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+      'storage_mb', sto, 'pool', dev_pool, 'version', 1)
+    redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
+    count_stat('allocated')
+    host_active_add(P, d[6], 1)
+    fields[#fields + 1], fields[#fields + 2] = 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto
+    tot = {tot[1] + cpu, tot[2] + mem, tot[3] + sto}
+    allocations[i] = allocated_reply(rid, aid, dev, d, uid, now, expires)
+    emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
+      minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
+    n_alloc = n_alloc + 1
+  end
+  if #picks > 0 then
+    local last = picks[#picks]
+    fields[#fields + 1], fields[#fields + 2] = 'last_device', last[1]
+    fields[#fields + 1], fields[#fields + 2] = 'last_host', last[4][6] or ''
+  end
+  settle(#picks, tot[1], tot[2], tot[3], unpack(fields))
+  local failures = {}
+  for i = #picks + 1, row.count do
+    if i > want then  -- best effort, beyond what the device quota had room for
+      failures[#failures + 1] = failed_reply(rid, 'quota_exceeded',
+        'Device quota exceeded: room for ' .. want .. ' of ' .. row.count .. ' devices', nil)
+    else
+      failures[#failures + 1] = failed_reply(rid, short, short_msg, nil)
+    end
+  end
+  local mode = row.best_effort and 'best_effort' or 'all_or_nothing'
+  local json = allocated_batch_reply(rid, mode, allocations, failures)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  if #picks == 0 then  -- refused as a whole
+    local reason = short or 'quota_exceeded'
+    emit_change(changes, rejected_change(rid, uid, tenant, reason,
+      short_msg or 'Device quota exceeded', now))
+    n_failed = n_failed + 1
+  end
 end
 
 -- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
@@ -224,9 +513,11 @@ local function release(row)
     n_failed = n_failed + 1
   end
   if not aid then
-    local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'last_alloc', 'pool')
-    if not d[3] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
-    aid = (d[1] ~= '' and d[1]) or d[2] or ''
+    -- only the allocation on the device now: a device nobody holds is not_found, not
+    -- already_released (its last allocation is released by its id)
+    local d = redis.call('HMGET', k_pool(P, 'dev:' .. device_id), 'alloc', 'pool')
+    if not d[2] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
+    aid = d[1] or ''
     if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
   end
   local akey = k_pool(P, 'alloc:' .. aid)
@@ -252,9 +543,42 @@ local function release(row)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
+-- A release request naming several allocations: each released as a release by its id
+-- would be (already closed ones answer already_released), one ReleasedBatch answers.
+local function release_batch(row)
+  local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
+  local idem_key = k_pool(P, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local releases, failures = {}, {}
+  for _, aid in ipairs(row.allocation_ids) do
+    local a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+    if not a[1] then
+      failures[#failures + 1] = failed_reply(rid, 'not_found', 'Allocation ' .. aid .. ' not found', nil)
+    elseif uid and a[2] ~= uid then
+      failures[#failures + 1] = failed_reply(rid, 'not_owner',
+        'Allocation ' .. aid .. ' belongs to another user', nil)
+    elseif a[5] ~= 'allocated' then
+      releases[#releases + 1] = released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
+        tonumber(a[15]), true, a[5])
+    else
+      local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
+        'released')
+      releases[#releases + 1] = released_reply(rid, aid, rec.device_id, rec.user_id, now,
+        rec.duration_seconds, false, 'released')
+      n_release = n_release + 1
+    end
+  end
+  local json = released_batch_reply(rid, releases, failures)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+end
+
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
+  allocate_batch = allocate_batch,
+  release_batch = release_batch,
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

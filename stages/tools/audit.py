@@ -8,6 +8,9 @@ values):
   active allocation is on the device, else the ``devices`` row's); the allocation
   holding it; within Redis, that it is in its pool's free set exactly when it is
   available; on either side, that no two active allocations share it.
+- ``host``: within Redis, each host's count of active allocations (kept by the
+  scripts for the least_loaded and bin_pack strategies) against the devices of that
+  host an allocation holds.
 - ``quota``: present on both sides; every field and the version.
 - ``usage``: each user's usage in Redis against the sum of the user's active
   allocations in PostgreSQL (plus the one device slot each request in flight between
@@ -85,6 +88,8 @@ class _RedisState:
     users: dict[str, dict[str, Any]] = field(default_factory=dict)
     allocations: dict[str, dict[str, str]] = field(default_factory=dict)
     schedule: dict[str, int] = field(default_factory=dict)
+    host_active: dict[str, int] = field(default_factory=dict)
+    """host -> active allocations, as the scripts count them (``Keys.host_active``)."""
 
 
 @dataclass
@@ -147,6 +152,7 @@ async def _read_redis(redis: Redis, keys: Keys) -> _RedisState:
     scheduled: list[tuple[bytes, float]] = await redis.zrange(  # type: ignore[assignment]
         keys.expiry, 0, -1, withscores=True)
     state.schedule = {text(member): int(at) for member, at in scheduled}
+    state.host_active = {text(h): int(n) for h, n in (await redis.hgetall(keys.host_active)).items()}
     return state
 
 
@@ -327,6 +333,17 @@ def _compare_devices(out: _Differences, r: _RedisState, p: _PgState) -> None:
                 out.add("device", "device", device_id, "free_pool", pool, None)
 
 
+def _compare_hosts(out: _Differences, r: _RedisState) -> None:
+    """The count of active allocations per host against the devices an allocation holds
+    on that host."""
+    held: Counter[str] = Counter(dev.get("host", "") for dev in r.devices.values()
+                                 if dev.get("alloc"))
+    for host in sorted(set(held) | set(r.host_active)):
+        if r.host_active.get(host, 0) != held.get(host, 0):
+            out.add("host", "host", host, "active_allocations", r.host_active.get(host, 0),
+                    held.get(host, 0))
+
+
 def _compare_quotas(out: _Differences, users: dict[str, Any], p: _PgState) -> None:
     with_quota = {uid for uid, s in users.items() if s.quota.get("status")}
     for uid in sorted(with_quota | set(p.quotas)):
@@ -352,7 +369,8 @@ def _compare_usage(out: _Differences, users: dict[str, Any], p: _PgState) -> Non
         usage = state.usage if state else dict.fromkeys(USAGE_FIELDS.values(), 0)
         holds = [h.split() for h in state.holds.values()] if state else []
         want = {
-            "devices": len(rows) + len(holds),
+            # a hold is one device, or n for a batch's "cpu mem sto n"
+            "devices": len(rows) + sum(int(h[3]) if len(h) > 3 else 1 for h in holds),
             "cpu": sum(r["cpu_cores"] for r in rows) + sum(int(h[0]) for h in holds),
             "mem": sum(r["memory_mb"] for r in rows) + sum(int(h[1]) for h in holds),
             "sto": sum(r["storage_mb"] for r in rows) + sum(int(h[2]) for h in holds),
@@ -406,8 +424,12 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
     user_ids |= {row["user_id"] for row in p.allocations.values()}
     users = await _read_users(redis, keys, user_ids)
     flight = await _in_flight(redis, keys, mark, position)
-    out = _Differences(flight.entities)
+    # a host's count is in flight with any device of that host
+    hosts = {("host", r.devices[ident].get("host", "")) for entity, ident in flight.entities
+             if entity == "device" and ident in r.devices}
+    out = _Differences(flight.entities | hosts)
     _compare_devices(out, r, p)
+    _compare_hosts(out, r)
     _compare_quotas(out, users, p)
     _compare_usage(out, users, p)
     _compare_allocations(out, r, p)
@@ -428,7 +450,7 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
         "differences": [asdict(d) for d in out.found[:LISTED]],
         "difference_count": len(out.found),
         "differences_by_kind": {k: by_kind.get(k, 0)
-                                for k in ("device", "quota", "usage", "allocation")},
+                                for k in ("device", "quota", "usage", "allocation", "host")},
         "backlog": flight.backlog,
         "in_flight": len(flight.entities),
         "in_flight_skipped": len(out.skipped),

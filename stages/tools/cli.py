@@ -2,7 +2,8 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, events, stats, audit, rebuild, schema.
+scheduler's: demo, devices, allocations, pools, quota, allocate, release, events, stats,
+strategy, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -101,15 +102,98 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     return _with_redis(go)
 
 
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as an aligned text table: numbers right-aligned, None as "-"."""
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.2%}" if value <= 1 else f"{value:g}"
+        return str(value)
+
+    cells = [[cell(row[c]) for c in columns] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+    numeric = [bool(rows) and all(isinstance(row[c], int | float) and not isinstance(row[c], bool)
+                                  for row in rows) for c in columns]
+    def line(values: list[str]) -> str:
+        return "  ".join(v.rjust(w) if num else v.ljust(w)
+                         for v, w, num in zip(values, widths, numeric)).rstrip()
+
+    print(line([c.upper() for c in columns]))
+    for r in cells:
+        print(line(r))
+
+
+def _print_page(kind: str, rows: list[Any], next_cursor: str | None, columns: list[str],
+                as_json: bool, **extra: Any) -> None:
+    listed = [asdict(r) for r in rows]
+    if as_json:
+        print(json.dumps({kind: listed, "next_cursor": next_cursor, **extra}))
+        return
+    print_table(listed, columns)
+    if next_cursor is not None:
+        print(f"(more: --cursor {next_cursor})")
+
+
 def cmd_devices_list(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from stages.tools.admin import list_devices
 
     async def go(redis: Any, settings: Settings) -> int:
-        rows = await list_devices(redis, Keys(settings.prefix), pool=args.pool,
-                                  status=args.status, offset=args.offset, limit=args.limit)
-        for row in rows:
-            print(json.dumps(row, sort_keys=True))
+        page = await list_devices(redis, Keys(settings.prefix), pool=args.pool,
+                                  status=args.status, model=args.model, min_cpu=args.min_cpu,
+                                  min_memory=args.min_memory, cursor=args.cursor,
+                                  limit=args.limit)
+        _print_page("devices", page.devices, page.next_cursor,
+                    ["id", "pool", "model", "host", "status", "cpu_cores", "memory_mb",
+                     "storage_mb", "adb_host", "adb_port", "allocation_id"], args.json)
+        return 0
+
+    return _with_redis(go)
+
+
+def cmd_allocations_list(args: argparse.Namespace) -> int:
+    from pipeline.connections import pg_pool, redis_client
+    from schemas.keys import Keys
+    from stages.tools.admin import ACTIVE, list_allocations
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        redis = redis_client(settings)
+        pg = await pg_pool(settings) if args.status != ACTIVE else None
+        try:
+            await check_redis(redis)
+            page = await list_allocations(redis, Keys(settings.prefix), pg, user=args.user,
+                                          status=args.status, cursor=args.cursor,
+                                          limit=args.limit)
+        finally:
+            if pg is not None:
+                await pg.close()
+            await redis.aclose()
+        _print_page("allocations", page.allocations, page.next_cursor,
+                    ["allocation_id", "user_id", "device_id", "pool", "status",
+                     "allocated_at_ms", "expires_at_ms", "released_at_ms", "duration_seconds",
+                     "cpu_cores", "memory_mb", "end_reason"], args.json, source=page.source)
+        if not args.json:
+            print(f"(from {page.source})")
+        return 0
+
+    result: int = run_coroutine(go())
+    return result
+
+
+def cmd_pools(args: argparse.Namespace) -> int:
+    from schemas.keys import Keys
+    from stages.tools.admin import pools
+
+    async def go(redis: Any, settings: Settings) -> int:
+        rows = [asdict(p) for p in await pools(redis, Keys(settings.prefix))]
+        if args.json:
+            print(json.dumps({"pools": rows}))
+        else:
+            print_table(rows, ["pool", "devices", "free", "allocated", "maintenance", "down",
+                               "share_used", "strategy"])
         return 0
 
     return _with_redis(go)
@@ -144,6 +228,14 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     async def go() -> int:
         await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
+            if args.count > 1:
+                batch = await client.allocate_many(
+                    args.user, args.count, best_effort=args.best_effort, tenant_id=args.tenant,
+                    duration_minutes=args.minutes, min_cpu_cores=args.cpu,
+                    min_memory_mb=args.memory, pool=args.pool, model=args.model,
+                    request_id=args.request_id)
+                print(msgspec.json.encode(batch).decode())
+                return 0 if getattr(batch, "success_count", 0) else 2
             reply = await client.allocate(
                 args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
                 min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool,
@@ -165,6 +257,12 @@ def cmd_release(args: argparse.Namespace) -> int:
     async def go() -> int:
         await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
+            if args.allocations:
+                batch = await client.release_many(
+                    [i for i in args.allocations.split(",") if i], user_id=args.user,
+                    request_id=args.request_id)
+                print(msgspec.json.encode(batch).decode())
+                return 0 if getattr(batch, "failed_count", 1) == 0 else 2
             reply = await client.release(allocation_id=args.allocation, device_id=args.device,
                                          user_id=args.user, request_id=args.request_id)
         print(msgspec.json.encode(reply).decode())
@@ -180,6 +278,33 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
     async def go(redis: Any, settings: Settings) -> int:
         print(json.dumps(asdict(await stats(redis, Keys(settings.prefix)))))
+        return 0
+
+    return _with_redis(go)
+
+
+def cmd_strategy(args: argparse.Namespace) -> int:
+    """``devsched strategy``: the strategy in force, globally and per pool;
+    ``devsched strategy set NAME [--pool P]`` puts one in force."""
+    from schemas.keys import Keys
+    from stages.tools.admin import UnknownStrategy, set_strategy, strategies
+
+    async def go(redis: Any, settings: Settings) -> int:
+        keys = Keys(settings.prefix)
+        if getattr(args, "sub", None) == "set":
+            try:
+                await set_strategy(redis, keys, args.name, args.pool)
+            except UnknownStrategy as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
+        in_force = await strategies(redis, keys)
+        if args.json:
+            print(json.dumps(asdict(in_force)))
+            return 0
+        print(f"global: {in_force.strategy}")
+        for pool, name in in_force.pools.items():
+            own = "" if pool in in_force.pool_overrides else " (global)"
+            print(f"pool {pool}: {name}{own}")
         return 0
 
     return _with_redis(go)
@@ -322,12 +447,36 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--adb-host", default="127.0.0.1")
     s.add_argument("--adb-port", type=int, default=5555)
     s.set_defaults(fn=cmd_devices_add)
-    s = dev.add_parser("list")
+    s = dev.add_parser("list", help="one page of devices in id order, filtered; a table, "
+                                    "or JSON with --json")
     s.add_argument("--pool")
-    s.add_argument("--status")
-    s.add_argument("--offset", type=int, default=0)
+    s.add_argument("--status", help="available, allocated, maintenance, failed, stopped, error")
+    s.add_argument("--model")
+    s.add_argument("--min-cpu", type=int, default=0)
+    s.add_argument("--min-memory", type=int, default=0, help="MB")
+    s.add_argument("--cursor", help="the next_cursor of the previous page")
     s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_devices_list)
+
+    al = sub.add_parser("allocations", help="list allocations").add_subparsers(
+        dest="sub", required=True)
+    s = al.add_parser("list", help="one page of allocations: active ones from Redis, the "
+                                   "history from PostgreSQL")
+    s.add_argument("--user")
+    s.add_argument("--status", default="allocated",
+                   choices=["allocated", "released", "expired", "all"],
+                   help="allocated (default): the active ones, from Redis; released, expired "
+                        "or all: from PostgreSQL, newest first")
+    s.add_argument("--cursor", help="the next_cursor of the previous page")
+    s.add_argument("--limit", type=int, default=50)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_allocations_list)
+
+    s = sub.add_parser("pools", help="utilisation per pool: devices, free, allocated, in "
+                                     "maintenance, down, share used, strategy")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_pools)
 
     q = sub.add_parser("quota", help="set a user's quota").add_subparsers(dest="sub", required=True)
     s = q.add_parser("set")
@@ -350,6 +499,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--memory", type=int, default=0)
     s.add_argument("--pool")
     s.add_argument("--model")
+    s.add_argument("--count", type=int, default=1,
+                   help="devices in one request (2..100: an allocated_batch reply)")
+    s.add_argument("--best-effort", action="store_true",
+                   help="with --count: take what fits (default: all or nothing)")
     s.add_argument("--request-id")
     s.add_argument("--replace-on-failure", action="store_true",
                    help="move the allocation to an equivalent free device when its device "
@@ -361,6 +514,8 @@ def parser() -> argparse.ArgumentParser:
     g = s.add_mutually_exclusive_group(required=True)
     g.add_argument("--allocation")
     g.add_argument("--device")
+    g.add_argument("--allocations", help="several allocation ids, comma separated (a "
+                                         "released_batch reply)")
     s.add_argument("--user")
     s.add_argument("--request-id")
     s.add_argument("--timeout", type=float, default=10.0)
@@ -378,6 +533,20 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_events_send)
 
     sub.add_parser("stats", help="allocation statistics").set_defaults(fn=cmd_stats)
+
+    from stages.tools.admin import STRATEGIES
+
+    st = sub.add_parser("strategy", help="show the allocation strategy in force (global and "
+                                         "per pool), or set one")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(fn=cmd_strategy)
+    st_sub = st.add_subparsers(dest="sub", required=False)
+    s = st_sub.add_parser("set", help="put a strategy in force (the select workers use it "
+                                      "from their next batch)")
+    s.add_argument("name", choices=STRATEGIES)
+    s.add_argument("--pool", help="only for requests that name this pool")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_strategy)
     sub.add_parser("audit", help="compare the live state in Redis with PostgreSQL; JSON "
                                  "report, exit 1 on a difference").set_defaults(fn=cmd_audit)
     s = sub.add_parser("rebuild", help="load the live state from PostgreSQL into a Redis "

@@ -35,9 +35,11 @@ from pipeline.scripts import APPEND, AppendCall, AppendKeys
 from schemas.keys import Keys
 from schemas.messages import (
     Allocated,
+    AllocatedBatch,
     AllocateRequest,
     Failed,
     Released,
+    ReleasedBatch,
     ReleaseRequest,
     Reply,
     encoder,
@@ -145,7 +147,41 @@ class Client:
             replace_on_failure=replace_on_failure,
         )
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
-        assert not isinstance(reply, Released)
+        assert isinstance(reply, Allocated | Failed)
+        return reply
+
+    async def allocate_many(
+        self, user_id: str, count: int, *, best_effort: bool = False,
+        tenant_id: str | None = None, duration_minutes: int = 60,
+        duration_seconds: int | None = None, min_cpu_cores: int = 0, min_memory_mb: int = 0,
+        pool: str | None = None, model: str | None = None, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> AllocatedBatch | Failed:
+        """Ask for ``count`` (2..100) devices in one request: all of them or none
+        (``all_or_nothing``), or what fits (``best_effort``). A request refused whole at
+        admission (quota, rate, invalid) answers one Failed."""
+        request = AllocateRequest(
+            request_id=request_id or uuid.uuid4().hex, user_id=user_id, reply_to=self.reply_stream,
+            tenant_id=tenant_id, duration_minutes=duration_minutes,
+            duration_seconds=duration_seconds, min_cpu_cores=min_cpu_cores,
+            min_memory_mb=min_memory_mb, pool=pool, model=model, count=count,
+            mode="best_effort" if best_effort else "all_or_nothing",
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, AllocatedBatch | Failed)
+        return reply
+
+    async def release_many(
+        self, allocation_ids: list[str], *, user_id: str | None = None,
+        request_id: str | None = None, timeout_s: float | None = None,
+    ) -> ReleasedBatch | Failed:
+        """Release several allocations in one request; one result per allocation."""
+        request = ReleaseRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            allocation_ids=allocation_ids, user_id=user_id,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, ReleasedBatch | Failed)
         return reply
 
     async def release(
@@ -157,7 +193,7 @@ class Client:
             allocation_id=allocation_id, device_id=device_id, user_id=user_id,
         )
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
-        assert not isinstance(reply, Allocated)
+        assert isinstance(reply, Released | Failed)
         return reply
 
     async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:

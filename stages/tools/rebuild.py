@@ -5,7 +5,10 @@ What it restores, from the write-behind tables:
 - devices and their pools (``devices``), each free unless an active allocation
   holds it, with its version, so the next change continues above PostgreSQL's;
 - quotas (``user_quotas``) with their versions, and each user's usage recomputed
-  from the user's active allocations;
+  from the user's active allocations; the device and host of the user's newest
+  allocation (what the affinity strategy prefers);
+- the count of active allocations per host (``host_active``), from the devices an
+  active allocation holds;
 - active allocations (``device_allocations`` with status ``allocated``) and the
   expiry schedule; one whose expires-at passed while Redis was away is scheduled
   at that expires-at, so the next timer tick expires it and bills it to then;
@@ -13,7 +16,10 @@ What it restores, from the write-behind tables:
   answers ``already_released``), with the time left of that window;
 - the stored answer of every allocation made inside ``DEVSCHED_IDEMPOTENCY_TTL_S``
   (the request id is in ``metadata``; the device's name and adb endpoint come from
-  ``devices``), so a retried request gets its first answer, never a second device;
+  ``devices``), so a retried request gets its first answer, never a second device; a
+  batch's answer is rebuilt from its allocations (an AllocatedBatch listing them, mode
+  ``best_effort``, no failures: a batch's failures and mode are not in PostgreSQL), so
+  a retried batch never gets a second set;
 - the counters of ``devsched stats`` (allocations, releases, expiries).
 
 What it cannot restore: changes Redis had not yet handed to PostgreSQL when it was
@@ -44,7 +50,7 @@ from redis.asyncio import Redis
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import Allocated, DeviceInfo, encoder
+from schemas.messages import MAX_BATCH, Allocated, AllocatedBatch, DeviceInfo, encoder
 from schemas.rows import (
     RebuildAllocation,
     RebuildAnswer,
@@ -55,6 +61,7 @@ from schemas.rows import (
     RebuildUser,
 )
 from stages.scripts import REBUILD
+from stages.select import allocation_id, batch_allocation_ids
 from stages.settings import Settings
 
 CHUNK = 200
@@ -120,9 +127,10 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams; returns how many."""
+    never the streams nor the strategy setting; returns how many."""
+    kept = keys.strategy.encode()  # configuration, not state
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000)]
+                                              count=1000) if k != kept]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -155,6 +163,13 @@ WHERE a.status = 'allocated' OR a.released_at > to_timestamp($1 / 1000.0)
    OR a.allocated_at > to_timestamp($2 / 1000.0)
 ORDER BY a.allocated_at, a.id
 """
+LAST_DEVICE_SQL = """
+SELECT DISTINCT ON (a.user_id) a.user_id, a.device_id, d.host
+FROM device_allocations a JOIN devices d ON d.id = a.device_id
+ORDER BY a.user_id, a.allocated_at DESC, a.id DESC
+"""
+"""Each user's newest allocation's device and host: the affinity strategy's memory (two
+allocations of one user in the same millisecond: the larger id counts as the newer)."""
 COUNTS_SQL = """
 SELECT count(*) AS allocated, count(*) FILTER (WHERE status = 'released') AS released,
        count(*) FILTER (WHERE status = 'expired') AS expired
@@ -210,6 +225,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
         quotas = await conn.fetch(QUOTAS_SQL)
         allocations = await conn.fetch(ALLOCATIONS_SQL, released_since, answered_since)
         counts = await conn.fetchrow(COUNTS_SQL)
+        last_devices = await conn.fetch(LAST_DEVICE_SQL)
     report = RebuildReport(devices=len(devices), quotas=len(quotas),
                            allocated_total=counts["allocated"],
                            released_total=counts["released"], expired_total=counts["expired"])
@@ -218,6 +234,7 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     active_of_user: dict[str, list[str]] = {}
     holder: dict[str, str] = {}
     last_closed: dict[str, tuple[int, str]] = {}
+    batches: dict[tuple[str, str], list[tuple[int, Allocated]]] = {}
     for row in allocations:
         meta = _meta.decode(row["metadata"])
         active = row["status"] == "allocated"
@@ -248,6 +265,17 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                     last_closed[row["device_id"]] = (released_at, row["id"])
         answer_left = _seconds_left(settings.idempotency_ttl_s, row["allocated_at_ms"], now_ms)
         if answer_left > 0 and row["device_name"] is not None:
+            item = Allocated(
+                request_id=meta.request_id, allocation_id=row["id"],
+                device=DeviceInfo(id=row["device_id"], name=row["device_name"],
+                                  status="allocated"),
+                user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
+                expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
+                adb_port=row["adb_port"])
+            if row["id"] != allocation_id(row["user_id"], meta.request_id):  # of a batch
+                batches.setdefault((row["user_id"], meta.request_id), []).append(
+                    (answer_left, item))
+                continue
             answer = Allocated(
                 request_id=meta.request_id, allocation_id=row["id"],
                 device=DeviceInfo(id=row["device_id"], name=row["device_name"],
@@ -258,6 +286,16 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
             answers.append(RebuildAnswer(user_id=row["user_id"], request_id=meta.request_id,
                                          answer=encoder.encode(answer).decode(),
                                          ttl_s=answer_left))
+    for (user_id, request_id), items in batches.items():
+        order = {aid: i for i, aid in enumerate(
+            batch_allocation_ids(user_id, request_id, MAX_BATCH))}
+        given = sorted((item for _left, item in items), key=lambda a: order.get(a.allocation_id, 0))
+        batch = AllocatedBatch(request_id=request_id, mode="best_effort",
+                               success_count=len(given), failed_count=0, allocations=given,
+                               failures=[])
+        answers.append(RebuildAnswer(user_id=user_id, request_id=request_id,
+                                     answer=encoder.encode(batch).decode(),
+                                     ttl_s=min(left for left, _item in items)))
     report.answers = len(answers)
     users: dict[str, RebuildUser] = {
         q["user_id"]: RebuildUser(
@@ -271,6 +309,10 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     }
     for user_id, ids in active_of_user.items():
         users.setdefault(user_id, RebuildUser(user_id=user_id, allocations=[])).allocations = ids
+    for row in last_devices:
+        user = users.get(row["user_id"])
+        if user is not None:
+            user.last_device, user.last_host = row["device_id"], row["host"]
     report.users = len(users)
     device_items = [RebuildDevice(
         device_id=d["id"], name=d["name"], pool=d["pool"], model=d["model"], host=d["host"],
