@@ -103,6 +103,8 @@ class SelectKeys(NamedTuple):
     admitted: str
     changes: str
     dead: str
+    state: str
+    """The state marker: its epoch goes into every new allocation id."""
 
 
 class AllocateRow(Row, tag="allocate", kw_only=True):
@@ -119,8 +121,6 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     model: str | None = None
     hold: str
     """What quota held for it ("cpu mem sto"), from the admitted entry's ``c``."""
-    allocation_id: str
-    """Derived from the user and request id (stages.select.allocation_id)."""
 
 
 class ReleaseRow(Row, tag="release", kw_only=True):

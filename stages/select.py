@@ -3,14 +3,19 @@
 One script call per batch (select.lua) picks each device by the resource_based
 strategy, records the allocation and its expiry, settles the quota hold, answers
 the producer, writes the change and acks: a crash before the call changes
-nothing, after it everything is done. Allocation ids are derived from the user
-and request id, so a redelivered request finds its first answer and a retried
-one can never make a second allocation. Each entry becomes one typed row of that
-call (schemas/rows.py: allocate, release or dead).
+nothing, after it everything is done. Each answer is stored under its request id,
+so a redelivered or retried request finds its first answer and can never make a
+second allocation while the answer is kept (``DEVSCHED_IDEMPOTENCY_TTL_S``). A new
+allocation's id is made in the script from the state's epoch (stages/state.py),
+the user, the request id and the time of the call (:func:`allocation_id`): unique
+across state losses and answer expiries, so PostgreSQL's version guard never takes
+a new allocation for an old one. Each entry becomes one typed row of that call
+(schemas/rows.py: allocate, release or dead).
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 
@@ -26,11 +31,13 @@ from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
 
-ALLOCATION_NAMESPACE = uuid.UUID("6f1c1d2e-3b7a-4c55-9a43-0d5e1f0a7b21")
 
-
-def allocation_id(user_id: str, request_id: str) -> str:
-    return str(uuid.uuid5(ALLOCATION_NAMESPACE, f"{user_id}/{request_id}"))
+def allocation_id(epoch: str, user_id: str, request_id: str, now_ms: int) -> str:
+    """The id select.lua gives the allocation it makes for ``request_id`` of ``user_id``
+    at ``now_ms`` in the state of ``epoch``: a UUID (version 5 layout) of the SHA-1 of
+    ``epoch/user/request/now``."""
+    digest = hashlib.sha1(f"{epoch}/{user_id}/{request_id}/{now_ms}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 class SelectStage:
@@ -44,7 +51,8 @@ class SelectStage:
         self.streams = [self.keys.admitted]
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
-        self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead)
+        self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead,
+                                      state=k.state)
 
     def item(self, entry: Entry) -> SelectRow:
         """The row for one admitted entry (schemas.messages.AdmittedEntry: the request in
@@ -64,7 +72,6 @@ class SelectStage:
                 duration_seconds=request.duration_seconds or request.duration_minutes * 60,
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(),
-                allocation_id=allocation_id(request.user_id, request.request_id),
             )
         return ReleaseRow(
             entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,

@@ -57,6 +57,7 @@ from stages.context import StageContext
 from stages.quota import QuotaStage
 from stages.scripts import ADMIN, EXPIRE, QUOTA, SELECT
 from stages.select import SelectStage, allocation_id
+from stages.state import state_epoch
 from stages.timers import expire_due
 from stages.tools.admin import add_devices, set_quotas
 
@@ -196,15 +197,20 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     await d.through_select()
 
     # releases: by allocation, by device, again, and each way to fail
-    first = allocation_id("ok", "r-1")
+    epoch = await state_epoch(redis, keys) or ""
+
+    def made(user: str, rid: str) -> str:  # the id select gave, at the unmoved clock
+        return allocation_id(epoch, user, rid, now)
+
+    first = made("ok", "r-1")
     await d.both(
         d.release("x-1", allocation_id=first, user_id="ok"),
         d.release("x-1b", allocation_id=first),
-        d.release("x-owner", allocation_id=allocation_id("race", "r-race-1"), user_id="other"),
+        d.release("x-owner", allocation_id=made("race", "r-race-1"), user_id="other"),
         d.release("x-unknown", allocation_id="no-such-allocation"),
         d.release("x-nodev", device_id="no-such-device"),
         d.release("x-idle", device_id="idle"),
-        d.release("x-elsewhere", allocation_id=allocation_id("race", "r-race-1"),
+        d.release("x-elsewhere", allocation_id=made("race", "r-race-1"),
                   device_id="d1"),
         d.release("x-by-device", device_id="d3"),
     )
@@ -213,7 +219,7 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     # expiry: r-2 lasts 60 s; released after it expired, it says so
     clock.advance(61_000)
     assert await expire_due(ctx) == 1
-    await d.both(d.release("x-2", allocation_id=allocation_id("ok", "r-2")))
+    await d.both(d.release("x-2", allocation_id=made("ok", "r-2")))
     return d.run
 
 

@@ -1,10 +1,10 @@
 -- select: decide a batch of admitted requests, answer each producer, record the
 -- changes and ack the batch, in one atomic step.
--- KEY: admitted, changes, dead (streams).
+-- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch).
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- released_ttl_s, items); each item one row, by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
---             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id
+--             duration_seconds, pool, model, hold ("cpu mem sto")
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
 --   dead:     a dead letter to add (letter)
 -- Strategy resource_based: the smallest free device (CPU, then memory) that meets the
@@ -13,11 +13,15 @@
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
+-- A new allocation's id is a name-based UUID of the state's epoch, the user, the request
+-- id and the time of the call: a request id re-sent once its answer is gone (the window
+-- passed, or Redis lost its state) makes a new id, never one PostgreSQL already holds.
 -- Returns {allocated, released, failed, dead-lettered}.
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
   CALL.released_ttl_s
 local changes, dead = KEY.changes, KEY.dead
+local epoch = redis.call('HGET', KEY.state, 'epoch') or ''
 local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
 
 -- The replies only select sends (the other messages are built in common.lua).
@@ -33,6 +37,15 @@ local function released_reply(rid, aid, device_id, uid, released_at, seconds, al
   return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
     device_id = device_id, user_id = uid, released_at_ms = released_at,
     duration_seconds = seconds, already_released = already, status = status})
+end
+
+-- The id of a new allocation (stages.select.allocation_id computes the same): a UUID
+-- (version 5 layout) from the SHA-1 of "epoch/user/request id/now".
+local function allocation_uuid(uid, rid)
+  local h = redis.sha1hex(epoch .. '/' .. uid .. '/' .. rid .. '/' .. now)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-5' .. string.sub(h, 14, 16)
+    .. '-' .. string.format('%x', tonumber(string.sub(h, 17, 17), 16) % 4 + 8)
+    .. string.sub(h, 18, 20) .. '-' .. string.sub(h, 21, 32)
 end
 
 local PAGE = 8
@@ -125,7 +138,7 @@ end
 local function allocate(row)
   local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
   local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
-  local hold, aid = row.hold, row.allocation_id
+  local hold = row.hold
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
@@ -157,6 +170,7 @@ local function allocate(row)
     n_failed = n_failed + 1
     return
   end
+  local aid = allocation_uuid(uid, rid)
   local dkey = k_pool(P, 'dev:' .. dev)
   -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host, port
   local cpu = math.floor(score / CPU_SCALE)

@@ -27,7 +27,9 @@ atomic, in the order stats, allocations, answers, users, devices; see the script
 for why a worker serving meanwhile never sees a device free that an allocation
 holds, nor a quota without its usage. Every item replaces what its keys held,
 and the keys of the live state are cleared first, so running it twice gives the
-same state. A Redis that holds live state is refused (:class:`StateNotEmpty`)
+same state. The state marker (stages/state.py) says ``rebuilding`` from before the
+clearing until the last item is written, then gets a new epoch: workers serve
+nothing in between, and allocation ids made after never repeat ids made before. A Redis that holds live state is refused (:class:`StateNotEmpty`)
 unless ``force``; with ``force`` the write-behind must have caught up first
 (:class:`BacklogPending`): what is not yet in PostgreSQL would be lost.
 """
@@ -41,6 +43,7 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.app import RecoveryError
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from schemas.keys import GROUP_PERSIST, Keys
@@ -56,6 +59,7 @@ from schemas.rows import (
 )
 from stages.scripts import REBUILD
 from stages.settings import Settings
+from stages.state import mark_rebuilding, mark_state, read_marker
 
 CHUNK = 200
 """Items per script call: bounds how long one call holds Redis."""
@@ -120,9 +124,10 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams; returns how many."""
+    never the streams nor the state marker; returns how many."""
+    marker = keys.state.encode()
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000)]
+                                              count=1000) if k != marker]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -302,6 +307,7 @@ async def rebuild(
     say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
         f"{report.active} active allocations ({report.overdue} past their expiry), "
         f"{report.closed} recently closed, {report.answers} stored answers")
+    await mark_rebuilding(redis, keys, now_ms=clock.now_ms())  # nothing served from now on
     report.cleared = await clear_live_state(redis, keys)
     if report.cleared:
         say(f"cleared {report.cleared} keys of the former state")
@@ -322,23 +328,53 @@ async def rebuild(
         for i in range(0, count, CHUNK):
             done += int(await REBUILD(redis, script_keys, chunk(i)))
         say(f"wrote {done} {kind}")
+    epoch = await mark_state(redis, keys, by="rebuild", now_ms=clock.now_ms())
+    say(f"state marker written (epoch {epoch})")
     say("rebuild done" + (f"; {report.overdue} allocations expire at the next timer tick"
                           if report.overdue else ""))
     return report
 
 
 async def recover(settings: Settings) -> None:
-    """What `devsched up` runs after migrating: when Redis holds no live state and
-    PostgreSQL does (Redis came back empty), rebuild it, printing progress."""
+    """What `devsched up` and `devsched run` run after migrating, so that the workers find
+    a live state with its marker (stages/state.py):
+
+    - the marker is there: nothing to do;
+    - PostgreSQL holds no state: mark the state as it is (a new install, or one made
+      before markers existed with nothing in PostgreSQL yet);
+    - else Redis holds no live state (it came back empty), a rebuild was cut short (the
+      marker says ``rebuilding``), or Redis holds a state made before markers existed:
+      rebuild it from PostgreSQL.
+
+    A rebuild it cannot run (changes not yet persisted) is :class:`RecoveryError`."""
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     pg = await pg_pool(settings)
+    clock = SystemClock()
+
+    def say(line: str) -> None:
+        print(f"rebuild: {line}", flush=True)
+
     try:
-        if await live_state_present(redis, keys) or not await database_has_state(pg):
+        marker = await read_marker(redis, keys)
+        if "epoch" in marker:
             return
-        print("Redis holds no live state and PostgreSQL does: rebuilding it", flush=True)
-        await rebuild(redis, keys, pg, settings, SystemClock(),
-                      progress=lambda line: print(f"rebuild: {line}", flush=True))
+        pg_state = await database_has_state(pg)
+        redis_state = await live_state_present(redis, keys)
+        if not pg_state:  # nothing to bring back, nothing to compare with
+            await mark_state(redis, keys, by="up", now_ms=clock.now_ms())
+            return
+        if "rebuilding" in marker:
+            print("a rebuild was cut short: running it again", flush=True)
+        elif redis_state:
+            print("Redis holds live state but no state marker: rebuilding it from PostgreSQL",
+                  flush=True)
+        else:
+            print("Redis holds no live state and PostgreSQL does: rebuilding it", flush=True)
+        try:
+            await rebuild(redis, keys, pg, settings, clock, force=True, progress=say)
+        except BacklogPending as exc:
+            raise RecoveryError(str(exc)) from exc
     finally:
         await pg.close()
         await redis.aclose()
