@@ -49,6 +49,8 @@ class QuotaKeys(NamedTuple):
     admitted: str
     changes: str
     dead: str
+    state: str
+    """The state marker: without its epoch the call changes nothing (stages/state.py)."""
 
 
 class AdmitRow(Row, tag="admit", kw_only=True):
@@ -104,7 +106,8 @@ class SelectKeys(NamedTuple):
     changes: str
     dead: str
     state: str
-    """The state marker: its epoch goes into every new allocation id."""
+    """The state marker: its epoch goes into every new allocation id; without it the
+    call changes nothing."""
 
 
 class AllocateRow(Row, tag="allocate", kw_only=True):
@@ -167,6 +170,8 @@ class ExpireCall(Struct, kw_only=True):
 
 class AdminKeys(NamedTuple):
     changes: str
+    state: str
+    """The state marker: without its epoch the call is refused."""
 
 
 class AdminCall(Struct, kw_only=True):

@@ -6,7 +6,9 @@ decode, is too large, or names neither allocation nor device gets a typed
 the reason; it never stops the stage. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
-ack, is one script call: atomic, and idempotent by request id. Each entry becomes
+ack, is one script call: atomic, and idempotent by request id. A Redis without the
+state marker (stages/state.py) gets no answer at all: the call changes nothing and
+the batch waits (``StateMissing``). Each entry becomes
 one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 """
 
@@ -26,6 +28,7 @@ from schemas.rows import AdmitRow, DeadRow, ForwardRow, QuotaCall, QuotaKeys, Qu
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
+from stages.state import StateMissing
 
 log = logging.getLogger("devsched.quota")
 
@@ -60,7 +63,7 @@ class QuotaStage:
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
-                                     dead=k.dead)
+                                     dead=k.dead, state=k.state)
 
     def item(self, entry: Entry) -> QuotaRow:
         """The row for one request entry. A request that decoded is valid UTF-8 JSON, so
@@ -117,6 +120,9 @@ class QuotaStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             fail_open=s.quota_fail_open, items=[self.item(entry) for entry in entries],
         )
-        dead = (await QUOTA(self.channel, self.script_keys, call))[2]
+        done = await QUOTA(self.channel, self.script_keys, call)
+        if done is None:  # no live state: nothing changed, nothing acked
+            raise StateMissing(self.keys)
+        dead = done[2]
         if dead:
             self._dead_lettered.inc(dead)

@@ -9,8 +9,9 @@ second allocation while the answer is kept (``DEVSCHED_IDEMPOTENCY_TTL_S``). A n
 allocation's id is made in the script from the state's epoch (stages/state.py),
 the user, the request id and the time of the call (:func:`allocation_id`): unique
 across state losses and answer expiries, so PostgreSQL's version guard never takes
-a new allocation for an old one. Each entry becomes one typed row of that call
-(schemas/rows.py: allocate, release or dead).
+a new allocation for an old one. Without the state marker the call changes
+nothing and the batch waits (``StateMissing``). Each entry becomes one typed row
+of that call (schemas/rows.py: allocate, release or dead).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from schemas.rows import AllocateRow, DeadRow, ReleaseRow, SelectCall, SelectKey
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
+from stages.state import StateMissing
 
 
 def allocation_id(epoch: str, user_id: str, request_id: str, now_ms: int) -> str:
@@ -86,6 +88,9 @@ class SelectStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
         )
-        dead = (await SELECT(self.channel, self.script_keys, call))[3]
+        done = await SELECT(self.channel, self.script_keys, call)
+        if done is None:  # no live state: nothing changed, nothing acked
+            raise StateMissing(self.keys)
+        dead = done[3]
         if dead:
             self._dead_lettered.inc(dead)

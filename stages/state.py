@@ -20,7 +20,21 @@ again instead of taking half a state for a whole one. The
 epoch goes into every allocation id (stages/lua/select.lua), so ids made after a state
 loss never repeat ids of before, whatever request ids producers re-send.
 
-Each select call reads it once (one HGET per batch, inside the call).
+The request-path scripts (quota.lua, select.lua) and admin.lua read it once per call,
+inside the call: the check and the work it guards are one atomic step, and it costs
+one hash read per batch, not per request. Without an epoch a request-path script
+changes nothing and acks nothing, and its stage raises :class:`StateMissing`, a
+:class:`~pipeline.worker.Transient`: the worker keeps the batch, logs why ("dependency
+down, retrying ... no state marker ..."), backs off (at most 5 s) and retries it until
+the marker is back; entries not yet read stay in their stream. So requests wait,
+they are not refused: a producer whose own time-out passes counts a ``timed_out``;
+a request still in the stream when the state comes back is served then. Admin
+changes are refused with :class:`StateMissing` (the command exits 1).
+
+The marker lives in the ``{pool}`` slot: the select script already writes that slot;
+the quota script, whose other keys are the user's ``{u:ID}``, reads it as one more key
+of its call (one Redis today; on Redis Cluster, where a script's keys must share a
+slot, quota's phase would read the marker before its call instead).
 """
 
 from __future__ import annotations
@@ -30,10 +44,26 @@ import secrets
 from redis.asyncio import Redis
 
 from pipeline.connections import text
+from pipeline.worker import Transient
 from schemas.keys import Keys
 
 EPOCH_HEX_DIGITS = 16
 """Length of an epoch: 64 random bits, never repeated in practice."""
+
+
+class StateMissing(Transient):
+    """Redis has no state marker with an epoch: it holds no live state (it came back
+    empty, or a rebuild is under way), so nothing is served from it."""
+
+    def __init__(self, keys: Keys, waiting: str = "serving requests waits") -> None:
+        super().__init__(
+            f"no state marker at {keys.state}: Redis holds no live state (it came back "
+            f"empty, or a rebuild is running); {waiting} until `devsched up` or "
+            "`devsched rebuild` brings it back")
+
+
+NO_STATE_ERROR = "NOSTATE"
+"""How admin.lua's refusal starts."""
 
 
 def new_epoch() -> str:

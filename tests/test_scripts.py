@@ -251,5 +251,5 @@ async def test_a_header_or_record_field_renamed_in_python_only_fails_the_first_c
         call = new_type(prefix=keys.prefix, **{field + "_renamed": 10}, **values)
     stale = Script(script.name, script.keys, new_call_type, script.body)
     with pytest.raises(ResponseError, match=re.escape(f"{what} has no field {field}")):
-        await stale(redis, script.keys(f"{keys.prefix}:changes"), call)
+        await stale(redis, script.keys(*(getattr(keys, n) for n in script.keys._fields)), call)
 

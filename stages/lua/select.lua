@@ -16,12 +16,14 @@
 -- A new allocation's id is a name-based UUID of the state's epoch, the user, the request
 -- id and the time of the call: a request id re-sent once its answer is gone (the window
 -- passed, or Redis lost its state) makes a new id, never one PostgreSQL already holds.
--- Returns {allocated, released, failed, dead-lettered}.
+-- Returns {allocated, released, failed, dead-lettered}; nil, having changed and acked
+-- nothing, when the state marker has no epoch (Redis holds no live state).
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
   CALL.released_ttl_s
 local changes, dead = KEY.changes, KEY.dead
-local epoch = redis.call('HGET', KEY.state, 'epoch') or ''
+local epoch = redis.call('HGET', KEY.state, 'epoch')
+if not epoch then return false end  -- no live state: change and ack nothing (stages/state.py)
 local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
 
 -- The replies only select sends (the other messages are built in common.lua).
@@ -40,12 +42,17 @@ local function released_reply(rid, aid, device_id, uid, released_at, seconds, al
 end
 
 -- The id of a new allocation (stages.select.allocation_id computes the same): a UUID
--- (version 5 layout) from the SHA-1 of "epoch/user/request id/now".
+-- (version 5 layout) from the SHA-1 of "epoch/user/request id/now". What does not
+-- change within the call is joined once; the variant digit comes from a table.
+local id_head, id_tail = epoch .. '/', '/' .. now
+local VARIANT = {['0'] = '8', ['1'] = '9', ['2'] = 'a', ['3'] = 'b', ['4'] = '8', ['5'] = '9',
+  ['6'] = 'a', ['7'] = 'b', ['8'] = '8', ['9'] = '9', a = 'a', b = 'b', c = '8', d = '9',
+  e = 'a', f = 'b'}
+local sub = string.sub
 local function allocation_uuid(uid, rid)
-  local h = redis.sha1hex(epoch .. '/' .. uid .. '/' .. rid .. '/' .. now)
-  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-5' .. string.sub(h, 14, 16)
-    .. '-' .. string.format('%x', tonumber(string.sub(h, 17, 17), 16) % 4 + 8)
-    .. string.sub(h, 18, 20) .. '-' .. string.sub(h, 21, 32)
+  local h = redis.sha1hex(id_head .. uid .. '/' .. rid .. id_tail)
+  return sub(h, 1, 8) .. '-' .. sub(h, 9, 12) .. '-5' .. sub(h, 14, 16) .. '-'
+    .. VARIANT[sub(h, 17, 17)] .. sub(h, 18, 20) .. '-' .. sub(h, 21, 32)
 end
 
 local PAGE = 8
