@@ -3,7 +3,8 @@
 Every request is decoded against the public schema. A request that does not
 decode, is too large, or names neither allocation nor device gets a typed
 ``invalid_request`` reply when it says where to reply, else a dead letter with
-the reason; it never stops the stage. Allocations are checked against the
+the reason; it never stops the stage (JSON nested too deep to decode included: its
+reply stream is then read from the text). Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
 ack, is one script call: atomic, and idempotent by request id. A Redis without the
@@ -15,6 +16,7 @@ one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 
 import msgspec
@@ -45,6 +47,19 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
+
+
+_FIELD = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9_.:@/-]{1,200})"')
+          for name in ("request_id", "reply_to", "user_id", "tenant_id")}
+
+
+def _shallow_envelope(raw: bytes) -> _Envelope:
+    """The envelope of a request nested too deep to decode (a value thousands of levels
+    deep): each field found as a plain string in the text, else empty. Only used to
+    address the invalid_request reply, which can only go to a reply stream of ours."""
+    found = {name: (m.group(1).decode() if (m := pattern.search(raw)) else "")
+             for name, pattern in _FIELD.items()}
+    return _Envelope(**found)
 
 
 def _text(value: object) -> str:
@@ -95,7 +110,9 @@ class QuotaStage:
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
         try:
             env = _envelope.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        except RecursionError:
+            env = _shallow_envelope(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             env = _Envelope()
         reply_to = _text(env.reply_to)
         answerable = len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:")
