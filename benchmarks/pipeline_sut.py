@@ -146,6 +146,15 @@ async def _drain(settings: Settings) -> None:
         await redis.aclose()
 
 
+async def redis_used_memory(redis_url: str) -> int:
+    """Bytes the Redis server uses now (INFO memory ``used_memory``)."""
+    redis = redis_client(Settings(redis_url=redis_url))
+    try:
+        return int((await redis.info("memory"))["used_memory"])
+    finally:
+        await redis.aclose()
+
+
 async def reset_pipeline(handle: PipelineHandle) -> None:
     """All devices free, no usage, no backlog: every cycle releases what it took."""
     await _drain(handle.state.settings)
