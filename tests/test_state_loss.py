@@ -166,3 +166,25 @@ async def test_embedded_postgres_keeps_its_port_and_the_write_behind_reconnects(
             await running.close()
     finally:
         stop_servers(own)
+
+
+async def test_rebuild_bills_a_closed_allocation_the_ledger_lacks(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """persist had committed the release, bill had not when Redis lost the changes."""
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    async with Client(settings, timeout_s=10) as client:
+        got = await client.allocate("alice", request_id="r1")
+        assert isinstance(got, Allocated)
+        clock.advance(7_000)
+        assert isinstance(await client.release(allocation_id=got.allocation_id), Released)
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    async with pg.acquire() as conn:  # the bill change was lost with Redis
+        await conn.execute("DELETE FROM billing_ledger")
+    await delete_keys(redis, settings.prefix)
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert report.billed == 1
+    assert await ledger(pg) == {got.allocation_id: 7}
+    assert (await rebuild(redis, keys, pg, settings, clock, force=True)).billed == 0

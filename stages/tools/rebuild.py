@@ -16,6 +16,10 @@ What it restores, from the write-behind tables:
   ``devices``), so a retried request gets its first answer, never a second device;
 - the counters of ``devsched stats`` (allocations, releases, expiries).
 
+It also bills what PostgreSQL shows closed but the ledger lacks: persist and bill
+read the changes stream in groups of their own, so a change persist had committed may
+have been lost with Redis before bill wrote its row (``billed``).
+
 What it cannot restore: changes Redis had not yet handed to PostgreSQL when it was
 lost (the write-behind backlog, at most the requests of the last moments before the
 loss), holds of requests between the quota and select stages, stored answers of
@@ -91,6 +95,9 @@ class RebuildReport:
     answers: int = 0
     cleared: int = 0
     """Keys of a former state (or of debris on an empty one) removed first."""
+    billed: int = 0
+    """Closed allocations PostgreSQL had but the ledger lacked (their bill change was
+    lost with Redis): billed now, as the bill stage would have."""
     allocated_total: int = 0
     released_total: int = 0
     expired_total: int = 0
@@ -164,6 +171,18 @@ COUNTS_SQL = """
 SELECT count(*) AS allocated, count(*) FILTER (WHERE status = 'released') AS released,
        count(*) FILTER (WHERE status = 'expired') AS expired
 FROM device_allocations
+"""
+BILL_MISSING_SQL = """
+INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
+    duration_seconds, cpu_cores, memory_mb, end_reason)
+SELECT a.id, a.user_id, a.tenant_id, a.device_id, a.allocated_at, a.released_at,
+       coalesce(a.duration_seconds, 0), (a.metadata->>'cpu_cores')::int,
+       (a.metadata->>'memory_mb')::int, a.status
+FROM device_allocations a
+WHERE a.status <> 'allocated' AND a.released_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM billing_ledger l WHERE l.allocation_id = a.id)
+ORDER BY a.id
+ON CONFLICT (allocation_id) DO NOTHING
 """
 HAS_STATE_SQL = """
 SELECT EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM user_quotas)
@@ -328,6 +347,10 @@ async def rebuild(
         for i in range(0, count, CHUNK):
             done += int(await REBUILD(redis, script_keys, chunk(i)))
         say(f"wrote {done} {kind}")
+    async with pg.acquire() as conn:
+        report.billed = int((await conn.execute(BILL_MISSING_SQL)).split()[-1])
+    if report.billed:
+        say(f"billed {report.billed} closed allocations the ledger lacked")
     epoch = await mark_state(redis, keys, by="rebuild", now_ms=clock.now_ms())
     say(f"state marker written (epoch {epoch})")
     say("rebuild done" + (f"; {report.overdue} allocations expire at the next timer tick"
