@@ -140,6 +140,10 @@ class LoadResult(msgspec.Struct, frozen=True):
     generator_cpu_s: float = 0.0
     """CPU seconds the producer processes spent during the load, all of them together
     (what the generator cost, whatever share of the cores the machine gave it)."""
+    redis_memory_bytes_per_1000_requests: float | None = None
+    """Redis ``used_memory`` after the point (and the system's drain) minus before, per
+    1,000 requests: what the requests left in Redis (set by the benchmark for systems
+    on Redis; None otherwise)."""
 
     def summary(self) -> dict[str, float]:
         """The figures of a latency-table row."""

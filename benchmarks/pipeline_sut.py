@@ -45,6 +45,7 @@ from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec
 from stages.app import APP
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.tools.admin import (
     add_devices,
     delete_keys,
@@ -107,6 +108,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     try:
+        await mark_state(redis, keys, by="bench", now_ms=SystemClock().now_ms())  # fresh state
         specs, quotas = _population(devices, users)
         for i in range(0, len(specs), 500):
             await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
@@ -140,6 +142,15 @@ async def _drain(settings: Settings) -> None:
             if asyncio.get_running_loop().time() > deadline:
                 raise RuntimeError("write-behind did not drain")
             await asyncio.sleep(0.1)
+    finally:
+        await redis.aclose()
+
+
+async def redis_used_memory(redis_url: str) -> int:
+    """Bytes the Redis server uses now (INFO memory ``used_memory``)."""
+    redis = redis_client(Settings(redis_url=redis_url))
+    try:
+        return int((await redis.info("memory"))["used_memory"])
     finally:
         await redis.aclose()
 

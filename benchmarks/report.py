@@ -43,6 +43,10 @@ def _fmt(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
+def _kib(value: float | None) -> float | None:
+    return None if value is None else value / 1024
+
+
 def render_table(doc: dict[str, Any]) -> str:
     """Headline figures then the latency rows of every system."""
     lines: list[str] = []
@@ -77,6 +81,11 @@ def render_table(doc: dict[str, Any]) -> str:
                  f"pipeline/ceiling = {_fmt(ratios.get('pipeline_vs_ceiling'), 3)} "
                  f"(requests/s saturated; sustained "
                  f"{_fmt(ratios.get('pipeline_sustained_vs_ceiling'), 3)})")
+    kept = (doc.get("pipeline") or {}).get("redis_memory_bytes_per_1000_requests")
+    if kept is not None:
+        lines.append(f"pipeline Redis memory: {kept / 1024:,.1f} KiB kept per 1,000 requests "
+                     "(used_memory after a point and its drain, minus before; held for the "
+                     "idempotency window, see DEVSCHED_IDEMPOTENCY_TTL_S)")
     lat = (doc.get("targets") or {}).get("latency_at_1000_per_s") or {}
     if lat.get("measured"):
         lines.append(f"pipeline at {lat['offered_per_s']:,.0f} cycles/s: allocate p50 "
@@ -91,7 +100,8 @@ def render_table(doc: dict[str, Any]) -> str:
     # gen cpu: the busiest load-generator process's share of a core (near 1: the
     # generator, not the system, would be the limit)
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "
-              f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9} {'gen cpu':>8}  errors")
+              f"{'p99 ms':>9} {'p99.9 ms':>9} {'max ms':>9} {'gen cpu':>8} "
+              f"{'KiB/1k req':>10}  errors")
     lines.append("")
     lines.append(header)
     lines.append("-" * len(header))
@@ -105,7 +115,8 @@ def render_table(doc: dict[str, Any]) -> str:
                 f"{name:<9} {_fmt(row['offered_per_s'], 0):>10} "
                 f"{_fmt(row['delivered_per_s'], 0):>12} {_fmt(row['p50_ms'], 2):>9} "
                 f"{_fmt(row['p99_ms'], 2):>9} {_fmt(row['p999_ms'], 2):>9} "
-                f"{_fmt(row['max_ms'], 2):>9} {_fmt(row.get('generator_cpu_share'), 2):>8}"
+                f"{_fmt(row['max_ms'], 2):>9} {_fmt(row.get('generator_cpu_share'), 2):>8} "
+                f"{_fmt(_kib(row.get('redis_memory_bytes_per_1000_requests')), 1):>10}"
                 f"  {errors}")
     return "\n".join(lines)
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from benchmarks import baseline, ceiling, loadgen, pipeline_sut, report, search
@@ -113,6 +114,12 @@ class System:
     reset: Callable[[], Awaitable[None]]
     close: Callable[[], Awaitable[None]]
     notes: dict[str, Any] = field(default_factory=dict)
+    memory: Callable[[], Awaitable[int]] | None = None
+    """Bytes its Redis uses now (``used_memory``), for systems on Redis."""
+
+
+REQUESTS_PER_CYCLE = 2
+"""A cycle is two requests: allocate, then release."""
 
 
 def parse_args(argv: list[str]) -> Plan:
@@ -223,6 +230,8 @@ def _row(result: LoadResult) -> dict[str, Any]:
     if result.start_lag is not None:
         row["start_lag_p99_ms"] = result.start_lag.p99_ms
     row["generator_cpu_share"] = result.generator_cpu_share
+    if result.redis_memory_bytes_per_1000_requests is not None:
+        row["redis_memory_bytes_per_1000_requests"] = result.redis_memory_bytes_per_1000_requests
     return row
 
 
@@ -298,8 +307,11 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
         await system.close()
     note = f" (search bounded by {outcome.bounded_by})" if outcome.bounded_by else ""
     report.progress(f"{name}: max sustainable {outcome.max_rate:,.0f} cycles/s{note}")
+    kept = sorted(r.redis_memory_bytes_per_1000_requests for r in fixed
+                  if r.redis_memory_bytes_per_1000_requests is not None)
     return {
         "max_cycles_per_s": outcome.max_rate,
+        "redis_memory_bytes_per_1000_requests": kept[len(kept) // 2] if kept else None,
         "latency": [_row(r) for r in fixed],
         "search": [_row(r) for r in outcome.probes],
         "search_bounded_by": outcome.bounded_by or None,
@@ -314,10 +326,20 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
 
 async def _point(plan: Plan, system: System, factory: CycleFactory, rate: float,
                  duration_s: float) -> LoadResult:
-    """One measured point: the system reset, then ``rate`` offered for ``duration_s``."""
+    """One measured point: the system reset, then ``rate`` offered for ``duration_s``. On
+    a system with a Redis, what the point left there: ``used_memory`` after the point and
+    a second reset (the write-behind drained, so a backlog does not count) minus before,
+    per 1,000 requests."""
     await system.reset()
-    return await loadgen.run_open(factory, rate, duration_s, processes=plan.producers,
-                                  drain_s=plan.drain_s)
+    before = await system.memory() if system.memory is not None else None
+    result = await loadgen.run_open(factory, rate, duration_s, processes=plan.producers,
+                                    drain_s=plan.drain_s)
+    if system.memory is not None and before is not None and result.ok:
+        await system.reset()
+        kept = await system.memory() - before
+        result = msgspec.structs.replace(result, redis_memory_bytes_per_1000_requests=round(
+            kept / (result.ok * REQUESTS_PER_CYCLE) * 1000, 1))
+    return result
 
 
 async def _search_each_setting(plan: Plan, system: System, workers: dict[str, dict[str, Any]],
@@ -386,8 +408,11 @@ def pipeline_system(plan: Plan, servers: Servers) -> System:
         while handles:
             await pipeline_sut.stop_pipeline(handles.pop())
 
+    async def memory() -> int:
+        return await pipeline_sut.redis_used_memory(servers.redis_url)
+
     return System("pipeline", "workers_per_stage", PIPELINE_WORKERS, open_, reset, close,
-                  notes=notes)
+                  notes=notes, memory=memory)
 
 
 def _skipped(reason: str) -> dict[str, Any]:
@@ -481,7 +506,7 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
         "pipeline_vs_ceiling": _ratio(2 * saturated if saturated else None, chain),
         "pipeline_sustained_vs_ceiling": _ratio(2 * sustained if sustained else None, chain),
         "pipeline_vs_baseline_saturated": _ratio(saturated, _saturated(baseline)),
-        "requests_per_cycle": 2,
+        "requests_per_cycle": REQUESTS_PER_CYCLE,
     }
 
 

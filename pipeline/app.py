@@ -28,6 +28,12 @@ from pipeline.scripts import Script
 from pipeline.settings import RuntimeSettings
 from pipeline.worker import Stage
 
+
+class RecoveryError(RuntimeError):
+    """Raised by an application's ``recover`` when it cannot bring the live state back
+    (the message says why and what to do); `up` and `run` print it and exit 1."""
+
+
 C = TypeVar("C")
 """The application's context: what each of its stages is built from."""
 S = TypeVar("S", bound=RuntimeSettings)
@@ -71,8 +77,10 @@ class Application(Generic[C, S]):
     migrations: Callable[[], Traversable] | None = None
     """The folder of numbered SQL migrations, applied by `up`, `migrate` and `run`."""
     recover: Callable[[S], Coroutine[Any, Any, None]] | None = None
-    """Run by `up` after migrating: brings the live state back into Redis when Redis
-    came back without it (e.g. loads it from the database); does nothing otherwise."""
+    """Run by `up` and `run` after migrating: makes sure Redis holds a live state the
+    workers may serve from (brings it back when Redis came back without it, e.g. from
+    the database; marks a fresh one); does nothing when it is there. May raise
+    :class:`RecoveryError`."""
 
     @property
     def stage_names(self) -> list[str]:

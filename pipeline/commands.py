@@ -8,9 +8,10 @@ saving its data for the next `up`); `run` stops what it started when it exits.
 
 `up`, `run` and `worker` check the Redis server first (``pipeline.durability``): one
 that may evict keys is refused with a message that says how to fix it, and exit
-status ``EX_CONFIG`` (78), which the supervisor does not restart. `up` then hands
-the application its chance to bring the live state back (``Application.recover``,
-e.g. from the database after Redis came back empty).
+status ``EX_CONFIG`` (78), which the supervisor does not restart. `up` and `run` then
+hand the application its chance to bring the live state back (``Application.recover``,
+e.g. from the database after Redis came back empty, or to mark a fresh one); one it
+cannot bring back (``RecoveryError``) is printed, exit status 1.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import sys
 from collections.abc import Coroutine
 from typing import Any
 
-from pipeline.app import Application, S
+from pipeline.app import Application, RecoveryError, S
 from pipeline.durability import EX_CONFIG, UnsafeRedisError, check_redis_of
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
 from pipeline.migrate import migrate
@@ -126,6 +127,9 @@ def cmd_up(app: Application[Any, Any]) -> int:
         run_coroutine(go(), settings)
     except UnsafeRedisError as exc:
         return refused(exc)
+    except RecoveryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"REDIS_URL={settings.redis_url}")
     print(f"DATABASE_URL={settings.database_url}")
     return 0
@@ -159,6 +163,8 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
     try:
         run_coroutine(check_redis_of(settings), settings)
         run_coroutine(migrate_database(app, settings.database_url), settings)
+        if app.recover is not None:
+            run_coroutine(app.recover(settings), settings)
         names = args.stages or app.stage_names
         if args.in_process:
             run_coroutine(serve(app, names, settings), settings)
@@ -167,6 +173,9 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
         return supervise(worker_commands(app, names, workers=args.workers, split=args.split))
     except UnsafeRedisError as exc:
         return refused(exc)
+    except RecoveryError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     finally:
         if started:
             stop_servers(settings)

@@ -27,6 +27,10 @@ What it promises:
   that (kept by the RawChannel's watchdog); the loop stops by a flag checked
   between reads, never by cancelling a read in flight. On stop the current batch
   finishes, then the loop exits.
+* **A lost group is made again, not a crash.** When Redis lost its streams (it came
+  back empty, or was emptied), a read or a claim answers NOGROUP: the worker logs
+  it, creates its groups again (at the start of each stream: whatever producers
+  added since is read) and goes on; a batch in hand is kept and handled as usual.
 * **Batches are as large as the stage wants.** A stage off the request path
   (the write-behind) declares a :class:`Batching` with a linger: after a batch
   that was not full the worker waits that long before reading again, so its
@@ -138,6 +142,11 @@ class Stage(Protocol):
         ...
 
 
+def is_nogroup(exc: BaseException) -> bool:
+    """True for Redis's answer about a stream or group that does not exist (NOGROUP)."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+
+
 def consumer_name() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
@@ -243,9 +252,19 @@ class StageWorker:
                     # take them first when Redis is back, not after claim_idle_ms
                     self._own_cursor = {s: "0-0" for s in self.stage.streams}
                     await self._sleep(0.5)
+                except ResponseError as exc:
+                    if not is_nogroup(exc):
+                        raise
+                    await self._group_lost(exc)
         finally:
             await self._read_channel.close()
         log.info("worker stopped", extra={"stage": self.stage.group, "consumer": self.consumer})
+
+    async def _group_lost(self, exc: BaseException) -> None:
+        log.warning("consumer group gone (Redis lost its streams?); creating it again: %s",
+                    exc, extra={"stage": self._label})
+        self._cursors = {s: "0-0" for s in self.stage.streams}
+        await self.setup()
 
     async def run_once(self, block_ms: int | None = None) -> int:
         """One turn: reclaim if due, read one batch, handle it. Returns entries handled."""
@@ -354,7 +373,10 @@ class StageWorker:
                             extra={"stage": self._label})
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, TRANSIENT_BACKOFF_MAX_S)
-                await self._keep_claim(entries)
+                try:
+                    await self._keep_claim(entries)
+                except REDIS_DOWN:
+                    pass  # Redis itself still down: the next try finds out, and waits again
 
     async def _keep_claim(self, entries: list[Entry]) -> None:
         by_stream: dict[str, list[int | bytes | str | memoryview]] = {}
@@ -363,9 +385,16 @@ class StageWorker:
         for stream, ids in by_stream.items():
             # xclaim(justid=True), not execute_command: redis-py parses a raw XCLAIM reply
             # as entries and fails on a list of ids
-            await self.redis.xclaim(
-                stream, self.stage.group, self.consumer, 0, ids, justid=True
-            )
+            try:
+                await self.redis.xclaim(
+                    stream, self.stage.group, self.consumer, 0, ids, justid=True
+                )
+            except ResponseError as exc:
+                if not is_nogroup(exc):
+                    raise
+                # the stream went away with its entries: the batch in hand is their only
+                # copy; keep it, and have the group back for what comes next
+                await self._group_lost(exc)
 
     async def _record_failure(self, entry: Entry, exc: BaseException) -> None:
         metrics.FAILED.labels(self._label).inc()

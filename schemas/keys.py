@@ -121,6 +121,13 @@ class Keys:
         gave last."""
         return f"{self.prefix}:{{pool}}:round_robin"
 
+    @property
+    def state(self) -> str:
+        """The state marker (a hash: ``epoch``, ``by``, ``at_ms``; see stages/state.py):
+        present exactly when Redis holds a live state that `up`, a rebuild or a fresh
+        start established. In the ``{pool}`` slot, beside the devices it vouches for."""
+        return f"{self.prefix}:{{pool}}:state"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota

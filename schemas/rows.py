@@ -49,6 +49,8 @@ class QuotaKeys(NamedTuple):
     admitted: str
     changes: str
     dead: str
+    state: str
+    """The state marker: without its epoch the call changes nothing (stages/state.py)."""
 
 
 class AdmitRow(Row, tag="admit", kw_only=True):
@@ -119,6 +121,9 @@ class SelectKeys(NamedTuple):
     admitted: str
     changes: str
     dead: str
+    state: str
+    """The state marker: its epoch goes into every new allocation id; without it the
+    call changes nothing."""
 
 
 class AllocateRow(Row, tag="allocate", kw_only=True):
@@ -135,8 +140,6 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     model: str | None = None
     hold: str
     """What quota held for it ("cpu mem sto"), from the admitted entry's ``c``."""
-    allocation_id: str
-    """Derived from the user and request id (stages.select.allocation_id)."""
     replace_on_failure: bool | None = None
     """The request's replace_on_failure (None when false: left out of the encoding);
     kept on the allocation's hash for events.lua."""
@@ -144,8 +147,8 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
 
 class AllocateBatchRow(Row, tag="allocate_batch", kw_only=True):
     """An admitted allocate request for ``count`` > 1 devices: the fields of an
-    AllocateRow (its ``allocation_id`` the first of ``allocation_ids``), the batch's
-    mode, and one allocation id per device, derived as stages.select.batch_allocation_ids."""
+    AllocateRow and the batch's mode. select.lua gives device i the id it would give
+    request ``<request id>#<i>`` (``#`` is not allowed in request ids)."""
 
     request_id: str
     user_id: str
@@ -160,7 +163,6 @@ class AllocateBatchRow(Row, tag="allocate_batch", kw_only=True):
     """What quota held for it ("cpu mem sto n": n devices)."""
     count: int
     best_effort: bool = False
-    allocation_ids: list[str]
 
 
 class ReleaseBatchRow(Row, tag="release_batch", kw_only=True):
@@ -217,6 +219,8 @@ class ExpireCall(Struct, kw_only=True):
 
 class AdminKeys(NamedTuple):
     changes: str
+    state: str
+    """The state marker: without its epoch the call is refused."""
 
 
 class AdminCall(Struct, kw_only=True):

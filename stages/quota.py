@@ -3,14 +3,17 @@
 Every request is decoded against the public schema. A request that does not
 decode, is too large, or names neither allocation nor device gets a typed
 ``invalid_request`` reply when it says where to reply, else a dead letter with
-the reason; it never stops the stage. Allocations are checked against the
+the reason; it never stops the stage (JSON nested too deep to decode included: its
+reply stream is then read from the text). Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
 ack, is one script call: atomic, and idempotent by request id. With rate limits set
 (DEVSCHED_RATE_USER_PER_S, DEVSCHED_RATE_TENANT_PER_S) an allocate request also takes a
 token of its user's and its tenant's bucket, or is refused ``rate_limited`` with
 ``retry_after_ms`` (see quota.lua); with none set the call carries no ``rate`` and the
-script reads no bucket. Each entry becomes
+script reads no bucket. A Redis without the state marker (stages/state.py) gets no
+answer at all: the call changes nothing and the batch waits (``StateMissing``). Each
+entry becomes
 one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 """
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Sequence
 
 import msgspec
@@ -41,6 +45,7 @@ from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
 from stages.settings import Settings
+from stages.state import StateMissing
 
 log = logging.getLogger("devsched.quota")
 
@@ -57,6 +62,19 @@ class _Envelope(msgspec.Struct):
 
 
 _envelope = msgspec.json.Decoder(_Envelope)
+
+
+_FIELD = {name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([A-Za-z0-9_.:@/-]{1,200})"')
+          for name in ("request_id", "reply_to", "user_id", "tenant_id")}
+
+
+def _shallow_envelope(raw: bytes) -> _Envelope:
+    """The envelope of a request nested too deep to decode (a value thousands of levels
+    deep): each field found as a plain string in the text, else empty. Only used to
+    address the invalid_request reply, which can only go to a reply stream of ours."""
+    found = {name: (m.group(1).decode() if (m := pattern.search(raw)) else "")
+             for name, pattern in _FIELD.items()}
+    return _Envelope(**found)
 
 
 def _text(value: object) -> str:
@@ -91,7 +109,7 @@ class QuotaStage:
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
-                                     dead=k.dead)
+                                     dead=k.dead, state=k.state)
         self.rate = rate_limits(ctx.settings)
 
     def item(self, entry: Entry) -> QuotaRow:
@@ -128,7 +146,9 @@ class QuotaStage:
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
         try:
             env = _envelope.decode(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        except RecursionError:
+            env = _shallow_envelope(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError):
             env = _Envelope()
         reply_to = _text(env.reply_to)
         answerable = len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:")
@@ -154,6 +174,9 @@ class QuotaStage:
             fail_open=s.quota_fail_open, rate=self.rate,
             items=[self.item(entry) for entry in entries],
         )
-        dead = (await QUOTA(self.channel, self.script_keys, call))[2]
+        done = await QUOTA(self.channel, self.script_keys, call)
+        if done is None:  # no live state: nothing changed, nothing acked
+            raise StateMissing(self.keys)
+        dead = done[2]
         if dead:
             self._dead_lettered.inc(dead)

@@ -4,16 +4,23 @@ One script call per batch (select.lua) picks each device by the strategy in forc
 (``Keys.strategy``, read once per call, so ``devsched strategy set`` applies from the
 next batch; resource_based by default), records the allocation and its expiry, settles the quota hold, answers
 the producer, writes the change and acks: a crash before the call changes
-nothing, after it everything is done. Allocation ids are derived from the user
-and request id, so a redelivered request finds its first answer and a retried
-one can never make a second allocation. Each entry becomes one typed row of that
-call (schemas/rows.py: allocate, release, allocate_batch for count > 1, release_batch
-for allocation_ids, or dead). A batch is decided whole in the same call: all or nothing
-(devices taken tentatively and put back when not every one fits) or best effort.
+nothing, after it everything is done. Each answer is stored under its request id,
+so a redelivered or retried request finds its first answer and can never make a
+second allocation while the answer is kept (``DEVSCHED_IDEMPOTENCY_TTL_S``). A new
+allocation's id is made in the script from the state's epoch (stages/state.py),
+the user, the request id and the time of the call (:func:`allocation_id`): unique
+across state losses and answer expiries, so PostgreSQL's version guard never takes
+a new allocation for an old one. Without the state marker the call changes
+nothing and the batch waits (``StateMissing``). Each entry becomes one typed row
+of that call (schemas/rows.py: allocate, release, allocate_batch for count > 1 (device i
+gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, or dead). A
+batch is decided whole in the same call: all or nothing (devices taken tentatively and put
+back when not every one fits) or best effort.
 """
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Sequence
 
@@ -37,18 +44,15 @@ from schemas.rows import (
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
-
-ALLOCATION_NAMESPACE = uuid.UUID("6f1c1d2e-3b7a-4c55-9a43-0d5e1f0a7b21")
-
-
-def allocation_id(user_id: str, request_id: str) -> str:
-    return str(uuid.uuid5(ALLOCATION_NAMESPACE, f"{user_id}/{request_id}"))
+from stages.state import StateMissing
 
 
-def batch_allocation_ids(user_id: str, request_id: str, count: int) -> list[str]:
-    """The allocation id of each device of a batch request: of ``<request id>#<i>``
-    (``#`` is not allowed in request ids, so no single request derives the same)."""
-    return [allocation_id(user_id, f"{request_id}#{i}") for i in range(count)]
+def allocation_id(epoch: str, user_id: str, request_id: str, now_ms: int) -> str:
+    """The id select.lua gives the allocation it makes for ``request_id`` of ``user_id``
+    at ``now_ms`` in the state of ``epoch``: a UUID (version 5 layout) of the SHA-1 of
+    ``epoch/user/request/now``."""
+    digest = hashlib.sha1(f"{epoch}/{user_id}/{request_id}/{now_ms}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=5))
 
 
 class SelectStage:
@@ -62,7 +66,8 @@ class SelectStage:
         self.streams = [self.keys.admitted]
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
-        self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead)
+        self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead,
+                                      state=k.state)
 
     def item(self, entry: Entry) -> SelectRow:
         """The row for one admitted entry (schemas.messages.AdmittedEntry: the request in
@@ -83,8 +88,6 @@ class SelectStage:
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(), count=request.count,
                 best_effort=request.mode == "best_effort",
-                allocation_ids=batch_allocation_ids(request.user_id, request.request_id,
-                                                    request.count),
             )
         if isinstance(request, AllocateRequest):
             return AllocateRow(
@@ -94,7 +97,6 @@ class SelectStage:
                 duration_seconds=request.duration_seconds or request.duration_minutes * 60,
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(),
-                allocation_id=allocation_id(request.user_id, request.request_id),
                 replace_on_failure=request.replace_on_failure or None,
             )
         if request.allocation_ids:
@@ -115,6 +117,9 @@ class SelectStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
         )
-        dead = (await SELECT(self.channel, self.script_keys, call))[3]
+        done = await SELECT(self.channel, self.script_keys, call)
+        if done is None:  # no live state: nothing changed, nothing acked
+            raise StateMissing(self.keys)
+        dead = done[3]
         if dead:
             self._dead_lettered.inc(dead)

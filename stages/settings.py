@@ -23,10 +23,14 @@ class Settings(RuntimeSettings):
     """After a batch that was not full, a write-behind stage waits this long before
     reading again, so it writes few large batches, not many small ones (its work is
     behind the reply, so waiting costs no request latency)."""
-    idempotency_ttl_s: int = env("DEVSCHED_IDEMPOTENCY_TTL_S", 86_400, minimum=1)
-    """How long a request id's answer is kept."""
-    released_ttl_s: int = env("DEVSCHED_RELEASED_TTL_S", 86_400, minimum=1)
-    """How long a closed allocation stays in Redis (to answer a second release)."""
+    idempotency_ttl_s: int = env("DEVSCHED_IDEMPOTENCY_TTL_S", 900, minimum=1)
+    """How long a request id's answer is kept: the window in which a retried request gets
+    its first answer (after it, the same id is a new request). Redis holds one answer per
+    request for this long, so it bounds the memory that requests leave behind."""
+    released_ttl_s: int = env("DEVSCHED_RELEASED_TTL_S", 900, minimum=1)
+    """How long a closed allocation's small record (device, user, status, end, duration)
+    stays in Redis to answer a second release (``already_released``); after it such a
+    release answers ``not_found``. PostgreSQL keeps the allocation."""
     reply_ttl_s: int = env("DEVSCHED_REPLY_TTL_S", 3_600, minimum=1)
     """A reply stream nobody reads expires after this."""
     tick_ms: int = env("DEVSCHED_TICK_MS", 1_000, minimum=10)

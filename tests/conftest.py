@@ -43,6 +43,7 @@ from schemas.messages import DeviceSpec, QuotaSpec
 from stages.app import serve
 from stages.context import StageContext
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.timers import add_tick
 from stages.tools.admin import add_devices, delete_keys, empty_tables, set_quotas
 
@@ -91,8 +92,11 @@ def clock() -> ManualClock:
 
 
 @pytest_asyncio.fixture
-async def redis(settings: Settings) -> AsyncIterator[Redis]:
+async def redis(settings: Settings, clock: ManualClock) -> AsyncIterator[Redis]:
+    """A client on the test's own prefix, whose live state is established (a fresh state:
+    the state marker written, as `devsched up` does on a fresh install)."""
     client = redis_client(settings)
+    await mark_state(client, Keys(settings.prefix), by="test", now_ms=clock.now_ms())
     yield client
     await delete_keys(client, settings.prefix)
     await client.aclose()

@@ -66,6 +66,7 @@ from stages.app import serve
 from stages.context import StageContext
 from stages.select import allocation_id
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.timers import expire_due
 from stages.tools.admin import add_devices, parse_user_state, set_quotas
 from stages.tools.client import Client
@@ -174,10 +175,12 @@ class Model:
     last: dict[str, str]
     holds: dict[str, str]
     """Request id -> user, for admitted requests not yet selected: one device each."""
+    epoch: str = ""
+    """The state marker's epoch, part of every allocation id."""
 
     def copy(self) -> Model:
         return Model(self.devices, self.quotas, dict(self.allocations), dict(self.holder),
-                     dict(self.last), dict(self.holds))
+                     dict(self.last), dict(self.holds), self.epoch)
 
     def active(self) -> list[Allocation]:
         return [a for a in self.allocations.values() if a.status == "allocated"]
@@ -235,7 +238,7 @@ class Model:
             reason = "quota_exceeded" if self.no_room(op, caps) else "no_available_devices"
             return ("failed", reason, None)
         best = min(fitting, key=lambda d: (d.cpu, d.mem))
-        aid = allocation_id(op.user, op.rid)
+        aid = allocation_id(self.epoch, op.user, op.rid, now)
         self.allocations[aid] = Allocation(aid, best.id, op.user, now, now + op.seconds * 1000,
                                            best.cpu, best.mem, best.sto)
         self.holder[best.id] = aid
@@ -424,12 +427,16 @@ class AllocationMachine(RuleBasedStateMachine):
             for i, q in enumerate(quotas)
         ]
         assert self.redis is not None
+        # a fixed epoch: allocation ids (and the order the rules draw them in) are the same
+        # when hypothesis replays an example
+        epoch = self.runner.run(mark_state(self.redis, self.keys, by="test",
+                                           now_ms=self.clock.now_ms(), epoch="0" * 16))
         self.runner.run(add_devices(self.redis, self.keys, self.clock, specs))
         self.runner.run(set_quotas(self.redis, self.keys, self.clock, qspecs))
         self.model = Model(
             devices={s.id: Device(s.id, s.cpu_cores, s.memory_mb, s.storage_mb) for s in specs},
             quotas={q.user_id: q for q in qspecs}, allocations={},
-            holder={s.id: None for s in specs}, last={}, holds={},
+            holder={s.id: None for s in specs}, last={}, holds={}, epoch=epoch,
         )
 
     def _ready(self) -> bool:
@@ -560,7 +567,8 @@ class AllocationMachine(RuleBasedStateMachine):
             if isinstance(reply, Allocated):
                 assert isinstance(op, AllocOp)
                 assert reply.user_id == op.user
-                assert reply.allocation_id == allocation_id(op.user, op.rid)
+                assert reply.allocation_id == allocation_id(self.model.epoch, op.user, op.rid,
+                                                            now)
                 assert reply.allocated_at_ms == now
                 assert reply.expires_at_ms == now + op.seconds * 1000
                 assert reply.device.status == "allocated"
@@ -792,6 +800,7 @@ def test_allocation_takes_the_smallest_device_that_meets_the_minimums(servers: S
         async def start() -> asyncio.Task[None]:
             task = asyncio.create_task(serve(["quota", "select"], settings, clock, stop=stop,
                                              install_signals=False))
+            await mark_state(redis, keys, by="test", now_ms=clock.now_ms())
             await set_quotas(redis, keys, clock, [QuotaSpec(
                 user_id="u", max_devices=100_000, max_cpu_per_device=4096,
                 max_memory_mb_per_device=1 << 30, total_cpu_cores=1 << 30,

@@ -252,3 +252,33 @@ def test_cpu_accounting_reads_processes_and_groups_them() -> None:
         "write_behind")
     assert _group("postgres: postgres devsched 127.0.0.1(5000) idle") == "postgres"
     assert _group("bash") is None
+
+
+async def test_a_point_reports_what_it_left_in_redis_per_1000_requests() -> None:
+    """A system with a memory hook: used_memory after the point (and a second reset, the
+    drain) minus before, over the requests (two per completed cycle), times 1,000; the
+    table shows it in KiB."""
+    readings = iter([1_000_000, 1_000_000 + 720 * 1024])
+    resets: list[int] = []
+
+    async def memory() -> int:
+        return next(readings)
+
+    async def nothing() -> None:
+        resets.append(1)
+
+    async def factory(_setting: int) -> CycleFactory:
+        return CycleFactory(make_sleep_cycle, (0.001,))
+
+    system = run.System("pipeline", "workers_per_stage", (1,), factory, nothing, nothing,
+                        memory=memory)
+    plan = run.parse_args(["--quick"])
+    result = await run._point(plan, system, CycleFactory(make_sleep_cycle, (0.001,)), 360, 1.0)
+    assert len(resets) == 2  # before the point, and the drain after it
+    assert result.ok == 360
+    assert result.redis_memory_bytes_per_1000_requests == round(720 * 1024 / 720 * 1000, 1)
+    row = run._row(result)
+    doc = {"pipeline": {"latency": [row], "redis_memory_bytes_per_1000_requests": 1024_000.0},
+           "baseline": {"skipped": "not selected"}, "ceiling": {}}
+    table = run.report.render_table(doc)
+    assert "1,000.0 KiB kept per 1,000 requests" in table and "1,000.0" in table.splitlines()[-1]

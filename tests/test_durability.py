@@ -32,6 +32,7 @@ from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Released
 from stages.app import serve
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.tools.admin import delete_keys, write_behind_drained
 from stages.tools.audit import audit
 from stages.tools.client import Client
@@ -150,6 +151,7 @@ async def test_the_pipeline_serves_through_a_password_protected_redis(
     """REDIS_URL with a password, end to end: every stage, the producer, the write-behind
     and the audit go through AUTH; the same URL without the password is refused."""
     keys = Keys(on_own.prefix)
+    await mark_state(own_client, keys, by="test", now_ms=clock.now_ms())  # a fresh state
     await seed(own_client, keys, clock, devices=[DeviceSpec(id="d1")],
                quotas=[QuotaSpec(user_id="alice")])
     stop = asyncio.Event()

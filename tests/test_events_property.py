@@ -40,6 +40,7 @@ from pipeline.embedded import ServerUrls
 from schemas.messages import DeviceSpec, QuotaSpec
 from stages.context import StageContext
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.tools.admin import add_devices, delete_keys, parse_user_state, set_quotas
 from tests.test_script_contract import Driver
 
@@ -177,6 +178,7 @@ async def run_example(base: Settings, batches: list[list[dict[str, Any]]],
         ctx = StageContext(redis=redis, settings=settings, clock=clock)
         driver = Driver(redis, ctx, clock)
         await driver.start()
+        await mark_state(redis, driver.keys, by="test", now_ms=clock.now_ms())
         await add_devices(redis, driver.keys, clock,
                           [DeviceSpec(id=d, pool="p") for d in DEVICES + SPARE])
         await set_quotas(redis, driver.keys, clock, [QuotaSpec(user_id=u) for u in USERS])

@@ -44,7 +44,6 @@ from schemas.keys import GROUP_EVENTS, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released, reply_decoder
 from stages.context import StageContext
 from stages.events import EventsStage
-from stages.select import allocation_id
 from stages.settings import Settings
 from stages.tools import cli
 from stages.tools.admin import add_devices, delete_keys, user_state
@@ -337,7 +336,9 @@ async def test_the_same_entries_handled_again_change_nothing(
     await driver.start()
     await seed(redis, keys, clock, devices=pair(), quotas=[QuotaSpec(user_id="alice")])
     await driver.both(driver.allocate("alice", "r-1", pool="eu", replace_on_failure=True))
-    allocation = keys.allocation(allocation_id("alice", "r-1"))
+    answer = reply_decoder.decode(await redis.get(keys.user("alice").replace(":user", ":req:r-1")))
+    assert isinstance(answer, Allocated)
+    allocation = keys.allocation(answer.allocation_id)
     old = text(await redis.hget(allocation, "device_id"))
     await redis.xadd(keys.events, {"d": orjson.dumps(event("device.failed", device_id=old))})
     reply = await redis.xreadgroup(GROUP_EVENTS, "again", {keys.events: ">"})

@@ -206,7 +206,7 @@ ROW_FIELDS: dict[str, Any] = {
     "dead": (QUOTA, DeadRow, quota_call, {"letter": "{}"}),
     "allocate": (SELECT, AllocateRow, select_call, {
         "request_id": "r", "user_id": "u", "reply_to": "x:reply:c", "min_cpu_cores": 0,
-        "min_memory_mb": 0, "duration_seconds": 60, "hold": "0 0 0", "allocation_id": "a"}),
+        "min_memory_mb": 0, "duration_seconds": 60, "hold": "0 0 0"}),
     "release": (SELECT, ReleaseRow, select_call, {
         "request_id": "r", "reply_to": "x:reply:c", "allocation_id": "a"}),
 }
@@ -216,7 +216,7 @@ ROW_FIELDS: dict[str, Any] = {
 @pytest.mark.parametrize(("kind", "field"), [
     ("admit", "request_id"), ("admit", "payload"), ("forward", "payload"),
     ("refuse", "message"), ("dead", "letter"), ("allocate", "request_id"),
-    ("allocate", "allocation_id"), ("release", "request_id"), ("release", "allocation_id"),
+    ("allocate", "hold"), ("release", "request_id"), ("release", "allocation_id"),
 ])
 async def test_a_row_field_renamed_in_python_only_fails_the_first_call(
     redis: Redis, keys: Keys, kind: str, field: str
@@ -228,7 +228,7 @@ async def test_a_row_field_renamed_in_python_only_fails_the_first_call(
     values = {(k + "_renamed" if k == field else k): v for k, v in values.items()}
     row = new_row(entry_id="1-0", **values)
     call = new_call(**make_call(row) | {"prefix": keys.prefix})
-    script_keys = script.keys(*(f"{keys.prefix}:{name}" for name in script.keys._fields))
+    script_keys = script.keys(*(getattr(keys, name) for name in script.keys._fields))
     with pytest.raises(ResponseError, match=re.escape(f"row {kind} has no field {field}")):
         await stale(redis, script_keys, call)
 
@@ -251,5 +251,5 @@ async def test_a_header_or_record_field_renamed_in_python_only_fails_the_first_c
         call = new_type(prefix=keys.prefix, **{field + "_renamed": 10}, **values)
     stale = Script(script.name, script.keys, new_call_type, script.body)
     with pytest.raises(ResponseError, match=re.escape(f"{what} has no field {field}")):
-        await stale(redis, script.keys(f"{keys.prefix}:changes"), call)
+        await stale(redis, script.keys(*(getattr(keys, n) for n in script.keys._fields)), call)
 

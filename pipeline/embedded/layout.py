@@ -8,7 +8,8 @@ A data dir holds one set of servers and nothing else:
 - ``redis/``: redis-server's working folder, mode 700: its socket, log and pidfile,
   its append-only file (kept across restarts: the live state), its password and the
   config file that hands the password over (both mode 600);
-- ``pg/``: PostgreSQL's folder (its socket and log), with the cluster in ``pg/data``.
+- ``pg/``: PostgreSQL's folder (its socket, log and ``port``, the port it listened on
+  last, taken again at the next start), with the cluster in ``pg/data``.
 
 Paths are absolute (the data dir is resolved once): a server process is told
 apart from a stranger by its working directory, which /proc reports resolved.
@@ -82,3 +83,7 @@ class Layout:
     @property
     def pg_log(self) -> Path:
         return self.pg_dir / "postgres.log"
+
+    @property
+    def pg_port(self) -> Path:
+        return self.pg_dir / "port"

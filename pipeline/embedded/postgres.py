@@ -16,6 +16,10 @@ What it promises:
   unprivileged user ``nobody`` (PostgreSQL refuses root): ``<data_dir>/pg`` is
   chowned to it, and the data dir, the binaries and their parents get the search
   bit for others (o+x) where they lack it.
+- It keeps its port across restarts: the port is kept in ``<data_dir>/pg/port`` and
+  taken again at the next start, so workers that hold its URL reconnect by themselves
+  when it comes back, however it was restarted (`devsched up`, the tests' launcher).
+  Only when that port is taken by another process does it move (logged).
 - ``start`` retries on a fresh port when the server exits at start-up; a server
   not ready within ``START_TIMEOUT_S`` is stopped and the error carries its log tail.
 - A record is live only when postmaster.pid names its pid, that pid is our
@@ -250,15 +254,32 @@ def _wait_ready(proc: subprocess.Popen[bytes], layout: Layout, port: int) -> boo
     return False
 
 
+def _kept_port(layout: Layout) -> int | None:
+    """The port of the last start, when it is free now."""
+    try:
+        port = int(layout.pg_port.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if tcp_answers(port):
+        log.warning("PostgreSQL's former port %d is taken; starting on another one "
+                    "(running workers must be restarted to reach it)", port)
+        return None
+    return port
+
+
 def _launch(
     bin_dir: Path, layout: Layout, user: pwd.struct_passwd | None
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start postgres on a free port, retrying when another process takes the port."""
+    """Start postgres on its former port (else a free one), retrying on a fresh port
+    when another process takes the port."""
+    kept = _kept_port(layout)
     for _ in range(START_ATTEMPTS):
-        port = free_port()
+        port = kept or free_port()
+        kept = None
         proc = spawn(server_args(bin_dir, layout, port), cwd=layout.pg_dir,
                      log_path=layout.pg_log, user=user)
         if _wait_ready(proc, layout, port):
+            layout.pg_port.write_text(f"{port}\n")
             return proc, port
     raise EmbeddedServerError(
         f"PostgreSQL exited at start-up {START_ATTEMPTS} times; "

@@ -1,10 +1,13 @@
 -- admin: add or update a device, or set a user's quota, and record the change.
--- KEY: changes (stream). CALL: schemas.rows.AdminCall (prefix, now_ms, and one of
--- device: a schemas.messages.DeviceSpec with its name set, quota: a QuotaSpec).
+-- KEY: changes (stream), state (the state marker, {pool}).
+-- CALL: schemas.rows.AdminCall (prefix, now_ms, and one of device: a
+-- schemas.messages.DeviceSpec with its name set, quota: a QuotaSpec).
 -- A device that is allocated keeps its allocation; its new size applies from its next
 -- allocation. A device an event took down (failed, maintenance, ...) stays down; a deleted
 -- one is added again. Each call bumps the entity's version, so the write-behind keeps the newest.
--- Returns the new version.
+-- Returns the new version. Refused (an error starting NOSTATE) when the state marker
+-- (KEY.state) has no epoch: a device added to a Redis that lost its state would be free
+-- while PostgreSQL may show it held (stages/state.py).
 
 -- The changes only admin records (the other messages are built in common.lua).
 -- DeviceUpserted, from the DeviceSpec row `dev`.
@@ -25,6 +28,9 @@ local function quota_change(q, version, now)
     version = version, at_ms = now}
 end
 
+if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then
+  return redis.error_reply('NOSTATE no state marker at ' .. KEY.state)
+end
 local P, now = CALL.prefix, CALL.now_ms
 local dev, q = CALL.device, CALL.quota
 if dev then

@@ -157,11 +157,13 @@ local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status
 
 -- Close an active allocation as `status` ('released' or 'expired') at end_ms, for
 -- `reason` (an EndReason of schemas/messages.py: 'released', 'expired', 'device_failed',
--- ...), kept in the allocation as end_reason. Frees the device (back to its free pool
--- only if it is still 'allocated': a device an event took down stays out), gives the
--- usage back, records the change. Returns the change, or nil when the allocation is not
--- active (so a second close is a no-op). `a` is the allocation as HMGET of
--- ALLOC_FIELDS, when the caller has read it already.
+-- ...). Frees the device (back to its free pool only if it is still 'allocated': a device
+-- an event took down stays out), gives the usage back, records the change. Returns the
+-- change, or nil when the allocation is not active (so a second close is a no-op).
+-- The closed allocation keeps only what a second release answers from (device, user,
+-- status, end, duration, version, end_reason) for released_ttl: the change carries the
+-- whole allocation to PostgreSQL.
+-- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
 local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a, reason)
   local akey = k_pool(P, 'alloc:' .. aid)
   a = a or redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
@@ -170,8 +172,9 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   if end_ms < allocated_at then end_ms = allocated_at end
   local dur = math.floor((end_ms - allocated_at) / 1000)
   local version = tonumber(a[13]) + 1
-  redis.call('HSET', akey, 'status', status, 'released_at_ms', end_ms, 'duration_seconds', dur,
-    'version', version, 'end_reason', reason)
+  redis.call('DEL', akey)
+  redis.call('HSET', akey, 'device_id', a[1], 'user_id', a[2], 'status', status,
+    'released_at_ms', end_ms, 'duration_seconds', dur, 'version', version, 'end_reason', reason)
   redis.call('EXPIRE', akey, released_ttl)
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
   count_stat(status)

@@ -1,5 +1,5 @@
 -- quota: admit or refuse a batch of requests, and ack them, in one atomic step.
--- KEY: requests, admitted, changes, dead (streams).
+-- KEY: requests, admitted, changes, dead (streams); state (the state marker, {pool}).
 -- CALL: schemas.rows.QuotaCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- fail_open, rate, items); each item one row, by op:
 --   admit:   an allocate request to check (request_id, user_id, tenant_id, reply_to,
@@ -17,7 +17,10 @@
 -- an admitted allocation holds one device of the user's count, so concurrent
 -- requests can never take a user past max_devices; select checks the resource
 -- totals against the chosen device and settles the hold, or gives it back. A request id already answered gets its
--- first answer again and changes nothing. Returns {admitted, refused, dead}.
+-- first answer again and changes nothing. Returns {admitted, refused, dead}; nil, having
+-- changed and acked nothing, when the state marker has no epoch (Redis holds no live
+-- state: nothing is answered from nothing; stages/state.py).
+if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then return false end
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, fail_open = CALL.idempotency_ttl_s, CALL.reply_ttl_s, CALL.fail_open
 local admitted, changes, dead = KEY.admitted, KEY.changes, KEY.dead

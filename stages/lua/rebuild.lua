@@ -19,20 +19,24 @@ local function active(aid)
     redis.call('HGET', k_pool(P, 'alloc:' .. aid), 'status') == 'allocated'
 end
 
+-- An active allocation whole; a closed one as close_allocation leaves it (common.lua).
 local function write_allocation(a)
   local akey = k_pool(P, 'alloc:' .. a.allocation_id)
   redis.call('DEL', akey)
-  redis.call('HSET', akey, 'device_id', a.device_id, 'user_id', a.user_id,
-    'tenant_id', a.tenant_id or '', 'request_id', a.request_id, 'status', a.status,
-    'allocated_at_ms', a.allocated_at_ms, 'expires_at_ms', a.expires_at_ms,
-    'duration_minutes', a.duration_minutes, 'cpu_cores', a.cpu_cores, 'memory_mb', a.memory_mb,
-    'storage_mb', a.storage_mb, 'pool', a.pool, 'version', a.version)
-  if a.replace_on_failure then redis.call('HSET', akey, 'replace_on_failure', 1) end
   if a.status == 'allocated' then
+    redis.call('HSET', akey, 'device_id', a.device_id, 'user_id', a.user_id,
+      'tenant_id', a.tenant_id or '', 'request_id', a.request_id, 'status', a.status,
+      'allocated_at_ms', a.allocated_at_ms, 'expires_at_ms', a.expires_at_ms,
+      'duration_minutes', a.duration_minutes, 'cpu_cores', a.cpu_cores,
+      'memory_mb', a.memory_mb, 'storage_mb', a.storage_mb, 'pool', a.pool,
+      'version', a.version)
+    if a.replace_on_failure then redis.call('HSET', akey, 'replace_on_failure', 1) end
     redis.call('ZADD', k_pool(P, 'expiry'), a.expires_at_ms, a.allocation_id)
   else
-    redis.call('HSET', akey, 'released_at_ms', a.released_at_ms,
-      'duration_seconds', a.duration_seconds, 'end_reason', a.end_reason or a.status)
+    redis.call('HSET', akey, 'device_id', a.device_id, 'user_id', a.user_id,
+      'status', a.status, 'released_at_ms', a.released_at_ms,
+      'duration_seconds', a.duration_seconds, 'version', a.version,
+      'end_reason', a.end_reason or a.status)
     redis.call('EXPIRE', akey, a.ttl_s)
     redis.call('ZREM', k_pool(P, 'expiry'), a.allocation_id)
   end

@@ -1,10 +1,10 @@
 -- select: decide a batch of admitted requests, answer each producer, record the
 -- changes and ack the batch, in one atomic step.
--- KEY: admitted, changes, dead (streams).
+-- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch).
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- released_ttl_s, items); each item one row, by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
---             duration_seconds, pool, model, hold ("cpu mem sto"), allocation_id,
+--             duration_seconds, pool, model, hold ("cpu mem sto"),
 --             replace_on_failure (kept on the allocation's hash, for events.lua)
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
 --   allocate_batch: as allocate, with count, best_effort and allocation_ids (one each)
@@ -26,11 +26,17 @@
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
 -- Request ids make it idempotent: a request id already answered gets the stored answer.
--- Returns {allocated, released, failed, dead-lettered}.
+-- A new allocation's id is a name-based UUID of the state's epoch, the user, the request
+-- id and the time of the call: a request id re-sent once its answer is gone (the window
+-- passed, or Redis lost its state) makes a new id, never one PostgreSQL already holds.
+-- Returns {allocated, released, failed, dead-lettered}; nil, having changed and acked
+-- nothing, when the state marker has no epoch (Redis holds no live state).
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
   CALL.released_ttl_s
 local changes, dead = KEY.changes, KEY.dead
+local epoch = redis.call('HGET', KEY.state, 'epoch')
+if not epoch then return false end  -- no live state: change and ack nothing (stages/state.py)
 local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
 
 -- The replies only select sends (the other messages are built in common.lua).
@@ -46,6 +52,20 @@ local function released_reply(rid, aid, device_id, uid, released_at, seconds, al
   return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
     device_id = device_id, user_id = uid, released_at_ms = released_at,
     duration_seconds = seconds, already_released = already, status = status})
+end
+
+-- The id of a new allocation (stages.select.allocation_id computes the same): a UUID
+-- (version 5 layout) from the SHA-1 of "epoch/user/request id/now". What does not
+-- change within the call is joined once; the variant digit comes from a table.
+local id_head, id_tail = epoch .. '/', '/' .. now
+local VARIANT = {['0'] = '8', ['1'] = '9', ['2'] = 'a', ['3'] = 'b', ['4'] = '8', ['5'] = '9',
+  ['6'] = 'a', ['7'] = 'b', ['8'] = '8', ['9'] = '9', a = 'a', b = 'b', c = '8', d = '9',
+  e = 'a', f = 'b'}
+local sub = string.sub
+local function allocation_uuid(uid, rid)
+  local h = redis.sha1hex(id_head .. uid .. '/' .. rid .. id_tail)
+  return sub(h, 1, 8) .. '-' .. sub(h, 9, 12) .. '-5' .. sub(h, 14, 16) .. '-'
+    .. VARIANT[sub(h, 17, 17)] .. sub(h, 18, 20) .. '-' .. sub(h, 21, 32)
 end
 
 local PAGE = 8
@@ -266,7 +286,7 @@ end
 local function allocate(row)
   local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
   local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
-  local hold, aid = row.hold, row.allocation_id
+  local hold = row.hold
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
@@ -318,6 +338,7 @@ local function allocate(row)
     n_failed = n_failed + 1
     return
   end
+  local aid = allocation_uuid(uid, rid)
   local dkey = k_pool(P, 'dev:' .. dev)
   -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host,
   -- port, host
@@ -453,7 +474,7 @@ local function allocate_batch(row)
   local allocations, fields, tot = {}, {}, {0, 0, 0}
   for i, p in ipairs(picks) do
     local dev, dev_pool, d, cpu, mem, sto = p[1], p[2], p[4], p[5], p[6], p[7]
-    local aid = row.allocation_ids[i]
+    local aid = allocation_uuid(uid, rid .. '#' .. i)
     redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
     redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
       'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,

@@ -2,7 +2,12 @@
 
 Adding a device and setting a quota go through admin.lua: the Redis state and a
 change record on the changes stream in one step, so PostgreSQL receives them
-by the same write-behind as allocations. The readers here (stats, devices, a
+by the same write-behind as allocations. Both are refused (``StateMissing``) when
+Redis holds no live state (no state marker, stages/state.py): a device added to a
+Redis that lost its state would be free while a user may still hold it. Before
+adding devices, `devsched devices add` also asks PostgreSQL
+(:func:`held_in_database`): a device an active allocation holds there but not in
+Redis (Redis lost the last moments of its writes) is refused, never made free. The readers here (stats, devices, a
 user's state, the listings of devices, allocations and pools) only read; the audit is
 in ``audit``, the rebuild in ``rebuild``. The strategy in force is set here too (one
 HSET the select script reads at its next call).
@@ -19,6 +24,7 @@ from typing import Any
 import asyncpg
 import msgspec
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from pipeline.clock import Clock
 from pipeline.connections import text
@@ -27,34 +33,62 @@ from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import DeviceSpec, QuotaSpec
 from schemas.rows import AdminCall, AdminKeys
 from stages.scripts import ADMIN
+from stages.state import NO_STATE_ERROR, StateMissing
 
 log = logging.getLogger("devsched.admin")
 
 
+async def _run_admin(redis: Redis, keys: Keys, calls: list[AdminCall]) -> None:
+    """admin.lua for each call, in one round trip; StateMissing when Redis has no state."""
+    script_keys = AdminKeys(changes=keys.changes, state=keys.state)
+    async with redis.pipeline(transaction=False) as pipe:
+        for call in calls:
+            await ADMIN(pipe, script_keys, call)
+        await ADMIN.load(redis)
+        try:
+            await pipe.execute()
+        except ResponseError as exc:
+            if NO_STATE_ERROR in str(exc):  # a pipeline wraps the error in its own text
+                raise StateMissing(keys, "the change is refused") from exc
+            raise
+
+
 async def add_devices(redis: Redis, keys: Keys, clock: Clock, specs: list[DeviceSpec]) -> None:
     """Add or update each device (a device without a name is named by its id)."""
-    script_keys = AdminKeys(changes=keys.changes)
-    async with redis.pipeline(transaction=False) as pipe:
-        for d in specs:
-            named = msgspec.structs.replace(d, name=d.name or d.id)
-            await ADMIN(pipe, script_keys, AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(),
-                                                     device=named))
-        await ADMIN.load(redis)
-        await pipe.execute()
+    await _run_admin(redis, keys, [
+        AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(),
+                  device=msgspec.structs.replace(d, name=d.name or d.id)) for d in specs])
     for d in specs:
         log.info("device added or updated", extra={"device_id": d.id, "pool": d.pool})
 
 
 async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaSpec]) -> None:
-    script_keys = AdminKeys(changes=keys.changes)
-    async with redis.pipeline(transaction=False) as pipe:
-        for q in quotas:
-            await ADMIN(pipe, script_keys, AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(),
-                                                     quota=q))
-        await ADMIN.load(redis)
-        await pipe.execute()
+    await _run_admin(redis, keys, [
+        AdminCall(prefix=keys.prefix, now_ms=clock.now_ms(), quota=q) for q in quotas])
     for q in quotas:
         log.info("quota set", extra={"user_id": q.user_id, "status": q.status})
+
+
+HELD_SQL = """
+SELECT device_id, id::text AS allocation_id FROM device_allocations
+WHERE status = 'allocated' AND device_id = ANY($1::text[])
+"""
+
+
+async def held_in_database(
+    redis: Redis, keys: Keys, pg: asyncpg.Pool, device_ids: list[str],
+) -> dict[str, str]:
+    """Device id -> allocation id, for each of ``device_ids`` that an active allocation
+    holds in PostgreSQL while Redis does not show that allocation on it (Redis lost
+    it): adding such a device would make it free while a user holds it."""
+    async with pg.acquire() as conn:
+        rows = await conn.fetch(HELD_SQL, device_ids)
+    lost: dict[str, str] = {}
+    for row in rows:
+        holder = await redis.hget(keys.device(row["device_id"]), "alloc")
+        if holder is None or text(holder) != row["allocation_id"]:
+            lost[row["device_id"]] = row["allocation_id"]
+    return lost
 
 
 TABLES = "device_allocations, devices, user_quotas, billing_ledger"

@@ -393,9 +393,11 @@ def _compare_allocations(out: _Differences, r: _RedisState, p: _PgState) -> None
         pairs = [("device_id", rec.get("device_id"), row["device_id"]),
                  ("user_id", rec.get("user_id"), row["user_id"]),
                  ("status", rec.get("status"), row["status"]),
-                 ("expires_at_ms", _num(rec.get("expires_at_ms")), row["expires_at_ms"]),
                  ("version", _num(rec.get("version")), row["version"])]
-        if rec.get("status") != "allocated":
+        if rec.get("status") == "allocated":
+            pairs.append(("expires_at_ms", _num(rec.get("expires_at_ms")),
+                          row["expires_at_ms"]))
+        else:  # a closed one keeps only what a second release answers from
             pairs.append(("duration_seconds", _num(rec.get("duration_seconds")),
                           row["duration_seconds"]))
         for name, mine, theirs in pairs:

@@ -37,6 +37,7 @@ from pipeline.embedded import stop_servers
 from pipeline.logs import configure_logging
 from stages.app import APP
 from stages.settings import Settings
+from stages.state import StateMissing, state_epoch
 
 PLUGIN_GROUP = "devsched.commands"
 """Entry point group of commands other packages add (each: ``main(argv) -> int``)."""
@@ -72,6 +73,9 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
         try:
             await check_redis(redis)
             return await fn(redis, settings)
+        except StateMissing as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         finally:
             await redis.aclose()
 
@@ -80,9 +84,10 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
+    from pipeline.connections import pg_pool
     from schemas.keys import Keys
     from schemas.messages import DeviceSpec
-    from stages.tools.admin import add_devices
+    from stages.tools.admin import add_devices, held_in_database
 
     specs = []
     for i in range(args.count):
@@ -95,7 +100,22 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
     specs = [msgspec.convert(msgspec.to_builtins(s), DeviceSpec) for s in specs]
 
     async def go(redis: Any, settings: Settings) -> int:
-        await add_devices(redis, Keys(settings.prefix), SystemClock(), specs)
+        keys = Keys(settings.prefix)
+        if await state_epoch(redis, keys) is None:
+            raise StateMissing(keys, "the change is refused")
+        pg = await pg_pool(settings)
+        try:
+            lost = await held_in_database(redis, keys, pg, [s.id for s in specs])
+        finally:
+            await pg.close()
+        if lost:
+            print("error: PostgreSQL shows active allocations on devices that Redis does not: "
+                  + ", ".join(f"{d} (allocation {a})" for d, a in sorted(lost.items()))
+                  + "; adding them would make them free while a user holds them. Run "
+                  "`devsched audit`; `devsched rebuild --force` (workers stopped) makes "
+                  "Redis follow PostgreSQL", file=sys.stderr)
+            return 1
+        await add_devices(redis, keys, SystemClock(), specs)
         print(f"added {len(specs)} device(s): {specs[0].id}{' ...' if len(specs) > 1 else ''}")
         return 0
 

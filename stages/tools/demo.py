@@ -30,6 +30,7 @@ from schemas.keys import GROUP_BILL, GROUP_EVENTS, GROUP_NOTIFY, GROUP_PERSIST, 
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
 from stages.app import APP
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.tools.admin import (
     add_devices,
     delete_keys,
@@ -179,10 +180,12 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def reset_state(redis: Redis, settings: Settings) -> None:
+    """Start from nothing: no keys, empty tables, a fresh state marked (stages/state.py)."""
     await delete_keys(redis, settings.prefix)
     pg = await pg_pool(settings)
     await empty_tables(pg)
     await pg.close()
+    await mark_state(redis, Keys(settings.prefix), by="demo", now_ms=SystemClock().now_ms())
 
 
 async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:

@@ -22,6 +22,10 @@ What it restores, from the write-behind tables:
   a retried batch never gets a second set;
 - the counters of ``devsched stats`` (allocations, releases, expiries).
 
+It also bills what PostgreSQL shows closed but the ledger lacks: persist and bill
+read the changes stream in groups of their own, so a change persist had committed may
+have been lost with Redis before bill wrote its row (``billed``).
+
 What it cannot restore: changes Redis had not yet handed to PostgreSQL when it was
 lost (the write-behind backlog, at most the requests of the last moments before the
 loss), holds of requests between the quota and select stages, stored answers of
@@ -33,7 +37,9 @@ atomic, in the order stats, allocations, answers, users, devices; see the script
 for why a worker serving meanwhile never sees a device free that an allocation
 holds, nor a quota without its usage. Every item replaces what its keys held,
 and the keys of the live state are cleared first, so running it twice gives the
-same state. A Redis that holds live state is refused (:class:`StateNotEmpty`)
+same state. The state marker (stages/state.py) says ``rebuilding`` from before the
+clearing until the last item is written, then gets a new epoch: workers serve
+nothing in between, and allocation ids made after never repeat ids made before. A Redis that holds live state is refused (:class:`StateNotEmpty`)
 unless ``force``; with ``force`` the write-behind must have caught up first
 (:class:`BacklogPending`): what is not yet in PostgreSQL would be lost.
 """
@@ -47,10 +53,11 @@ import asyncpg
 import msgspec
 from redis.asyncio import Redis
 
+from pipeline.app import RecoveryError
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import MAX_BATCH, Allocated, AllocatedBatch, DeviceInfo, encoder
+from schemas.messages import Allocated, AllocatedBatch, DeviceInfo, encoder
 from schemas.rows import (
     RebuildAllocation,
     RebuildAnswer,
@@ -61,8 +68,8 @@ from schemas.rows import (
     RebuildUser,
 )
 from stages.scripts import REBUILD
-from stages.select import allocation_id, batch_allocation_ids
 from stages.settings import Settings
+from stages.state import mark_rebuilding, mark_state, read_marker
 
 CHUNK = 200
 """Items per script call: bounds how long one call holds Redis."""
@@ -94,6 +101,9 @@ class RebuildReport:
     answers: int = 0
     cleared: int = 0
     """Keys of a former state (or of debris on an empty one) removed first."""
+    billed: int = 0
+    """Closed allocations PostgreSQL had but the ledger lacked (their bill change was
+    lost with Redis): billed now, as the bill stage would have."""
     allocated_total: int = 0
     released_total: int = 0
     expired_total: int = 0
@@ -127,10 +137,10 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams nor the strategy setting; returns how many."""
-    kept = keys.strategy.encode()  # configuration, not state
+    never the streams, the strategy setting nor the state marker; returns how many."""
+    kept = {keys.strategy.encode(), keys.state.encode()}  # configuration; the marker
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000) if k != kept]
+                                              count=1000) if k not in kept]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -174,6 +184,18 @@ COUNTS_SQL = """
 SELECT count(*) AS allocated, count(*) FILTER (WHERE status = 'released') AS released,
        count(*) FILTER (WHERE status = 'expired') AS expired
 FROM device_allocations
+"""
+BILL_MISSING_SQL = """
+INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
+    duration_seconds, cpu_cores, memory_mb, end_reason)
+SELECT a.id, a.user_id, a.tenant_id, a.device_id, a.allocated_at, a.released_at,
+       coalesce(a.duration_seconds, 0), (a.metadata->>'cpu_cores')::int,
+       (a.metadata->>'memory_mb')::int, a.status
+FROM device_allocations a
+WHERE a.status <> 'allocated' AND a.released_at IS NOT NULL
+  AND NOT EXISTS (SELECT 1 FROM billing_ledger l WHERE l.allocation_id = a.id)
+ORDER BY a.id
+ON CONFLICT (allocation_id) DO NOTHING
 """
 HAS_STATE_SQL = """
 SELECT EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM user_quotas)
@@ -272,24 +294,17 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
                 user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
                 expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
                 adb_port=row["adb_port"])
-            if row["id"] != allocation_id(row["user_id"], meta.request_id):  # of a batch
-                batches.setdefault((row["user_id"], meta.request_id), []).append(
-                    (answer_left, item))
-                continue
-            answer = Allocated(
-                request_id=meta.request_id, allocation_id=row["id"],
-                device=DeviceInfo(id=row["device_id"], name=row["device_name"],
-                                  status="allocated"),
-                user_id=row["user_id"], allocated_at_ms=row["allocated_at_ms"],
-                expires_at_ms=row["expires_at_ms"], adb_host=row["adb_host"],
-                adb_port=row["adb_port"])
-            answers.append(RebuildAnswer(user_id=row["user_id"], request_id=meta.request_id,
-                                         answer=encoder.encode(answer).decode(),
-                                         ttl_s=answer_left))
+            batches.setdefault((row["user_id"], meta.request_id), []).append(
+                (answer_left, item))
+    # one allocation per request id: its own answer; several: a batch's (a best-effort
+    # batch that got a single device comes back as a plain allocated answer)
     for (user_id, request_id), items in batches.items():
-        order = {aid: i for i, aid in enumerate(
-            batch_allocation_ids(user_id, request_id, MAX_BATCH))}
-        given = sorted((item for _left, item in items), key=lambda a: order.get(a.allocation_id, 0))
+        if len(items) == 1:
+            left, single = items[0]
+            answers.append(RebuildAnswer(user_id=user_id, request_id=request_id,
+                                         answer=encoder.encode(single).decode(), ttl_s=left))
+            continue
+        given = sorted((item for _left, item in items), key=lambda a: a.allocation_id)
         batch = AllocatedBatch(request_id=request_id, mode="best_effort",
                                success_count=len(given), failed_count=0, allocations=given,
                                failures=[])
@@ -347,6 +362,7 @@ async def rebuild(
     say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
         f"{report.active} active allocations ({report.overdue} past their expiry), "
         f"{report.closed} recently closed, {report.answers} stored answers")
+    await mark_rebuilding(redis, keys, now_ms=clock.now_ms())  # nothing served from now on
     report.cleared = await clear_live_state(redis, keys)
     if report.cleared:
         say(f"cleared {report.cleared} keys of the former state")
@@ -367,23 +383,57 @@ async def rebuild(
         for i in range(0, count, CHUNK):
             done += int(await REBUILD(redis, script_keys, chunk(i)))
         say(f"wrote {done} {kind}")
+    async with pg.acquire() as conn:
+        report.billed = int((await conn.execute(BILL_MISSING_SQL)).split()[-1])
+    if report.billed:
+        say(f"billed {report.billed} closed allocations the ledger lacked")
+    epoch = await mark_state(redis, keys, by="rebuild", now_ms=clock.now_ms())
+    say(f"state marker written (epoch {epoch})")
     say("rebuild done" + (f"; {report.overdue} allocations expire at the next timer tick"
                           if report.overdue else ""))
     return report
 
 
 async def recover(settings: Settings) -> None:
-    """What `devsched up` runs after migrating: when Redis holds no live state and
-    PostgreSQL does (Redis came back empty), rebuild it, printing progress."""
+    """What `devsched up` and `devsched run` run after migrating, so that the workers find
+    a live state with its marker (stages/state.py):
+
+    - the marker is there: nothing to do;
+    - PostgreSQL holds no state: mark the state as it is (a new install, or one made
+      before markers existed with nothing in PostgreSQL yet);
+    - else Redis holds no live state (it came back empty), a rebuild was cut short (the
+      marker says ``rebuilding``), or Redis holds a state made before markers existed:
+      rebuild it from PostgreSQL.
+
+    A rebuild it cannot run (changes not yet persisted) is :class:`RecoveryError`."""
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     pg = await pg_pool(settings)
+    clock = SystemClock()
+
+    def say(line: str) -> None:
+        print(f"rebuild: {line}", flush=True)
+
     try:
-        if await live_state_present(redis, keys) or not await database_has_state(pg):
+        marker = await read_marker(redis, keys)
+        if "epoch" in marker:
             return
-        print("Redis holds no live state and PostgreSQL does: rebuilding it", flush=True)
-        await rebuild(redis, keys, pg, settings, SystemClock(),
-                      progress=lambda line: print(f"rebuild: {line}", flush=True))
+        pg_state = await database_has_state(pg)
+        redis_state = await live_state_present(redis, keys)
+        if not pg_state:  # nothing to bring back, nothing to compare with
+            await mark_state(redis, keys, by="up", now_ms=clock.now_ms())
+            return
+        if "rebuilding" in marker:
+            print("a rebuild was cut short: running it again", flush=True)
+        elif redis_state:
+            print("Redis holds live state but no state marker: rebuilding it from PostgreSQL",
+                  flush=True)
+        else:
+            print("Redis holds no live state and PostgreSQL does: rebuilding it", flush=True)
+        try:
+            await rebuild(redis, keys, pg, settings, clock, force=True, progress=say)
+        except BacklogPending as exc:
+            raise RecoveryError(str(exc)) from exc
     finally:
         await pg.close()
         await redis.aclose()
