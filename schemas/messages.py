@@ -329,6 +329,41 @@ class Tick(Struct, kw_only=True):
     at_ms: int
 
 
+JobName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[a-z_]+$")]
+"""A tracked job's name (stages.jobs.JOBS: expire, trim, stats_snapshot, purge, ...)."""
+
+
+class JobRunRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A manual run of one job now (``devsched jobs run NAME``), added to the
+    ``<prefix>:job_requests`` stream that the timers stage reads beside the ticks; the
+    answer (a :class:`JobRunResult`) goes to ``reply_to``. The same ``request_id``
+    always gets the first answer (the job runs once)."""
+
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    reply_to: Annotated[str, Meta(min_length=1, max_length=512)]
+    job: JobName
+
+
+JobRunStatus = Literal["succeeded", "failed", "busy", "unknown_job"]
+"""How a manual run ended: ``busy`` when another run of the job holds its claim (nothing
+ran), ``unknown_job`` when no job has that name."""
+
+
+class JobRunResult(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The answer to a :class:`JobRunRequest`."""
+
+    request_id: str
+    operation: str
+    """The job's name."""
+    executed_at: str
+    """When the run started, ISO 8601 UTC (``2026-01-15T10:30:00.000Z``)."""
+    status: JobRunStatus
+    processed_count: int
+    """What the run handled: allocations expired, entries trimmed, rows purged, ..."""
+    error: str | None
+    execution_time_ms: int
+
+
 class Notification(Struct, kw_only=True, omit_defaults=True):
     """One entry of the outbound notifications stream (docs/wire-format.md lists every
     ``event``). Fields that do not apply to an event are left out."""
@@ -405,6 +440,8 @@ reply_decoder = msgspec.json.Decoder(Reply)
 change_decoder = msgspec.json.Decoder(Change)
 notification_decoder = msgspec.json.Decoder(Notification)
 tick_decoder = msgspec.json.Decoder(Tick)
+job_run_request_decoder = msgspec.json.Decoder(JobRunRequest)
+job_run_result_decoder = msgspec.json.Decoder(JobRunResult)
 
 
 

@@ -43,3 +43,14 @@ class Settings(RuntimeSettings):
     payment_failure_threshold: int = env("DEVSCHED_PAYMENT_FAILURE_THRESHOLD", 3, minimum=1)
     """At this many failed payments the user's allocations end and the user is suspended
     until a payment succeeds; below it each failure is a warning."""
+    purge_retention_days: int = env("DEVSCHED_PURGE_RETENTION_DAYS", 30, minimum=1)
+    """The purge job deletes released/expired allocation rows that ended longer ago than
+    this (never an active one)."""
+    job_history_retention_days: int = env("DEVSCHED_JOB_HISTORY_RETENTION_DAYS", 30, minimum=1)
+    """A job's finished execution records are kept this long (the prune_history job)."""
+    job_history_max_per_job: int = env("DEVSCHED_JOB_HISTORY_MAX_PER_JOB", 1_000, minimum=1)
+    """At most this many execution records are kept per job (the newest)."""
+    job_max_retries: int = env("DEVSCHED_JOB_MAX_RETRIES", 3, minimum=0)
+    """A failed or killed scheduled run is retried this many times (at the next ticks)."""
+    job_timeout_s: int = env("DEVSCHED_JOB_TIMEOUT_S", 300, minimum=1)
+    """A run longer than this fails; a claim held this long belongs to a dead worker."""

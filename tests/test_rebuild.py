@@ -57,8 +57,11 @@ async def start_pipeline(settings: Settings, clock: ManualClock) -> RunningPipel
 
 
 async def live_state(redis: Redis, keys: Keys) -> dict[str, Any]:
-    """Every key of the live state with its value; answers decoded from JSON."""
-    names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)]
+    """Every key of the live state with its value; answers decoded from JSON. The tracked
+    jobs' hashes ({jobs}) are the timers' schedule, not state rebuild restores: a timers
+    worker creates them again with their defaults."""
+    names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)
+             if b":{jobs}:" not in k]
     names.append(keys.users)
     out: dict[str, Any] = {}
     for name in sorted(names):

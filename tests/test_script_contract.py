@@ -32,6 +32,7 @@ import pytest
 from redis.asyncio import Redis
 
 import stages.events
+import stages.jobs
 import stages.quota
 import stages.select
 import stages.timers
@@ -422,7 +423,7 @@ async def test_every_message_every_script_emits_decodes_strictly(
 # --- the contract test bites ------------------------------------------------------------
 
 SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SELECT"),
-                "expire": (stages.timers, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
+                "expire": (stages.jobs, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
                 "events": (stages.events, "EVENTS")}
 """Where each stage finds its script (module, name), to load a renamed copy there."""
 

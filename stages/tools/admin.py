@@ -54,8 +54,9 @@ async def set_quotas(redis: Redis, keys: Keys, clock: Clock, quotas: list[QuotaS
         log.info("quota set", extra={"user_id": q.user_id, "status": q.status})
 
 
-TABLES = "device_allocations, devices, user_quotas, billing_ledger"
-"""Every table the write-behind fills."""
+TABLES = ("device_allocations, devices, user_quotas, billing_ledger, job_info, job_executions,"
+          " stats_snapshots")
+"""Every table the write-behind and the tracked jobs fill."""
 
 
 async def write_behind_drained(redis: Redis, keys: Keys) -> bool:
