@@ -2,9 +2,9 @@
 
 Wire format (see docs/wire-format.md): each stream entry carries one field,
 ``d``, whose value is a UTF-8 JSON object. The public request stream takes the
-tagged union :data:`Request` (``"type": "allocate" | "release"``); replies on a
-producer's reply stream are the tagged union :data:`Reply` (``"type":
-"allocated" | "released" | "failed"``). Constraints live in the types, so a
+tagged union :data:`Request` (``"type": "allocate" | "release" | "renew"``); replies
+on a producer's reply stream are the tagged union :data:`Reply` (``"type":
+"allocated" | "released" | "failed" | "renewed"``). Constraints live in the types, so a
 value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
@@ -44,9 +44,15 @@ FailureReason = Literal[
     "not_found",
     "timed_out",
     "invalid_reply",
+    "not_active",
+    "exceeds_quota_expiry",
+    "exceeds_max_duration",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
-reply came in time, or the reply that came did not decode."""
+reply came in time, or the reply that came did not decode. A renewal is refused as
+``not_active`` (the allocation ended or is past its expires-at), ``exceeds_quota_expiry``
+(the new expires-at would pass the quota's expiry) or ``exceeds_max_duration`` (the
+allocation would last longer than DEVSCHED_MAX_ALLOCATION_S in all)."""
 
 EndReason = Literal[
     "released",
@@ -112,7 +118,20 @@ class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forb
     sent_at_ms: int | None = None
 
 
-Request = AllocateRequest | ReleaseRequest
+class RenewRequest(Struct, tag_field="type", tag="renew", kw_only=True, forbid_unknown_fields=True):
+    """Extend an active allocation of ``user_id`` by ``extend_seconds`` (wins when set) or
+    ``extend_minutes``; one of the two is required."""
+
+    request_id: Id
+    reply_to: StreamKey
+    allocation_id: Id
+    user_id: Id
+    extend_minutes: Minutes | None = None
+    extend_seconds: Annotated[int, Meta(gt=0, le=31_536_000)] | None = None
+    sent_at_ms: int | None = None
+
+
+Request = AllocateRequest | ReleaseRequest | RenewRequest
 
 
 # --- replies (a producer's reply stream) ------------------------------------
@@ -157,7 +176,20 @@ class Failed(Struct, tag_field="type", tag="failed", kw_only=True, forbid_unknow
     remaining_devices: int | None = None
 
 
-Reply = Allocated | Released | Failed
+class Renewed(Struct, tag_field="type", tag="renewed", kw_only=True, forbid_unknown_fields=True):
+    """The allocation now ends at ``expires_at_ms`` (it was ``previous_expires_at_ms``)."""
+
+    request_id: str
+    allocation_id: str
+    user_id: str
+    device_id: str
+    expires_at_ms: int
+    previous_expires_at_ms: int
+    duration_minutes: int
+    """The allocation's whole length now, from its allocated-at (rounded up)."""
+
+
+Reply = Allocated | Released | Failed | Renewed
 
 
 # --- internal streams ---------------------------------------------------------
@@ -211,6 +243,18 @@ class AllocationReplaced(AllocationChange, tag="allocation_replaced", kw_only=Tr
     event: str
     """The device event's type, e.g. ``device.failed``."""
     event_id: str
+
+
+class AllocationRenewed(AllocationChange, tag="allocation_renewed", kw_only=True,
+                        forbid_unknown_fields=True):
+    """An active allocation extended (a renew request): the same allocation with its new
+    ``expires_at_ms`` and ``duration_minutes``, its version one higher; persist writes it
+    as any AllocationChange, notify announces ``allocation.renewed``. ``request_id`` stays
+    the allocation's own; the renewal's is ``renew_request_id``."""
+
+    previous_expires_at_ms: int
+    extended_seconds: int
+    renew_request_id: str
 
 
 class RequestRejected(
@@ -307,7 +351,7 @@ class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_
     """billing.payment_failed: the count at which the user is suspended."""
 
 
-Change = (AllocationChange | AllocationReplaced | RequestRejected | DeviceUpserted | QuotaSet
+Change = (AllocationChange | AllocationReplaced | AllocationRenewed | RequestRejected | DeviceUpserted | QuotaSet
           | DeviceEventApplied | UserEventApplied)
 
 
@@ -403,6 +447,9 @@ class Notification(Struct, kw_only=True, omit_defaults=True):
     replacement_device_id: str | None = None
     """A device event: the device its allocation moved to (``allocation.replaced``
     carries the details)."""
+    expires_at_ms: int | None = None
+    previous_expires_at_ms: int | None = None
+    """allocation.renewed: when the allocation ends now, and when it was to end before."""
 
 
 # --- records ------------------------------------------------------------------

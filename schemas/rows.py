@@ -82,7 +82,17 @@ class RefuseRow(Row, tag="refuse", kw_only=True):
     message: str
 
 
-QuotaRow = AdmitRow | ForwardRow | RefuseRow | DeadRow
+class RenewCheckRow(Row, tag="renew", kw_only=True):
+    """A renew request: the user must be active with a quota not expired; admitted, it
+    goes on to select as ``payload`` (holding nothing)."""
+
+    request_id: str
+    user_id: str
+    reply_to: str
+    payload: str
+
+
+QuotaRow = AdmitRow | ForwardRow | RefuseRow | RenewCheckRow | DeadRow
 
 
 class QuotaCall(Struct, kw_only=True):
@@ -137,7 +147,19 @@ class ReleaseRow(Row, tag="release", kw_only=True):
     """When set, only this user's allocation may be released."""
 
 
-SelectRow = AllocateRow | ReleaseRow | DeadRow
+class RenewRow(Row, tag="renew", kw_only=True):
+    """An admitted renew request: extend the allocation atomically, or refuse it."""
+
+    request_id: str
+    user_id: str
+    reply_to: str
+    allocation_id: str
+    extend_seconds: int
+    max_total_s: int
+    """DEVSCHED_MAX_ALLOCATION_S: the longest an allocation may last in all."""
+
+
+SelectRow = AllocateRow | ReleaseRow | RenewRow | DeadRow
 
 
 class SelectCall(Struct, kw_only=True):

@@ -5,7 +5,8 @@ decode, is too large, or names neither allocation nor device gets a typed
 ``invalid_request`` reply when it says where to reply, else a dead letter with
 the reason; it never stops the stage. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
-to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
+to ``select``; releases go on unchanged; renewals go on when the user is active
+and the quota not expired. The whole batch, replies, hand-off and
 ack, is one script call: atomic, and idempotent by request id. Each entry becomes
 one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
 """
@@ -21,8 +22,17 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
-from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
-from schemas.rows import AdmitRow, DeadRow, ForwardRow, QuotaCall, QuotaKeys, QuotaRow, RefuseRow
+from schemas.messages import AllocateRequest, ReleaseRequest, RenewRequest, request_decoder
+from schemas.rows import (
+    AdmitRow,
+    DeadRow,
+    ForwardRow,
+    QuotaCall,
+    QuotaKeys,
+    QuotaRow,
+    RefuseRow,
+    RenewCheckRow,
+)
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import QUOTA
@@ -84,6 +94,12 @@ class QuotaStage:
                 min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
                 payload=raw.decode(),
             )
+        if isinstance(request, RenewRequest):
+            if request.extend_seconds is None and request.extend_minutes is None:
+                return self._invalid(entry, raw, "renew needs extend_minutes or extend_seconds")
+            return RenewCheckRow(entry_id=entry.id, request_id=request.request_id,
+                                 user_id=request.user_id, reply_to=request.reply_to,
+                                 payload=raw.decode())
         assert isinstance(request, ReleaseRequest)
         if not request.allocation_id and not request.device_id:
             return self._invalid(entry, raw, "release needs allocation_id or device_id")

@@ -6,7 +6,8 @@ the producer, writes the change and acks: a crash before the call changes
 nothing, after it everything is done. Allocation ids are derived from the user
 and request id, so a redelivered request finds its first answer and a retried
 one can never make a second allocation. Each entry becomes one typed row of that
-call (schemas/rows.py: allocate, release or dead).
+call (schemas/rows.py: allocate, release, renew or dead). A renewal extends an active
+allocation in the same atomic step as its checks (renew in select.lua).
 """
 
 from __future__ import annotations
@@ -20,8 +21,16 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, request_decoder
-from schemas.rows import AllocateRow, DeadRow, ReleaseRow, SelectCall, SelectKeys, SelectRow
+from schemas.messages import AllocateRequest, RenewRequest, request_decoder
+from schemas.rows import (
+    AllocateRow,
+    DeadRow,
+    ReleaseRow,
+    RenewRow,
+    SelectCall,
+    SelectKeys,
+    SelectRow,
+)
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
@@ -66,6 +75,18 @@ class SelectStage:
                 hold=entry.fields.get(b"c", b"").decode(),
                 allocation_id=allocation_id(request.user_id, request.request_id),
                 replace_on_failure=request.replace_on_failure or None,
+            )
+        if isinstance(request, RenewRequest):
+            seconds = request.extend_seconds or (request.extend_minutes or 0) * 60
+            if seconds <= 0:  # quota refuses such a request; only a hand-made entry gets here
+                letter = dead_letter_of(entry, stage=self.group,
+                                        error="renew without extend_minutes or extend_seconds",
+                                        at_ms=self.ctx.clock.now_ms(), refused=True)
+                return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+            return RenewRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                reply_to=request.reply_to, allocation_id=request.allocation_id,
+                extend_seconds=seconds, max_total_s=self.ctx.settings.max_allocation_s,
             )
         return ReleaseRow(
             entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,

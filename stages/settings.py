@@ -54,3 +54,6 @@ class Settings(RuntimeSettings):
     """A failed or killed scheduled run is retried this many times (at the next ticks)."""
     job_timeout_s: int = env("DEVSCHED_JOB_TIMEOUT_S", 300, minimum=1)
     """A run longer than this fails; a claim held this long belongs to a dead worker."""
+    max_allocation_s: int = env("DEVSCHED_MAX_ALLOCATION_S", 2_592_000, minimum=1)
+    """A renewal may not make an allocation last longer than this in all, from its
+    allocated-at (default 30 days)."""

@@ -2,7 +2,7 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, quota, allocate, release, events, jobs, stats, audit, rebuild,
+scheduler's: demo, devices, quota, allocate, release, renew, events, jobs, stats, audit, rebuild,
 schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
@@ -170,6 +170,23 @@ def cmd_release(args: argparse.Namespace) -> int:
                                          user_id=args.user, request_id=args.request_id)
         print(msgspec.json.encode(reply).decode())
         return 0 if type(reply).__name__ == "Released" else 2
+
+    result: int = run_coroutine(go())
+    return result
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    from stages.tools.client import Client
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        await check_redis_of(settings)
+        async with Client(settings, timeout_s=args.timeout) as client:
+            reply = await client.renew(args.allocation, args.user, extend_minutes=args.minutes,
+                                       extend_seconds=args.seconds, request_id=args.request_id)
+        print(msgspec.json.encode(reply).decode())
+        return 0 if type(reply).__name__ == "Renewed" else 2
 
     result: int = run_coroutine(go())
     return result
@@ -443,6 +460,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--request-id")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_release)
+
+    s = sub.add_parser("renew", help="extend an active allocation (needs running stages)")
+    s.add_argument("allocation")
+    s.add_argument("--user", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--minutes", type=int)
+    g.add_argument("--seconds", type=int)
+    s.add_argument("--request-id")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(fn=cmd_renew)
 
     from schemas.events import EVENT_TYPES
 
