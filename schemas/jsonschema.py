@@ -3,7 +3,8 @@
 `devsched schema` prints it; docs/schema.json is the published copy (a test
 checks it is current), for producers written in other languages: the requests
 and replies, the events other systems send (``<prefix>:events``) and the
-notifications the scheduler sends them (``<prefix>:notifications``).
+notifications the scheduler sends them (``<prefix>:notifications``), and the manual
+job runs (``<prefix>:job_requests``) with their answers.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 import msgspec
 
 from schemas.events import Event
-from schemas.messages import Notification, Reply, Request
+from schemas.messages import JobRunRequest, JobRunResult, Notification, Reply, Request
 
 PUBLIC_TYPES: dict[str, Any] = {
     "Request": Request, "Reply": Reply, "Event": Event, "Notification": Notification,
+    "JobRunRequest": JobRunRequest, "JobRunResult": JobRunResult,
 }
 """Each public message by name: what producers send and what they read back."""
 
@@ -36,7 +38,9 @@ def public_schema() -> dict[str, Any]:
             "Each stream entry has one field, `d`, holding one JSON object. "
             "Producers add a Request to the requests stream; the reply (a Reply) is added "
             "to the stream named by the request's reply_to. Other systems add an Event to "
-            "the events stream and read Notifications from the notifications stream."
+            "the events stream and read Notifications from the notifications stream. An "
+            "operator adds a JobRunRequest to the job_requests stream; its JobRunResult "
+            "goes to the request's reply_to."
         ),
         "$defs": defs,
         "oneOf": [{"$ref": f"#/$defs/{name}"} for name in names],

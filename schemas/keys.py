@@ -45,6 +45,11 @@ class Keys:
         return f"{self.prefix}:events"
 
     @property
+    def job_requests(self) -> str:
+        """Manual job runs (schemas.messages.JobRunRequest), read by the timers stage."""
+        return f"{self.prefix}:job_requests"
+
+    @property
     def dead(self) -> str:
         return f"{self.prefix}:dead"
 
@@ -58,6 +63,23 @@ class Keys:
     def errors(self, group: str) -> str:
         """Hash entry id -> last error text of a failed delivery (with a TTL)."""
         return f"{self.prefix}:errors:{group}"
+
+    # tracked jobs, tag {jobs}
+    def job(self, name: str) -> str:
+        """One hash per tracked job, its live state (stages/lua/jobs.lua): ``interval_ms``,
+        ``next_run_ms``, ``paused``, ``running`` (the execution id holding the claim, or
+        empty), ``started_ms``, ``deadline_ms``, ``manual``, ``attempt``, ``retries``,
+        ``max_retries``, ``timeout_ms``, ``status``, ``last_run_ms``, ``last_status``."""
+        return f"{self.prefix}:{{jobs}}:job:{name}"
+
+    @property
+    def jobs_known(self) -> str:
+        """The names of the jobs whose hash (``job``) exists."""
+        return f"{self.prefix}:{{jobs}}:known"
+
+    def job_answer(self, request_id: str) -> str:
+        """The answer to a manual job run, by request id (with a TTL)."""
+        return f"{self.prefix}:{{jobs}}:answer:{request_id}"
 
     # device side, tag {pool}
     @property

@@ -2,9 +2,9 @@
 
 Wire format (see docs/wire-format.md): each stream entry carries one field,
 ``d``, whose value is a UTF-8 JSON object. The public request stream takes the
-tagged union :data:`Request` (``"type": "allocate" | "release"``); replies on a
-producer's reply stream are the tagged union :data:`Reply` (``"type":
-"allocated" | "released" | "failed"``). Constraints live in the types, so a
+tagged union :data:`Request` (``"type": "allocate" | "release" | "renew"``); replies
+on a producer's reply stream are the tagged union :data:`Reply` (``"type":
+"allocated" | "released" | "failed" | "renewed"``). Constraints live in the types, so a
 value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
@@ -48,10 +48,16 @@ FailureReason = Literal[
     "rate_limited",
     "timed_out",
     "invalid_reply",
+    "not_active",
+    "exceeds_quota_expiry",
+    "exceeds_max_duration",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode. ``rate_limited``: the user
-or the tenant made more allocate requests than its rate allows (``retry_after_ms``)."""
+or the tenant made more allocate requests than its rate allows (``retry_after_ms``). A renewal is refused as
+``not_active`` (the allocation ended or is past its expires-at), ``exceeds_quota_expiry``
+(the new expires-at would pass the quota's expiry) or ``exceeds_max_duration`` (the
+allocation would last longer than DEVSCHED_MAX_ALLOCATION_S in all)."""
 
 EndReason = Literal[
     "released",
@@ -125,7 +131,20 @@ class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forb
     sent_at_ms: int | None = None
 
 
-Request = AllocateRequest | ReleaseRequest
+class RenewRequest(Struct, tag_field="type", tag="renew", kw_only=True, forbid_unknown_fields=True):
+    """Extend an active allocation of ``user_id`` by ``extend_seconds`` (wins when set) or
+    ``extend_minutes``; one of the two is required."""
+
+    request_id: Id
+    reply_to: StreamKey
+    allocation_id: Id
+    user_id: Id
+    extend_minutes: Minutes | None = None
+    extend_seconds: Annotated[int, Meta(gt=0, le=31_536_000)] | None = None
+    sent_at_ms: int | None = None
+
+
+Request = AllocateRequest | ReleaseRequest | RenewRequest
 
 
 # --- replies (a producer's reply stream) ------------------------------------
@@ -200,7 +219,20 @@ class ReleasedBatch(
     failures: list[Failed]
 
 
-Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch
+class Renewed(Struct, tag_field="type", tag="renewed", kw_only=True, forbid_unknown_fields=True):
+    """The allocation now ends at ``expires_at_ms`` (it was ``previous_expires_at_ms``)."""
+
+    request_id: str
+    allocation_id: str
+    user_id: str
+    device_id: str
+    expires_at_ms: int
+    previous_expires_at_ms: int
+    duration_minutes: int
+    """The allocation's whole length now, from its allocated-at (rounded up)."""
+
+
+Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch | Renewed
 
 
 # --- internal streams ---------------------------------------------------------
@@ -254,6 +286,18 @@ class AllocationReplaced(AllocationChange, tag="allocation_replaced", kw_only=Tr
     event: str
     """The device event's type, e.g. ``device.failed``."""
     event_id: str
+
+
+class AllocationRenewed(AllocationChange, tag="allocation_renewed", kw_only=True,
+                        forbid_unknown_fields=True):
+    """An active allocation extended (a renew request): the same allocation with its new
+    ``expires_at_ms`` and ``duration_minutes``, its version one higher; persist writes it
+    as any AllocationChange, notify announces ``allocation.renewed``. ``request_id`` stays
+    the allocation's own; the renewal's is ``renew_request_id``."""
+
+    previous_expires_at_ms: int
+    extended_seconds: int
+    renew_request_id: str
 
 
 class RequestRejected(
@@ -350,7 +394,7 @@ class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_
     """billing.payment_failed: the count at which the user is suspended."""
 
 
-Change = (AllocationChange | AllocationReplaced | RequestRejected | DeviceUpserted | QuotaSet
+Change = (AllocationChange | AllocationReplaced | AllocationRenewed | RequestRejected | DeviceUpserted | QuotaSet
           | DeviceEventApplied | UserEventApplied)
 
 
@@ -371,6 +415,41 @@ class AdmittedEntry(Struct, kw_only=True, forbid_unknown_fields=True):
 
 class Tick(Struct, kw_only=True):
     at_ms: int
+
+
+JobName = Annotated[str, Meta(min_length=1, max_length=100, pattern=r"^[a-z_]+$")]
+"""A tracked job's name (stages.jobs.JOBS: expire, trim, stats_snapshot, purge, ...)."""
+
+
+class JobRunRequest(Struct, kw_only=True, forbid_unknown_fields=True):
+    """A manual run of one job now (``devsched jobs run NAME``), added to the
+    ``<prefix>:job_requests`` stream that the timers stage reads beside the ticks; the
+    answer (a :class:`JobRunResult`) goes to ``reply_to``. The same ``request_id``
+    always gets the first answer (the job runs once)."""
+
+    request_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    reply_to: Annotated[str, Meta(min_length=1, max_length=512)]
+    job: JobName
+
+
+JobRunStatus = Literal["succeeded", "failed", "busy", "unknown_job"]
+"""How a manual run ended: ``busy`` when another run of the job holds its claim (nothing
+ran), ``unknown_job`` when no job has that name."""
+
+
+class JobRunResult(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The answer to a :class:`JobRunRequest`."""
+
+    request_id: str
+    operation: str
+    """The job's name."""
+    executed_at: str
+    """When the run started, ISO 8601 UTC (``2026-01-15T10:30:00.000Z``)."""
+    status: JobRunStatus
+    processed_count: int
+    """What the run handled: allocations expired, entries trimmed, rows purged, ..."""
+    error: str | None
+    execution_time_ms: int
 
 
 class Notification(Struct, kw_only=True, omit_defaults=True):
@@ -412,6 +491,9 @@ class Notification(Struct, kw_only=True, omit_defaults=True):
     replacement_device_id: str | None = None
     """A device event: the device its allocation moved to (``allocation.replaced``
     carries the details)."""
+    expires_at_ms: int | None = None
+    previous_expires_at_ms: int | None = None
+    """allocation.renewed: when the allocation ends now, and when it was to end before."""
 
 
 # --- records ------------------------------------------------------------------
@@ -449,6 +531,8 @@ reply_decoder = msgspec.json.Decoder(Reply)
 change_decoder = msgspec.json.Decoder(Change)
 notification_decoder = msgspec.json.Decoder(Notification)
 tick_decoder = msgspec.json.Decoder(Tick)
+job_run_request_decoder = msgspec.json.Decoder(JobRunRequest)
+job_run_result_decoder = msgspec.json.Decoder(JobRunResult)
 
 
 

@@ -88,7 +88,17 @@ class RefuseRow(Row, tag="refuse", kw_only=True):
     message: str
 
 
-QuotaRow = AdmitRow | ForwardRow | RefuseRow | DeadRow
+class RenewCheckRow(Row, tag="renew", kw_only=True):
+    """A renew request: the user must be active with a quota not expired; admitted, it
+    goes on to select as ``payload`` (holding nothing)."""
+
+    request_id: str
+    user_id: str
+    reply_to: str
+    payload: str
+
+
+QuotaRow = AdmitRow | ForwardRow | RefuseRow | RenewCheckRow | DeadRow
 
 
 class RateLimits(Struct, kw_only=True, omit_defaults=True):
@@ -186,7 +196,19 @@ class ReleaseRow(Row, tag="release", kw_only=True):
     """When set, only this user's allocation may be released."""
 
 
-SelectRow = AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | DeadRow
+class RenewRow(Row, tag="renew", kw_only=True):
+    """An admitted renew request: extend the allocation atomically, or refuse it."""
+
+    request_id: str
+    user_id: str
+    reply_to: str
+    allocation_id: str
+    extend_seconds: int
+    max_total_s: int
+    """DEVSCHED_MAX_ALLOCATION_S: the longest an allocation may last in all."""
+
+
+SelectRow = AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | RenewRow | DeadRow
 
 
 class SelectCall(Struct, kw_only=True):
@@ -408,3 +430,61 @@ class EventsCall(Struct, kw_only=True):
     """The limits a user.quota_updated gives a user without a quota record, for the
     limits it leaves out (``user_id`` unused)."""
     items: list[EventsRow]
+
+
+# --- jobs.lua -----------------------------------------------------------------------
+
+
+class JobsKeys(NamedTuple):
+    """jobs.lua names each job's hash from the prefix and the job's name
+    (``<prefix>:{jobs}:job:<name>``, schemas.keys.Keys.job)."""
+
+    known: str
+    """The set of the names of the jobs whose hash exists (Keys.jobs_known)."""
+
+
+class JobClaim(Struct, kw_only=True):
+    """Claim one job for a run: a scheduled one when it is due (``manual`` false), or a
+    manual one now. The defaults initialise the job's hash the first time it is seen."""
+
+    name: str
+    execution_id: str
+    """The id the run gets when this call claims it."""
+    interval_ms: int
+    first_run_ms: int
+    """The first run of a job never seen before (expire: now; the others: the end of
+    the current interval, so a new worker does not purge or snapshot at once)."""
+    max_retries: int
+    timeout_ms: int
+    manual: bool = False
+
+
+class JobFinish(Struct, kw_only=True):
+    """The end of the run ``execution_id`` of job ``name``: ``succeeded`` or ``failed``."""
+
+    name: str
+    execution_id: str
+    status: str
+
+
+class JobControl(Struct, kw_only=True, omit_defaults=True):
+    """An operator's change to a job: ``pause``, ``resume`` or ``set_interval``
+    (``interval_ms``); the defaults initialise the job's hash when it is new."""
+
+    name: str
+    action: str
+    default_interval_ms: int
+    first_run_ms: int
+    max_retries: int
+    timeout_ms: int
+    interval_ms: int | None = None
+
+
+class JobsCall(Struct, kw_only=True, omit_defaults=True):
+    """One of: ``claim`` (the jobs to claim, in order), ``finish``, ``control``."""
+
+    prefix: str
+    now_ms: int
+    claim: list[JobClaim] | None = None
+    finish: JobFinish | None = None
+    control: JobControl | None = None

@@ -48,7 +48,7 @@ APP: Application[StageContext, Settings] = Application(
                   nice=BEHIND_NICE),
         StageSpec("bill", BillStage, needs_database=True, process_group=BEHIND, nice=BEHIND_NICE),
         StageSpec("notify", NotifyStage, process_group=BEHIND, nice=BEHIND_NICE),
-        StageSpec("timers", TimersStage, process_group=BEHIND, nice=BEHIND_NICE,
+        StageSpec("timers", TimersStage, needs_database=True, process_group=BEHIND, nice=BEHIND_NICE,
                   background=run_ticker),
         StageSpec("events", EventsStage, process_group=BEHIND, nice=BEHIND_NICE),
     ),

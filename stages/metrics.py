@@ -33,3 +33,6 @@ CLIENT_INVALID_REPLIES = Counter(
     "could be read, is answered with Failed(reason='invalid_reply'))",
 )
 """Exported as ``devsched_client_invalid_replies_total``."""
+JOB_RUNS = Counter("scheduler_job_runs_total", "Runs of the tracked timer jobs", ["job", "status"])
+"""``job``: expire, trim, stats_snapshot, purge, prune_history; ``status``: succeeded, failed
+(including a run found dead past its timeout)."""

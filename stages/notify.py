@@ -23,6 +23,7 @@ from pipeline.worker import Entry
 from schemas.keys import GROUP_NOTIFY
 from schemas.messages import (
     AllocationChange,
+    AllocationRenewed,
     AllocationReplaced,
     DeviceEventApplied,
     Notification,
@@ -179,11 +180,26 @@ def user_event_notification(change: UserEventApplied) -> Notification:
     )
 
 
+def renewed_notification(change: AllocationRenewed) -> Notification:
+    """allocation.renewed: the allocation now ends at its new expires-at."""
+    return Notification(
+        event="allocation.renewed", user_id=change.user_id, tenant_id=change.tenant_id,
+        allocation_id=change.allocation_id, device_id=change.device_id,
+        request_id=change.renew_request_id,
+        message=(f"Allocation {change.allocation_id} on device {change.device_id} renewed by "
+                 f"{change.extended_seconds} s"),
+        at_ms=change.at_ms, channels=WEB, status=change.status,
+        expires_at_ms=change.expires_at_ms, previous_expires_at_ms=change.previous_expires_at_ms,
+    )
+
+
 def notification_for(change: object) -> Notification | None:
     """The notification of one change, or None for an administrative one (a device
     added or a quota set by command)."""
     if isinstance(change, AllocationReplaced):
         return replaced_notification(change)
+    if isinstance(change, AllocationRenewed):
+        return renewed_notification(change)
     if isinstance(change, AllocationChange):
         return allocation_notification(change)
     if isinstance(change, DeviceEventApplied):

@@ -39,7 +39,7 @@ SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
     $11::jsonb[], $12::bigint[], $13::text[]) ORDER BY 1
 ON CONFLICT (id) DO UPDATE SET device_id = EXCLUDED.device_id, status = EXCLUDED.status,
     released_at = EXCLUDED.released_at, expires_at = EXCLUDED.expires_at,
-    duration_seconds = EXCLUDED.duration_seconds,
+    duration_minutes = EXCLUDED.duration_minutes, duration_seconds = EXCLUDED.duration_seconds,
     metadata = COALESCE(a.metadata, '{}'::jsonb) || EXCLUDED.metadata,
     version = EXCLUDED.version, end_reason = EXCLUDED.end_reason
 WHERE a.version < EXCLUDED.version

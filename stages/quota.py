@@ -6,7 +6,8 @@ decode, is too large, or names neither allocation nor device gets a typed
 the reason; it never stops the stage (JSON nested too deep to decode included: its
 reply stream is then read from the text). Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
-to ``select``; releases go on unchanged. The whole batch, replies, hand-off and
+to ``select``; releases go on unchanged; renewals go on when the user is active
+and the quota not expired. The whole batch, replies, hand-off and
 ack, is one script call: atomic, and idempotent by request id. With rate limits set
 (DEVSCHED_RATE_USER_PER_S, DEVSCHED_RATE_TENANT_PER_S) an allocate request also takes a
 token of its user's and its tenant's bucket, or is refused ``rate_limited`` with
@@ -30,7 +31,7 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
-from schemas.messages import AllocateRequest, ReleaseRequest, request_decoder
+from schemas.messages import AllocateRequest, ReleaseRequest, RenewRequest, request_decoder
 from schemas.rows import (
     AdmitRow,
     DeadRow,
@@ -40,6 +41,7 @@ from schemas.rows import (
     QuotaRow,
     RateLimits,
     RefuseRow,
+    RenewCheckRow,
 )
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
@@ -135,6 +137,12 @@ class QuotaStage:
                 count=request.count, best_effort=request.mode == "best_effort",
                 payload=raw.decode(),
             )
+        if isinstance(request, RenewRequest):
+            if request.extend_seconds is None and request.extend_minutes is None:
+                return self._invalid(entry, raw, "renew needs extend_minutes or extend_seconds")
+            return RenewCheckRow(entry_id=entry.id, request_id=request.request_id,
+                                 user_id=request.user_id, reply_to=request.reply_to,
+                                 payload=raw.decode())
         assert isinstance(request, ReleaseRequest)
         if request.allocation_ids and (request.allocation_id or request.device_id):
             return self._invalid(entry, raw, "allocation_ids excludes allocation_id and device_id")

@@ -20,6 +20,8 @@ from schemas.rows import (
     EventsKeys,
     ExpireCall,
     ExpireKeys,
+    JobsCall,
+    JobsKeys,
     QuotaCall,
     QuotaKeys,
     RebuildCall,
@@ -43,5 +45,8 @@ REBUILD = Script("rebuild", RebuildKeys, RebuildCall,
 EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.lua", "events.lua"))
 """Apply a batch of events from other systems, record their changes, ack."""
 
-ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, HANDOFF, APPEND)
+JOBS = Script("jobs", JobsKeys, JobsCall, lua_source("stages", "jobs.lua"))
+"""Claim, finish and control the tracked timer jobs (their live state)."""
+
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -13,9 +13,11 @@ across state losses and answer expiries, so PostgreSQL's version guard never tak
 a new allocation for an old one. Without the state marker the call changes
 nothing and the batch waits (``StateMissing``). Each entry becomes one typed row
 of that call (schemas/rows.py: allocate, release, allocate_batch for count > 1 (device i
-gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, or dead). A
+gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, renew, or dead). A
 batch is decided whole in the same call: all or nothing (devices taken tentatively and put
 back when not every one fits) or best effort.
+A renewal extends an active allocation in the same atomic step as its checks (renew in
+select.lua).
 """
 
 from __future__ import annotations
@@ -30,13 +32,14 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, request_decoder
+from schemas.messages import AllocateRequest, RenewRequest, request_decoder
 from schemas.rows import (
     AllocateBatchRow,
     AllocateRow,
     DeadRow,
     ReleaseBatchRow,
     ReleaseRow,
+    RenewRow,
     SelectCall,
     SelectKeys,
     SelectRow,
@@ -98,6 +101,18 @@ class SelectStage:
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(),
                 replace_on_failure=request.replace_on_failure or None,
+            )
+        if isinstance(request, RenewRequest):
+            seconds = request.extend_seconds or (request.extend_minutes or 0) * 60
+            if seconds <= 0:  # quota refuses such a request; only a hand-made entry gets here
+                letter = dead_letter_of(entry, stage=self.group,
+                                        error="renew without extend_minutes or extend_seconds",
+                                        at_ms=self.ctx.clock.now_ms(), refused=True)
+                return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+            return RenewRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                reply_to=request.reply_to, allocation_id=request.allocation_id,
+                extend_seconds=seconds, max_total_s=self.ctx.settings.max_allocation_s,
             )
         if request.allocation_ids:
             return ReleaseBatchRow(

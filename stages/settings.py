@@ -58,3 +58,17 @@ class Settings(RuntimeSettings):
     that name a tenant_id); 0: no limit."""
     rate_tenant_burst: int = env("DEVSCHED_RATE_TENANT_BURST", 0, minimum=0)
     """The tenant bucket's size; 0: one second's worth (at least 1)."""
+    purge_retention_days: int = env("DEVSCHED_PURGE_RETENTION_DAYS", 30, minimum=1)
+    """The purge job deletes released/expired allocation rows that ended longer ago than
+    this (never an active one)."""
+    job_history_retention_days: int = env("DEVSCHED_JOB_HISTORY_RETENTION_DAYS", 30, minimum=1)
+    """A job's finished execution records are kept this long (the prune_history job)."""
+    job_history_max_per_job: int = env("DEVSCHED_JOB_HISTORY_MAX_PER_JOB", 1_000, minimum=1)
+    """At most this many execution records are kept per job (the newest)."""
+    job_max_retries: int = env("DEVSCHED_JOB_MAX_RETRIES", 3, minimum=0)
+    """A failed or killed scheduled run is retried this many times (at the next ticks)."""
+    job_timeout_s: int = env("DEVSCHED_JOB_TIMEOUT_S", 300, minimum=1)
+    """A run longer than this fails; a claim held this long belongs to a dead worker."""
+    max_allocation_s: int = env("DEVSCHED_MAX_ALLOCATION_S", 2_592_000, minimum=1)
+    """A renewal may not make an allocation last longer than this in all, from its
+    allocated-at (default 30 days)."""

@@ -1,12 +1,14 @@
-"""timers: the ticker and the work each tick triggers (expiry, stream trimming).
+"""timers: the ticker, and the tracked jobs each tick runs (stages.jobs).
 
 The ticker adds one tick per period to the ticks stream with the explicit id
 ``<period start ms>-0``; a second ticker racing it gets "equal or smaller" and
 adds nothing, so there is exactly one tick per period with no leader. Each tick
-goes to one consumer of the ``timers`` group, which closes every allocation past
-its expires-at (in bounded script calls, each atomic and idempotent) and, every
-few ticks, trims the streams. Ticks are acked after their work; a crashed run is
-reclaimed and simply runs again.
+goes to one consumer of the ``timers`` group, which runs the jobs that are due
+(expire every tick, trim, the statistics snapshot, the purge, ...; jobs.lua claims
+each at most once per period, whichever worker asks). Ticks are acked after their
+work; a crashed run is reclaimed, and what it had claimed runs again once its claim
+times out. The same group reads ``<prefix>:job_requests``: a manual run of one job
+(``devsched jobs run``), answered on the requester's reply stream, once per request id.
 """
 
 from __future__ import annotations
@@ -15,17 +17,18 @@ import asyncio
 import logging
 from collections.abc import Sequence
 
+import msgspec
 from redis.exceptions import ResponseError
 
-from pipeline.connections import REDIS_DOWN, text
-from pipeline.trim import trim
-from pipeline.worker import Entry
+from pipeline.connections import REDIS_DOWN
+from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_TIMERS
-from schemas.messages import Tick, encoder
-from schemas.rows import ExpireCall, ExpireKeys
-from stages import metrics
+from schemas.messages import Tick, encoder, job_run_request_decoder
+from schemas.runtime import dead_encoder
 from stages.context import StageContext
-from stages.scripts import EXPIRE
+from stages.jobs import expire_due, run_due, run_now, trim_streams
+
+__all__ = ["TimersStage", "add_tick", "expire_due", "run_ticker", "trim_streams"]
 
 log = logging.getLogger("devsched.timers")
 
@@ -62,48 +65,45 @@ async def run_ticker(ctx: StageContext, stopping: asyncio.Event) -> None:
             pass
 
 
-async def expire_due(ctx: StageContext) -> int:
-    """Close every allocation whose expires-at has passed; returns how many."""
-    s = ctx.settings
-    total = 0
-    while True:
-        count, seen, closed = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
-                                           ExpireCall(prefix=s.prefix, now_ms=ctx.clock.now_ms(),
-                                                      limit=s.expire_batch,
-                                                      released_ttl_s=s.released_ttl_s))
-        total += int(count)
-        if log.isEnabledFor(logging.INFO):
-            for i in range(0, len(closed), 3):
-                log.info("allocation expired", extra={
-                    "allocation_id": text(closed[i]), "user_id": text(closed[i + 1]),
-                    "device_id": text(closed[i + 2])})
-        if int(seen) < s.expire_batch:
-            break
-    if total:
-        metrics.AUTO_RELEASE.labels("expired").inc(total)
-    return total
-
-
-async def trim_streams(ctx: StageContext) -> int:
-    k = ctx.keys
-    removed = 0
-    for stream in (k.requests, k.admitted, k.changes, k.ticks, k.events, k.notifications, k.dead):
-        removed += await trim(ctx.redis, stream)
-    return removed
-
-
 class TimersStage:
+    """Reads the ticks and the manual job runs; a batch with a tick runs the due jobs once."""
+
     group = GROUP_TIMERS
 
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
-        self.streams = [ctx.keys.ticks]
-        self._ticks_seen = 0
+        self.streams = [ctx.keys.ticks, ctx.keys.job_requests]
 
     async def handle(self, entries: Sequence[Entry]) -> None:
-        await expire_due(self.ctx)
-        self._ticks_seen += len(entries)
-        if self._ticks_seen >= self.ctx.settings.trim_every_ticks:
-            self._ticks_seen = 0
-            await trim_streams(self.ctx)
-        await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])
+        ticks = [e.id for e in entries if e.stream == self.streams[0]]
+        if ticks:
+            await run_due(self.ctx)
+            await self.ctx.redis.xack(self.streams[0], self.group, *ticks)
+        for entry in entries:
+            if entry.stream == self.streams[1]:
+                await self.answer(entry)
+
+    async def answer(self, entry: Entry) -> None:
+        """Run the requested job and answer, once per request id: the answer is stored,
+        sent and the entry acked in one transaction; a redelivered request gets the
+        stored answer. A request that does not decode goes to the dead stream."""
+        ctx, k = self.ctx, self.ctx.keys
+        try:
+            request = job_run_request_decoder.decode(entry.data)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            letter = dead_letter_of(entry, stage=self.group, error=f"invalid job run: {exc}",
+                                    at_ms=ctx.clock.now_ms(), refused=True)
+            async with ctx.redis.pipeline(transaction=True) as tx:
+                tx.xadd(k.dead, {"d": dead_encoder.encode(letter)})
+                tx.xack(entry.stream, self.group, entry.id)
+                await tx.execute()
+            return
+        stored = await ctx.redis.get(k.job_answer(request.request_id))
+        payload = stored if stored is not None else encoder.encode(
+            await run_now(ctx, request.job, request.request_id))
+        async with ctx.redis.pipeline(transaction=True) as tx:
+            tx.set(k.job_answer(request.request_id), payload, ex=ctx.settings.idempotency_ttl_s)
+            tx.xadd(request.reply_to, {"d": payload})
+            tx.expire(request.reply_to, ctx.settings.reply_ttl_s)
+            tx.xack(entry.stream, self.group, entry.id)
+            await tx.execute()

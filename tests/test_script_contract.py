@@ -32,6 +32,7 @@ import pytest
 from redis.asyncio import Redis
 
 import stages.events
+import stages.jobs
 import stages.quota
 import stages.select
 import stages.timers
@@ -46,6 +47,7 @@ from schemas.messages import (
     AllocatedBatch,
     AllocateRequest,
     AllocationChange,
+    AllocationRenewed,
     AllocationReplaced,
     DeviceEventApplied,
     DeviceSpec,
@@ -56,6 +58,8 @@ from schemas.messages import (
     Released,
     ReleasedBatch,
     ReleaseRequest,
+    Renewed,
+    RenewRequest,
     RequestRejected,
     UserEventApplied,
     change_decoder,
@@ -120,6 +124,10 @@ class Driver:
     def allocate(self, user: str, rid: str, **fields: Any) -> bytes:
         return encoder.encode(AllocateRequest(request_id=rid, user_id=user,
                                               reply_to=self.reply_to, **fields))
+
+    def renew(self, rid: str, aid: str, user: str, **fields: Any) -> bytes:
+        return encoder.encode(RenewRequest(request_id=rid, reply_to=self.reply_to,
+                                           allocation_id=aid, user_id=user, **fields))
 
     def release(self, rid: str, **fields: Any) -> bytes:
         return encoder.encode(ReleaseRequest(request_id=rid, reply_to=self.reply_to, **fields))
@@ -250,6 +258,22 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     )
     await d.both(d.release("x-1", allocation_id=first, user_id="ok"))  # answered before
 
+    # renewals: extended (and the same request again: its first answer), then each
+    # refusal at select (unknown, another user's, ended, past the quota's expiry, past the
+    # longest length) and at quota (suspended, no extension given)
+    stored = made("sto", "r-sto-1")
+    await d.both(d.renew("n-1", stored, "sto", extend_minutes=10))
+    await d.both(d.renew("n-1", stored, "sto", extend_minutes=10))
+    await d.both(
+        d.renew("n-unknown", "no-such-allocation", "ok", extend_minutes=1),
+        d.renew("n-owner", stored, "ok", extend_minutes=1),
+        d.renew("n-ended", first, "ok", extend_minutes=1),
+        d.renew("n-quota", made("race", "r-race-1"), "race", extend_minutes=2 * 1440),
+        d.renew("n-long", stored, "sto", extend_seconds=31_536_000),
+        d.renew("n-susp", stored, "susp", extend_minutes=1),
+        d.renew("n-none", stored, "sto"),
+    )
+
     # expiry: r-2 lasts 60 s; released after it expired, it says so
     clock.advance(61_000)
     assert await expire_due(ctx) == 1
@@ -360,6 +384,10 @@ def kind_of(message: object) -> str:
         return f"reply released {message.status}" + (" again" if message.already_released else "")
     if isinstance(message, Allocated):
         return "reply allocated"
+    if isinstance(message, Renewed):
+        return "reply renewed"
+    if isinstance(message, AllocationRenewed):
+        return "change allocation_renewed"
     if isinstance(message, AllocationReplaced):
         return f"change allocation_replaced {message.replace_reason}"
     if isinstance(message, AllocatedBatch):
@@ -407,6 +435,13 @@ EXPECTED = {
     "reply allocated_batch some",
     "reply allocated_batch none",
     "reply released_batch",
+    "reply renewed",
+    "admitted RenewRequest hold=False",
+    "change allocation_renewed",
+    *(f"reply failed {reason}" for reason in (
+        "not_active", "exceeds_quota_expiry", "exceeds_max_duration")),
+    *(f"change rejected {reason}" for reason in (
+        "not_found", "not_owner", "not_active", "exceeds_quota_expiry", "exceeds_max_duration")),
     "reply released released",
     "reply released released again",
     "reply released expired again",
@@ -476,12 +511,18 @@ async def test_every_message_every_script_emits_decodes_strictly(
 # --- the contract test bites ------------------------------------------------------------
 
 SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SELECT"),
-                "expire": (stages.timers, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
+                "expire": (stages.jobs, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
                 "events": (stages.events, "EVENTS")}
 """Where each stage finds its script (module, name), to load a renamed copy there."""
 
 RENAMES = [
     # (script, text in its source, replacement, what strict decoding names)
+    (SELECT, "previous_expires_at_ms = previous,", "previous_expires = previous,",
+     "previous_expires"),
+    (SELECT, "rec.extended_seconds = row.extend_seconds", "rec.extended = row.extend_seconds",
+     "extended"),
+    (SELECT, "device_id = device_id, expires_at_ms = expires,",
+     "device = device_id, expires_at_ms = expires,", "device"),
     (QUOTA, "remaining_devices = remaining", "remaining = remaining", "remaining"),
     (QUOTA, "user_id = opt(uid), tenant_id", "user_id = opt(uid), tenant", "tenant"),
     (QUOTA, "'d', row.payload, 'c', ''", "'d', row.payload, 'hold', ''", "hold"),

@@ -10,6 +10,8 @@
 --   forward: a request that goes on unchanged, e.g. a release (payload)
 --   refuse:  invalid input, answered at once (request_id, user_id, tenant_id, reply_to,
 --            reason, message)
+--   renew:   a renew request (request_id, user_id, reply_to, payload): the user must be
+--            active with a quota not expired; it goes on to select holding nothing
 --   dead:    a dead letter to add (letter)
 -- Per user it touches only keys tagged {u:ID} (and, with a tenant rate limit on, the
 -- tenant's bucket, tagged {t:TENANT}: see the rate limits below). It refuses what the quota can never
@@ -199,12 +201,45 @@ local function admit(row)
   n_admitted = n_admitted + 1
 end
 
+-- A request that goes on to select unchanged, holding nothing.
+local function forward(row)
+  redis.call('XADD', admitted, '*', 'd', row.payload, 'c', '')
+  n_admitted = n_admitted + 1
+end
+
+-- A renewal needs an active user whose quota has not expired; select checks the rest
+-- (owner, active, the new expires-at against the quota's expiry and the longest length)
+-- atomically with the extension.
+local function renew(row)
+  local rid, uid, reply_to = row.request_id, row.user_id, row.reply_to
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local q = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
+  local status = q[1]
+  if not status then
+    if not fail_open then
+      return refuse(rid, uid, nil, reply_to, 'quota_exceeded',
+        'No quota configured for user ' .. uid, 0, idem_key)
+    end
+  elseif status == 'suspended' then
+    return refuse(rid, uid, nil, reply_to, 'user_suspended', 'User ' .. uid .. ' is suspended',
+      nil, idem_key)
+  elseif status == 'overdue' then
+    return refuse(rid, uid, nil, reply_to, 'billing_overdue', 'Billing overdue for user ' .. uid,
+      nil, idem_key)
+  elseif status ~= 'active' then
+    return refuse(rid, uid, nil, reply_to, 'quota_exceeded', 'Quota is ' .. status, 0, idem_key)
+  elseif q[2] and q[2] ~= '' and tonumber(q[2]) <= now then
+    return refuse(rid, uid, nil, reply_to, 'quota_exceeded', 'Quota expired', 0, idem_key)
+  end
+  forward(row)
+end
+
 local acks = each_row(CALL.items, {
   admit = admit,
-  forward = function(row)
-    redis.call('XADD', admitted, '*', 'd', row.payload, 'c', '')
-    n_admitted = n_admitted + 1
-  end,
+  renew = renew,
+  forward = forward,
   refuse = function(row)
     refuse(row.request_id, row.user_id, row.tenant_id, row.reply_to, row.reason, row.message,
       nil, nil)

@@ -7,8 +7,13 @@
 --             duration_seconds, pool, model, hold ("cpu mem sto"),
 --             replace_on_failure (kept on the allocation's hash, for events.lua)
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
---   allocate_batch: as allocate, with count, best_effort and allocation_ids (one each)
+--   allocate_batch: as allocate, with count and best_effort (device i gets the id of
+--                   request '<request id>#<i>')
 --   release_batch:  request_id, reply_to, allocation_ids, user_id
+--   renew:    request_id, user_id, reply_to, allocation_id, extend_seconds, max_total_s:
+--             extend an active allocation of the user (its expires-at, its expiry score,
+--             its length, its version) unless the user is blocked, the new expires-at
+--             passes the quota's expiry or the whole length passes max_total_s
 --   dead:     a dead letter to add (letter)
 -- A device fits when it is free, in the request's pool (any pool without one), of its
 -- model, meets its minimums and fits what the user's quota still allows (per-device
@@ -29,7 +34,7 @@
 -- A new allocation's id is a name-based UUID of the state's epoch, the user, the request
 -- id and the time of the call: a request id re-sent once its answer is gone (the window
 -- passed, or Redis lost its state) makes a new id, never one PostgreSQL already holds.
--- Returns {allocated, released, failed, dead-lettered}; nil, having changed and acked
+-- Returns {allocated, released, failed, dead-lettered} (a renewal counts in none); nil, having changed and acked
 -- nothing, when the state marker has no epoch (Redis holds no live state).
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
@@ -595,11 +600,78 @@ local function release_batch(row)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
+-- Renewed: the allocation's new end.
+local function renewed_reply(rid, aid, uid, device_id, expires, previous, total_minutes)
+  return cjson.encode({type = 'renewed', request_id = rid, allocation_id = aid, user_id = uid,
+    device_id = device_id, expires_at_ms = expires, previous_expires_at_ms = previous,
+    duration_minutes = total_minutes})
+end
+
+-- Extend an active allocation, atomically with its checks; refusals are typed and kept
+-- under the request id like every answer (a repeated request gets the first one).
+local function renew(row)
+  local rid, uid, reply_to, aid = row.request_id, row.user_id, row.reply_to, row.allocation_id
+  local idem_key = k_user(P, uid, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local function refuse(reason, msg)
+    local json = failed_reply(rid, reason, msg, nil)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    emit_change(changes, rejected_change(rid, uid, nil, reason, msg, now))
+    n_failed = n_failed + 1
+  end
+  local akey = k_pool(P, 'alloc:' .. aid)
+  local a = redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
+  if not a[1] then return refuse('not_found', 'Allocation ' .. aid .. ' not found') end
+  if a[2] ~= uid then
+    return refuse('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
+  end
+  local old_exp = tonumber(a[7])
+  if a[5] ~= 'allocated' or old_exp <= now then
+    return refuse('not_active', 'Allocation ' .. aid .. ' is not active (' ..
+      (a[5] == 'allocated' and 'expired' or a[5]) .. ')')
+  end
+  local u = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
+  local blocked = u[1] and BLOCKED[u[1]]
+  if blocked then
+    return refuse(blocked, blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+      or blocked == 'user_suspended' and 'User ' .. uid .. ' is suspended'
+      or 'Quota is ' .. u[1])
+  end
+  local new_exp = old_exp + row.extend_seconds * 1000
+  if u[2] and u[2] ~= '' and new_exp > tonumber(u[2]) then
+    return refuse('exceeds_quota_expiry', 'Renewal would end at ' .. new_exp ..
+      ', after the quota expires at ' .. u[2])
+  end
+  local allocated_at = tonumber(a[6])
+  if new_exp - allocated_at > row.max_total_s * 1000 then
+    return refuse('exceeds_max_duration', 'Renewal would make the allocation last ' ..
+      math.ceil((new_exp - allocated_at) / 1000) .. ' s, more than ' .. row.max_total_s .. ' s')
+  end
+  local minutes = math.ceil((new_exp - allocated_at) / 60000)
+  local version = tonumber(a[13]) + 1
+  redis.call('HSET', akey, 'expires_at_ms', new_exp, 'duration_minutes', minutes,
+    'version', version)
+  redis.call('ZADD', k_pool(P, 'expiry'), new_exp, aid)
+  local json = renewed_reply(rid, aid, uid, a[1], new_exp, old_exp, minutes)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  local rec = allocation_change(aid, a[1], uid, a[3], a[4], 'allocated', allocated_at, new_exp,
+    minutes, tonumber(a[9]), tonumber(a[10]), tonumber(a[11]), a[12], version, now, nil, nil)
+  rec.kind = 'allocation_renewed'
+  rec.previous_expires_at_ms = old_exp
+  rec.extended_seconds = row.extend_seconds
+  rec.renew_request_id = rid
+  emit_change(changes, rec)
+end
+
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
   allocate_batch = allocate_batch,
   release_batch = release_batch,
+  renew = renew,
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

@@ -91,8 +91,9 @@ async def held_in_database(
     return lost
 
 
-TABLES = "device_allocations, devices, user_quotas, billing_ledger"
-"""Every table the write-behind fills."""
+TABLES = ("device_allocations, devices, user_quotas, billing_ledger, job_info, job_executions,"
+          " stats_snapshots")
+"""Every table the write-behind and the tracked jobs fill."""
 
 
 async def write_behind_drained(redis: Redis, keys: Keys) -> bool:

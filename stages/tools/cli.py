@@ -2,8 +2,8 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, allocations, pools, quota, allocate, release, events, stats,
-strategy, audit, rebuild, schema.
+scheduler's: demo, devices, allocations, pools, quota, allocate, release, renew, events,
+jobs, stats, strategy, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -292,6 +292,23 @@ def cmd_release(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_renew(args: argparse.Namespace) -> int:
+    from stages.tools.client import Client
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        await check_redis_of(settings)
+        async with Client(settings, timeout_s=args.timeout) as client:
+            reply = await client.renew(args.allocation, args.user, extend_minutes=args.minutes,
+                                       extend_seconds=args.seconds, request_id=args.request_id)
+        print(msgspec.json.encode(reply).decode())
+        return 0 if type(reply).__name__ == "Renewed" else 2
+
+    result: int = run_coroutine(go())
+    return result
+
+
 def cmd_stats(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from stages.tools.admin import stats
@@ -421,6 +438,83 @@ def cmd_events_send(args: argparse.Namespace) -> int:
     return _with_redis(go)
 
 
+def _print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """Rows as a readable table: a header, then one line per row, columns aligned."""
+    cells = [[("-" if r.get(c) is None else str(r.get(c))) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+JOB_COLUMNS = ["name", "enabled", "interval_s", "status", "last_status", "last_run",
+               "next_run", "retries", "max_retries", "timeout_s"]
+HISTORY_COLUMNS = ["started_at", "status", "duration_ms", "processed_count", "attempt",
+                   "manual", "error"]
+RUN_COLUMNS = ["operation", "executed_at", "status", "processed_count", "error",
+               "execution_time_ms"]
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    """devsched jobs list|show|history|run|pause|resume|set-interval."""
+    from pipeline.connections import pg_pool, redis_client
+    from stages.tools.jobs import UnknownJob, control, history, job_state, list_jobs, run_job
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        redis = redis_client(settings)
+        pg = None
+        try:
+            await check_redis(redis)
+            if args.sub in ("history", "pause", "resume", "set-interval"):
+                pg = await pg_pool(settings)
+            shown: Any
+            if args.sub == "list":
+                shown, columns = await list_jobs(redis, settings), JOB_COLUMNS
+            elif args.sub == "show":
+                shown, columns = await job_state(redis, settings, args.name), None
+            elif args.sub == "history":
+                assert pg is not None
+                shown = await history(pg, args.name, args.page)
+                columns = HISTORY_COLUMNS
+            elif args.sub == "run":
+                result = await run_job(redis, settings, args.name, timeout_s=args.timeout)
+                if result is None:
+                    print(f"error: no answer within {args.timeout} s (is the timers stage "
+                          "running?)", file=sys.stderr)
+                    return 1
+                shown = {c: getattr(result, c) for c in RUN_COLUMNS}
+                columns = None
+            else:
+                action = {"pause": "pause", "resume": "resume",
+                          "set-interval": "set_interval"}[args.sub]
+                shown = await control(redis, pg, settings, SystemClock(), args.name, action,
+                                      getattr(args, "seconds", None))
+                columns = None
+        except UnknownJob as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            if pg is not None:
+                await pg.close()
+            await redis.aclose()
+        if args.json:
+            print(json.dumps(shown))
+        elif columns is not None:
+            _print_table(shown, columns)
+        else:
+            width = max(len(k) for k in shown)
+            for key, value in shown.items():
+                print(f"{key.ljust(width)}  {'-' if value is None else value}")
+        if args.sub == "run":
+            return 0 if shown["status"] == "succeeded" else 1
+        return 0
+
+    result: int = run_coroutine(go())
+    return result
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import public_schema
 
@@ -541,6 +635,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_release)
 
+    s = sub.add_parser("renew", help="extend an active allocation (needs running stages)")
+    s.add_argument("allocation")
+    s.add_argument("--user", required=True)
+    g = s.add_mutually_exclusive_group(required=True)
+    g.add_argument("--minutes", type=int)
+    g.add_argument("--seconds", type=int)
+    s.add_argument("--request-id")
+    s.add_argument("--timeout", type=float, default=10.0)
+    s.set_defaults(fn=cmd_renew)
+
     from schemas.events import EVENT_TYPES
 
     ev = sub.add_parser("events", help="send an event from another system").add_subparsers(
@@ -575,6 +679,31 @@ def parser() -> argparse.ArgumentParser:
                    help="replace the live state Redis holds (the write-behind must have "
                         "caught up)")
     s.set_defaults(fn=cmd_rebuild)
+    jobs = sub.add_parser("jobs", help="the tracked timer jobs: list, inspect, run, pause, "
+                                       "resume, set the interval").add_subparsers(
+        dest="sub", required=True)
+    job_commands: list[tuple[str, str]] = [
+        ("list", "every job with its state and next run"),
+        ("show", "one job"),
+        ("history", "a job's runs, newest first"),
+        ("run", "run a job now (through the timers stage); prints its answer"),
+        ("pause", "stop running a job on schedule"),
+        ("resume", "run a paused job on schedule again"),
+        ("set-interval", "change a job's interval (workers follow at their next tick)"),
+    ]
+    for name, what in job_commands:
+        s = jobs.add_parser(name, help=what)
+        if name != "list":
+            s.add_argument("name")
+        if name == "history":
+            s.add_argument("--page", type=int, default=1, help="page number, from 1 (20 a page)")
+        if name == "set-interval":
+            s.add_argument("seconds", type=float)
+        if name == "run":
+            s.add_argument("--timeout", type=float, default=30.0)
+        s.add_argument("--json", action="store_true", help="print JSON")
+        s.set_defaults(fn=cmd_jobs)
+
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_schema)

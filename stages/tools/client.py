@@ -41,6 +41,8 @@ from schemas.messages import (
     Released,
     ReleasedBatch,
     ReleaseRequest,
+    Renewed,
+    RenewRequest,
     Reply,
     encoder,
     reply_decoder,
@@ -194,6 +196,21 @@ class Client:
         )
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
         assert isinstance(reply, Released | Failed)
+        return reply
+
+    async def renew(
+        self, allocation_id: str, user_id: str, *, extend_minutes: int | None = None,
+        extend_seconds: int | None = None, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Renewed | Failed:
+        """Extend an active allocation by ``extend_seconds`` or ``extend_minutes``."""
+        request = RenewRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            allocation_id=allocation_id, user_id=user_id, extend_minutes=extend_minutes,
+            extend_seconds=extend_seconds,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, Renewed | Failed)
         return reply
 
     async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:
