@@ -69,6 +69,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
+from stages.app import APP
 from stages.settings import Settings
 from stages.tools.admin import add_devices, set_quotas, write_behind_drained
 from stages.tools.audit import audit
@@ -77,7 +78,8 @@ from tests.conftest import wait_until
 pytestmark = pytest.mark.faults
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("quota", "select", "persist", "bill", "notify", "timers")
+STAGES = tuple(APP.stage_names)
+"""Every worker kind `devsched run --split` starts (one process each)."""
 RATE = 25.0
 """Cycles started per second (each: allocate, hold, release)."""
 HOLD_S = 0.2
