@@ -121,6 +121,23 @@ class Keys:
         gave last."""
         return f"{self.prefix}:{{pool}}:round_robin"
 
+    @property
+    def queue(self) -> str:
+        """The wait queue: ``<user id> <request id>`` scored by arrival ms minus priority
+        times DEVSCHED_QUEUE_AGING_STEP_MS (lowest first)."""
+        return f"{self.prefix}:{{pool}}:queue"
+
+    @property
+    def waiters(self) -> str:
+        """``<user id> <request id>`` -> the waiting request's record (JSON: the request's
+        fields, its hold, priority, queued_at_ms, wait_until_ms)."""
+        return f"{self.prefix}:{{pool}}:waiters"
+
+    @property
+    def queue_deadline(self) -> str:
+        """``<user id> <request id>`` scored by when its wait ends (timers time it out)."""
+        return f"{self.prefix}:{{pool}}:queue_deadline"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota

@@ -48,10 +48,17 @@ FailureReason = Literal[
     "rate_limited",
     "timed_out",
     "invalid_reply",
+    "queue_full",
+    "cancelled",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode. ``rate_limited``: the user
-or the tenant made more allocate requests than its rate allows (``retry_after_ms``)."""
+or the tenant made more allocate requests than its rate allows (``retry_after_ms``).
+A waiting request (``wait_seconds``) ends ``timed_out`` when its wait ends without a
+device, ``cancelled`` by a CancelRequest; ``queue_full``: its user already has
+DEVSCHED_QUEUE_MAX_PER_USER requests waiting."""
+WaitSeconds = Annotated[int, Meta(ge=1, le=3600)]
+"""How long an allocate request may wait in the queue for a device: 1 s to an hour."""
 
 EndReason = Literal[
     "released",
@@ -105,6 +112,10 @@ class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True,
     """With count > 1: ``all_or_nothing`` (the default: every device or none) or
     ``best_effort`` (what fits)."""
     sent_at_ms: int | None = None
+    wait_seconds: WaitSeconds | None = None
+    """With no fitting device free, wait up to this long in the priority queue (a
+    ``queued`` notice first, then one final reply) instead of failing at once. Only for
+    a single device (count 1)."""
     replace_on_failure: bool = False
     """When the device fails, is deleted, goes to maintenance or stops, move the
     allocation to an equivalent free device (same pool, model and size; same allocation
@@ -125,7 +136,21 @@ class ReleaseRequest(Struct, tag_field="type", tag="release", kw_only=True, forb
     sent_at_ms: int | None = None
 
 
-Request = AllocateRequest | ReleaseRequest
+class CancelRequest(Struct, tag_field="type", tag="cancel", kw_only=True,
+                    forbid_unknown_fields=True):
+    """Take a waiting allocate request (``cancel_request_id``, of ``user_id``) out of the
+    wait queue: it gets its final reply, ``failed`` with reason ``cancelled``; this
+    request gets ``cancelled``, or ``failed`` ``not_found`` when that request is not
+    waiting (answered, timed out, never sent)."""
+
+    request_id: Id
+    reply_to: StreamKey
+    cancel_request_id: Id
+    user_id: Id
+    sent_at_ms: int | None = None
+
+
+Request = AllocateRequest | ReleaseRequest | CancelRequest
 
 
 # --- replies (a producer's reply stream) ------------------------------------
@@ -200,7 +225,27 @@ class ReleasedBatch(
     failures: list[Failed]
 
 
-Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch
+class Queued(Struct, tag_field="type", tag="queued", kw_only=True, forbid_unknown_fields=True):
+    """A notice, not an answer: the allocate request (with ``wait_seconds``) found no
+    fitting device and waits in the queue at ``position`` (1: the next served, among the
+    waiters a freed device fits). Exactly one final reply follows: ``allocated``, or
+    ``failed`` (``timed_out`` at ``wait_until_ms``, ``cancelled``)."""
+
+    request_id: str
+    position: int
+    wait_until_ms: int
+    priority: int
+
+
+class Cancelled(Struct, tag_field="type", tag="cancelled", kw_only=True,
+                forbid_unknown_fields=True):
+    """The answer to a CancelRequest that took ``cancel_request_id`` out of the queue."""
+
+    request_id: str
+    cancel_request_id: str
+
+
+Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch | Queued | Cancelled
 
 
 # --- internal streams ---------------------------------------------------------

@@ -8,7 +8,9 @@ nothing, after it everything is done. Allocation ids are derived from the user
 and request id, so a redelivered request finds its first answer and a retried
 one can never make a second allocation. Each entry becomes one typed row of that
 call (schemas/rows.py: allocate, release, allocate_batch for count > 1, release_batch
-for allocation_ids, or dead). A batch is decided whole in the same call: all or nothing
+for allocation_ids, cancel, or dead). An allocate request with ``wait_seconds`` that
+finds no fitting device waits in the queue (see common.lua) and is served by whichever
+script call frees a device it fits. A batch is decided whole in the same call: all or nothing
 (devices taken tentatively and put back when not every one fits) or best effort.
 """
 
@@ -23,10 +25,11 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, request_decoder
+from schemas.messages import AllocateRequest, CancelRequest, request_decoder
 from schemas.rows import (
     AllocateBatchRow,
     AllocateRow,
+    CancelRow,
     DeadRow,
     ReleaseBatchRow,
     ReleaseRow,
@@ -96,6 +99,12 @@ class SelectStage:
                 hold=entry.fields.get(b"c", b"").decode(),
                 allocation_id=allocation_id(request.user_id, request.request_id),
                 replace_on_failure=request.replace_on_failure or None,
+                wait_seconds=request.wait_seconds, priority=request.priority or None,
+            )
+        if isinstance(request, CancelRequest):
+            return CancelRow(
+                entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
+                cancel_request_id=request.cancel_request_id, user_id=request.user_id,
             )
         if request.allocation_ids:
             return ReleaseBatchRow(
@@ -113,7 +122,9 @@ class SelectStage:
         call = SelectCall(
             prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
-            released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
+            released_ttl_s=s.released_ttl_s, queue_max_per_user=s.queue_max_per_user,
+            queue_aging_step_ms=s.queue_aging_step_ms,
+            items=[self.item(entry) for entry in entries],
         )
         dead = (await SELECT(self.channel, self.script_keys, call))[3]
         if dead:

@@ -54,3 +54,10 @@ class Settings(RuntimeSettings):
     that name a tenant_id); 0: no limit."""
     rate_tenant_burst: int = env("DEVSCHED_RATE_TENANT_BURST", 0, minimum=0)
     """The tenant bucket's size; 0: one second's worth (at least 1)."""
+    queue_max_per_user: int = env("DEVSCHED_QUEUE_MAX_PER_USER", 10, minimum=0)
+    """Most allocate requests (``wait_seconds``) of one user waiting in the queue at once;
+    one more is refused ``queue_full``. 0: no request may wait."""
+    queue_aging_step_ms: int = env("DEVSCHED_QUEUE_AGING_STEP_MS", 10_000, minimum=1)
+    """Aging of the wait queue: a waiter's score is its arrival (ms) minus priority times
+    this step, lowest served first; so no request arriving more than 9 steps after a
+    waiter (90 s by default) is served before it, whatever the priorities."""

@@ -1,10 +1,11 @@
-"""timers: the ticker and the work each tick triggers (expiry, stream trimming).
+"""timers: the ticker and the work each tick triggers (expiry, wait time-outs, trimming).
 
 The ticker adds one tick per period to the ticks stream with the explicit id
 ``<period start ms>-0``; a second ticker racing it gets "equal or smaller" and
 adds nothing, so there is exactly one tick per period with no leader. Each tick
 goes to one consumer of the ``timers`` group, which closes every allocation past
-its expires-at (in bounded script calls, each atomic and idempotent) and, every
+its expires-at and ends every wait of the queue that is over (``timed_out``, within
+one tick period), in bounded script calls, each atomic and idempotent, and, every
 few ticks, trims the streams. Ticks are acked after their work; a crashed run is
 reclaimed and simply runs again.
 """
@@ -63,11 +64,12 @@ async def run_ticker(ctx: StageContext, stopping: asyncio.Event) -> None:
 
 
 async def expire_due(ctx: StageContext) -> int:
-    """Close every allocation whose expires-at has passed; returns how many."""
+    """End every wait that is over (``timed_out``) and close every allocation whose
+    expires-at has passed; returns how many allocations."""
     s = ctx.settings
     total = 0
     while True:
-        count, seen, closed = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
+        count, seen, closed, late = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
                                            ExpireCall(prefix=s.prefix, now_ms=ctx.clock.now_ms(),
                                                       limit=s.expire_batch,
                                                       released_ttl_s=s.released_ttl_s))
@@ -77,7 +79,7 @@ async def expire_due(ctx: StageContext) -> int:
                 log.info("allocation expired", extra={
                     "allocation_id": text(closed[i]), "user_id": text(closed[i + 1]),
                     "device_id": text(closed[i + 2])})
-        if int(seen) < s.expire_batch:
+        if int(seen) < s.expire_batch and int(late) < s.expire_batch:
             break
     if total:
         metrics.AUTO_RELEASE.labels("expired").inc(total)
