@@ -263,7 +263,8 @@ end
 local function allocate(row)
   local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
   local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
-  local hold = row.hold
+  -- every field give_device reads, read here first: a row missing one fails at once
+  local hold, _ = row.hold, row.allocation_id
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
