@@ -103,7 +103,7 @@ class Client:
         self._outbox_ready = asyncio.Event()
         self._closing = False
         self.queued: dict[str, Queued] = {}
-        """The last ``queued`` notice of each waiting request, by request id."""
+        """The last ``queued`` notice of each request still waiting, by request id."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -310,6 +310,8 @@ class Client:
             # comes later; the caller's timeout covers its wait)
             self.queued[reply.request_id] = reply
             return
+        if self.queued:  # answered: its notice is no longer needed
+            self.queued.pop(reply.request_id, None)
         future = self._waiting.get(reply.request_id)
         if future is not None and not future.done():
             future.set_result(reply)
