@@ -48,8 +48,6 @@ from tests.conftest import (
 from tests.test_admin import devsched
 from tests.test_events import send
 
-STEP_MS = Settings().queue_aging_step_ms
-
 
 async def queued(client: Client, request_id: str) -> Queued:
     """Wait for the request's queued notice."""
@@ -127,9 +125,10 @@ async def test_higher_priority_first_then_arrival_and_aging_bounds_the_wait(
         assert isinstance(second, Allocated)
 
         # aging: a priority 0 waiter older by more than 9 steps beats a priority 9 newcomer
+        step = settings.queue_aging_step_ms
         old = waiting(client, "old", "old-1", priority=0)
         await queued(client, "old-1")
-        clock.advance(9 * STEP_MS + 1)
+        clock.advance(9 * step + 1)
         new = waiting(client, "new", "new-1", priority=9)
         assert (await queued(client, "new-1")).position == 2
         await client.release(allocation_id=second.allocation_id)
@@ -146,10 +145,11 @@ async def test_aging_step_orders_by_score_exactly(
     9 steps and 1 ms it is behind (the bound of the README)."""
     await seed(redis, keys, clock, devices=[],
                quotas=[QuotaSpec(user_id=u) for u in ("p0", "p9a", "p9b")])
+    step = settings.queue_aging_step_ms
     async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
         tasks = [waiting(client, "p0", "p0-1", pool="none")]
         await queued(client, "p0-1")
-        clock.advance(9 * STEP_MS - 1)
+        clock.advance(9 * step - 1)
         tasks.append(waiting(client, "p9a", "p9-ahead", pool="none", priority=9))
         assert (await queued(client, "p9-ahead")).position == 1
         clock.advance(2)
