@@ -319,3 +319,27 @@ async def test_wait_seconds_is_bounded_and_single_device_only(
                                 "reply_to": client.reply_stream, **body})
             got = await client.send(orjson.loads(raw)["request_id"], raw)
             assert isinstance(got, Failed) and got.reason == "invalid_request", got
+
+
+async def test_a_wait_ending_and_an_expiry_on_the_same_tick(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    """One timer call ends a wait, then expires an allocation: the device it frees still
+    goes to the other waiter (the state machine found the count of waiters going wrong
+    here once: read after the waiter left, the freed device stayed idle)."""
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d", pool="p", cpu_cores=1)],
+               quotas=[QuotaSpec(user_id="a"), QuotaSpec(user_id="b")])
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        held = await client.allocate("a", pool="p", duration_seconds=30)
+        assert isinstance(held, Allocated)
+        stays = waiting(client, "b", "stays", pool="p")
+        ends = waiting(client, "b", "ends", min_cpu_cores=2, wait_seconds=5)
+        await queued(client, "stays")
+        await queued(client, "ends")
+        clock.advance(31_000)
+        await tick_through_timers(redis, settings, clock)
+        ended = await asyncio.wait_for(ends, EVENT_TIMEOUT_S)
+        assert isinstance(ended, Failed) and ended.reason == "timed_out"
+        got = await asyncio.wait_for(stays, EVENT_TIMEOUT_S)
+        assert isinstance(got, Allocated) and got.device.id == "d", got
+    assert (await stats(redis, keys)).free == 0

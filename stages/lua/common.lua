@@ -250,6 +250,7 @@ end
 
 local QUEUE_SCAN = 32
 local queue_n = nil  -- waiters, read once per script call (ZCARD) and kept up to date
+                     -- (read it through queue_count BEFORE adding or removing one)
 
 local function queue_count(P)
   if queue_n == nil then queue_n = redis.call('ZCARD', k_pool(P, 'queue')) end
@@ -260,8 +261,9 @@ local function queue_member(uid, rid) return uid .. ' ' .. rid end
 
 -- Take a waiter out of the queue (its hold stays with the caller to settle).
 local function leave_queue(P, member, uid)
+  local n = queue_count(P)  -- read before the ZREM it counts
   if redis.call('ZREM', k_pool(P, 'queue'), member) == 1 then
-    queue_n = queue_count(P) - 1
+    queue_n = n - 1
     redis.call('HINCRBY', k_state(P, uid), 'waiting', -1)
   end
   redis.call('HDEL', k_pool(P, 'waiters'), member)
@@ -300,8 +302,8 @@ local function offer_device(P, changes, now, dev)
     local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
     local w = raw and cjson.decode(raw)
     if not w then
-      redis.call('ZREM', k_pool(P, 'queue'), member)  -- no record: nothing to answer
-      queue_n = queue_count(P) - 1
+      -- no record: nothing to answer (queue_n was read at the top of this call)
+      queue_n = queue_n - redis.call('ZREM', k_pool(P, 'queue'), member)
     elseif w.wait_until_ms <= now then
       time_out_waiter(P, changes, now, w)
     elseif (not w.pool or w.pool == pool) and (not w.model or w.model == d[2])
