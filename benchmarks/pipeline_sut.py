@@ -185,6 +185,49 @@ async def stop_pipeline(handle: PipelineHandle) -> None:
         await redis.aclose()
 
 
+BATCH_COUNT = 5
+"""Devices per request of the batch point."""
+
+
+def batch_factory(handle: PipelineHandle, count: int = BATCH_COUNT) -> CycleFactory:
+    """The loadgen recipe of the batch point on a started pipeline."""
+    state: _State = handle.state
+    return CycleFactory(make_batch_cycle, (state.settings.redis_url, state.settings.prefix,
+                                           state.users, 2, count))
+
+
+def make_batch_cycle(redis_url: str, prefix: str, users: int, seed: int,
+                     count: int) -> CycleParts:
+    """Loadgen factory of the batch point: one all_or_nothing allocate of ``count`` devices
+    (``loadgen.mark("allocate")`` when answered), then one release of all of them."""
+    rng = random.Random(seed * 1_000_003 + producer_seed())
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    client = Client(settings, timeout_s=10)
+
+    async def setup() -> None:
+        await client.start()
+
+    async def cycle(i: int) -> str | None:
+        user = f"bu{rng.randint(1, users)}"
+        got = await client.allocate_many(user, count, min_cpu_cores=rng.choice(CPU_CHOICES[:3]))
+        if isinstance(got, Failed):
+            return f"{got.reason}"
+        mark("allocate")
+        if not got.success_count:
+            return "no_device" if got.failures[0].reason == "no_available_devices" else (
+                f"{got.failures[0].reason}")
+        done = await client.release_many([a.allocation_id for a in got.allocations],
+                                         user_id=user)
+        if isinstance(done, Failed) or done.failed_count:
+            return "release_failed"
+        return None
+
+    async def teardown() -> None:
+        await client.close()
+
+    return CycleParts(setup, cycle, teardown)
+
+
 def make_cycle(redis_url: str, prefix: str, users: int, seed: int) -> CycleParts:
     """Loadgen factory, run inside each producer process: one allocate+release cycle."""
     rng = random.Random(seed * 1_000_003 + producer_seed())

@@ -97,6 +97,14 @@ def render_table(doc: dict[str, Any]) -> str:
             lines.append(f"  the bare 3-hop chain at the same rate (no logic): p50 "
                          f"{_fmt(lat['bare_chain_p50_ms'], 2)} ms, p99 "
                          f"{_fmt(lat['bare_chain_p99_ms'], 2)} ms")
+    batch = (doc.get("pipeline") or {}).get("batch_allocate")
+    if batch:
+        lines.append(f"pipeline batch of {batch['devices_per_request']} devices at "
+                     f"{_fmt(batch['offered_per_s'], 0)} requests/s: allocate p50 "
+                     f"{_fmt(batch.get('allocate_p50_ms'), 2)} ms, p99 "
+                     f"{_fmt(batch.get('allocate_p99_ms'), 2)} ms; with the batch release "
+                     f"p50 {_fmt(batch['p50_ms'], 2)} ms, p99 {_fmt(batch['p99_ms'], 2)} ms"
+                     + (f" (errors: {batch['errors']})" if batch.get("errors") else ""))
     # gen cpu: the busiest load-generator process's share of a core (near 1: the
     # generator, not the system, would be the limit)
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "

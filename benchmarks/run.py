@@ -117,6 +117,10 @@ class System:
     memory: Callable[[], Awaitable[int]] | None = None
     """Bytes its Redis uses now (``used_memory``), for systems on Redis."""
 
+    extra: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    """Further points measured on the system as last opened, before it closes; their
+    results join the system's section of the report."""
+
 
 REQUESTS_PER_CYCLE = 2
 """A cycle is two requests: allocate, then release."""
@@ -303,6 +307,7 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
             upper_bound=UPPER_BOUND_FACTOR * best_rate if best_rate > 0 else None,
             max_points=plan.search_points, bisections=plan.bisections, deadline=deadline,
             point_cost_s=plan.duration_s + plan.drain_s + POINT_OVERHEAD_S)
+        extras = await system.extra() if system.extra is not None else {}
     finally:
         await system.close()
     note = f" (search bounded by {outcome.bounded_by})" if outcome.bounded_by else ""
@@ -320,6 +325,7 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
         "workers_chosen": best_setting,
         "criteria": {"min_delivered_ratio": search.MIN_DELIVERED_RATIO,
                      "max_p99_ms": search.MAX_P99_MS},
+        **extras,
         **system.notes,
     }
 
@@ -385,6 +391,11 @@ def baseline_system(plan: Plan, database_url: str) -> System:
                          "devices": plan.devices, "users": plan.users})
 
 
+BATCH_RATE_PER_S = 100.0
+"""Batch requests offered per second at the pipeline's batch point (a small load: each
+takes BATCH_COUNT devices of the population at once)."""
+
+
 def pipeline_system(plan: Plan, servers: Servers) -> System:
     handles: list[pipeline_sut.PipelineHandle] = []
     notes: dict[str, Any] = {"devices": plan.devices, "users": plan.users}
@@ -411,8 +422,21 @@ def pipeline_system(plan: Plan, servers: Servers) -> System:
     async def memory() -> int:
         return await pipeline_sut.redis_used_memory(servers.redis_url)
 
+    async def batch_point() -> dict[str, Any]:
+        """A small open-loop run of all_or_nothing batch allocations (BATCH_COUNT devices
+        each, then one release of them all): its p50/p99 ("allocate": to the batch's
+        answer; the whole cycle with its release)."""
+        await reset()
+        result = await loadgen.run_open(
+            pipeline_sut.batch_factory(handles[-1]), BATCH_RATE_PER_S, plan.duration_s,
+            processes=1, drain_s=plan.drain_s)
+        report.progress(f"pipeline batch of {pipeline_sut.BATCH_COUNT} @ "
+                        f"{BATCH_RATE_PER_S:g}/s: {_describe(result)}")
+        return {"batch_allocate": {"devices_per_request": pipeline_sut.BATCH_COUNT,
+                                   **_row(result)}}
+
     return System("pipeline", "workers_per_stage", PIPELINE_WORKERS, open_, reset, close,
-                  notes=notes, memory=memory)
+                  notes=notes, memory=memory, extra=batch_point)
 
 
 def _skipped(reason: str) -> dict[str, Any]:

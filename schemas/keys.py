@@ -150,6 +150,23 @@ class Keys:
         start established. In the ``{pool}`` slot, beside the devices it vouches for."""
         return f"{self.prefix}:{{pool}}:state"
 
+    @property
+    def queue(self) -> str:
+        """The wait queue: ``<user id> <request id>`` scored by arrival ms minus priority
+        times DEVSCHED_QUEUE_AGING_STEP_MS (lowest first)."""
+        return f"{self.prefix}:{{pool}}:queue"
+
+    @property
+    def waiters(self) -> str:
+        """``<user id> <request id>`` -> the waiting request's record (JSON: the request's
+        fields, its hold, priority, queued_at_ms, wait_until_ms)."""
+        return f"{self.prefix}:{{pool}}:waiters"
+
+    @property
+    def queue_deadline(self) -> str:
+        """``<user id> <request id>`` scored by when its wait ends (timers time it out)."""
+        return f"{self.prefix}:{{pool}}:queue_deadline"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota

@@ -51,13 +51,21 @@ FailureReason = Literal[
     "not_active",
     "exceeds_quota_expiry",
     "exceeds_max_duration",
+    "queue_full",
+    "cancelled",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode. ``rate_limited``: the user
-or the tenant made more allocate requests than its rate allows (``retry_after_ms``). A renewal is refused as
+or the tenant made more allocate requests than its rate allows (``retry_after_ms``).
+A renewal is refused as
 ``not_active`` (the allocation ended or is past its expires-at), ``exceeds_quota_expiry``
 (the new expires-at would pass the quota's expiry) or ``exceeds_max_duration`` (the
-allocation would last longer than DEVSCHED_MAX_ALLOCATION_S in all)."""
+allocation would last longer than DEVSCHED_MAX_ALLOCATION_S in all).
+A waiting request (``wait_seconds``) ends ``timed_out`` when its wait ends without a
+device, ``cancelled`` by a CancelRequest; ``queue_full``: its user already has
+DEVSCHED_QUEUE_MAX_PER_USER requests waiting."""
+WaitSeconds = Annotated[int, Meta(ge=1, le=3600)]
+"""How long an allocate request may wait in the queue for a device: 1 s to an hour."""
 
 EndReason = Literal[
     "released",
@@ -111,6 +119,10 @@ class AllocateRequest(Struct, tag_field="type", tag="allocate", kw_only=True,
     """With count > 1: ``all_or_nothing`` (the default: every device or none) or
     ``best_effort`` (what fits)."""
     sent_at_ms: int | None = None
+    wait_seconds: WaitSeconds | None = None
+    """With no fitting device free, wait up to this long in the priority queue (a
+    ``queued`` notice first, then one final reply) instead of failing at once. Only for
+    a single device (count 1)."""
     replace_on_failure: bool = False
     """When the device fails, is deleted, goes to maintenance or stops, move the
     allocation to an equivalent free device (same pool, model and size; same allocation
@@ -144,7 +156,21 @@ class RenewRequest(Struct, tag_field="type", tag="renew", kw_only=True, forbid_u
     sent_at_ms: int | None = None
 
 
-Request = AllocateRequest | ReleaseRequest | RenewRequest
+class CancelRequest(Struct, tag_field="type", tag="cancel", kw_only=True,
+                    forbid_unknown_fields=True):
+    """Take a waiting allocate request (``cancel_request_id``, of ``user_id``) out of the
+    wait queue: it gets its final reply, ``failed`` with reason ``cancelled``; this
+    request gets ``cancelled``, or ``failed`` ``not_found`` when that request is not
+    waiting (answered, timed out, never sent)."""
+
+    request_id: Id
+    reply_to: StreamKey
+    cancel_request_id: Id
+    user_id: Id
+    sent_at_ms: int | None = None
+
+
+Request = AllocateRequest | ReleaseRequest | RenewRequest | CancelRequest
 
 
 # --- replies (a producer's reply stream) ------------------------------------
@@ -232,7 +258,28 @@ class Renewed(Struct, tag_field="type", tag="renewed", kw_only=True, forbid_unkn
     """The allocation's whole length now, from its allocated-at (rounded up)."""
 
 
-Reply = Allocated | Released | Failed | AllocatedBatch | ReleasedBatch | Renewed
+class Queued(Struct, tag_field="type", tag="queued", kw_only=True, forbid_unknown_fields=True):
+    """A notice, not an answer: the allocate request (with ``wait_seconds``) found no
+    fitting device and waits in the queue at ``position`` (1: the next served, among the
+    waiters a freed device fits). Exactly one final reply follows: ``allocated``, or
+    ``failed`` (``timed_out`` at ``wait_until_ms``, ``cancelled``)."""
+
+    request_id: str
+    position: int
+    wait_until_ms: int
+    priority: int
+
+
+class Cancelled(Struct, tag_field="type", tag="cancelled", kw_only=True,
+                forbid_unknown_fields=True):
+    """The answer to a CancelRequest that took ``cancel_request_id`` out of the queue."""
+
+    request_id: str
+    cancel_request_id: str
+
+
+Reply = (Allocated | Released | Failed | AllocatedBatch | ReleasedBatch | Renewed | Queued
+         | Cancelled)
 
 
 # --- internal streams ---------------------------------------------------------

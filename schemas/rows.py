@@ -153,6 +153,10 @@ class AllocateRow(Row, tag="allocate", kw_only=True):
     replace_on_failure: bool | None = None
     """The request's replace_on_failure (None when false: left out of the encoding);
     kept on the allocation's hash for events.lua."""
+    wait_seconds: int | None = None
+    """The request's wait_seconds: with no fitting device, it waits in the queue."""
+    priority: int | None = None
+    """The request's priority (0..9; None for 0): its place in the queue."""
 
 
 class AllocateBatchRow(Row, tag="allocate_batch", kw_only=True):
@@ -208,7 +212,17 @@ class RenewRow(Row, tag="renew", kw_only=True):
     """DEVSCHED_MAX_ALLOCATION_S: the longest an allocation may last in all."""
 
 
-SelectRow = AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | RenewRow | DeadRow
+class CancelRow(Row, tag="cancel", kw_only=True):
+    """A cancel request: take the user's waiting request out of the queue."""
+
+    request_id: str
+    reply_to: str
+    cancel_request_id: str
+    user_id: str
+
+
+SelectRow = (AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | RenewRow | CancelRow
+             | DeadRow)
 
 
 class SelectCall(Struct, kw_only=True):
@@ -218,6 +232,11 @@ class SelectCall(Struct, kw_only=True):
     idempotency_ttl_s: int
     reply_ttl_s: int
     released_ttl_s: int
+    queue_max_per_user: int
+    """Most requests of one user waiting at once (DEVSCHED_QUEUE_MAX_PER_USER)."""
+    queue_aging_step_ms: int
+    """A waiter's score is its arrival minus priority times this
+    (DEVSCHED_QUEUE_AGING_STEP_MS)."""
     items: list[SelectRow]
 
 
@@ -232,7 +251,7 @@ class ExpireCall(Struct, kw_only=True):
     prefix: str
     now_ms: int
     limit: int
-    """Most allocations closed by one call."""
+    """Most allocations closed by one call (and most waiters timed out)."""
     released_ttl_s: int
 
 

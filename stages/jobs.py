@@ -80,11 +80,12 @@ class Job:
 
 
 async def expire_due(ctx: StageContext) -> int:
-    """Close every allocation whose expires-at has passed; returns how many."""
+    """End every wait of the queue that is over (``timed_out``) and close every allocation
+    whose expires-at has passed; returns how many allocations."""
     s = ctx.settings
     total = 0
     while True:
-        count, seen, closed = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
+        count, seen, closed, late = await EXPIRE(ctx.redis, ExpireKeys(changes=ctx.keys.changes),
                                            ExpireCall(prefix=s.prefix, now_ms=ctx.clock.now_ms(),
                                                       limit=s.expire_batch,
                                                       released_ttl_s=s.released_ttl_s))
@@ -94,7 +95,7 @@ async def expire_due(ctx: StageContext) -> int:
                 log.info("allocation expired", extra={
                     "allocation_id": text(closed[i]), "user_id": text(closed[i + 1]),
                     "device_id": text(closed[i + 2])})
-        if int(seen) < s.expire_batch:
+        if int(seen) < s.expire_batch and int(late) < s.expire_batch:
             break
     if total:
         metrics.AUTO_RELEASE.labels("expired").inc(total)

@@ -4,7 +4,8 @@ Every request is decoded against the public schema. A request that does not
 decode, is too large, or names neither allocation nor device gets a typed
 ``invalid_request`` reply when it says where to reply, else a dead letter with
 the reason; it never stops the stage (JSON nested too deep to decode included: its
-reply stream is then read from the text). Allocations are checked against the
+reply stream is then read from the text). A cancel request goes on unchanged, as a
+release. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
 to ``select``; releases go on unchanged; renewals go on when the user is active
 and the quota not expired. The whole batch, replies, hand-off and
@@ -31,7 +32,13 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_QUOTA
-from schemas.messages import AllocateRequest, ReleaseRequest, RenewRequest, request_decoder
+from schemas.messages import (
+    AllocateRequest,
+    CancelRequest,
+    ReleaseRequest,
+    RenewRequest,
+    request_decoder,
+)
 from schemas.rows import (
     AdmitRow,
     DeadRow,
@@ -129,6 +136,10 @@ class QuotaStage:
         if not request.reply_to.startswith(f"{self.keys.prefix}:reply:"):
             # never write a reply (and its EXPIRE) into a stream that is not a reply stream
             return self._invalid(entry, raw, f"reply_to must start with {self.keys.prefix}:reply:")
+        if isinstance(request, AllocateRequest) and request.wait_seconds and request.count > 1:
+            return self._invalid(entry, raw, "wait_seconds applies to one device (count 1)")
+        if isinstance(request, CancelRequest):
+            return ForwardRow(entry_id=entry.id, payload=raw.decode())
         if isinstance(request, AllocateRequest):
             return AdmitRow(
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,

@@ -13,11 +13,14 @@ across state losses and answer expiries, so PostgreSQL's version guard never tak
 a new allocation for an old one. Without the state marker the call changes
 nothing and the batch waits (``StateMissing``). Each entry becomes one typed row
 of that call (schemas/rows.py: allocate, release, allocate_batch for count > 1 (device i
-gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, renew, or dead). A
+gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, renew, cancel, or dead). A
 batch is decided whole in the same call: all or nothing (devices taken tentatively and put
 back when not every one fits) or best effort.
 A renewal extends an active allocation in the same atomic step as its checks (renew in
 select.lua).
+An allocate request with ``wait_seconds`` that finds no fitting device waits in the
+queue (see common.lua) and is served, with the id made when it arrived, by whichever
+script call frees a device it fits.
 """
 
 from __future__ import annotations
@@ -32,10 +35,11 @@ from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, RenewRequest, request_decoder
+from schemas.messages import AllocateRequest, CancelRequest, RenewRequest, request_decoder
 from schemas.rows import (
     AllocateBatchRow,
     AllocateRow,
+    CancelRow,
     DeadRow,
     ReleaseBatchRow,
     ReleaseRow,
@@ -101,6 +105,12 @@ class SelectStage:
                 pool=request.pool, model=request.model,
                 hold=entry.fields.get(b"c", b"").decode(),
                 replace_on_failure=request.replace_on_failure or None,
+                wait_seconds=request.wait_seconds, priority=request.priority or None,
+            )
+        if isinstance(request, CancelRequest):
+            return CancelRow(
+                entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
+                cancel_request_id=request.cancel_request_id, user_id=request.user_id,
             )
         if isinstance(request, RenewRequest):
             seconds = request.extend_seconds or (request.extend_minutes or 0) * 60
@@ -130,7 +140,9 @@ class SelectStage:
         call = SelectCall(
             prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
-            released_ttl_s=s.released_ttl_s, items=[self.item(entry) for entry in entries],
+            released_ttl_s=s.released_ttl_s, queue_max_per_user=s.queue_max_per_user,
+            queue_aging_step_ms=s.queue_aging_step_ms,
+            items=[self.item(entry) for entry in entries],
         )
         done = await SELECT(self.channel, self.script_keys, call)
         if done is None:  # no live state: nothing changed, nothing acked

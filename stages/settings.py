@@ -72,3 +72,10 @@ class Settings(RuntimeSettings):
     max_allocation_s: int = env("DEVSCHED_MAX_ALLOCATION_S", 2_592_000, minimum=1)
     """A renewal may not make an allocation last longer than this in all, from its
     allocated-at (default 30 days)."""
+    queue_max_per_user: int = env("DEVSCHED_QUEUE_MAX_PER_USER", 10, minimum=0)
+    """Most allocate requests (``wait_seconds``) of one user waiting in the queue at once;
+    one more is refused ``queue_full``. 0: no request may wait."""
+    queue_aging_step_ms: int = env("DEVSCHED_QUEUE_AGING_STEP_MS", 10_000, minimum=1)
+    """Aging of the wait queue: a waiter's score is its arrival (ms) minus priority times
+    this step, lowest served first; so no request arriving more than 9 steps after a
+    waiter (90 s by default) is served before it, whatever the priorities."""

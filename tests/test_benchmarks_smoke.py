@@ -1,4 +1,5 @@
-"""Smoke tests of the benchmark harness: short runs against a null system and the real servers."""
+"""Smoke tests of the benchmark harness: short runs against a null system and the real servers
+(and the pipeline's batch point against the stages running in-process)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import time
 import asyncpg
 import redis.asyncio as aioredis
 
-from benchmarks import baseline, ceiling, run, search
+from benchmarks import baseline, ceiling, pipeline_sut, report, run, search
 from benchmarks.loadgen import (
     CycleFactory,
     CycleParts,
@@ -17,7 +18,13 @@ from benchmarks.loadgen import (
     run_closed,
     run_open,
 )
+from pipeline.clock import ManualClock
 from pipeline.embedded import ServerUrls
+from schemas.keys import Keys
+from schemas.messages import DeviceSpec, QuotaSpec
+from stages.settings import Settings
+from stages.tools.admin import stats
+from tests.conftest import RunningPipeline, seed
 
 LONG_DRAIN_S = 30.0
 """Request timeout and drain of runs whose every cycle must finish: a run ends as soon as
@@ -282,3 +289,25 @@ async def test_a_point_reports_what_it_left_in_redis_per_1000_requests() -> None
            "baseline": {"skipped": "not selected"}, "ceiling": {}}
     table = run.report.render_table(doc)
     assert "1,000.0 KiB kept per 1,000 requests" in table and "1,000.0" in table.splitlines()[-1]
+
+
+async def test_the_batch_point_allocates_and_releases_whole_batches(
+    pipeline: RunningPipeline, settings: Settings, redis: aioredis.Redis, keys: Keys,
+    clock: ManualClock,
+) -> None:
+    """The pipeline's batch point: all_or_nothing batches of BATCH_COUNT devices through the
+    real stages, each released whole; its row and the table's line carry p50/p99."""
+    count = pipeline_sut.BATCH_COUNT
+    await seed(redis, keys, clock, devices=[DeviceSpec(id=f"b{i}", cpu_cores=8,
+                                                       memory_mb=16384) for i in range(3 * count)],
+               quotas=[QuotaSpec(user_id="bu1", max_devices=50, total_cpu_cores=1000)])
+    factory = CycleFactory(pipeline_sut.make_batch_cycle,
+                           (settings.redis_url, settings.prefix, 1, 2, count))
+    result = await run_open(factory, 20, 0.5, request_timeout_s=LONG_DRAIN_S,
+                            drain_s=LONG_DRAIN_S)
+    assert result.count == 10 and result.ok == 10, result.errors
+    row = {"devices_per_request": count, **run._row(result)}
+    assert row["allocate_p50_ms"] > 0 and row["allocate_p99_ms"] >= row["allocate_p50_ms"]
+    assert (await stats(redis, keys)).free == 3 * count  # every batch given back
+    table = report.render_table({"pipeline": {"batch_allocate": row, "latency": []}})
+    assert f"pipeline batch of {count} devices at 20 requests/s: allocate p50" in table

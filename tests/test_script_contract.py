@@ -49,10 +49,13 @@ from schemas.messages import (
     AllocationChange,
     AllocationRenewed,
     AllocationReplaced,
+    Cancelled,
+    CancelRequest,
     DeviceEventApplied,
     DeviceSpec,
     DeviceUpserted,
     Failed,
+    Queued,
     QuotaSet,
     QuotaSpec,
     Released,
@@ -128,6 +131,10 @@ class Driver:
     def renew(self, rid: str, aid: str, user: str, **fields: Any) -> bytes:
         return encoder.encode(RenewRequest(request_id=rid, reply_to=self.reply_to,
                                            allocation_id=aid, user_id=user, **fields))
+
+    def cancel(self, rid: str, cancel_request_id: str, user: str) -> bytes:
+        return encoder.encode(CancelRequest(request_id=rid, reply_to=self.reply_to,
+                                            cancel_request_id=cancel_request_id, user_id=user))
 
     def release(self, rid: str, **fields: Any) -> bytes:
         return encoder.encode(ReleaseRequest(request_id=rid, reply_to=self.reply_to, **fields))
@@ -281,7 +288,41 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
 
     await every_event_path(d)
     await every_batch_path(d)
+    await every_queue_path(d)
     return d.run
+
+
+async def every_queue_path(d: Driver) -> None:
+    """The wait queue: queued (and told again), served by a release (select), by an
+    expiry (expire), by a device coming back (events) and by an admin add (admin);
+    timed out by expire; cancelled (and a cancel of nothing); over the per-user cap."""
+    redis, keys, clock, ctx = d.redis, d.keys, d.clock, d.ctx
+    await add_devices(redis, keys, clock, [DeviceSpec(id="q-1", pool="pq"),
+                                           DeviceSpec(id="q-2", pool="pq")])
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="qa"), QuotaSpec(user_id="qb")])
+    await d.both(d.allocate("qa", "q-held", pool="pq", duration_seconds=30),
+                 d.allocate("qa", "q-held-2", pool="pq", duration_seconds=3600))
+    await d.both(d.allocate("qb", "q-w1", pool="pq", wait_seconds=600, priority=2),
+                 d.allocate("qb", "q-w2", pool="pq", wait_seconds=600))
+    await d.both(d.allocate("qb", "q-w1", pool="pq", wait_seconds=600, priority=2))  # again
+    held = orjson.loads(await redis.get(keys.user("qa").replace(":user", ":req:q-held-2")))
+    await d.both(d.release("q-rel", allocation_id=held["allocation_id"]))  # -> q-w1
+    clock.advance(31_000)
+    await expire_due(ctx)  # q-held expires -> q-w2
+    # a device event brings one back; an admin add; each to a waiter
+    await d.both(d.allocate("qb", "q-w3", pool="pq", wait_seconds=600),
+                 d.allocate("qb", "q-w4", pool="pq", wait_seconds=600))
+    await d.through_events({"type": "device.created", "device_id": "q-3", "pool": "pq"})
+    await add_devices(redis, keys, clock, [DeviceSpec(id="q-4", pool="pq")])
+    # time out, cancel, cancel of nothing, the per-user cap (0 here)
+    await d.both(d.allocate("qb", "q-late", pool="pq", wait_seconds=1),
+                 d.allocate("qb", "q-cancel", pool="pq", wait_seconds=600))
+    await d.both(d.cancel("q-c", "q-cancel", "qb"), d.cancel("q-c-none", "q-none", "qb"))
+    clock.advance(2_000)
+    await expire_due(ctx)
+    capped = SelectStage(replace(ctx, settings=replace(ctx.settings, queue_max_per_user=0)))
+    await d.through_quota(d.allocate("qb", "q-full", pool="pq", wait_seconds=60))
+    await capped.handle(await d._read(keys.admitted, GROUP_SELECT))
 
 
 async def every_batch_path(d: Driver) -> None:
@@ -394,6 +435,10 @@ def kind_of(message: object) -> str:
         return "reply allocated_batch " + ("some" if message.success_count else "none")
     if isinstance(message, ReleasedBatch):
         return "reply released_batch"
+    if isinstance(message, Queued):
+        return "reply queued"
+    if isinstance(message, Cancelled):
+        return "reply cancelled"
     if isinstance(message, AllocationChange):
         why = f" {message.reason}" if message.reason not in (None, message.status) else ""
         return f"change allocation {message.status}{why}"
@@ -447,7 +492,11 @@ EXPECTED = {
     "reply released expired again",
     *(f"reply failed {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices", "not_found", "not_owner", "rate_limited")),
+        "no_available_devices", "not_found", "not_owner", "rate_limited", "timed_out",
+        "cancelled", "queue_full")),
+    "reply queued",
+    "reply cancelled",
+    "admitted CancelRequest hold=False",
     "admitted AllocateRequest hold=True",
     "admitted ReleaseRequest hold=False",
     "change allocation allocated",
@@ -456,7 +505,7 @@ EXPECTED = {
     "change allocation expired",
     *(f"change rejected {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
-        "no_available_devices", "rate_limited")),
+        "no_available_devices", "rate_limited", "timed_out", "cancelled", "queue_full")),
     "change device",
     "change quota",
     "change quota expiring",
@@ -499,6 +548,19 @@ async def test_every_message_every_script_emits_decodes_strictly(
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
     assert isinstance(blocked, Failed) and blocked.reason == "user_suspended"
     assert (await redis.hgetall(ctx.keys.user("u-blocked")))[b"used_devices"] == b"0"
+    # the queue: each waiter told it waits, then served by select (a release), expire (an
+    # expiry), events (a device back) and admin (a device added), in that order
+    by_request: dict[str, list[str]] = {}
+    for m in messages:
+        by_request.setdefault(m.request_id, []).append(kind_of(m))
+    assert by_request["q-w1"] == ["reply queued", "reply queued", "reply allocated"]
+    for rid in ("q-w2", "q-w3", "q-w4"):
+        assert by_request[rid] == ["reply queued", "reply allocated"], rid
+    served = {m.request_id: m.device.id for m in messages if isinstance(m, Allocated)}
+    assert (served["q-w3"], served["q-w4"]) == ("q-3", "q-4")
+    assert by_request["q-late"] == ["reply queued", "reply failed timed_out"]
+    assert by_request["q-cancel"] == ["reply queued", "reply failed cancelled"]
+    assert by_request["q-full"] == ["reply failed queue_full"]
     # the moved allocation's request repeated: answered with the device it moved to
     first_answer, again = [m for m in messages if m.request_id == "e-replace"]
     assert isinstance(first_answer, Allocated) and isinstance(again, Allocated)
@@ -555,6 +617,13 @@ RENAMES = [
     (SELECT, """'","success_count":' .. #allocations""", """'","successes":' .. #allocations""",
      "successes"),
     (SELECT, """#releases .. ',"failed_count":'""", """#releases .. ',"fails":'""", "fails"),
+    (SELECT, "position = position", "place = position", "place"),
+    (SELECT, "wait_until_ms = wait_until, priority", "until_ms = wait_until, priority",
+     "until_ms"),
+    (SELECT, "cancel_request_id = row.cancel_request_id}", "cancelled = row.cancel_request_id}",
+     "cancelled"),
+    (EXPIRE, "allocated_at_ms = now, expires_at_ms = expires, adb_host",
+     "allocated_at_ms = now, expires_ms = expires, adb_host", "expires_ms"),
 ]
 
 

@@ -193,7 +193,8 @@ def quota_call(row: msgspec.Struct) -> dict[str, Any]:
 
 def select_call(row: msgspec.Struct) -> dict[str, Any]:
     return {"prefix": "x", "group": "select", "now_ms": 1, "idempotency_ttl_s": 60,
-            "reply_ttl_s": 60, "released_ttl_s": 60, "items": [row]}
+            "reply_ttl_s": 60, "released_ttl_s": 60, "queue_max_per_user": 10,
+            "queue_aging_step_ms": 10_000, "items": [row]}
 
 
 ROW_FIELDS: dict[str, Any] = {

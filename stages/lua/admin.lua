@@ -5,6 +5,7 @@
 -- A device that is allocated keeps its allocation; its new size applies from its next
 -- allocation. A device an event took down (failed, maintenance, ...) stays down; a deleted
 -- one is added again. Each call bumps the entity's version, so the write-behind keeps the newest.
+-- A device added or updated free is offered to the wait queue (common.lua).
 -- Returns the new version. Refused (an error starting NOSTATE) when the state marker
 -- (KEY.state) has no epoch: a device added to a Redis that lost its state would be free
 -- while PostgreSQL may show it held (stages/state.py).
@@ -57,6 +58,9 @@ if dev then
     redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(dev.cpu_cores, dev.memory_mb), id)
   end
   emit_change(KEY.changes, device_change(dev, status, version, now))
+  -- a free device goes to the first waiter it fits, in this step (after its own change)
+  if status == 'available' then offer_device(P, KEY.changes, now, id) end
+  flush_stats(P)
   return version
 elseif q then
   local uid = q.user_id

@@ -150,6 +150,186 @@ end
 local CPU_SCALE = 1073741824
 local function fit_score(cpu, mem) return cpu * CPU_SCALE + mem end
 
+-- --- giving a device -------------------------------------------------------------------
+
+-- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
+local function allocated_reply(rid, aid, dev, d, uid, now, expires)
+  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
+    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
+    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
+end
+
+-- What a user's state read gives select: the hold, the usage, then the quota's caps,
+-- then the status (at 11).
+local STATE_FIELDS = {'hold', unpack(USAGE_FIELDS)}
+for _, f in ipairs({'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores',
+                    'total_memory_gb', 'total_storage_gb', 'status'}) do
+  STATE_FIELDS[#STATE_FIELDS + 1] = f
+end
+
+-- A status an event set after quota admitted the request (user.suspended, user.deleted,
+-- billing.overdue, payments failed): the request is refused, as quota would refuse it now,
+-- so no allocation is made for a user an event just blocked.
+local BLOCKED = {suspended = 'user_suspended', overdue = 'billing_overdue',
+  deleted = 'quota_exceeded'}
+
+local function blocked_message(blocked, status, uid)
+  return blocked == 'quota_exceeded' and 'Quota is ' .. status
+    or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+    or 'User ' .. uid .. ' is suspended'
+end
+
+-- What one more device of this user may be, from the quota's caps (in the state read
+-- `q`, from index i) and the current usage (read in the same atomic step that records
+-- the allocation: exact under concurrency).
+local function quota_caps(q, i, used)
+  if not q[i] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
+  return math.min(tonumber(q[i]), tonumber(q[i + 2]) - used[2]),
+    math.min(tonumber(q[i + 1]), tonumber(q[i + 3]) * 1024 - used[3]),
+    tonumber(q[i + 4]) * 1024 - used[4]
+end
+
+-- Replace the hold by the real size (nothing when nothing was allocated: the held
+-- device slot is given back), with any further field/value pairs in the same write.
+-- `used` is the usage read earlier in this same step.
+local function settle_hold(P, uid, rid, hold, used, cpu, mem, sto, ...)
+  if redis.call('HDEL', k_state(P, uid), 'hold:' .. rid) == 0 then return end
+  local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
+  add_usage(P, uid, used, cpu == nil and -1 or 0, (cpu or 0) - tonumber(h_cpu),
+    (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto), ...)
+end
+
+-- Give the free device `dev` (of `dev_pool`, sized cpu/mem/sto; `d` its storage, model,
+-- name, adb host, port, host) to the admitted request `w` (an allocate row of select, or
+-- a waiter's record: request_id, user_id, tenant_id, reply_to, hold, allocation_id,
+-- duration_seconds, replace_on_failure): records the allocation and its expiry, settles
+-- the hold against `used` (the usage read in this step), answers, keeps the answer for
+-- the request id and records the change. Callers then call flush_stats.
+local function give_device(P, changes, now, w, dev, dev_pool, cpu, mem, sto, d, used, idem_ttl,
+                           reply_ttl)
+  local rid, uid, aid, tenant = w.request_id, w.user_id, w.allocation_id, w.tenant_id
+  local seconds = w.duration_seconds
+  local expires = now + seconds * 1000
+  local minutes = math.ceil(seconds / 60)
+  redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
+  redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
+  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+    'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+    'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+    'storage_mb', sto, 'pool', dev_pool, 'version', 1)
+  if w.replace_on_failure then
+    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'replace_on_failure', 1)
+  end
+  redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
+  count_stat('allocated')
+  host_active_add(P, d[6], 1)
+  settle_hold(P, uid, rid, w.hold, used, cpu, mem, sto, 'alloc:' .. aid,
+    cpu .. ' ' .. mem .. ' ' .. sto, 'last_device', dev, 'last_host', d[6] or '')
+  local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
+  send_reply(w.reply_to, json, reply_ttl)
+  redis.call('SET', k_user(P, uid, 'req:' .. rid), json, 'EX', idem_ttl)
+  local rec = allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires, minutes,
+    cpu, mem, sto, dev_pool, 1, now, nil, nil)
+  if w.replace_on_failure then rec.replace_on_failure = true end
+  emit_change(changes, rec)
+end
+
+-- --- the wait queue --------------------------------------------------------------------
+-- An allocate request with wait_seconds that found no fitting device waits (select.lua
+-- queues it): P:{pool}:queue orders the waiters ('<user id> <request id>') by arrival ms
+-- minus priority times the aging step (lowest first, then by member), P:{pool}:waiters
+-- keeps each one's record (JSON: the request's fields, its hold, idem_ttl and reply_ttl
+-- for its answer), P:{pool}:queue_deadline when its wait ends. A waiting request keeps
+-- its quota hold; its user's hash counts it in 'waiting'. A device that becomes free
+-- (close_allocation, a device event bringing one up, an admin add) is offered, in the
+-- same atomic step, to the first waiter among the first QUEUE_SCAN that it fits (pool,
+-- model, minimums, the user's quota caps read in that step); served, the waiter is
+-- allocated exactly as select allocates. A waiter leaves with one final reply: allocated,
+-- or failed (timed_out by expire.lua or when offered past its wait, cancelled, or the
+-- reason a user blocked since gets).
+
+local QUEUE_SCAN = 32
+local queue_n = nil  -- waiters, read once per script call (ZCARD) and kept up to date
+                     -- (read it through queue_count BEFORE adding or removing one)
+
+local function queue_count(P)
+  if queue_n == nil then queue_n = redis.call('ZCARD', k_pool(P, 'queue')) end
+  return queue_n
+end
+
+local function queue_member(uid, rid) return uid .. ' ' .. rid end
+
+-- Take a waiter out of the queue (its hold stays with the caller to settle).
+local function leave_queue(P, member, uid)
+  local n = queue_count(P)  -- read before the ZREM it counts
+  if redis.call('ZREM', k_pool(P, 'queue'), member) == 1 then
+    queue_n = n - 1
+    redis.call('HINCRBY', k_state(P, uid), 'waiting', -1)
+  end
+  redis.call('HDEL', k_pool(P, 'waiters'), member)
+  redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
+end
+
+-- End a wait with a failure: out of the queue, its hold given back, the failure its
+-- final reply (kept for its request id) and recorded as a rejection.
+local function fail_waiter(P, changes, now, w, reason, message)
+  local rid, uid = w.request_id, w.user_id
+  leave_queue(P, queue_member(uid, rid), uid)
+  settle_hold(P, uid, rid, w.hold, read_usage(P, uid), nil, nil, nil)
+  local json = failed_reply(rid, reason, message, nil)
+  send_reply(w.reply_to, json, w.reply_ttl)
+  redis.call('SET', k_user(P, uid, 'req:' .. rid), json, 'EX', w.idem_ttl)
+  emit_change(changes, rejected_change(rid, uid, w.tenant_id, reason, message, now))
+end
+
+local function time_out_waiter(P, changes, now, w)
+  fail_waiter(P, changes, now, w, 'timed_out',
+    'No fitting device within ' .. w.wait_seconds .. ' s')
+end
+
+-- Offer the device `dev`, just made free, to the queue: the first waiter among the first
+-- QUEUE_SCAN it fits gets it (waiters past their wait, or whose user is blocked now, are
+-- answered on the way). Returns true when a waiter got it. Costs nothing more than one
+-- ZCARD per script call while nobody waits.
+local function offer_device(P, changes, now, dev)
+  if queue_count(P) == 0 then return false end
+  local d = redis.call('HMGET', k_pool(P, 'dev:' .. dev), 'storage_mb', 'model', 'name',
+    'adb_host', 'adb_port', 'host', 'cpu_cores', 'memory_mb', 'pool', 'status')
+  if d[10] ~= 'available' then return false end
+  local cpu, mem, sto, pool = tonumber(d[7]), tonumber(d[8]), tonumber(d[1]), d[9]
+  local head = redis.call('ZRANGE', k_pool(P, 'queue'), 0, QUEUE_SCAN - 1)
+  for _, member in ipairs(head) do
+    local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
+    local w = raw and cjson.decode(raw)
+    if not w then
+      -- no record: nothing to answer (queue_n was read at the top of this call)
+      queue_n = queue_n - redis.call('ZREM', k_pool(P, 'queue'), member)
+    elseif w.wait_until_ms <= now then
+      time_out_waiter(P, changes, now, w)
+    elseif (not w.pool or w.pool == pool) and (not w.model or w.model == d[2])
+        and cpu >= w.min_cpu_cores and mem >= w.min_memory_mb then
+      STATE_FIELDS[1] = 'hold:' .. w.request_id
+      local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))
+      local blocked = s[11] and BLOCKED[s[11]]
+      if not s[1] then
+        fail_waiter(P, changes, now, w, 'cancelled', 'The quota hold of the waiting request is gone')
+      elseif blocked then
+        fail_waiter(P, changes, now, w, blocked, blocked_message(blocked, s[11], w.user_id))
+      else
+        local used = usage_at(s, 2)
+        local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
+        if cpu <= cap_cpu and mem <= cap_mem and sto <= cap_sto then
+          leave_queue(P, member, w.user_id)
+          give_device(P, changes, now, w, dev, pool, cpu, mem, sto, d, used, w.idem_ttl,
+            w.reply_ttl)
+          return true
+        end
+      end
+    end
+  end
+  return false
+end
+
 -- The allocation fields close_allocation reads, in this order.
 local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status',
   'allocated_at_ms', 'expires_at_ms', 'duration_minutes', 'cpu_cores', 'memory_mb', 'storage_mb',
@@ -162,7 +342,8 @@ local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status
 -- change, or nil when the allocation is not active (so a second close is a no-op).
 -- The closed allocation keeps only what a second release answers from (device, user,
 -- status, end, duration, version, end_reason) for released_ttl: the change carries the
--- whole allocation to PostgreSQL.
+-- whole allocation to PostgreSQL. A device it puts back in its free pool is offered to the
+-- wait queue (offer_device) in the same step.
 -- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
 local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a, reason)
   local akey = k_pool(P, 'alloc:' .. aid)
@@ -180,11 +361,13 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   count_stat(status)
   local dkey = k_pool(P, 'dev:' .. a[1])
   local d = redis.call('HMGET', dkey, 'alloc', 'status', 'cpu_cores', 'memory_mb', 'pool', 'host')
+  local freed = false
   if d[1] == aid then
     host_active_add(P, d[6], -1)
     if d[2] == 'allocated' then
       redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid, 'status', 'available')
       redis.call('ZADD', k_pool(P, 'free:' .. d[5]), fit_score(tonumber(d[3]), tonumber(d[4])), a[1])
+      freed = true
     else
       redis.call('HSET', dkey, 'alloc', '', 'last_alloc', aid)
     end
@@ -197,5 +380,8 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   local rec = allocation_change(aid, a[1], a[2], a[3], a[4], status, allocated_at, tonumber(a[7]),
     tonumber(a[8]), cpu, mem, sto, a[12], version, now, end_ms, dur, reason)
   emit_change(changes, rec)
+  -- the device, free again, goes to the first waiter it fits (after the usage is given
+  -- back: that user may be the waiter), in this same step
+  if freed then offer_device(P, changes, now, a[1]) end
   return rec
 end

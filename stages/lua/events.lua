@@ -34,6 +34,8 @@
 --   equivalent device is free is the allocation ended with the reason. The keys it
 --   touches are named from the allocation (pool, request id, user): {pool} keys and the
 --   user's {u:ID} stored answer.
+-- * A device that comes up free (device.created, running) is offered to the wait queue
+--   (common.lua) in this same step, as a device a release frees.
 -- * Its effect on the entity is recorded as one change (DeviceEventApplied or
 --   UserEventApplied: the entity's whole record, a new version) for persist and notify.
 -- Returns {statuses, reasons, replaced}: one status per row (applied, stale, duplicate,
@@ -203,6 +205,8 @@ local function apply_device(row)
         id)
     end
     list_device(P, id)
+    -- free again: the first waiter it fits gets it, in this step
+    if alloc == '' then offer_device(P, changes, now, id) end
   end
   local version = redis.call('HINCRBY', dkey, 'version', 1)
   emit_change(changes, device_event_change(row, id, status, version, rec))

@@ -6,7 +6,20 @@
 -- released is skipped. Returns {expired, seen, closed}: closed lists allocation id, user
 -- id and device id of each allocation expired (for the stage's log); a full batch
 -- (seen = limit) means call again.
+-- First it ends the waits that are over (at most `limit`): each waiter past its
+-- wait_until_ms leaves the queue with `failed` reason `timed_out`, its hold given back
+-- (common.lua's wait queue); the 4th value returned is how many (limit: call again).
 local P, now, released_ttl = CALL.prefix, CALL.now_ms, CALL.released_ttl_s
+local late = redis.call('ZRANGEBYSCORE', k_pool(P, 'queue_deadline'), '-inf', now, 'LIMIT', 0,
+  CALL.limit)
+for _, member in ipairs(late) do
+  local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
+  if raw then
+    time_out_waiter(P, KEY.changes, now, cjson.decode(raw))
+  else
+    redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
+  end
+end
 local due = redis.call('ZRANGEBYSCORE', k_pool(P, 'expiry'), '-inf', now, 'WITHSCORES', 'LIMIT', 0,
   CALL.limit)
 local count, closed = 0, {}
@@ -24,4 +37,4 @@ for i = 1, #due, 2 do
   end
 end
 flush_stats(P)
-return {count, #due / 2, closed}
+return {count, #due / 2, closed, #late}

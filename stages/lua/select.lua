@@ -2,10 +2,16 @@
 -- changes and ack the batch, in one atomic step.
 -- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch).
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
--- released_ttl_s, items); each item one row, by op:
+-- released_ttl_s, queue_max_per_user, queue_aging_step_ms, items); each item one row,
+-- by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
 --             duration_seconds, pool, model, hold ("cpu mem sto"),
---             replace_on_failure (kept on the allocation's hash, for events.lua)
+--             replace_on_failure (kept on the allocation's hash, for events.lua),
+--             wait_seconds and priority (with no fitting device free it waits in the
+--             queue, common.lua: `queued` now, its final reply when a freed device is
+--             given to it, or failed timed_out / cancelled; `queue_full` past the
+--             user's cap of waiting requests)
+--   cancel:   request_id, reply_to, cancel_request_id, user_id (a waiting request)
 --   release:  request_id, reply_to, allocation_id, device_id, user_id
 --   allocate_batch: as allocate, with count and best_effort (device i gets the id of
 --                   request '<request id>#<i>')
@@ -45,13 +51,6 @@ if not epoch then return false end  -- no live state: change and ack nothing (st
 local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
 
 -- The replies only select sends (the other messages are built in common.lua).
--- Allocated: `d` is the device's name, adb_host and adb_port, at indexes 3, 4 and 5.
-local function allocated_reply(rid, aid, dev, d, uid, now, expires)
-  return cjson.encode({type = 'allocated', request_id = rid, allocation_id = aid,
-    device = {id = dev, name = d[3], status = 'allocated'}, user_id = uid,
-    allocated_at_ms = now, expires_at_ms = expires, adb_host = d[4], adb_port = tonumber(d[5])})
-end
-
 -- Released: `already` when the allocation was closed before (ended as `status`).
 local function released_reply(rid, aid, device_id, uid, released_at, seconds, already, status)
   return cjson.encode({type = 'released', request_id = rid, allocation_id = aid,
@@ -254,38 +253,37 @@ local function pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_
   return c[1], c[3], c[2], c[4]
 end
 
--- What a user's state read gives select: the hold, the usage, then the quota's caps,
--- then the status (at 11).
-local STATE_FIELDS = {'hold', unpack(USAGE_FIELDS)}
-for _, f in ipairs({'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores',
-                    'total_memory_gb', 'total_storage_gb', 'status'}) do
-  STATE_FIELDS[#STATE_FIELDS + 1] = f
+-- Queued: the notice a waiting request gets (its final reply comes later).
+local function queued_reply(rid, position, wait_until, priority)
+  return cjson.encode({type = 'queued', request_id = rid, position = position,
+    wait_until_ms = wait_until, priority = priority})
 end
 
--- A status an event set after quota admitted the request (user.suspended, user.deleted,
--- billing.overdue, payments failed): the request is refused, as quota would refuse it now,
--- so no allocation is made for a user an event just blocked.
-local BLOCKED = {suspended = 'user_suspended', overdue = 'billing_overdue',
-  deleted = 'quota_exceeded'}
-
--- What one more device of this user may be, from the quota's caps (in the state read
--- `q`, from index i) and the current usage (read in the same atomic step that records
--- the allocation: exact under concurrency).
-local function quota_caps(q, i, used)
-  if not q[i] then return CPU_SCALE, CPU_SCALE, CPU_SCALE end  -- admitted fail-open
-  return math.min(tonumber(q[i]), tonumber(q[i + 2]) - used[2]),
-    math.min(tonumber(q[i + 1]), tonumber(q[i + 3]) * 1024 - used[3]),
-    tonumber(q[i + 4]) * 1024 - used[4]
+-- The waiter's place in the queue, 1 first.
+local function queue_position(member)
+  return (redis.call('ZRANK', k_pool(P, 'queue'), member) or 0) + 1
 end
 
--- Replace the hold by the real size (nothing when nothing was allocated: the held
--- device slot is given back), with any further field/value pairs in the same write.
--- `used` is the usage read earlier in this same step.
-local function settle_hold(uid, rid, hold, used, cpu, mem, sto, ...)
-  if redis.call('HDEL', k_state(P, uid), 'hold:' .. rid) == 0 then return end
-  local h_cpu, h_mem, h_sto = string.match(hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
-  add_usage(P, uid, used, cpu == nil and -1 or 0, (cpu or 0) - tonumber(h_cpu),
-    (mem or 0) - tonumber(h_mem), (sto or 0) - tonumber(h_sto), ...)
+-- Queue an admitted request that found no fitting device (the wait queue is described in
+-- common.lua): its hold stays, it is answered `queued` with its position.
+local function enqueue(row, member)
+  local priority = row.priority or 0
+  local wait_until = now + row.wait_seconds * 1000
+  local n = queue_count(P)  -- read before the ZADD it counts
+  local record = cjson.encode({request_id = row.request_id, user_id = row.user_id,
+    tenant_id = row.tenant_id, reply_to = row.reply_to, min_cpu_cores = row.min_cpu_cores,
+    min_memory_mb = row.min_memory_mb, duration_seconds = row.duration_seconds,
+    pool = row.pool, model = row.model, hold = row.hold, allocation_id = row.allocation_id,
+    replace_on_failure = row.replace_on_failure, priority = priority,
+    wait_seconds = row.wait_seconds, queued_at_ms = now, wait_until_ms = wait_until,
+    idem_ttl = idem_ttl, reply_ttl = reply_ttl})
+  redis.call('ZADD', k_pool(P, 'queue'), now - priority * CALL.queue_aging_step_ms, member)
+  redis.call('HSET', k_pool(P, 'waiters'), member, record)
+  redis.call('ZADD', k_pool(P, 'queue_deadline'), wait_until, member)
+  redis.call('HINCRBY', k_state(P, row.user_id), 'waiting', 1)
+  queue_n = n + 1
+  send_reply(row.reply_to, queued_reply(row.request_id, queue_position(member), wait_until,
+    priority), reply_ttl)
 end
 
 local function allocate(row)
@@ -295,6 +293,20 @@ local function allocate(row)
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
+  -- the id of the allocation it gets, now or (waiting) when a freed device is given to it
+  -- by any script: made here, from this state's epoch and this call's time
+  row.allocation_id = allocation_uuid(uid, rid)
+  local member = row.wait_seconds and queue_member(uid, rid)
+  if member then
+    -- waiting already (a redelivery, or the request sent again): tell it where it stands
+    local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
+    if raw then
+      local w = cjson.decode(raw)
+      send_reply(reply_to, queued_reply(rid, queue_position(member), w.wait_until_ms,
+        w.priority), reply_ttl)
+      return
+    end
+  end
   STATE_FIELDS[1] = 'hold:' .. rid
   local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
   if not s[1] then
@@ -306,10 +318,8 @@ local function allocate(row)
   local used = usage_at(s, 2)
   local blocked = s[11] and BLOCKED[s[11]]
   if blocked then
-    settle_hold(uid, rid, hold, used, nil, nil, nil)
-    local msg = blocked == 'quota_exceeded' and 'Quota is ' .. s[11]
-      or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
-      or 'User ' .. uid .. ' is suspended'
+    settle_hold(P, uid, rid, hold, used, nil, nil, nil)
+    local msg = blocked_message(blocked, s[11], uid)
     local json = failed_reply(rid, blocked, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
@@ -328,14 +338,20 @@ local function allocate(row)
       cap_mem, cap_sto)
   end
   if not dev then
-    settle_hold(uid, rid, hold, used, nil, nil, nil)
     local reason, msg = 'no_available_devices',
       'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
     if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
       reason = 'quota_exceeded'
       msg = 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, ' .. cap_mem .. ' MB memory, '
         .. cap_sto .. ' MB storage'
+    elseif member then
+      local waiting = tonumber(redis.call('HGET', k_state(P, uid), 'waiting')) or 0
+      if waiting < CALL.queue_max_per_user then return enqueue(row, member) end
+      reason = 'queue_full'
+      msg = 'User ' .. uid .. ' has ' .. waiting .. ' requests waiting already (at most '
+        .. CALL.queue_max_per_user .. ')'
     end
+    settle_hold(P, uid, rid, hold, used, nil, nil, nil)
     local json = failed_reply(rid, reason, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
@@ -343,37 +359,37 @@ local function allocate(row)
     n_failed = n_failed + 1
     return
   end
-  local aid = allocation_uuid(uid, rid)
-  local dkey = k_pool(P, 'dev:' .. dev)
   -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host,
   -- port, host
   local cpu = math.floor(score / CPU_SCALE)
-  local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
-  local seconds = row.duration_seconds
-  local expires = now + seconds * 1000
-  local minutes = math.ceil(seconds / 60)
-  redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
-  redis.call('HSET', dkey, 'status', 'allocated', 'alloc', aid)
-  redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
-    'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
-    'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
-    'storage_mb', sto, 'pool', dev_pool, 'version', 1)
-  if row.replace_on_failure then
-    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'replace_on_failure', 1)
+  give_device(P, changes, now, row, dev, dev_pool, cpu, score - cpu * CPU_SCALE, tonumber(d[1]),
+    d, used, idem_ttl, reply_ttl)
+  n_alloc = n_alloc + 1
+end
+
+-- A cancel request: the user's waiting request leaves the queue with `failed` reason
+-- `cancelled` (its hold given back); this request is answered `cancelled`, or
+-- `not_found` when that request is not waiting. Kept by request id, as a release.
+local function cancel(row)
+  local rid, reply_to = row.request_id, row.reply_to
+  local idem_key = k_pool(P, 'req:' .. rid)
+  local first = redis.call('GET', idem_key)
+  if first then send_reply(reply_to, first, reply_ttl) return end
+  local raw = redis.call('HGET', k_pool(P, 'waiters'),
+    queue_member(row.user_id, row.cancel_request_id))
+  local json
+  if raw then
+    fail_waiter(P, changes, now, cjson.decode(raw), 'cancelled',
+      'Cancelled by request ' .. rid)
+    json = cjson.encode({type = 'cancelled', request_id = rid,
+      cancel_request_id = row.cancel_request_id})
+  else
+    json = failed_reply(rid, 'not_found', 'Request ' .. row.cancel_request_id
+      .. ' of user ' .. row.user_id .. ' is not waiting', nil)
+    n_failed = n_failed + 1
   end
-  redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
-  count_stat('allocated')
-  host_active_add(P, d[6], 1)
-  settle_hold(uid, rid, hold, used, cpu, mem, sto, 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto,
-    'last_device', dev, 'last_host', d[6] or '')
-  local json = allocated_reply(rid, aid, dev, d, uid, now, expires)
   send_reply(reply_to, json, reply_ttl)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  local rec = allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires, minutes,
-    cpu, mem, sto, dev_pool, 1, now, nil, nil)
-  if row.replace_on_failure then rec.replace_on_failure = true end
-  emit_change(changes, rec)
-  n_alloc = n_alloc + 1
 end
 
 -- --- batches --------------------------------------------------------------------------
@@ -442,9 +458,7 @@ local function allocate_batch(row)
   local blocked = s[11] and BLOCKED[s[11]]
   if blocked then
     settle(0, 0, 0, 0)
-    local msg = blocked == 'quota_exceeded' and 'Quota is ' .. s[11]
-      or blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
-      or 'User ' .. uid .. ' is suspended'
+    local msg = blocked_message(blocked, s[11], uid)
     local json = failed_reply(rid, blocked, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
@@ -672,6 +686,7 @@ local acks = each_row(CALL.items, {
   allocate_batch = allocate_batch,
   release_batch = release_batch,
   renew = renew,
+  cancel = cancel,
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

@@ -523,3 +523,70 @@ async def pools(redis: Redis, keys: Keys) -> list[PoolUse]:
             share_used=round(c["allocated"] / total, 4) if total else 0.0,
             strategy=in_force.pools.get(name, in_force.strategy)))
     return out
+
+
+# --- the wait queue ---------------------------------------------------------------------
+
+QUEUE_LIST_MAX = 1000
+"""Most waiters ``devsched queue`` reads (the head of the queue)."""
+
+
+@dataclass
+class Waiter:
+    """One allocate request waiting in the queue (``wait_seconds``), in serving order."""
+
+    position: int
+    """1: the first a freed device it fits goes to."""
+    request_id: str
+    user_id: str
+    pool: str | None
+    model: str | None
+    min_cpu_cores: int
+    min_memory_mb: int
+    priority: int
+    queued_at_ms: int
+    waited_ms: int
+    """How long it has waited so far."""
+    wait_until_ms: int
+    """When it times out."""
+
+
+class _WaiterRecord(msgspec.Struct):
+    """The fields of a waiter's record (select.lua writes it) that a listing shows."""
+
+    request_id: str
+    user_id: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    priority: int
+    queued_at_ms: int
+    wait_until_ms: int
+    pool: str | bool = False
+    model: str | bool = False
+
+
+async def queue(redis: Redis, keys: Keys, clock: Clock, pool: str | None = None,
+                limit: int = QUEUE_LIST_MAX) -> list[Waiter]:
+    """The waiters in serving order (the first ``limit`` of the queue; ``pool``: only
+    those asking for that pool), with their position in the whole queue."""
+    members = [text(m) for m in await redis.zrange(keys.queue, 0, limit - 1)]
+    if not members:
+        return []
+    raws = await redis.hmget(keys.waiters, members)
+    now = clock.now_ms()
+    out = []
+    decoder = msgspec.json.Decoder(_WaiterRecord)
+    for position, raw in enumerate(raws, start=1):
+        if raw is None:
+            continue
+        w = decoder.decode(raw)
+        w_pool = w.pool if isinstance(w.pool, str) else None
+        if pool is not None and w_pool != pool:
+            continue
+        out.append(Waiter(
+            position=position, request_id=w.request_id, user_id=w.user_id, pool=w_pool,
+            model=w.model if isinstance(w.model, str) else None,
+            min_cpu_cores=w.min_cpu_cores, min_memory_mb=w.min_memory_mb, priority=w.priority,
+            queued_at_ms=w.queued_at_ms, waited_ms=max(0, now - w.queued_at_ms),
+            wait_until_ms=w.wait_until_ms))
+    return out

@@ -2,8 +2,8 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, allocations, pools, quota, allocate, release, renew, events,
-jobs, stats, strategy, audit, rebuild, schema.
+scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
+events, jobs, stats, strategy, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -219,6 +219,25 @@ def cmd_pools(args: argparse.Namespace) -> int:
     return _with_redis(go)
 
 
+def cmd_queue(args: argparse.Namespace) -> int:
+    from pipeline.clock import SystemClock
+    from schemas.keys import Keys
+    from stages.tools.admin import queue
+
+    async def go(redis: Any, settings: Settings) -> int:
+        rows = [asdict(w) for w in await queue(redis, Keys(settings.prefix), SystemClock(),
+                                                pool=args.pool)]
+        if args.json:
+            print(json.dumps({"waiters": rows}))
+        else:
+            print_table(rows, ["position", "request_id", "user_id", "pool", "model",
+                               "min_cpu_cores", "min_memory_mb", "priority", "waited_ms",
+                               "wait_until_ms"])
+        return 0
+
+    return _with_redis(go)
+
+
 def cmd_quota_set(args: argparse.Namespace) -> int:
     from schemas.keys import Keys
     from schemas.messages import QuotaSpec
@@ -260,7 +279,8 @@ def cmd_allocate(args: argparse.Namespace) -> int:
                 args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
                 min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool,
                 model=args.model, request_id=args.request_id,
-                replace_on_failure=args.replace_on_failure,
+                replace_on_failure=args.replace_on_failure, wait_seconds=args.wait_seconds,
+                priority=args.priority,
             )
         print(msgspec.json.encode(reply).decode())
         return 0 if type(reply).__name__ == "Allocated" else 2
@@ -592,6 +612,13 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_pools)
 
+    s = sub.add_parser("queue", help="the allocate requests waiting for a device, in serving "
+                                     "order: position, priority, waited time; a table, or "
+                                     "JSON with --json")
+    s.add_argument("--pool", help="only the requests asking for this pool")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_queue)
+
     q = sub.add_parser("quota", help="set a user's quota").add_subparsers(dest="sub", required=True)
     s = q.add_parser("set")
     s.add_argument("user")
@@ -621,6 +648,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--replace-on-failure", action="store_true",
                    help="move the allocation to an equivalent free device when its device "
                         "fails, is deleted, goes to maintenance or stops")
+    s.add_argument("--wait-seconds", type=int,
+                   help="with no fitting device free, wait up to this long in the queue "
+                        "(1..3600; a queued notice, then the final reply)")
+    s.add_argument("--priority", type=int, default=0, help="0..9, higher served first")
     s.add_argument("--timeout", type=float, default=10.0)
     s.set_defaults(fn=cmd_allocate)
 

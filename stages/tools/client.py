@@ -37,7 +37,10 @@ from schemas.messages import (
     Allocated,
     AllocatedBatch,
     AllocateRequest,
+    Cancelled,
+    CancelRequest,
     Failed,
+    Queued,
     Released,
     ReleasedBatch,
     ReleaseRequest,
@@ -101,6 +104,8 @@ class Client:
         self._outbox: list[str] = []
         self._outbox_ready = asyncio.Event()
         self._closing = False
+        self.queued: dict[str, Queued] = {}
+        """The last ``queued`` notice of each request still waiting, by request id."""
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -140,16 +145,36 @@ class Client:
         duration_seconds: int | None = None, min_cpu_cores: int = 0, min_memory_mb: int = 0, pool: str | None = None,
         model: str | None = None, priority: int = 0, request_id: str | None = None,
         timeout_s: float | None = None, replace_on_failure: bool = False,
+        wait_seconds: int | None = None,
     ) -> Allocated | Failed:
+        """Ask for one device. With ``wait_seconds`` a request that finds no fitting device
+        waits for one in the queue (its ``queued`` notice is kept in :attr:`queued`); the
+        call then waits that long plus its timeout for the final reply."""
         request = AllocateRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, reply_to=self.reply_stream,
             tenant_id=tenant_id, duration_minutes=duration_minutes,
             duration_seconds=duration_seconds, min_cpu_cores=min_cpu_cores,
             min_memory_mb=min_memory_mb, pool=pool, model=model, priority=priority,
-            replace_on_failure=replace_on_failure,
+            replace_on_failure=replace_on_failure, wait_seconds=wait_seconds,
         )
+        if wait_seconds:
+            timeout_s = (timeout_s or self.timeout_s) + wait_seconds
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
         assert isinstance(reply, Allocated | Failed)
+        return reply
+
+    async def cancel(
+        self, cancel_request_id: str, user_id: str, *, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Cancelled | Failed:
+        """Take the user's waiting request ``cancel_request_id`` out of the queue (it is
+        answered ``failed`` ``cancelled``); ``not_found`` when it is not waiting."""
+        request = CancelRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            cancel_request_id=cancel_request_id, user_id=user_id,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, Cancelled | Failed)
         return reply
 
     async def allocate_many(
@@ -297,6 +322,13 @@ class Client:
             if request_id is None:
                 return
             reply = Failed(request_id=request_id, reason="invalid_reply", message=str(exc))
+        if isinstance(reply, Queued):
+            # a notice, not the answer: the request waits for a device (its final reply
+            # comes later; the caller's timeout covers its wait)
+            self.queued[reply.request_id] = reply
+            return
+        if self.queued:  # answered: its notice is no longer needed
+            self.queued.pop(reply.request_id, None)
         future = self._waiting.get(reply.request_id)
         if future is not None and not future.done():
             future.set_result(reply)

@@ -1,0 +1,342 @@
+"""Batch and wait queue invariants, checked by a hypothesis state machine.
+
+The machine drives the real quota and select stages, the timers' ``expire_due`` (wait
+time-outs and expiries) and ``devices add``, one stage step at a time (the contract
+test's Driver), with single allocate requests that may wait (``wait_seconds``, a
+priority 0..9), batches (all_or_nothing and best_effort), releases, cancels, device
+adds and clock moves, on two pools of devices of a few sizes. After every step it reads
+Redis and every reply, and checks:
+
+1. an all_or_nothing batch never leaves a partial set: it got all its devices or none;
+2. a device is free or held by one active allocation, never both; each user's device
+   count equals its active allocations plus the holds of its requests not yet answered
+   (every one of them a waiter), and its ``waiting`` count the waiters it has;
+3. no device is idle while a waiter it fits waits (pool, minimums; quotas are ample);
+4. a freed device goes to the first waiter in queue order that it fits, and the queue
+   order is the documented score (arrival - priority x aging step);
+5. every request got exactly one final reply (a waiter none yet), a ``queued`` notice
+   only when it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections import Counter
+from dataclasses import replace
+from typing import Any, ClassVar
+
+import pytest
+from hypothesis import HealthCheck, event
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+from redis.asyncio import Redis
+
+from pipeline.clock import ManualClock
+from pipeline.connections import redis_client, text
+from pipeline.embedded import ServerUrls
+from schemas.keys import Keys
+from schemas.messages import (
+    Allocated,
+    AllocatedBatch,
+    DeviceSpec,
+    Failed,
+    Queued,
+    QuotaSpec,
+    Released,
+    reply_decoder,
+)
+from stages.context import StageContext
+from stages.settings import Settings
+from stages.state import mark_state
+from stages.timers import expire_due
+from stages.tools.admin import add_devices, parse_user_state, set_quotas
+from tests.test_allocation_invariants import START_MS, base_settings, fresh_prefix
+from tests.test_script_contract import Driver
+
+USERS = ("u0", "u1", "u2")
+POOLS = ("a", "b")
+SIZES = (1, 2, 4)
+
+
+class QueueMachine(RuleBasedStateMachine):
+    runner: ClassVar[asyncio.Runner]
+    base: ClassVar[Settings]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.settings = replace(self.base, prefix=fresh_prefix())
+        self.keys = Keys(self.settings.prefix)
+        self.clock = ManualClock(START_MS)
+        self.redis: Redis = redis_client(self.settings)
+        ctx = StageContext(redis=self.redis, settings=self.settings, clock=self.clock)
+        self.d = Driver(self.redis, ctx, self.clock)
+        self.ctx = ctx
+        self.n = 0
+        self.devices: dict[str, DeviceSpec] = {}
+        self.requests: dict[str, dict[str, Any]] = {}
+        """request id -> what was asked (kind, user, count, mode, ...)."""
+        self.finals: Counter[str] = Counter()
+        self.notices: Counter[str] = Counter()
+        self.active: dict[str, str] = {}
+        """allocation id -> user, as the replies tell."""
+        self.cursor = "0-0"
+        self.ready = False
+
+    def teardown(self) -> None:
+        async def clean() -> None:
+            found = [k async for k in self.redis.scan_iter(match=f"{self.settings.prefix}:*",
+                                                           count=1000)]
+            if found:
+                await self.redis.delete(*found)
+            await self.redis.aclose()
+        self.runner.run(clean())
+
+    @initialize(sizes=st.lists(st.tuples(st.sampled_from(POOLS), st.sampled_from(SIZES)),
+                               min_size=1, max_size=3))
+    def setup(self, sizes: list[tuple[str, int]]) -> None:
+        async def go() -> None:
+            await self.d.start()
+            await mark_state(self.redis, self.keys, by="test", now_ms=self.clock.now_ms())
+            await set_quotas(self.redis, self.keys, self.clock, [
+                QuotaSpec(user_id=u, max_devices=40, total_cpu_cores=1000) for u in USERS])
+        self.runner.run(go())
+        self._add(sizes)
+        self.ready = True
+
+    def _add(self, sizes: list[tuple[str, int]]) -> None:
+        specs = []
+        for pool, cpu in sizes:
+            self.n += 1
+            specs.append(DeviceSpec(id=f"d{self.n}", pool=pool, cpu_cores=cpu))
+        self.devices.update({s.id: s for s in specs})
+        before = self._queue()
+        self.runner.run(add_devices(self.redis, self.keys, self.clock, specs))
+        self._read_replies(before)
+
+    def _rid(self) -> str:
+        self.n += 1
+        return f"r{self.n}"
+
+    def _through(self, *payloads: bytes) -> None:
+        before = self._queue()
+
+        async def go() -> None:
+            await self.d.both(*payloads)
+        self.runner.run(go())
+        self._read_replies(before)
+
+    def _queue(self) -> list[dict[str, Any]]:
+        """The waiters in queue order (their records), the order checked against."""
+        async def go() -> list[dict[str, Any]]:
+            members = await self.redis.zrange(self.keys.queue, 0, -1, withscores=True)
+            out = []
+            for member, score in members:
+                raw = await self.redis.hget(self.keys.waiters, member)
+                assert raw is not None, f"waiter {member!r} without a record"
+                w = json.loads(raw)
+                step = self.settings.queue_aging_step_ms
+                assert score == w["queued_at_ms"] - w["priority"] * step, (w, score)
+                out.append(w)
+            return out
+        return self.runner.run(go())
+
+    def _fits(self, w: dict[str, Any], dev: DeviceSpec) -> bool:
+        return ((not w["pool"] or w["pool"] == dev.pool) and dev.cpu_cores >= w["min_cpu_cores"]
+                and dev.memory_mb >= w["min_memory_mb"])
+
+    def _read_replies(self, queue_before: list[dict[str, Any]]) -> None:
+        """Read the new replies; each waiter served must be the first of the queue (as it
+        was before this step, less those served or ended since) that its device fits."""
+        entries = self.runner.run(self.redis.xrange(self.d.reply_to, min=f"({self.cursor}"))
+        remaining = [w for w in queue_before]
+        now = self.clock.now_ms()
+        for entry_id, fields in entries:
+            self.cursor = text(entry_id)
+            reply = reply_decoder.decode(fields[b"d"])
+            rid = reply.request_id
+            if isinstance(reply, Queued):
+                self.notices[rid] += 1
+                continue
+            self.finals[rid] += 1
+            asked = self.requests.get(rid, {})
+            was_waiting = [w for w in remaining if w["request_id"] == rid]
+            if isinstance(reply, Allocated):
+                self.active[reply.allocation_id] = reply.user_id
+                if was_waiting:
+                    dev = self.devices[reply.device.id]
+                    live = [w for w in remaining if w["wait_until_ms"] > now]
+                    first = next(w for w in live if self._fits(w, dev))
+                    assert first["request_id"] == rid, (
+                        f"{dev.id} went to {rid}, not to {first['request_id']} ahead of it")
+                    event("queue: a waiter served")
+            elif isinstance(reply, AllocatedBatch):
+                for a in reply.allocations:
+                    self.active[a.allocation_id] = a.user_id
+                if reply.mode == "all_or_nothing":
+                    assert reply.success_count in (0, asked["count"]), reply
+                    event(f"batch all_or_nothing: {'all' if reply.success_count else 'none'}")
+            elif isinstance(reply, Failed) and was_waiting:
+                event(f"queue: ended {reply.reason}")
+            elif isinstance(reply, Released) and not reply.already_released:
+                self.active.pop(reply.allocation_id, None)
+            remaining = [w for w in remaining if w["request_id"] != rid]
+
+    # -- rules --------------------------------------------------------------------------
+
+    @precondition(lambda self: self.ready)
+    @rule(user=st.sampled_from(USERS), pool=st.sampled_from([None, *POOLS]),
+          cpu=st.sampled_from([0, 1, 2, 4, 8]), wait=st.sampled_from([None, 5, 60, 600, 600, 600]),
+          priority=st.integers(0, 9))
+    def allocate(self, user: str, pool: str | None, cpu: int, wait: int | None,
+                 priority: int) -> None:
+        rid = self._rid()
+        self.requests[rid] = {"kind": "allocate", "user": user}
+        self._through(self.d.allocate(user, rid, pool=pool, min_cpu_cores=cpu,
+                                      wait_seconds=wait, priority=priority,
+                                      duration_seconds=120))
+
+    @precondition(lambda self: self.ready)
+    @rule(user=st.sampled_from(USERS), count=st.integers(2, 4), best_effort=st.booleans(),
+          pool=st.sampled_from([None, *POOLS]))
+    def allocate_batch(self, user: str, count: int, best_effort: bool, pool: str | None) -> None:
+        rid = self._rid()
+        self.requests[rid] = {"kind": "batch", "user": user, "count": count}
+        self._through(self.d.allocate(user, rid, count=count, pool=pool, duration_seconds=120,
+                                      mode="best_effort" if best_effort else "all_or_nothing"))
+
+    @precondition(lambda self: self.ready and self.active)
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        aid = data.draw(st.sampled_from(list(self.active)))  # in the order made: ids differ per run
+        rid = self._rid()
+        self.requests[rid] = {"kind": "release"}
+        self._through(self.d.release(rid, allocation_id=aid))
+
+    @precondition(lambda self: self.ready)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        waiting = self._queue()
+        target = data.draw(st.sampled_from(
+            [(w["user_id"], w["request_id"]) for w in waiting] + [("u0", "nothing")]))
+        rid = self._rid()
+        self.requests[rid] = {"kind": "cancel"}
+        self._through(self.d.cancel(rid, target[1], target[0]))
+
+    @precondition(lambda self: self.ready)
+    @rule(sizes=st.lists(st.tuples(st.sampled_from(POOLS), st.sampled_from(SIZES)),
+                         min_size=1, max_size=2))
+    def add_devices(self, sizes: list[tuple[str, int]]) -> None:
+        self._add(sizes)
+
+    @precondition(lambda self: self.ready)
+    @rule(ms=st.sampled_from([1_000, 6_000, 61_000, 121_000]))
+    def time_passes(self, ms: int) -> None:
+        before = self._queue()
+        self.clock.advance(ms)
+        self.runner.run(expire_due(self.ctx))
+        self._read_replies(before)
+        for aid in [a for a in self.active if not self._is_active(a)]:
+            del self.active[aid]
+
+    def _is_active(self, aid: str) -> bool:
+        status = self.runner.run(self.redis.hget(self.keys.allocation(aid), "status"))
+        return status == b"allocated"
+
+    # -- invariants -----------------------------------------------------------------------
+
+    @precondition(lambda self: self.ready)
+    @invariant()
+    def the_state_holds_the_invariants(self) -> None:
+        snap = self.runner.run(self._snapshot())
+        waiters = self._queue()
+        now = self.clock.now_ms()
+        # 2. devices free or held once; usage = allocations + holds (waiters only)
+        held = Counter(d["alloc"] for d in snap["devices"].values() if d["alloc"])
+        assert all(n == 1 for n in held.values()), held
+        for did, d in snap["devices"].items():
+            assert (did in snap["free"]) != bool(d["alloc"]), (did, d)
+        waiting_by_user = Counter(w["user_id"] for w in waiters)
+        for user, state in snap["users"].items():
+            holds = {rid: h for rid, h in state.holds.items()}
+            assert set(holds) == {w["request_id"] for w in waiters if w["user_id"] == user}
+            assert state.usage["devices"] == len(state.allocations) + len(holds), (user, state)
+            assert int(state.quota.get("waiting", "0")) == waiting_by_user[user]
+        # 3. no device idle while a live waiter it fits waits
+        for did in snap["free"]:
+            dev = self.devices[did]
+            for w in waiters:
+                assert w["wait_until_ms"] <= now or not self._fits(w, dev), (
+                    f"{did} free while {w['request_id']} waits for it")
+        if waiters:
+            event("queue: someone waiting")
+        # 5. one final reply per request, none yet for a waiter; notices only for waiters
+        waiting_ids = {w["request_id"] for w in waiters}
+        for rid in self.requests:
+            assert self.finals[rid] == (0 if rid in waiting_ids else 1), (rid, self.finals[rid])
+        for rid in self.notices:
+            assert self.requests[rid]["kind"] == "allocate"
+
+    async def _snapshot(self) -> dict[str, Any]:
+        r, k = self.redis, self.keys
+        free: set[str] = set()
+        for pool in POOLS:
+            free |= {text(m) for m in await r.zrange(k.free(pool), 0, -1)}
+        devices = {}
+        for did in self.devices:
+            h = await r.hgetall(k.device(did))
+            devices[did] = {"alloc": text(h.get(b"alloc", b""))}
+        users = {u: parse_user_state(await r.hgetall(k.user(u))) for u in USERS}
+        return {"free": free, "devices": devices, "users": users}
+
+
+def test_batches_and_the_wait_queue_keep_their_invariants(servers: ServerUrls) -> None:
+    with asyncio.Runner() as runner:
+        QueueMachine.runner = runner
+        QueueMachine.base = base_settings(servers)
+        run_state_machine_as_test(QueueMachine, settings=hsettings(
+            max_examples=60, stateful_step_count=40, deadline=None,
+            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        ))
+
+
+def test_the_machine_would_see_a_device_left_idle(servers: ServerUrls,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The invariant bites: with offer_device turned off (a freed device goes back to the
+    free pool), a release while a fitting waiter waits fails invariant 3."""
+    import stages.select
+    from pipeline.scripts import Script
+    from stages.scripts import SELECT
+
+    old = "  if queue_count(P) == 0 then return false end"
+    assert SELECT.body.count(old) == 1
+    broken = Script(SELECT.name, SELECT.keys, SELECT.call,
+                    SELECT.body.replace(old, "  if true then return false end"))
+    monkeypatch.setattr(stages.select, "SELECT", broken)
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *_a: None)  # outside hypothesis
+    with asyncio.Runner() as runner:
+        QueueMachine.runner = runner
+        QueueMachine.base = base_settings(servers)
+        m = QueueMachine()
+        try:
+            m.setup([("a", 2)])
+            m.allocate("u0", "a", 0, None, 0)
+            m.allocate("u1", "a", 0, 600, 0)
+            m.the_state_holds_the_invariants()
+            (aid,) = m.active
+            rid = m._rid()
+            m.requests[rid] = {"kind": "release"}
+            m._through(m.d.release(rid, allocation_id=aid))
+            with pytest.raises(AssertionError, match="free while"):
+                m.the_state_holds_the_invariants()
+        finally:
+            m.teardown()
