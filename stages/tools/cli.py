@@ -23,7 +23,7 @@ import argparse
 import json
 import logging
 import sys
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import asdict
 from importlib.metadata import entry_points
 from typing import Any
@@ -259,7 +259,10 @@ def cmd_quota_set(args: argparse.Namespace) -> int:
     return _with_redis(go)
 
 
-def cmd_allocate(args: argparse.Namespace) -> int:
+def _ask(args: argparse.Namespace, call: Callable[[Any], Awaitable[Any]],
+         ok: Callable[[Any], bool]) -> int:
+    """Send one request through a producer client (``call(client)``), print its typed
+    reply as JSON; exit 0 when ``ok(reply)``, else 2."""
     from stages.tools.client import Client
 
     settings, _ = resolved_settings(APP)
@@ -267,66 +270,44 @@ def cmd_allocate(args: argparse.Namespace) -> int:
     async def go() -> int:
         await check_redis_of(settings)
         async with Client(settings, timeout_s=args.timeout) as client:
-            if args.count > 1:
-                batch = await client.allocate_many(
-                    args.user, args.count, best_effort=args.best_effort, tenant_id=args.tenant,
-                    duration_minutes=args.minutes, min_cpu_cores=args.cpu,
-                    min_memory_mb=args.memory, pool=args.pool, model=args.model,
-                    request_id=args.request_id)
-                print(msgspec.json.encode(batch).decode())
-                return 0 if getattr(batch, "success_count", 0) else 2
-            reply = await client.allocate(
-                args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
-                min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool,
-                model=args.model, request_id=args.request_id,
-                replace_on_failure=args.replace_on_failure, wait_seconds=args.wait_seconds,
-                priority=args.priority,
-            )
+            reply = await call(client)
         print(msgspec.json.encode(reply).decode())
-        return 0 if type(reply).__name__ == "Allocated" else 2
+        return 0 if ok(reply) else 2
 
     result: int = run_coroutine(go())
     return result
+
+
+def cmd_allocate(args: argparse.Namespace) -> int:
+    if args.count > 1:
+        return _ask(args, lambda client: client.allocate_many(
+            args.user, args.count, best_effort=args.best_effort, tenant_id=args.tenant,
+            duration_minutes=args.minutes, min_cpu_cores=args.cpu, min_memory_mb=args.memory,
+            pool=args.pool, model=args.model, request_id=args.request_id),
+            lambda batch: bool(getattr(batch, "success_count", 0)))
+    return _ask(args, lambda client: client.allocate(
+        args.user, tenant_id=args.tenant, duration_minutes=args.minutes,
+        min_cpu_cores=args.cpu, min_memory_mb=args.memory, pool=args.pool, model=args.model,
+        request_id=args.request_id, replace_on_failure=args.replace_on_failure,
+        wait_seconds=args.wait_seconds, priority=args.priority),
+        lambda reply: type(reply).__name__ == "Allocated")
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from stages.tools.client import Client
-
-    settings, _ = resolved_settings(APP)
-
-    async def go() -> int:
-        await check_redis_of(settings)
-        async with Client(settings, timeout_s=args.timeout) as client:
-            if args.allocations:
-                batch = await client.release_many(
-                    [i for i in args.allocations.split(",") if i], user_id=args.user,
-                    request_id=args.request_id)
-                print(msgspec.json.encode(batch).decode())
-                return 0 if getattr(batch, "failed_count", 1) == 0 else 2
-            reply = await client.release(allocation_id=args.allocation, device_id=args.device,
-                                         user_id=args.user, request_id=args.request_id)
-        print(msgspec.json.encode(reply).decode())
-        return 0 if type(reply).__name__ == "Released" else 2
-
-    result: int = run_coroutine(go())
-    return result
+    if args.allocations:
+        return _ask(args, lambda client: client.release_many(
+            [i for i in args.allocations.split(",") if i], user_id=args.user,
+            request_id=args.request_id),
+            lambda batch: getattr(batch, "failed_count", 1) == 0)
+    return _ask(args, lambda client: client.release(
+        allocation_id=args.allocation, device_id=args.device, user_id=args.user,
+        request_id=args.request_id), lambda reply: type(reply).__name__ == "Released")
 
 
 def cmd_renew(args: argparse.Namespace) -> int:
-    from stages.tools.client import Client
-
-    settings, _ = resolved_settings(APP)
-
-    async def go() -> int:
-        await check_redis_of(settings)
-        async with Client(settings, timeout_s=args.timeout) as client:
-            reply = await client.renew(args.allocation, args.user, extend_minutes=args.minutes,
-                                       extend_seconds=args.seconds, request_id=args.request_id)
-        print(msgspec.json.encode(reply).decode())
-        return 0 if type(reply).__name__ == "Renewed" else 2
-
-    result: int = run_coroutine(go())
-    return result
+    return _ask(args, lambda client: client.renew(
+        args.allocation, args.user, extend_minutes=args.minutes, extend_seconds=args.seconds,
+        request_id=args.request_id), lambda reply: type(reply).__name__ == "Renewed")
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
