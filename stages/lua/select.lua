@@ -75,19 +75,20 @@ end
 local PAGE = 8
 local pool_names = nil  -- the pools, read once per script call
 
--- The best fit in one free pool: the lowest score (CPU, then memory) with CPU in
--- [min_cpu, cap_cpu], memory in [min_mem, cap_mem], storage <= cap_sto and the model.
+-- Walk the devices of one free pool that fit, lowest score (CPU, then memory) first: CPU
+-- in [min_cpu, cap_cpu], memory in [min_mem, cap_mem], storage <= cap_sto and the model.
 -- Memory is read from the score itself, so a CPU level whose devices are all too small
 -- or too large in memory is skipped with one jump instead of being scanned; only a
--- device that passes CPU and memory is read (storage, model, and what the reply needs:
--- name, adb_host, adb_port); returns id, score and those fields.
-local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+-- device that passes CPU and memory is read (storage, model, and what a reply needs:
+-- name, adb_host, adb_port, host). Calls visit(id, score, d) for each fitting device
+-- until it returns true; reads `first` devices, then pages of `size`.
+local function scan_fits(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto, first, size,
+                         visit)
   local hi = fit_score(cap_cpu, CPU_SCALE - 1)
-  local from, offset, size = fit_score(min_cpu, min_mem), 0, 1
+  local from, offset, n = fit_score(min_cpu, min_mem), 0, first
   while from <= hi do
-    -- the first read asks for one device (usually the answer), later ones for a page
-    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset, size)
-    if #page == 0 then return nil end
+    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset, n)
+    if #page == 0 then return end
     local jump = nil
     for i = 1, #page, 2 do
       local score = tonumber(page[i + 1])
@@ -98,19 +99,30 @@ local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
         'adb_host', 'adb_port', 'host')
       if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
-        return page[i], score, d
+        if visit(page[i], score, d) then return end
       end
     end
     if jump then
       from, offset = jump, 0
-    elseif #page < 2 * size then
-      return nil
+    elseif #page < 2 * n then
+      return
     else
-      offset = offset + size
+      offset = offset + n
     end
-    size = PAGE
+    n = size
   end
-  return nil
+end
+
+-- The best fit in one free pool (scan_fits' first device): id, score and its fields. The
+-- first read asks for one device (usually the answer), later ones for a page.
+local function best_in_pool(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local best, best_score, best_d = nil, nil, nil
+  scan_fits(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto, 1, PAGE,
+    function(id, score, d)
+      best, best_score, best_d = id, score, d
+      return true
+    end)
+  return best, best_score, best_d
 end
 
 local function pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
@@ -147,38 +159,15 @@ local function strategy_for(pool)
 end
 
 local SCAN_PAGE = 64
--- Every fitting device of one free pool, by the rules of best_in_pool (the same jumps
--- over memory), as candidates {id, score, pool, d}; d as best_in_pool's. It reads every
--- device that passes CPU and memory: these strategies cost a read per candidate.
+-- Every fitting device of one free pool (scan_fits), as candidates {id, score, pool, d}.
+-- It reads every device that passes CPU and memory: these strategies cost a read per
+-- candidate.
 local function add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  local key = k_pool(P, 'free:' .. pl)
-  local hi = fit_score(cap_cpu, CPU_SCALE - 1)
-  local from, offset = fit_score(min_cpu, min_mem), 0
-  while from <= hi do
-    local page = redis.call('ZRANGEBYSCORE', key, from, hi, 'WITHSCORES', 'LIMIT', offset,
-      SCAN_PAGE)
-    if #page == 0 then return end
-    local jump = nil
-    for i = 1, #page, 2 do
-      local score = tonumber(page[i + 1])
-      local cpu = math.floor(score / CPU_SCALE)
-      local mem = score - cpu * CPU_SCALE
-      if mem < min_mem then jump = fit_score(cpu, min_mem) break end
-      if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
-      local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
-        'adb_host', 'adb_port', 'host')
-      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
-        list[#list + 1] = {page[i], score, pl, d}
-      end
-    end
-    if jump then
-      from, offset = jump, 0
-    elseif #page < 2 * SCAN_PAGE then
-      return
-    else
-      offset = offset + SCAN_PAGE
-    end
-  end
+  scan_fits(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto,
+    SCAN_PAGE, SCAN_PAGE, function(id, score, d)
+      list[#list + 1] = {id, score, pl, d}
+      return false
+    end)
 end
 
 -- a before b: the better fit (lower score), then the smaller id
