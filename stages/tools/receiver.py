@@ -57,6 +57,8 @@ class Received:
     idempotency_keys: list[str] = field(default_factory=list)
     lookups: Counter[str] = field(default_factory=Counter)
     """user_id -> standings answered."""
+    webhook_bodies: list[tuple[bytes, str]] = field(default_factory=list)
+    """Each webhook request's exact body and its X-Devsched-Signature header, as received."""
 
 
 class Receiver:
@@ -197,6 +199,7 @@ class Receiver:
         if bad is not None:
             return bad
         body = await request.read()
+        self.received.webhook_bodies.append((body, request.headers.get("X-Devsched-Signature", "")))
         expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
         if not hmac.compare_digest(request.headers.get("X-Devsched-Signature", ""), expected):
             self.received.rejected["signature"] += 1
