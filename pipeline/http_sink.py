@@ -56,7 +56,7 @@ from redis.exceptions import WatchError
 from pipeline.clock import Clock
 from pipeline.connections import text
 from pipeline.metrics import DEAD_LETTERED
-from pipeline.worker import Entry, Transient, dead_letter_of
+from pipeline.worker import Batching, Entry, Transient, dead_letter_of
 from schemas.runtime import RetryItem, dead_encoder, retry_decoder, retry_encoder
 
 log = logging.getLogger("devsched.http_sink")
@@ -364,9 +364,13 @@ class SinkStage:
     def __init__(
         self, kind: SinkKind, *, redis: Redis, clock: Clock, source: str, replay: str,
         retry_key: str, dead_stream: str, base_url: str, config: SenderConfig,
-        states_key: str, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        states_key: str, batching: Batching | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
+        """``batching``: how the worker reads (large batches with a linger, as the
+        write-behind stages: fewer, larger requests)."""
         self.kind = kind
+        self.batching = batching
         self.group = kind.name
         self.redis = redis
         self.clock = clock

@@ -152,7 +152,7 @@ def export_stage(ctx: StageContext) -> SinkStage:
             UsageExport(ctx), redis=ctx.redis, clock=ctx.clock, source=keys.changes,
             replay=keys.sink_replay(GROUP_EXPORT), retry_key=keys.sink_retry(GROUP_EXPORT),
             dead_stream=keys.dead, base_url=s.billing_url, config=sender_config(s),
-            states_key=keys.sink_states,
+            states_key=keys.sink_states, batching=ctx.write_behind,
         )
         ctx.shared[GROUP_EXPORT] = stage
     assert isinstance(stage, SinkStage)

@@ -90,7 +90,7 @@ def webhook_stage(ctx: StageContext) -> SinkStage:
             WebhookSink(ctx), redis=ctx.redis, clock=ctx.clock, source=keys.notifications,
             replay=keys.sink_replay(GROUP_WEBHOOK), retry_key=keys.sink_retry(GROUP_WEBHOOK),
             dead_stream=keys.dead, base_url=s.webhook_url, config=sender_config(s),
-            states_key=keys.sink_states,
+            states_key=keys.sink_states, batching=ctx.write_behind,
         )
         ctx.shared[GROUP_WEBHOOK] = stage
     assert isinstance(stage, SinkStage)

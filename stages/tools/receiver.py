@@ -109,10 +109,8 @@ class Receiver:
             return
         self._site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await self._site.start()
-        if not self.port:
-            server = self._site._server  # the bound port, when asked for any
-            assert isinstance(server, asyncio.base_events.Server)
-            self.port = server.sockets[0].getsockname()[1]
+        if not self.port:  # asked for any port: keep the one bound, for up() after down()
+            self.port = int(self._runner.addresses[0][1])
 
     async def down(self) -> None:
         """Stop listening: new connections are refused until :meth:`up`."""
