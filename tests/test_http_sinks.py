@@ -49,13 +49,13 @@ async def receiver() -> AsyncIterator[Receiver]:
 
 
 def sink_settings(settings: Settings, receiver: Receiver, **more: object) -> Settings:
-    return replace(
-        settings, billing_url=receiver.url, billing_token=TOKEN,
-        webhook_url=receiver.webhook_url, webhook_secret=SECRET, http_attempts=2,
-        http_backoff_ms=5, http_backoff_max_ms=2_000, http_breaker_failures=3,
-        http_breaker_open_ms=5_000, http_timeout_s=2.0, http_retry_budget_s=3_600,
-        billing_standing_ttl_s=1, **more,  # type: ignore[arg-type]
-    )
+    fields: dict[str, object] = {
+        "billing_url": receiver.url, "billing_token": TOKEN, "webhook_url": receiver.webhook_url,
+        "webhook_secret": SECRET, "http_attempts": 2, "http_backoff_ms": 5,
+        "http_backoff_max_ms": 2_000, "http_breaker_failures": 3, "http_breaker_open_ms": 5_000,
+        "http_timeout_s": 2.0, "http_retry_budget_s": 3_600, "billing_standing_ttl_s": 1}
+    fields.update(more)
+    return replace(settings, **fields)  # type: ignore[arg-type]
 
 
 class Running:
@@ -154,7 +154,8 @@ async def _parked_at_least(redis: Redis, keys: Keys, n: int) -> bool:
 async def test_breaker_opens_on_500s_probes_half_open_and_closes(
     settings: Settings, clock: ManualClock, redis: Redis, pg: asyncpg.Pool, receiver: Receiver,
 ) -> None:
-    s = sink_settings(settings, receiver)
+    # a batch tries 3 times: the first batch alone opens the breaker (3 failures in a row)
+    s = sink_settings(settings, receiver, http_attempts=3)
     keys = Keys(s.prefix)
     await seeded(redis, keys, clock, ["carol"])
     receiver.set_mode("fail")
@@ -168,7 +169,7 @@ async def test_breaker_opens_on_500s_probes_half_open_and_closes(
             assert isinstance(await client.release(allocation_id=a.allocation_id), Released)
             closed.append(a.allocation_id)
     await wait_until(lambda: _parked_at_least(redis, keys, len(closed)))
-    # 3 failures in a row open it: no more requests however many batches come
+    # 3 failures in a row open it: no more requests however many batches came
     opened = receiver.received.attempts["usage"]
     assert opened == s.http_breaker_failures
     assert (await stats(redis, keys)).breakers[GROUP_EXPORT] == OPEN
