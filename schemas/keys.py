@@ -16,6 +16,8 @@ GROUP_BILL = "bill"
 GROUP_NOTIFY = "notify"
 GROUP_TIMERS = "timers"
 GROUP_EVENTS = "events"
+GROUP_EXPORT = "export"
+GROUP_WEBHOOK = "webhook"
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,27 @@ class Keys:
     @property
     def notifications(self) -> str:
         return f"{self.prefix}:notifications"
+
+    def sink_retry(self, sink: str) -> str:
+        """An HTTP sink's retry queue: sorted set of schemas.runtime.RetryItem JSON, scored
+        by when each is due."""
+        return f"{self.prefix}:sink:{sink}:retry"
+
+    def sink_replay(self, sink: str) -> str:
+        """An HTTP sink's replay stream: a dead letter of the sink names it as its stream;
+        its payload added here is sent again."""
+        return f"{self.prefix}:sink:{sink}:replay"
+
+    @property
+    def sink_states(self) -> str:
+        """Hash: HTTP sink name -> its circuit breaker's state (closed, open, half_open)."""
+        return f"{self.prefix}:sink:breakers"
+
+    @property
+    def billing_seen(self) -> str:
+        """Sorted set: user id -> when the export stage last saw it on the changes stream
+        (ms); the users whose billing standing is kept fresh."""
+        return f"{self.prefix}:billing:seen"
 
     def reply(self, client_id: str) -> str:
         return f"{self.prefix}:reply:{client_id}"

@@ -53,6 +53,7 @@ FailureReason = Literal[
     "exceeds_max_duration",
     "queue_full",
     "cancelled",
+    "billing_unavailable",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode. ``rate_limited``: the user
@@ -63,7 +64,9 @@ A renewal is refused as
 allocation would last longer than DEVSCHED_MAX_ALLOCATION_S in all).
 A waiting request (``wait_seconds``) ends ``timed_out`` when its wait ends without a
 device, ``cancelled`` by a CancelRequest; ``queue_full``: its user already has
-DEVSCHED_QUEUE_MAX_PER_USER requests waiting."""
+DEVSCHED_QUEUE_MAX_PER_USER requests waiting. ``billing_unavailable``: the billing check
+fails closed (DEVSCHED_BILLING_FAIL_OPEN=false) and the user's billing standing is unknown
+or older than DEVSCHED_BILLING_STANDING_MAX_AGE_S."""
 WaitSeconds = Annotated[int, Meta(ge=1, le=3600)]
 """How long an allocate request may wait in the queue for a device: 1 s to an hour."""
 
@@ -592,3 +595,48 @@ def decode_admitted(fields: Mapping[bytes, bytes]) -> AdmittedEntry:
     if isinstance(hold := named.get("c"), bytes):
         named["c"] = hold.decode()
     return msgspec.convert(named, AdmittedEntry)
+
+
+# --- HTTP sinks (docs/wire-format.md, "Billing export" and "Webhooks") ------------------
+
+
+class UsageEntry(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One closed allocation as the billing service gets it (POST <base>/usage)."""
+
+    allocation_id: str
+    """The receiver's dedupe key: an entry may come again (a retried batch), never with
+    other numbers."""
+    user_id: str
+    tenant_id: str | None
+    device_id: str
+    started_at_ms: int
+    ended_at_ms: int
+    billed_seconds: int
+    reason: str
+    """released, expired, or the event that ended it (device_failed, ...)."""
+
+
+class UsageBatch(Struct, kw_only=True, forbid_unknown_fields=True):
+    """The body of POST <DEVSCHED_BILLING_URL>/usage."""
+
+    entries: list[UsageEntry]
+
+
+class AccountStanding(Struct, kw_only=True):
+    """The answer of GET <DEVSCHED_BILLING_URL>/accounts/<user_id> (other fields ignored)."""
+
+    status: Literal["ok", "overdue"]
+    balance: float | None = None
+
+
+class WebhookNotification(Notification, kw_only=True, omit_defaults=True):
+    """A notification as the webhook gets it: with ``id``, the notification's entry id on
+    the notifications stream (the receiver's dedupe key)."""
+
+    id: str
+
+
+class WebhookBatch(Struct, kw_only=True):
+    """The body of POST <DEVSCHED_WEBHOOK_URL>, signed in X-Devsched-Signature."""
+
+    notifications: list[WebhookNotification]

@@ -121,6 +121,13 @@ class QuotaCall(Struct, kw_only=True, omit_defaults=True):
     """Admit users with no quota record."""
     rate: RateLimits | None = None
     """None (left out) when no rate limit is on: the script does nothing for them."""
+    billing_check: bool = False
+    """The billing check is on (DEVSCHED_BILLING_URL set): an allocation of a user whose
+    ``billing_status`` is ``overdue`` is refused ``billing_overdue``."""
+    billing_max_age_ms: int | None = None
+    """Set only when the billing check fails closed: an allocation of a user whose billing
+    standing (``billing_checked_ms`` in the user's hash) is missing or older than this is
+    refused ``billing_unavailable``. Left out, the script reads nothing more."""
     items: list[QuotaRow]
 
 

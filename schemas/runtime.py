@@ -28,3 +28,23 @@ class DeadLetter(Struct, kw_only=True, forbid_unknown_fields=True):
 
 dead_encoder = msgspec.json.Encoder()
 dead_decoder = msgspec.json.Decoder(DeadLetter)
+
+
+class RetryItem(Struct, kw_only=True, forbid_unknown_fields=True):
+    """One item of an HTTP sink's retry queue (a sorted set scored by when it is due)."""
+
+    key: str
+    """The item's dedupe key (unique per item of a sink)."""
+    payload: str
+    """What is sent (one JSON object of the batch body)."""
+    stream: str
+    entry_id: str
+    """Where it came from (kept in its dead letter)."""
+    first_ms: int
+    """When its first send failed: past the retry budget it is dead-lettered."""
+    attempts: int
+    error: str = ""
+
+
+retry_encoder = msgspec.json.Encoder()
+retry_decoder = msgspec.json.Decoder(RetryItem)

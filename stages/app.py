@@ -7,7 +7,8 @@ how `devsched run` groups them into processes: the request path (quota, select)
 in one process at normal priority, the stages behind the reply (persist, bill,
 notify, timers) and the events from other systems (events) in another at nice 5,
 so that on a few cores they yield the CPU to the request path. The timers stage
-brings the ticker with it. `devsched up` rebuilds the live state from PostgreSQL
+brings the ticker with it; the HTTP sinks (export: usage to the billing service and
+users' billing standings back; webhook: notifications) bring their retry loops. `devsched up` rebuilds the live state from PostgreSQL
 when Redis came back without it (``stages.tools.rebuild.recover``).
 """
 
@@ -24,6 +25,7 @@ from sql import migrations
 from stages.bill import BillStage
 from stages.context import StageContext
 from stages.events import EventsStage
+from stages.export import export_stage, run_export_background
 from stages.notify import NotifyStage
 from stages.persist import PersistStage
 from stages.quota import QuotaStage
@@ -32,6 +34,7 @@ from stages.select import SelectStage
 from stages.settings import Settings
 from stages.timers import TimersStage, run_ticker
 from stages.tools.rebuild import recover
+from stages.webhook import run_webhook_retries, webhook_stage
 
 REQUEST_PATH = "request_path"
 BEHIND = "behind"
@@ -51,6 +54,10 @@ APP: Application[StageContext, Settings] = Application(
         StageSpec("timers", TimersStage, needs_database=True, process_group=BEHIND, nice=BEHIND_NICE,
                   background=run_ticker),
         StageSpec("events", EventsStage, process_group=BEHIND, nice=BEHIND_NICE),
+        StageSpec("export", export_stage, needs_database=True, process_group=BEHIND,
+                  nice=BEHIND_NICE, background=run_export_background),
+        StageSpec("webhook", webhook_stage, process_group=BEHIND, nice=BEHIND_NICE,
+                  background=run_webhook_retries),
     ),
     settings=Settings.from_env,
     context=StageContext,

@@ -5,13 +5,15 @@ allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
 statement (in key order, as persist writes) and acked after commit: a redelivered
 change finds its row and adds nothing. Duration is the allocation's exact length in
 whole seconds; ``end_reason`` says why it ended (released, expired, or the event that
-ended it: device_failed, user_suspended, ...). The export to an external billing service comes later; rows not yet
-exported are marked by ``exported_at IS NULL``.
+ended it: device_failed, user_suspended, ...). The export stage (stages/export.py) sends each row to the billing service and
+sets ``exported_at`` once the service accepted it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import asyncpg
 
 from pipeline.worker import Entry
 from schemas.keys import GROUP_BILL
@@ -26,6 +28,22 @@ SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timesta
     $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[]) ORDER BY 1
 ON CONFLICT (allocation_id) DO NOTHING
 """
+
+
+async def write_ledger(pg: asyncpg.Pool, rows: Sequence[AllocationChange]) -> None:
+    """The ledger rows of these closed allocations, each written once (a row already
+    there is kept as it is); a PostgreSQL outage raises Transient."""
+    if not rows:
+        return
+    async with pg_batch(pg, transaction=False) as conn:
+        await conn.execute(
+            INSERT_LEDGER,
+            [r.allocation_id for r in rows], [r.user_id for r in rows],
+            [r.tenant_id for r in rows], [r.device_id for r in rows],
+            [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
+            [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
+            [r.memory_mb for r in rows], [r.reason or r.status for r in rows],
+        )
 
 
 class BillStage:
@@ -44,15 +62,5 @@ class BillStage:
             for c in decode_changes(entries)
             if isinstance(c, AllocationChange) and c.status != "allocated"
         }
-        if closed:
-            rows = list(closed.values())
-            async with pg_batch(self.pg, transaction=False) as conn:
-                await conn.execute(
-                    INSERT_LEDGER,
-                    [r.allocation_id for r in rows], [r.user_id for r in rows],
-                    [r.tenant_id for r in rows], [r.device_id for r in rows],
-                    [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
-                    [r.duration_seconds or 0 for r in rows], [r.cpu_cores for r in rows],
-                    [r.memory_mb for r in rows], [r.reason or r.status for r in rows],
-                )
+        await write_ledger(self.pg, list(closed.values()))
         await self.ctx.redis.xack(self.streams[0], self.group, *[e.id for e in entries])

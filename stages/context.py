@@ -6,7 +6,8 @@ stage's constructor; stages never open connections or read the clock themselves.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
@@ -23,6 +24,9 @@ class StageContext:
     settings: Settings
     clock: Clock
     pg: asyncpg.Pool | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    """What a stage shares with its background task in this process (an HTTP sink's
+    sender and breaker), by the stage's name."""
 
     @property
     def keys(self) -> Keys:

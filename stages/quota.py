@@ -13,7 +13,10 @@ ack, is one script call: atomic, and idempotent by request id. With rate limits 
 (DEVSCHED_RATE_USER_PER_S, DEVSCHED_RATE_TENANT_PER_S) an allocate request also takes a
 token of its user's and its tenant's bucket, or is refused ``rate_limited`` with
 ``retry_after_ms`` (see quota.lua); with none set the call carries no ``rate`` and the
-script reads no bucket. A Redis without the state marker (stages/state.py) gets no
+script reads no bucket. With DEVSCHED_BILLING_URL set the call carries
+``billing_check`` (and, failing closed, ``billing_max_age_ms``): the script reads the
+user's billing standing that the export stage keeps fresh (stages/export.py), never the
+billing service itself. A Redis without the state marker (stages/state.py) gets no
 answer at all: the call changes nothing and the batch waits (``StateMissing``). Each
 entry becomes
 one typed row of that call (schemas/rows.py: admit, forward, refuse or dead).
@@ -120,6 +123,10 @@ class QuotaStage:
         self.script_keys = QuotaKeys(requests=k.requests, admitted=k.admitted, changes=k.changes,
                                      dead=k.dead, state=k.state)
         self.rate = rate_limits(ctx.settings)
+        s = ctx.settings
+        self.billing_check = bool(s.billing_url)
+        self.billing_max_age_ms = (s.billing_standing_max_age_s * 1000
+                                   if s.billing_url and not s.billing_fail_open else None)
 
     def item(self, entry: Entry) -> QuotaRow:
         """The row for one request entry. A request that decoded is valid UTF-8 JSON, so
@@ -190,7 +197,8 @@ class QuotaStage:
         call = QuotaCall(
             prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
-            fail_open=s.quota_fail_open, rate=self.rate,
+            fail_open=s.quota_fail_open, rate=self.rate, billing_check=self.billing_check,
+            billing_max_age_ms=self.billing_max_age_ms,
             items=[self.item(entry) for entry in entries],
         )
         done = await QUOTA(self.channel, self.script_keys, call)

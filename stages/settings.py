@@ -79,3 +79,38 @@ class Settings(RuntimeSettings):
     """Aging of the wait queue: a waiter's score is its arrival (ms) minus priority times
     this step, lowest served first; so no request arriving more than 9 steps after a
     waiter (90 s by default) is served before it, whatever the priorities."""
+    billing_url: str = env("DEVSCHED_BILLING_URL", "")
+    """Base URL of the billing service: the export stage POSTs usage to ``<base>/usage`` and
+    reads standings from ``<base>/accounts/<user_id>``. Empty: no export, no balance check."""
+    billing_token: str = env("DEVSCHED_BILLING_TOKEN", "")
+    """Sent as ``Authorization: Bearer <token>`` to the billing service."""
+    billing_fail_open: bool = env("DEVSCHED_BILLING_FAIL_OPEN", True)
+    """When a user's billing standing is unknown or stale (the service unreachable): true,
+    allocate on the last known standing; false, refuse ``billing_unavailable``."""
+    billing_standing_ttl_s: int = env("DEVSCHED_BILLING_STANDING_TTL_S", 60, minimum=1)
+    """A user's standing is fetched again when it is older than this (users seen on the
+    changes stream within the last hour)."""
+    billing_standing_max_age_s: int = env("DEVSCHED_BILLING_STANDING_MAX_AGE_S", 300, minimum=1)
+    """Fail-closed only: a standing older than this counts as unknown."""
+    webhook_url: str = env("DEVSCHED_WEBHOOK_URL", "")
+    """Where the webhook stage POSTs batches of notifications; empty: off (the
+    notifications stream stays either way)."""
+    webhook_secret: str = env("DEVSCHED_WEBHOOK_SECRET", "")
+    """Key of the HMAC-SHA256 of each webhook body (header ``X-Devsched-Signature``)."""
+    http_timeout_s: float = env("DEVSCHED_HTTP_TIMEOUT_S", 5.0, minimum=0.01)
+    """Timeout of each request of the HTTP sinks (billing, webhook)."""
+    http_attempts: int = env("DEVSCHED_HTTP_ATTEMPTS", 3, minimum=1)
+    """Tries of a batch before its items go to the sink's retry queue."""
+    http_backoff_ms: int = env("DEVSCHED_HTTP_BACKOFF_MS", 200, minimum=1)
+    """First back-off step of the HTTP sinks (doubles per attempt, with jitter)."""
+    http_backoff_max_ms: int = env("DEVSCHED_HTTP_BACKOFF_MAX_MS", 60_000, minimum=1)
+    """Longest back-off step."""
+    http_retry_budget_s: int = env("DEVSCHED_HTTP_RETRY_BUDGET_S", 86_400, minimum=1)
+    """An item failing for longer than this goes to the dead stream (an outage shorter than
+    this loses and dead-letters nothing)."""
+    http_breaker_failures: int = env("DEVSCHED_HTTP_BREAKER_FAILURES", 5, minimum=1)
+    """Failures in a row that open a sink's circuit breaker."""
+    http_breaker_open_ms: int = env("DEVSCHED_HTTP_BREAKER_OPEN_MS", 30_000, minimum=1)
+    """How long an open breaker sends nothing before one probe (half-open)."""
+    http_batch: int = env("DEVSCHED_HTTP_BATCH", 100, minimum=1)
+    """Items per request of the HTTP sinks."""

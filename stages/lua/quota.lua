@@ -1,7 +1,7 @@
 -- quota: admit or refuse a batch of requests, and ack them, in one atomic step.
 -- KEY: requests, admitted, changes, dead (streams); state (the state marker, {pool}).
 -- CALL: schemas.rows.QuotaCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
--- fail_open, rate, items); each item one row, by op:
+-- fail_open, rate, billing_check, billing_max_age_ms, items); each item one row, by op:
 --   admit:   an allocate request to check (request_id, user_id, tenant_id, reply_to,
 --            min_cpu_cores, min_memory_mb, count, best_effort, payload); a batch (count >
 --            1) holds count devices (all_or_nothing: refused when the device quota has
@@ -26,6 +26,7 @@ if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then return false end
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, fail_open = CALL.idempotency_ttl_s, CALL.reply_ttl_s, CALL.fail_open
 local admitted, changes, dead = KEY.admitted, KEY.changes, KEY.dead
+local billing_check, billing_max_age = CALL.billing_check, CALL.billing_max_age_ms
 local n_admitted, n_refused, n_dead = 0, 0, 0
 
 local function refuse(rid, uid, tenant, reply_to, reason, message, remaining, idem_key)
@@ -148,6 +149,18 @@ local function admit(row)
     end
     if q[2] and q[2] ~= '' and tonumber(q[2]) <= now then
       return refuse(rid, uid, tenant, reply_to, 'quota_exceeded', 'Quota expired', 0, idem_key)
+    end
+    if billing_check then
+      -- the standing the export stage keeps fresh (stages/export.py); no HTTP call here
+      local b = redis.call('HMGET', state, 'billing_status', 'billing_checked_ms')
+      if b[1] == 'overdue' then
+        return refuse(rid, uid, tenant, reply_to, 'billing_overdue', 'Billing overdue for user ' .. uid, nil, idem_key)
+      end
+      if billing_max_age and (not b[2] or now - tonumber(b[2]) > billing_max_age) then
+        -- failing closed; not kept as the request id's answer: a retry may pass
+        return refuse(rid, uid, tenant, reply_to, 'billing_unavailable',
+          'Billing standing of user ' .. uid .. ' is unknown; try again shortly', nil, nil)
+      end
     end
     local max_dev = num(q[3])
     if used_dev >= max_dev then

@@ -166,6 +166,9 @@ class Stats:
     """The global strategy in force."""
     pool_strategies: dict[str, str] = field(default_factory=dict)
     """Pools with a strategy of their own."""
+    breakers: dict[str, str] = field(default_factory=dict)
+    """The circuit breaker of each HTTP sink that has sent (export, accounts, webhook):
+    closed, open or half_open, as its process last published it."""
 
 
 async def stats(redis: Redis, keys: Keys) -> Stats:
@@ -184,6 +187,7 @@ async def stats(redis: Redis, keys: Keys) -> Stats:
         expired_total=counters.get("expired", 0),
         strategy=in_force.strategy,
         pool_strategies=in_force.pool_overrides,
+        breakers={text(k): text(v) for k, v in (await redis.hgetall(keys.sink_states)).items()},
     )
 
 

@@ -716,6 +716,9 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true", help="print JSON")
         s.set_defaults(fn=cmd_jobs)
 
+    from stages.tools.receiver import add_parser as add_receiver
+    add_receiver(sub)
+
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_schema)

@@ -7,7 +7,10 @@ release shortly after (by allocation or device id, sometimes twice), ask for
 specs no device has or past the per-device quota, and take short allocations
 that are left to expire. Then it waits for every expiry and for the
 write-behind to drain, compares PostgreSQL with Redis, and prints a summary
-whose last line is one JSON object.
+whose last line is one JSON object. The billing service and the webhook are a loopback
+receiver (stages/tools/receiver.py) that goes down for a while in the middle of the load;
+the summary shows what it received (each closed allocation once, by allocation id) and
+how many ledger rows were exported.
 """
 
 from __future__ import annotations
@@ -41,11 +44,15 @@ from stages.tools.admin import (
 )
 from stages.tools.audit import audit
 from stages.tools.client import Client
+from stages.tools.receiver import Receiver
 
 SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
 SHORT_SECONDS = 2
 """Length of the allocations the demo leaves to expire."""
 DRAIN_TIMEOUT_S = 60.0
+DEMO_TOKEN, DEMO_SECRET = "demo-token", "demo-secret"
+OUTAGE_S = 2.0
+"""How long the demo's receiver is down in the middle of the load."""
 
 
 @dataclass
@@ -200,8 +207,15 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
     quotas = demo_quotas(options.users)
     await set_quotas(redis, keys, clock, quotas)
     users = [q.user_id for q in quotas]
-    say(f"seeded {options.devices} devices and {len(users)} users; starting the stages")
-    workers = spawn_run(APP, settings, options.workers, DEVSCHED_CLAIM_IDLE_MS="5000")
+    receiver = Receiver(token=DEMO_TOKEN, secret=DEMO_SECRET)
+    await receiver.start()
+    say(f"seeded {options.devices} devices and {len(users)} users; receiver at {receiver.url}; "
+        "starting the stages")
+    workers = spawn_run(
+        APP, settings, options.workers, DEVSCHED_CLAIM_IDLE_MS="5000",
+        DEVSCHED_BILLING_URL=receiver.url, DEVSCHED_BILLING_TOKEN=DEMO_TOKEN,
+        DEVSCHED_WEBHOOK_URL=receiver.webhook_url, DEVSCHED_WEBHOOK_SECRET=DEMO_SECRET,
+        DEVSCHED_HTTP_BREAKER_OPEN_MS="1000", DEVSCHED_HTTP_BACKOFF_MAX_MS="2000")
     tally = Tally()
     try:
         clients = [Client(settings, timeout_s=10) for _ in range(options.producers)]
@@ -213,7 +227,14 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
             f"for {options.seconds:.0f} s")
         started = time.monotonic()
         until = started + options.seconds
-        await asyncio.gather(*[
+        async def outage() -> None:
+            await asyncio.sleep(options.seconds / 3)
+            say(f"receiver down for {OUTAGE_S:.0f} s")
+            await receiver.down()
+            await asyncio.sleep(OUTAGE_S)
+            await receiver.up()
+
+        await asyncio.gather(outage(), *[
             session(c, users, tally, until, random.Random(rng.random()))
             for c in clients for _ in range(options.concurrency)
         ])
@@ -227,12 +248,24 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
 
         await wait_for(no_active, SHORT_SECONDS + 10)
         drained = await wait_for(lambda: write_behind_drained(redis, keys), DRAIN_TIMEOUT_S)
+        pg = await pg_pool(settings)
+
+        async def exported() -> bool:
+            left = await pg.fetchval("SELECT count(*) FROM billing_ledger WHERE exported_at IS NULL")
+            return int(left) == 0 and int(await redis.zcard(keys.sink_retry("export"))) == 0
+
+        say("waiting for the billing export to drain")
+        drained = await wait_for(exported, DRAIN_TIMEOUT_S) and drained
+        await pg.close()
     finally:
         await asyncio.to_thread(stop_run, workers, 30)
+        await receiver.stop()
     pg = await pg_pool(settings)
     report = await audit(redis, keys, pg)
     async with pg.acquire() as conn:
         ledger = await conn.fetchval("SELECT count(*) FROM billing_ledger")
+        exported_rows = await conn.fetchval(
+            "SELECT count(*) FROM billing_ledger WHERE exported_at IS NOT NULL")
     await pg.close()
     s = await stats(redis, keys)
     await redis.aclose()
@@ -252,9 +285,17 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
         "redis_allocations": report["redis_allocations"],
         "redis_active": report["redis_active"],
         "billing_rows": ledger,
+        "billing_exported": exported_rows,
+        "receiver": {"usage_entries": len(receiver.received.usage),
+                     "usage_duplicates": receiver.received.duplicates["usage"],
+                     "notifications": len(receiver.received.notifications),
+                     "rejected": dict(receiver.received.rejected),
+                     "attempts": dict(receiver.received.attempts)},
+        "breakers": s.breakers,
         "drained": drained,
         "consistent": bool(report["consistent"]) and drained
-        and ledger == tally.released + s.expired_total,
+        and ledger == tally.released + s.expired_total
+        and exported_rows == ledger == len(receiver.received.usage),
     }
     return summary
 

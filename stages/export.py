@@ -1,0 +1,257 @@
+"""export: closed allocations to the billing service, and users' billing standings back.
+
+**Usage export.** The stage reads the ``changes`` stream in its own group (``export``).
+Each closed allocation (``released`` or ``expired``) becomes one
+:class:`~schemas.messages.UsageEntry`; its ledger row is written first if bill has not
+written it yet (the same ``INSERT ... ON CONFLICT DO NOTHING``, so the row and the entry
+hold the same numbers), then entries are POSTed in batches to
+``<DEVSCHED_BILLING_URL>/usage`` as ``{"entries": [...]}`` with ``Authorization: Bearer
+<DEVSCHED_BILLING_TOKEN>`` and an ``Idempotency-Key`` (a digest of the batch's allocation
+ids: the same batch, the same key). When the service accepted a batch, ``exported_at``
+is set on its rows (only where it is still NULL: the first acceptance counts). Timeouts,
+retries with back-off and jitter, the circuit breaker, the retry queue and the dead
+letters are pipeline.http_sink's: an entry the service could not take is parked in the
+retry queue atomically with the ack of its change, so nothing is lost while the service
+is down, and it is dead-lettered (with the last error) only after
+DEVSCHED_HTTP_RETRY_BUDGET_S. Delivery is at least once: the receiver dedupes by
+``allocation_id`` (docs/wire-format.md).
+
+**Balance check.** No HTTP call is on the request path. The stage notes each user it
+sees on the changes stream (allocated, refused) in ``<prefix>:billing:seen``; its
+background task keeps the standing of those seen within the last hour fresh: every
+DEVSCHED_BILLING_STANDING_TTL_S it GETs ``<base>/accounts/<user_id>`` and writes the
+answer into the user's hash: ``billing_status`` (the field billing events set: ``ok`` or
+``overdue``; a ``suspended`` set by failed payments is kept), ``billing_balance`` and
+``billing_checked_ms``. quota.lua refuses an allocation of a user whose
+``billing_status`` is ``overdue`` (``billing_overdue``) and, when failing closed
+(DEVSCHED_BILLING_FAIL_OPEN=false), one whose standing is missing or older than
+DEVSCHED_BILLING_STANDING_MAX_AGE_S (``billing_unavailable``). A user's standing is thus
+learned after their first request. With DEVSCHED_BILLING_URL unset the stage acks what
+it reads and does nothing else, and quota.lua reads no billing field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import msgspec
+from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.exceptions import WatchError
+
+from pipeline.connections import text
+from pipeline.http_sink import HttpSender, SenderConfig, SinkItem, SinkStage
+from pipeline.worker import Entry
+from schemas.keys import GROUP_EXPORT, Keys
+from schemas.messages import (
+    AccountStanding,
+    AllocationChange,
+    RequestRejected,
+    UsageEntry,
+    change_decoder,
+)
+from stages.bill import write_ledger
+from stages.changes import pg_batch
+from stages.context import StageContext
+from stages.settings import Settings
+
+log = logging.getLogger("devsched.export")
+
+SEEN_WINDOW_MS = 3_600_000
+"""Standings are kept fresh for users seen on the changes stream within this window."""
+STANDING_BATCH = 200
+"""Most standings fetched per round of the refresher (the rest wait for the next)."""
+STANDING_POLL_S = 0.5
+"""How often the refresher looks for standings to fetch."""
+
+MARK_EXPORTED = """
+UPDATE billing_ledger SET exported_at = $2
+WHERE allocation_id = ANY($1::uuid[]) AND exported_at IS NULL
+"""
+
+_usage_entry = msgspec.json.Decoder(UsageEntry)
+_standing = msgspec.json.Decoder(AccountStanding)
+
+
+def sender_config(settings: Settings) -> SenderConfig:
+    """The HTTP sinks' settings, as pipeline.http_sink takes them."""
+    return SenderConfig(
+        timeout_s=settings.http_timeout_s, attempts=settings.http_attempts,
+        backoff_ms=settings.http_backoff_ms, backoff_max_ms=settings.http_backoff_max_ms,
+        retry_budget_ms=settings.http_retry_budget_s * 1000,
+        breaker_failures=settings.http_breaker_failures,
+        breaker_open_ms=settings.http_breaker_open_ms, batch=settings.http_batch,
+    )
+
+
+def usage_entry(change: AllocationChange) -> UsageEntry:
+    """The wire entry of a closed allocation (the numbers of its ledger row)."""
+    return UsageEntry(
+        allocation_id=change.allocation_id, user_id=change.user_id, tenant_id=change.tenant_id,
+        device_id=change.device_id, started_at_ms=change.allocated_at_ms,
+        ended_at_ms=change.released_at_ms or change.at_ms,
+        billed_seconds=change.duration_seconds or 0, reason=change.reason or change.status,
+    )
+
+
+class UsageExport:
+    """The billing export as a pipeline.http_sink.SinkKind."""
+
+    name = GROUP_EXPORT
+    path = "/usage"
+
+    def __init__(self, ctx: StageContext) -> None:
+        assert ctx.pg is not None, "export needs PostgreSQL"
+        self.ctx = ctx
+        self.pg = ctx.pg
+        self.keys = ctx.keys
+        self._seen: dict[str, int] = {}
+
+    async def items(self, entries: Sequence[Entry]) -> list[SinkItem]:
+        closed: dict[str, tuple[Entry, AllocationChange]] = {}
+        for entry in entries:
+            change = change_decoder.decode(entry.data)
+            if isinstance(change, AllocationChange | RequestRejected) and change.user_id:
+                self._seen[change.user_id] = change.at_ms
+            if isinstance(change, AllocationChange) and change.status != "allocated":
+                closed[change.allocation_id] = (entry, change)
+        await write_ledger(self.pg, [c for _, c in closed.values()])
+        return [SinkItem(aid, msgspec.json.encode(usage_entry(c)).decode(), e.stream, e.id)
+                for aid, (e, c) in closed.items()]
+
+    def key_of(self, payload: str) -> str:
+        return _usage_entry.decode(payload).allocation_id
+
+    def body(self, payloads: Sequence[str]) -> bytes:
+        return ('{"entries":[' + ",".join(payloads) + "]}").encode()
+
+    def headers(self, body: bytes, idempotency: str) -> dict[str, str]:
+        return {"Content-Type": "application/json", "Idempotency-Key": idempotency,
+                "Authorization": f"Bearer {self.ctx.settings.billing_token}"}
+
+    async def accepted(self, keys: Sequence[str]) -> None:
+        at = datetime.fromtimestamp(self.ctx.clock.now_ms() / 1000, tz=UTC)
+        async with pg_batch(self.pg, transaction=False) as conn:
+            await conn.execute(MARK_EXPORTED, list(keys), at)
+
+    def note(self, pipe: Pipeline, entries: Sequence[Entry]) -> None:
+        if self._seen:
+            pipe.zadd(self.keys.billing_seen, dict(self._seen), gt=True)
+            self._seen.clear()
+
+
+def export_stage(ctx: StageContext) -> SinkStage:
+    """The stage of this process (one per context, shared with its background task)."""
+    stage = ctx.shared.get(GROUP_EXPORT)
+    if stage is None:
+        s, keys = ctx.settings, ctx.keys
+        stage = SinkStage(
+            UsageExport(ctx), redis=ctx.redis, clock=ctx.clock, source=keys.changes,
+            replay=keys.sink_replay(GROUP_EXPORT), retry_key=keys.sink_retry(GROUP_EXPORT),
+            dead_stream=keys.dead, base_url=s.billing_url, config=sender_config(s),
+            states_key=keys.sink_states, batching=ctx.write_behind,
+        )
+        ctx.shared[GROUP_EXPORT] = stage
+    assert isinstance(stage, SinkStage)
+    return stage
+
+
+def effective_status(user_status: str, billing_status: str) -> str:
+    """The user's status from its two parts, as events.lua computes it."""
+    if user_status != "active":
+        return user_status
+    if billing_status in ("overdue", "suspended"):
+        return billing_status
+    return "active"
+
+
+async def apply_standing(redis: Redis, keys: Keys, user_id: str, standing: AccountStanding,
+                         now_ms: int) -> bool:
+    """Write a fetched standing into the user's hash (billing_status, billing_balance,
+    billing_checked_ms), atomically with its read (WATCH); a ``suspended`` billing status
+    (failed payments) is kept. A user without a quota record is left alone (False)."""
+    key = keys.user(user_id)
+    while True:
+        async with redis.pipeline(transaction=True) as pipe:
+            try:
+                await pipe.watch(key)
+                status, billing = await pipe.hmget(key, "status", "billing_status")
+                if status is None:
+                    await pipe.reset()  # type: ignore[no-untyped-call]
+                    return False
+                current = text(billing) if billing is not None else (
+                    "overdue" if text(status) == "overdue" else "ok")
+                new = current if current == "suspended" else standing.status
+                fields: dict[bytes | bytearray | memoryview | str | int | float,
+                             bytes | bytearray | memoryview | str | int | float] = {
+                    "billing_status": new, "billing_checked_ms": now_ms}
+                if standing.balance is not None:
+                    fields["billing_balance"] = standing.balance
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.hset(key, mapping=fields)
+                await pipe.execute()
+                return True
+            except WatchError:
+                continue
+
+
+async def refresh_standings(ctx: StageContext, accounts: HttpSender) -> int:
+    """One round: fetch the standings that are due; returns how many were written."""
+    s, keys, redis = ctx.settings, ctx.keys, ctx.redis
+    now = ctx.clock.now_ms()
+    await redis.zremrangebyscore(keys.billing_seen, "-inf", now - SEEN_WINDOW_MS)
+    users = [text(u) for u in await redis.zrangebyscore(
+        keys.billing_seen, now - SEEN_WINDOW_MS, "+inf", start=0, num=10 * STANDING_BATCH)]
+    if not users:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for uid in users:
+            pipe.hget(keys.user(uid), "billing_checked_ms")
+        checked = await pipe.execute()
+    due = [uid for uid, at in zip(users, checked, strict=True)
+           if at is None or now - int(at) >= s.billing_standing_ttl_s * 1000][:STANDING_BATCH]
+    written = 0
+    headers = {"Authorization": f"Bearer {s.billing_token}"}
+    for uid in due:
+        if not accounts.breaker.ready():
+            break
+        result = await accounts.request("GET", f"/accounts/{uid}", headers=headers, attempts=1)
+        if not result.ok or result.response is None:
+            continue
+        try:
+            standing = _standing.decode(result.response.content)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            log.warning("bad standing answer: %s", exc, extra={"user_id": uid})
+            continue
+        if await apply_standing(redis, keys, uid, standing, ctx.clock.now_ms()):
+            written += 1
+    return written
+
+
+async def run_standings(ctx: StageContext, stop: asyncio.Event) -> None:
+    """The refresher loop: until ``stop``, a round every STANDING_POLL_S."""
+    s = ctx.settings
+    accounts = HttpSender("accounts", s.billing_url, sender_config(s), ctx.clock,
+                          redis=ctx.redis, states_key=ctx.keys.sink_states)
+    try:
+        while not stop.is_set():
+            try:
+                await refresh_standings(ctx, accounts)
+            except Exception as exc:  # noqa: BLE001 - Redis down: the next round tries again
+                log.warning("standing refresher: %r", exc)
+            try:
+                await asyncio.wait_for(stop.wait(), STANDING_POLL_S)
+            except TimeoutError:
+                pass
+    finally:
+        await accounts.aclose()
+
+
+async def run_export_background(ctx: StageContext, stop: asyncio.Event) -> None:
+    """Beside the export workers: the retry loop and the standing refresher."""
+    if not ctx.settings.billing_url:
+        return
+    await asyncio.gather(export_stage(ctx).run_retries(stop), run_standings(ctx, stop))
