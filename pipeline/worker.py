@@ -213,6 +213,7 @@ class StageWorker:
         self._consumed = metrics.CONSUMED.labels(stage.group)
         self._handled = metrics.HANDLED.labels(stage.group)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(stage.group)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(stage.group)
 
     @property
     def reader(self) -> Redis:
@@ -330,6 +331,10 @@ class StageWorker:
 
     async def process(self, entries: list[Entry]) -> int:
         self._consumed.inc(len(entries))
+        # an entry id starts with the ms Redis added it at: its wait in the stream
+        read_ms = time.time() * 1000
+        metrics.observe_many(self._queue_wait, [
+            max(0.0, read_ms - int(e.id.partition("-")[0])) / 1000 for e in entries])
         started = time.perf_counter()
         try:
             await self._handle_through_outages(entries)
