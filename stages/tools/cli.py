@@ -3,7 +3,7 @@
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, schema.
+events, jobs, stats, strategy, audit, rebuild, dead, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -516,6 +516,12 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_dead(args: argparse.Namespace) -> int:
+    from stages.tools.dead import run
+
+    return _with_redis(lambda redis, settings: run(args, redis, settings))
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import public_schema
 
@@ -715,6 +721,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--timeout", type=float, default=30.0)
         s.add_argument("--json", action="store_true", help="print JSON")
         s.set_defaults(fn=cmd_jobs)
+
+    from stages.tools.dead import add_commands as add_dead_commands
+
+    add_dead_commands(sub, cmd_dead)
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
