@@ -10,8 +10,8 @@ the devsched command on the test's servers and prefix).
 
 from __future__ import annotations
 
+import asyncio
 import json
-import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -25,19 +25,22 @@ from pipeline.runner import child_env
 from pipeline.worker import groups_caught_up
 from schemas.keys import GROUP_BILL, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from stages.settings import Settings
-from tests.conftest import RunningPipeline, wait_until
+from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, wait_until
 from tests.test_worker_runtime import GROUP, Ledger, Running, _has_entries, add, readers, worker
 
 __all__ = ["readers"]
 
 
-def devsched(settings: Settings, *args: str) -> tuple[int, Any]:
-    """Run `devsched ARGS` on the test's servers and prefix; (exit code, its JSON)."""
-    done = subprocess.run([sys.executable, "-m", "stages.tools.cli", *args],
-                          env=child_env(settings), capture_output=True, text=True, timeout=60,
-                          check=False)
-    lines = done.stdout.strip().splitlines()
-    return done.returncode, json.loads(lines[-1]) if lines else None
+async def devsched(settings: Settings, *args: str, **env: str) -> tuple[int, Any]:
+    """Run `devsched ARGS` on the test's servers and prefix (the event loop goes on
+    meanwhile); (exit code, the JSON of its last line)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "stages.tools.cli", *args, env=dict(child_env(settings), **env),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, _ = await asyncio.wait_for(process.communicate(), EVENT_TIMEOUT_S)
+    lines = out.decode().strip().splitlines()
+    code = await process.wait()
+    return code, json.loads(lines[-1]) if lines else None
 
 
 async def test_a_fixed_poison_entry_replayed_is_handled_once(
@@ -51,33 +54,33 @@ async def test_a_fixed_poison_entry_replayed_is_handled_once(
     ids = await add(redis, stream, [b"a", b"p", b"c"])
     async with Running(worker(stage, redis, readers(), settings, keys, clock)):
         await wait_until(lambda: _has_entries(redis, keys.dead))
-        code, listed = devsched(settings, "dead", "list", "--json")
+        code, listed = await devsched(settings, "dead", "list", "--json")
         assert code == 0 and listed["count"] == 1
         [letter] = listed["dead_letters"]
         assert (letter["stage"], letter["stream"], letter["entry_id"], letter["replayed_as"]) \
             == (GROUP, stream, ids[1], None)
         assert letter["error"] == "ValueError: poison entry p"
-        code, shown = devsched(settings, "dead", "show", letter["id"], "--json")
+        code, shown = await devsched(settings, "dead", "show", letter["id"], "--json")
         assert code == 0 and shown["payload"] == "p"
 
         stage.poison.clear()  # the stage is fixed
-        code, replayed = devsched(settings, "dead", "replay", letter["id"])
+        code, replayed = await devsched(settings, "dead", "replay", letter["id"])
         assert code == 0 and replayed["added"] == 1
         [one] = replayed["replayed"]
         assert one["stream"] == stream and one["added"]
         await wait_until(lambda: groups_caught_up(redis, stream, [GROUP]))
         assert await stage.done() == [b"a", b"c", b"p"]
 
-        code, again = devsched(settings, "dead", "replay", letter["id"])
+        code, again = await devsched(settings, "dead", "replay", letter["id"])
         assert code == 0 and again["added"] == 0
         assert again["replayed"][0]["replayed_as"] == one["replayed_as"]
         assert await redis.xlen(stream) == 4  # a, p, c and the one replay
-        code, listed = devsched(settings, "dead", "list", "--json")
+        code, listed = await devsched(settings, "dead", "list", "--json")
         assert listed["dead_letters"][0]["replayed_as"] == one["replayed_as"]
         await wait_until(lambda: groups_caught_up(redis, stream, [GROUP]))
     assert await stage.done() == [b"a", b"c", b"p"]
 
-    code, purged = devsched(settings, "dead", "purge")
+    code, purged = await devsched(settings, "dead", "purge")
     assert code == 0 and purged == {"purged": 1}
     assert await redis.xlen(keys.dead) == 0
     assert not await redis.exists(replays_key(keys.dead))
@@ -95,24 +98,24 @@ async def test_letters_of_one_entry_from_several_groups_replay_it_once(
         return len(await read_letters(redis, keys.dead)) >= 3
 
     await wait_until(three_letters)
-    code, listed = devsched(settings, "dead", "list", "--stage", GROUP_BILL, "--json")
+    code, listed = await devsched(settings, "dead", "list", "--stage", GROUP_BILL, "--json")
     assert code == 0 and [r["entry_id"] for r in listed["dead_letters"]] == [poison_id]
     length = await redis.xlen(keys.changes)
-    code, first = devsched(settings, "dead", "replay", "--stage", GROUP_PERSIST)
+    code, first = await devsched(settings, "dead", "replay", "--stage", GROUP_PERSIST)
     assert code == 0 and first["added"] == 1
     letters = [s for s in await read_letters(redis, keys.dead)
                if s.letter is not None and s.letter.entry_id == poison_id]
     assert sorted(s.letter.stage for s in letters if s.letter) == sorted(groups)
     for letter in letters:  # persist's again, bill's and notify's: replayed already
-        code, again = devsched(settings, "dead", "replay", letter.id)
+        code, again = await devsched(settings, "dead", "replay", letter.id)
         assert code == 0 and again["added"] == 0
         assert again["replayed"][0]["replayed_as"] == first["replayed"][0]["replayed_as"]
-    code, none_left = devsched(settings, "dead", "replay", "--stage", GROUP_BILL)
+    code, none_left = await devsched(settings, "dead", "replay", "--stage", GROUP_BILL)
     assert code == 1 and none_left == {"replayed": [], "added": 0}
     assert await redis.xlen(keys.changes) == length + 1
     # still poison: each group gives the replayed entry up again, under its new id
     await wait_until(lambda: _letters_at_least(redis, keys, 6))
-    code, nothing = devsched(settings, "dead", "replay", "--stage", "no-such-stage")
+    code, nothing = await devsched(settings, "dead", "replay", "--stage", "no-such-stage")
     assert code == 1 and nothing == {"replayed": [], "added": 0}
 
 
@@ -125,9 +128,9 @@ async def test_purge_older_than_keeps_newer_letters(
 ) -> None:
     old = (await redis.xadd(keys.dead, {"d": b"{}"}, id="1000-0")).decode()
     await redis.xadd(keys.dead, {"d": b"{}"})  # now
-    code, purged = devsched(settings, "dead", "purge", "--older-than", "1h")
+    code, purged = await devsched(settings, "dead", "purge", "--older-than", "1h")
     assert code == 0 and purged == {"purged": 1}
     remaining = [s.id for s in await read_letters(redis, keys.dead)]
     assert old not in remaining and len(remaining) == 1
-    code, _ = devsched(settings, "dead", "purge", "--older-than", "soon")
+    code, _ = await devsched(settings, "dead", "purge", "--older-than", "soon")
     assert code == 2

@@ -3,7 +3,7 @@
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, dead, schema.
+events, jobs, stats, strategy, audit, rebuild, status, dead, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -516,6 +516,14 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from stages.tools.status import run
+
+    return _with_redis(lambda redis, settings: run(
+        redis, settings, SystemClock(), as_json=args.json, watch=args.watch,
+        interval_s=args.interval))
+
+
 def cmd_dead(args: argparse.Namespace) -> int:
     from stages.tools.dead import run
 
@@ -722,6 +730,12 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--json", action="store_true", help="print JSON")
         s.set_defaults(fn=cmd_jobs)
 
+    s = sub.add_parser("status", help="streams, groups, dead letters, write-behind, pools, "
+                                      "timers, servers; exit 1 when unhealthy")
+    s.add_argument("--json", action="store_true", help="one JSON object (a line per round)")
+    s.add_argument("--watch", action="store_true", help="again every --interval s until ^C")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between rounds")
+    s.set_defaults(fn=cmd_status)
     from stages.tools.dead import add_commands as add_dead_commands
 
     add_dead_commands(sub, cmd_dead)
