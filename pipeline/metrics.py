@@ -1,7 +1,7 @@
 """Prometheus metrics of the stream runtime, labelled by stage, and how they are served.
 
-Counters only grow; ``pending`` and ``lag`` are sampled by each worker on its
-reclaim interval from XPENDING / XINFO GROUPS. An application's own metrics live
+Counters only grow; ``pending``, ``lag`` and ``behind_seconds`` are sampled by each
+worker on its reclaim interval from XPENDING / XINFO GROUPS. An application's own metrics live
 with its stages, on the same default registry, so one exporter serves both.
 
 Latency on the request path is measured without adding work per entry that a batch
@@ -60,6 +60,11 @@ PENDING = Gauge("devsched_stage_pending", "Entries delivered but not acked", ["s
                 multiprocess_mode="livemostrecent")
 LAG = Gauge("devsched_stage_lag", "Entries not yet delivered to the group", ["stage", "stream"],
             multiprocess_mode="livemostrecent")
+BEHIND = Gauge(
+    "devsched_stage_behind_seconds",
+    "Age of the oldest entry the group has not acked (pending or not yet delivered)",
+    ["stage", "stream"], multiprocess_mode="livemostrecent",
+)
 BREAKER_STATE = Gauge(
     "devsched_breaker_state",
     "State of a circuit breaker: 0 closed, 1 half-open, 2 open", ["breaker"],

@@ -8,7 +8,7 @@ and live in the default registry of any process that uses the client.
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from pipeline.metrics import LATENCY_BUCKETS
 
@@ -45,3 +45,13 @@ CLIENT_ALLOCATE_SECONDS = Histogram(
 )
 """``outcome``: the reply's kind (``allocated``, ``allocated_batch``, ``failed``), or
 ``timed_out`` when no answer came within the client's timeout."""
+POOL_DEVICES = Gauge(
+    "devsched_pool_devices", "Devices of a pool by state (sampled by the timers stage)",
+    ["pool", "state"], multiprocess_mode="livemostrecent",
+)
+"""``state``: free, allocated, out_of_service (maintenance, failed, stopped, error)."""
+TIMER_LAST_TICK = Gauge(
+    "devsched_timer_last_tick_seconds",
+    "Unix time (s) of the period of the last tick the timers stage handled",
+    multiprocess_mode="max",
+)
