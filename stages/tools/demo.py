@@ -25,6 +25,7 @@ from pipeline.clock import SystemClock
 from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client
 from pipeline.durability import check_redis
+from pipeline.progress import Progress
 from pipeline.runner import spawn_run, stop_run
 from schemas.keys import GROUP_BILL, GROUP_EVENTS, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
@@ -46,6 +47,8 @@ SIZES = ((2, 4096), (2, 4096), (4, 8192), (4, 8192), (8, 16384), (16, 32768))
 SHORT_SECONDS = 2
 """Length of the allocations the demo leaves to expire."""
 DRAIN_TIMEOUT_S = 60.0
+PROGRESS_EVERY_S = 0.25
+"""How often the demo's progress line is redrawn (on a terminal)."""
 
 
 @dataclass
@@ -213,11 +216,16 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
             f"for {options.seconds:.0f} s")
         started = time.monotonic()
         until = started + options.seconds
+        bar = Progress("demo", unit="requests")
+        shown = asyncio.create_task(show_progress(bar, tally))
         await asyncio.gather(*[
             session(c, users, tally, until, random.Random(rng.random()))
             for c in clients for _ in range(options.concurrency)
         ])
         load_seconds = time.monotonic() - started
+        shown.cancel()
+        bar.update(tally.requests, _tally_text(tally))
+        bar.done()
         for c in clients:
             await c.close()
         say("load done; waiting for expiries and the write-behind to drain")
@@ -257,6 +265,20 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
         and ledger == tally.released + s.expired_total,
     }
     return summary
+
+
+def _tally_text(tally: Tally) -> str:
+    return (f"{tally.allocated:,} allocated, {tally.released:,} released, "
+            f"{sum(tally.rejected.values()):,} rejected, {tally.lost} lost")
+
+
+async def show_progress(bar: Progress, tally: Tally) -> None:
+    """Redraw the demo's counts while the load runs (on a terminal only)."""
+    if not bar.enabled:
+        return
+    while True:
+        bar.update(tally.requests, _tally_text(tally))
+        await asyncio.sleep(PROGRESS_EVERY_S)
 
 
 def say(text: str) -> None:
