@@ -1,6 +1,6 @@
 """One line of progress on a terminal: counts and a rate, redrawn in place.
 
-``Progress("rebuild")`` draws ``rebuild: 12,400 devices (3,100/s)`` on standard error,
+``Progress("rebuild")`` draws ``rebuild: 12,400 items (3,100/s)`` on standard error,
 redrawn at most every ``REDRAW_S`` and ended with a newline by :meth:`done`. It draws
 only where someone watches: when standard error is a terminal and the caller is not
 in a quiet (``--json``) mode; otherwise every call is a no-op, so logs and JSON

@@ -2,8 +2,9 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, status, dead, schema.
+scheduler's: demo, devices (add, list, import, export), allocations, pools, queue, quota
+(set, import), allocate, release, renew, events, jobs, stats, strategy, audit, rebuild,
+status (stages/tools/status.py), dead (stages/tools/dead.py), schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
