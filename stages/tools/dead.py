@@ -41,6 +41,11 @@ def parse_duration_s(value: str) -> float:
     return float(found.group(1)) * UNITS_S[found.group(2) or "s"]
 
 
+def first_line(error: str | None, width: int = 80) -> str:
+    """An error as a table cell: its first line, cut to ``width``."""
+    return (error or "").partition("\n")[0][:width]
+
+
 def row(stored: StoredLetter, *, payload: bool = False) -> dict[str, Any]:
     """A letter as `dead list --json` (and, with its payload, `dead show`) prints it."""
     letter = stored.letter
@@ -69,8 +74,7 @@ async def run(args: argparse.Namespace, redis: Redis, settings: Settings) -> int
         else:
             from stages.tools.cli import print_table
 
-            print_table([{**r, "error": (r["error"] or "").splitlines()[0][:80]} for r in rows],
-                        LIST_COLUMNS)
+            print_table([{**r, "error": first_line(r["error"])} for r in rows], LIST_COLUMNS)
         return 0
     if args.sub == "show":
         stored = await read_letter(redis, dead, args.id)
