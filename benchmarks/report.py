@@ -27,12 +27,37 @@ from typing import Any
 
 import orjson
 
+from pipeline.progress import Progress
+
 _T0 = time.monotonic()
+_quiet = False
+_bar: Progress | None = None
+_points = 0
+
+
+def set_quiet(quiet: bool) -> None:
+    """Quiet (``--json``): no progress lines, no progress bar; only the result."""
+    global _quiet
+    _quiet = quiet
 
 
 def progress(message: str) -> None:
-    """One flushed line: ``[  12.3s] message``."""
+    """One flushed line: ``[  12.3s] message`` (nothing when quiet)."""
+    if _quiet:
+        return
+    if _bar is not None:
+        _bar.clear()  # the bar's line, redrawn at the next point
     print(f"[{time.monotonic() - _T0:7.1f}s] {message}", flush=True)
+
+
+def measured(cycles: int) -> None:
+    """One more point measured, of ``cycles`` cycles: the running count and rate on a
+    terminal (pipeline.progress)."""
+    global _bar, _points
+    if _bar is None:
+        _bar = Progress("bench", quiet=_quiet, unit="cycles measured")
+    _points += 1
+    _bar.add(cycles, f"{_points} points")
 
 
 def _fmt(value: Any, digits: int = 1) -> str:

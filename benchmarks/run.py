@@ -240,6 +240,7 @@ def _row(result: LoadResult) -> dict[str, Any]:
 
 
 def _describe(result: LoadResult) -> str:
+    report.measured(result.count)
     errors = f" errors={result.errors}" if result.errors else ""
     return (f"offered {result.offered_per_s:,.0f}/s delivered {result.delivered_per_s:,.0f}/s "
             f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} max {result.max_ms:.2f} ms, "
@@ -536,6 +537,7 @@ def ratios(doc: dict[str, Any]) -> dict[str, Any]:
 
 async def main(argv: list[str]) -> int:
     plan = parse_args(argv)
+    report.set_quiet(plan.emit_json)
     started = time.monotonic()
     report.progress(f"devsched bench ({'quick' if plan.quick else 'full'}): rates "
                     f"{', '.join(f'{r:g}' for r in plan.rates)}/s, {plan.duration_s:g} s per "

@@ -12,17 +12,22 @@ status ``EX_CONFIG`` (78), which the supervisor does not restart. `up` and `run`
 hand the application its chance to bring the live state back (``Application.recover``,
 e.g. from the database after Redis came back empty, or to mark a fresh one); one it
 cannot bring back (``RecoveryError``) is printed, exit status 1.
+
+Under `run` with a metrics port, this process serves the metrics of all its worker
+processes, summed, on that one port (``pipeline.metrics``); the workers bind none.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import sys
 from collections.abc import Coroutine
 from typing import Any
 
+from pipeline import metrics
 from pipeline.app import Application, RecoveryError, S
 from pipeline.durability import EX_CONFIG, UnsafeRedisError, check_redis_of
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
@@ -170,7 +175,15 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
             run_coroutine(serve(app, names, settings), settings)
             return 0
         os.environ.update(child_env(settings))
-        return supervise(worker_commands(app, names, workers=args.workers, split=args.split))
+        exited = None
+        if settings.metrics_port:
+            # one port for every process: the children share a folder, this process serves it
+            folder = metrics.multiprocess_dir(settings.data_dir)
+            os.environ[metrics.MULTIPROC_ENV] = str(folder)
+            metrics.serve_multiprocess(settings.metrics_port, folder)
+            exited = functools.partial(metrics.process_exited, folder)
+        return supervise(worker_commands(app, names, workers=args.workers, split=args.split),
+                         exited=exited)
     except UnsafeRedisError as exc:
         return refused(exc)
     except RecoveryError as exc:

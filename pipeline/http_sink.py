@@ -14,7 +14,7 @@ An application's HTTP sinks all go through this module, so they share one behavi
   still fail at once; the probe's success closes it, its failure opens it again. So a
   service answering 500 gets at most ``breaker_failures`` requests and then one probe
   per open period from a process, never a storm. The state is a gauge
-  (``devsched_http_breaker_state``: 0 closed, 1 half-open, 2 open) and a field of a Redis
+  (``devsched_breaker_state{breaker}``: 0 closed, 1 half-open, 2 open) and a field of a Redis
   hash that the application's `stats` shows.
 * **Retry queue** (:class:`RetryQueue`): a sorted set per sink of
   :class:`~schemas.runtime.RetryItem` scored by when each is due. What a send could not
@@ -55,18 +55,14 @@ from redis.exceptions import WatchError
 
 from pipeline.clock import Clock
 from pipeline.connections import text
-from pipeline.metrics import DEAD_LETTERED
+from pipeline.metrics import DEAD_LETTERED, set_breaker_state
 from pipeline.worker import Batching, Entry, Transient, dead_letter_of
 from schemas.runtime import RetryItem, dead_encoder, retry_decoder, retry_encoder
 
 log = logging.getLogger("devsched.http_sink")
 
 CLOSED, HALF_OPEN, OPEN = "closed", "half_open", "open"
-STATE_VALUE = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}
-"""The breaker gauge's value of each state."""
 
-BREAKER_STATE = Gauge("devsched_http_breaker_state",
-                      "Circuit breaker of an HTTP sink: 0 closed, 1 half-open, 2 open", ["sink"])
 HTTP_REQUESTS = Counter(
     "devsched_http_requests", "Requests of an HTTP sink by outcome", ["sink", "outcome"])
 """Exported as ``devsched_http_requests_total``; ``outcome``: accepted, rejected, failed
@@ -121,14 +117,14 @@ class CircuitBreaker:
         self._failed = 0
         self._opened_ms = 0
         self._probe_ms: int | None = None
-        BREAKER_STATE.labels(name).set(0)
+        set_breaker_state(name, CLOSED)
 
     def _set(self, state: str) -> None:
         if state != self.state:
             log.warning("circuit breaker %s: %s -> %s", self.name, self.state, state,
                         extra={"sink": self.name})
             self.state = state
-            BREAKER_STATE.labels(self.name).set(STATE_VALUE[state])
+            set_breaker_state(self.name, state)
 
     def ready(self) -> bool:
         """Would a request go through now? (no change of state)"""

@@ -72,8 +72,10 @@ async def run_workers(
             await reader.aclose()
 
 
-def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
-    """Run child processes until SIGTERM/SIGINT; restart crashed ones."""
+def supervise(commands: Sequence[list[str]], *, restart: bool = True,
+              exited: Callable[[int], None] | None = None) -> int:
+    """Run child processes until SIGTERM/SIGINT; restart crashed ones. ``exited`` is
+    told the pid of each child that ended (e.g. to forget its live gauges)."""
     stopping = False
 
     def on_signal(signum: int, _frame: object) -> None:
@@ -89,6 +91,8 @@ def supervise(commands: Sequence[list[str]], *, restart: bool = True) -> int:
         time.sleep(0.2)
         for i, child in enumerate(children):
             code = child.poll()
+            if code is not None and exited is not None:
+                exited(child.pid)
             if code == EX_CONFIG:
                 log.error("worker %s refused its configuration; stopping", commands[i])
                 stopping, status = True, EX_CONFIG

@@ -336,3 +336,20 @@ HANDOFF = Script("handoff", HandoffKeys, HandoffCall, lua_source("pipeline", "ha
 """Ack a batch and add each entry's output, atomically and once (see handoff.lua)."""
 APPEND = Script("append", AppendKeys, AppendCall, lua_source("pipeline", "append.lua"))
 """Add a batch of payloads to one stream in one call (producers)."""
+
+
+class ReplayKeys(NamedTuple):
+    target: str
+    """The stream the dead letter's entry came from."""
+    replays: str
+    """Hash: ``<stream>/<entry id>`` of each entry replayed -> the id it was replayed as."""
+
+
+class ReplayCall(msgspec.Struct, kw_only=True):
+    source: str
+    """``<stream>/<entry id>`` of the entry the dead letter holds."""
+    payload: str
+
+
+REPLAY = Script("replay", ReplayKeys, ReplayCall, lua_source("pipeline", "replay.lua"))
+"""Put a dead letter's payload back on its stream and record it, once (see replay.lua)."""

@@ -213,6 +213,7 @@ class StageWorker:
         self._consumed = metrics.CONSUMED.labels(stage.group)
         self._handled = metrics.HANDLED.labels(stage.group)
         self._batch_seconds = metrics.BATCH_SECONDS.labels(stage.group)
+        self._queue_wait = metrics.QUEUE_WAIT.labels(stage.group)
 
     @property
     def reader(self) -> Redis:
@@ -330,6 +331,10 @@ class StageWorker:
 
     async def process(self, entries: list[Entry]) -> int:
         self._consumed.inc(len(entries))
+        # an entry id starts with the ms Redis added it at: its wait in the stream
+        read_ms = time.time() * 1000
+        metrics.observe_many(self._queue_wait, [
+            max(0.0, read_ms - int(e.id.partition("-")[0])) / 1000 for e in entries])
         started = time.perf_counter()
         try:
             await self._handle_through_outages(entries)
@@ -519,7 +524,7 @@ class StageWorker:
                     await self.redis.xgroup_delconsumer(stream, self.stage.group, name)
 
     async def sample(self) -> None:
-        """Update the pending and lag gauges of this stage's groups."""
+        """Update the pending, lag and behind gauges of this stage's groups."""
         for stream in self.stage.streams:
             try:
                 groups = await self.redis.xinfo_groups(stream)
@@ -529,7 +534,24 @@ class StageWorker:
                 name = text(g["name"])
                 if name != self.stage.group:
                     continue
-                metrics.PENDING.labels(self._label, stream).set(int(g.get("pending", 0)))
+                pending = int(g.get("pending", 0))
+                metrics.PENDING.labels(self._label, stream).set(pending)
                 lag = g.get("lag")
                 if lag is not None:
                     metrics.LAG.labels(self._label, stream).set(int(lag))
+                metrics.BEHIND.labels(self._label, stream).set(
+                    await self._behind_s(stream, pending, text(g["last-delivered-id"])))
+
+    async def _behind_s(self, stream: str, pending: int, last_delivered: str) -> float:
+        """Age (s) of the oldest entry of ``stream`` this group has not acked: its oldest
+        pending entry, or the first one not yet delivered; 0 when it has done them all."""
+        oldest: int | None = None
+        if pending:
+            summary = await self.redis.xpending(stream, self.stage.group)
+            if summary.get("min"):
+                oldest = int(text(summary["min"]).partition("-")[0])
+        if oldest is None:
+            first_new = await self.redis.xrange(stream, f"({last_delivered}", "+", count=1)
+            if first_new:
+                oldest = int(text(first_new[0][0]).partition("-")[0])
+        return 0.0 if oldest is None else max(0.0, time.time() - oldest / 1000)

@@ -8,7 +8,9 @@ and live in the default registry of any process that uses the client.
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge, Histogram
+
+from pipeline.metrics import LATENCY_BUCKETS
 
 AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
 """``reason``: expired, or the schemas.messages.EndReason of an event (device_failed, ...)."""
@@ -36,3 +38,20 @@ CLIENT_INVALID_REPLIES = Counter(
 JOB_RUNS = Counter("scheduler_job_runs_total", "Runs of the tracked timer jobs", ["job", "status"])
 """``job``: expire, trim, stats_snapshot, purge, prune_history; ``status``: succeeded, failed
 (including a run found dead past its timeout)."""
+CLIENT_ALLOCATE_SECONDS = Histogram(
+    "devsched_client_allocate_seconds",
+    "End-to-end latency of an allocate request as the producer client sees it (sent to "
+    "answered)", ["outcome"], buckets=LATENCY_BUCKETS,
+)
+"""``outcome``: the reply's kind (``allocated``, ``allocated_batch``, ``failed``), or
+``timed_out`` when no answer came within the client's timeout."""
+POOL_DEVICES = Gauge(
+    "devsched_pool_devices", "Devices of a pool by state (sampled by the timers stage)",
+    ["pool", "state"], multiprocess_mode="livemostrecent",
+)
+"""``state``: free, allocated, out_of_service (maintenance, failed, stopped, error)."""
+TIMER_LAST_TICK = Gauge(
+    "devsched_timer_last_tick_seconds",
+    "Unix time (s) of the period of the last tick the timers stage handled",
+    multiprocess_mode="max",
+)

@@ -114,3 +114,15 @@ class Settings(RuntimeSettings):
     """How long an open breaker sends nothing before one probe (half-open)."""
     http_batch: int = env("DEVSCHED_HTTP_BATCH", 100, minimum=1)
     """Items per request of the HTTP sinks."""
+    status_max_lag: int = env("DEVSCHED_STATUS_MAX_LAG", 10_000, minimum=1)
+    """`devsched status` reports a consumer group unhealthy when it has more entries not
+    yet done (lag + pending) than this."""
+    status_max_behind_s: float = env("DEVSCHED_STATUS_MAX_BEHIND_S", 60.0, minimum=0)
+    """... or when its oldest entry not yet acked is older than this (s): for the
+    write-behind groups, how far PostgreSQL is behind."""
+    status_dead_window_s: int = env("DEVSCHED_STATUS_DEAD_WINDOW_S", 300, minimum=1)
+    """Dead letters newer than this (s) count as recent for `devsched status`."""
+    status_dead_max: int = env("DEVSCHED_STATUS_DEAD_MAX", 0, minimum=0)
+    """More recent dead letters than this (dead letters growing) is unhealthy."""
+    status_stall_ticks: int = env("DEVSCHED_STATUS_STALL_TICKS", 5, minimum=1)
+    """No timer tick for this many periods (DEVSCHED_TICK_MS) is unhealthy."""

@@ -10,6 +10,8 @@ whichever worker asks). Ticks are acked after their
 work; a crashed run is reclaimed, and what it had claimed runs again once its claim
 times out. The same group reads ``<prefix>:job_requests``: a manual run of one job
 (``devsched jobs run``), answered on the requester's reply stream, once per request id.
+The worker that handles a tick also publishes when it was (``devsched_timer_last_tick_seconds``)
+and, every ``POOL_SAMPLE_EVERY_MS``, the pools' device counts (``devsched_pool_devices``).
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_TIMERS
 from schemas.messages import Tick, encoder, job_run_request_decoder
 from schemas.runtime import dead_encoder
+from stages import metrics
 from stages.context import StageContext
 from stages.jobs import expire_due, run_due, run_now, trim_streams
+from stages.tools.admin import pools
 
 __all__ = ["TimersStage", "add_tick", "expire_due", "run_ticker", "trim_streams"]
 
 log = logging.getLogger("devsched.timers")
 
+POOL_SAMPLE_EVERY_MS = 15_000
+"""How often the pools' device counts are published (on the ticks, by the worker that
+gets them)."""
 TICKS_MAXLEN = 10_000
 """Ticks kept; a tick is tiny and older ones are never needed."""
 
@@ -74,12 +81,32 @@ class TimersStage:
     def __init__(self, ctx: StageContext) -> None:
         self.ctx = ctx
         self.streams = [ctx.keys.ticks, ctx.keys.job_requests]
+        self._pools_sampled_ms: int | None = None
+
+    async def sample_pools(self) -> None:
+        """Publish the pools' device counts (``devsched_pool_devices``) at most every
+        ``POOL_SAMPLE_EVERY_MS``: a read of every device, off the request path."""
+        now = self.ctx.clock.now_ms()
+        if self._pools_sampled_ms is not None and now - self._pools_sampled_ms < POOL_SAMPLE_EVERY_MS:
+            return
+        self._pools_sampled_ms = now
+        try:
+            found = await pools(self.ctx.redis, self.ctx.keys)
+        except Exception as exc:  # noqa: BLE001 - a sample is no reason to fail the tick
+            log.warning("pool sample failed: %r", exc)
+            return
+        for p in found:
+            metrics.POOL_DEVICES.labels(p.pool, "free").set(p.free)
+            metrics.POOL_DEVICES.labels(p.pool, "allocated").set(p.allocated)
+            metrics.POOL_DEVICES.labels(p.pool, "out_of_service").set(p.maintenance + p.down)
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         ticks = [e.id for e in entries if e.stream == self.streams[0]]
         if ticks:
             await run_due(self.ctx)
             await self.ctx.redis.xack(self.streams[0], self.group, *ticks)
+            metrics.TIMER_LAST_TICK.set(max(int(t.partition("-")[0]) for t in ticks) / 1000)
+            await self.sample_pools()
         for entry in entries:
             if entry.stream == self.streams[1]:
                 await self.answer(entry)

@@ -2,8 +2,9 @@
 
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
-scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, schema.
+scheduler's: demo, devices (add, list, import, export), allocations, pools, queue, quota
+(set, import), allocate, release, renew, events, jobs, stats, strategy, audit, rebuild,
+status (stages/tools/status.py), dead (stages/tools/dead.py), schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -84,10 +85,7 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
 
 
 def cmd_devices_add(args: argparse.Namespace) -> int:
-    from pipeline.connections import pg_pool
-    from schemas.keys import Keys
     from schemas.messages import DeviceSpec
-    from stages.tools.admin import add_devices, held_in_database
 
     specs = []
     for i in range(args.count):
@@ -98,6 +96,16 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
             cpu_cores=args.cpu, memory_mb=args.memory, storage_mb=args.storage,
         ))
     specs = [msgspec.convert(msgspec.to_builtins(s), DeviceSpec) for s in specs]
+    return _apply_devices(specs, lambda: print(
+        f"added {len(specs)} device(s): {specs[0].id}{' ...' if len(specs) > 1 else ''}"))
+
+
+def _apply_devices(specs: list[Any], done: Callable[[], None]) -> int:
+    """Add or update ``specs`` in one round trip, unless Redis has no live state or
+    PostgreSQL shows one of them held by an allocation Redis lost (exit 1)."""
+    from pipeline.connections import pg_pool
+    from schemas.keys import Keys
+    from stages.tools.admin import add_devices, held_in_database
 
     async def go(redis: Any, settings: Settings) -> int:
         keys = Keys(settings.prefix)
@@ -115,11 +123,70 @@ def cmd_devices_add(args: argparse.Namespace) -> int:
                   "`devsched audit`; `devsched rebuild --force` (workers stopped) makes "
                   "Redis follow PostgreSQL", file=sys.stderr)
             return 1
-        await add_devices(redis, keys, SystemClock(), specs)
-        print(f"added {len(specs)} device(s): {specs[0].id}{' ...' if len(specs) > 1 else ''}")
+        if specs:
+            await add_devices(redis, keys, SystemClock(), specs)
+        done()
         return 0
 
     return _with_redis(go)
+
+
+def cmd_bulk(args: argparse.Namespace) -> int:
+    """devsched devices import|export, quota import (stages.tools.bulk)."""
+    from schemas.keys import Keys
+    from schemas.messages import DeviceSpec, QuotaSpec
+    from stages.tools.admin import set_quotas
+    from stages.tools.bulk import (
+        BadRecords,
+        device_specs,
+        format_of_name,
+        read_file,
+        write_records,
+    )
+
+    if args.sub == "export":
+        fmt = args.format or format_of_name(args.file)
+        exported: list[DeviceSpec] = []
+
+        async def export(redis: Any, settings: Settings) -> int:
+            exported.extend(await device_specs(redis, Keys(settings.prefix)))
+            return 0
+
+        code = _with_redis(export)
+        if code:
+            return code
+        if args.file == "-":
+            write_records(sys.stdout, exported, fmt)
+        else:
+            with open(args.file, "w", newline="") as out:
+                write_records(out, exported, fmt)
+            print(json.dumps({"exported": len(exported), "format": fmt, "file": args.file}))
+        return 0
+    try:
+        if args.command == "devices":
+            devices, fmt = read_file(args.file, DeviceSpec)
+        else:
+            quotas, fmt = read_file(args.file, QuotaSpec)
+    except BadRecords as exc:
+        print(f"error: nothing imported; bad records:\n{exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    def report(count: int) -> None:
+        print(json.dumps({"imported": count, "format": fmt}))
+
+    if args.command == "devices":
+        return _apply_devices(devices, lambda: report(len(devices)))
+
+    async def apply_quotas(redis: Any, settings: Settings) -> int:
+        if quotas:
+            await set_quotas(redis, Keys(settings.prefix), SystemClock(), quotas)
+        report(len(quotas))
+        return 0
+
+    return _with_redis(apply_quotas)
 
 
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
@@ -516,6 +583,20 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     return result
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from stages.tools.status import run
+
+    return _with_redis(lambda redis, settings: run(
+        redis, settings, SystemClock(), as_json=args.json, watch=args.watch,
+        interval_s=args.interval))
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    from stages.tools.dead import run
+
+    return _with_redis(lambda redis, settings: run(args, redis, settings))
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.jsonschema import public_schema
 
@@ -549,7 +630,7 @@ def parser() -> argparse.ArgumentParser:
 
     add_runtime_commands(sub, APP)
 
-    dev = sub.add_parser("devices", help="add or list devices").add_subparsers(dest="sub", required=True)
+    dev = sub.add_parser("devices", help="add, list, import or export devices").add_subparsers(dest="sub", required=True)
     s = dev.add_parser("add")
     s.add_argument("--id", default=None, help="device id (or id prefix with --count)")
     s.add_argument("--count", type=int, default=1)
@@ -562,6 +643,16 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--adb-host", default="127.0.0.1")
     s.add_argument("--adb-port", type=int, default=5555)
     s.set_defaults(fn=cmd_devices_add)
+    s = dev.add_parser("import", help="add or update the devices of a CSV or JSON-lines file, "
+                                      "all or none (a bad line is named, nothing changes)")
+    s.add_argument("file", help="a .csv or .jsonl file (by extension, else by content); - "
+                                "for standard input")
+    s.set_defaults(fn=cmd_bulk)
+    s = dev.add_parser("export", help="every device, in the format `devices import` reads")
+    s.add_argument("file", nargs="?", default="-", help="where to (default: standard output)")
+    s.add_argument("--format", choices=["csv", "jsonl"],
+                   help="default: by the file's extension, else jsonl")
+    s.set_defaults(fn=cmd_bulk)
     s = dev.add_parser("list", help="one page of devices in id order, filtered; a table, "
                                     "or JSON with --json")
     s.add_argument("--pool")
@@ -600,7 +691,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_queue)
 
-    q = sub.add_parser("quota", help="set a user's quota").add_subparsers(dest="sub", required=True)
+    q = sub.add_parser("quota", help="set a user's quota, or import many").add_subparsers(dest="sub", required=True)
     s = q.add_parser("set")
     s.add_argument("user")
     s.add_argument("--status", default="active", choices=["active", "suspended", "expired", "overdue"])
@@ -612,6 +703,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--total-memory-gb", type=int, default=640)
     s.add_argument("--total-storage-gb", type=int, default=10240)
     s.set_defaults(fn=cmd_quota_set)
+    s = q.add_parser("import", help="set the quotas of a CSV or JSON-lines file, all or "
+                                    "none (a bad line is named, nothing changes)")
+    s.add_argument("file", help="a .csv or .jsonl file (by extension, else by content); - "
+                                "for standard input")
+    s.set_defaults(fn=cmd_bulk)
 
     s = sub.add_parser("allocate", help="ask for a device (needs running stages)")
     s.add_argument("user")
@@ -718,6 +814,15 @@ def parser() -> argparse.ArgumentParser:
 
     from stages.tools.receiver import add_parser as add_receiver
     add_receiver(sub)
+    s = sub.add_parser("status", help="streams, groups, dead letters, write-behind, pools, "
+                                      "timers, servers; exit 1 when unhealthy")
+    s.add_argument("--json", action="store_true", help="one JSON object (a line per round)")
+    s.add_argument("--watch", action="store_true", help="again every --interval s until ^C")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between rounds")
+    s.set_defaults(fn=cmd_status)
+    from stages.tools.dead import add_commands as add_dead_commands
+
+    add_dead_commands(sub, cmd_dead)
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")

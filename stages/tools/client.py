@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import Self
+from typing import Any, Self
 
 import msgspec
 from redis.asyncio import Redis
@@ -50,7 +50,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
-from stages.metrics import CLIENT_INVALID_REPLIES
+from stages.metrics import CLIENT_ALLOCATE_SECONDS, CLIENT_INVALID_REPLIES
 from stages.settings import Settings
 
 log = logging.getLogger("devsched.client")
@@ -79,6 +79,21 @@ def _request_id_of(raw: bytes) -> str | None:
     except (msgspec.ValidationError, msgspec.DecodeError):
         return None
     return found if isinstance(found, str) else None
+
+
+_ALLOCATE_SECONDS: dict[str, Any] = {
+    outcome: CLIENT_ALLOCATE_SECONDS.labels(outcome)
+    for outcome in ("allocated", "allocated_batch", "failed", "timed_out")}
+"""The histogram's children, bound once (a labels() lookup per call costs)."""
+
+
+def _allocate_seconds(reply: Reply, seconds: float) -> None:
+    """Record an allocate call's end-to-end latency by the kind of its answer."""
+    if isinstance(reply, Failed):
+        outcome = "timed_out" if reply.reason == "timed_out" else "failed"
+    else:
+        outcome = "allocated_batch" if isinstance(reply, AllocatedBatch) else "allocated"
+    _ALLOCATE_SECONDS[outcome].observe(seconds)
 
 
 def _time_out(future: asyncio.Future[Reply | None]) -> None:
@@ -159,7 +174,9 @@ class Client:
         )
         if wait_seconds:
             timeout_s = (timeout_s or self.timeout_s) + wait_seconds
+        started = time.perf_counter()
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        _allocate_seconds(reply, time.perf_counter() - started)
         assert isinstance(reply, Allocated | Failed)
         return reply
 
@@ -194,7 +211,9 @@ class Client:
             min_memory_mb=min_memory_mb, pool=pool, model=model, count=count,
             mode="best_effort" if best_effort else "all_or_nothing",
         )
+        started = time.perf_counter()
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        _allocate_seconds(reply, time.perf_counter() - started)
         assert isinstance(reply, AllocatedBatch | Failed)
         return reply
 

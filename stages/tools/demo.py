@@ -28,6 +28,7 @@ from pipeline.clock import SystemClock
 from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client
 from pipeline.durability import check_redis
+from pipeline.progress import Progress
 from pipeline.runner import spawn_run, stop_run
 from schemas.keys import GROUP_BILL, GROUP_EVENTS, GROUP_NOTIFY, GROUP_PERSIST, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
@@ -53,6 +54,8 @@ DRAIN_TIMEOUT_S = 60.0
 DEMO_TOKEN, DEMO_SECRET = "demo-token", "demo-secret"
 OUTAGE_S = 2.0
 """How long the demo's receiver is down in the middle of the load."""
+PROGRESS_EVERY_S = 0.25
+"""How often the demo's progress line is redrawn (on a terminal)."""
 
 
 @dataclass
@@ -227,6 +230,7 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
             f"for {options.seconds:.0f} s")
         started = time.monotonic()
         until = started + options.seconds
+
         async def outage() -> None:
             await asyncio.sleep(options.seconds / 3)
             say(f"receiver down for {OUTAGE_S:.0f} s")
@@ -234,11 +238,16 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
             await asyncio.sleep(OUTAGE_S)
             await receiver.up()
 
+        bar = Progress("demo", unit="requests")
+        shown = asyncio.create_task(show_progress(bar, tally))
         await asyncio.gather(outage(), *[
             session(c, users, tally, until, random.Random(rng.random()))
             for c in clients for _ in range(options.concurrency)
         ])
         load_seconds = time.monotonic() - started
+        shown.cancel()
+        bar.update(tally.requests, _tally_text(tally))
+        bar.done()
         for c in clients:
             await c.close()
         say("load done; waiting for expiries and the write-behind to drain")
@@ -298,6 +307,20 @@ async def demo(settings: Settings, options: DemoOptions) -> dict[str, object]:
         and exported_rows == ledger == len(receiver.received.usage),
     }
     return summary
+
+
+def _tally_text(tally: Tally) -> str:
+    return (f"{tally.allocated:,} allocated, {tally.released:,} released, "
+            f"{sum(tally.rejected.values()):,} rejected, {tally.lost} lost")
+
+
+async def show_progress(bar: Progress, tally: Tally) -> None:
+    """Redraw the demo's counts while the load runs (on a terminal only)."""
+    if not bar.enabled:
+        return
+    while True:
+        bar.update(tally.requests, _tally_text(tally))
+        await asyncio.sleep(PROGRESS_EVERY_S)
 
 
 def say(text: str) -> None:

@@ -56,6 +56,7 @@ from redis.asyncio import Redis
 from pipeline.app import RecoveryError
 from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
+from pipeline.progress import Progress as ProgressLine
 from schemas.keys import GROUP_PERSIST, Keys
 from schemas.messages import Allocated, AllocatedBatch, DeviceInfo, encoder
 from schemas.rows import (
@@ -378,10 +379,13 @@ async def rebuild(
         ("devices", len(loaded.devices), lambda i: RebuildCall(
             prefix=keys.prefix, devices=loaded.devices[i:i + CHUNK])),
     )
+    bar = ProgressLine("rebuild", unit="items written")
     for kind, count, chunk in calls:
         done = 0
         for i in range(0, count, CHUNK):
             done += int(await REBUILD(redis, script_keys, chunk(i)))
+            bar.add(min(CHUNK, count - i), f"{kind} {done:,}/{count:,}")
+        bar.clear()
         say(f"wrote {done} {kind}")
     async with pg.acquire() as conn:
         report.billed = int((await conn.execute(BILL_MISSING_SQL)).split()[-1])
