@@ -22,7 +22,7 @@ CREATE TABLE IF NOT EXISTS waiting_requests (
 COMMENT ON TABLE waiting_requests IS 'Wait queue requests (write-behind): re-queued by devsched rebuild while waiting';
 CREATE INDEX IF NOT EXISTS idx_waiting_requests_waiting ON waiting_requests (queue_score)
     WHERE status = 'waiting';
-CREATE INDEX IF NOT EXISTS idx_waiting_requests_left ON waiting_requests (updated_at)
+CREATE INDEX IF NOT EXISTS idx_waiting_requests_left ON waiting_requests (wait_until)
     WHERE status = 'left';
 
 -- The parts of a user's status events keep apart (UserEventApplied), the versions of the

@@ -7,7 +7,10 @@ arrives late, twice, or out of order (several persist workers) never overwrites
 a newer row; a change may move an allocation to another device
 (AllocationReplaced: the row's device_id follows). Device events and user events (DeviceEventApplied, UserEventApplied) carry the
 device's or the user's whole record and are written as DeviceUpserted and QuotaSet
-are, on the same version sequence. Within a batch only the newest change of each
+are, on the same version sequence (a user event also records the parts of the status
+events keep, the event versions and the failed payments counted, for a rebuild). A
+request joining or leaving the wait queue (WaiterChange) is kept in
+``waiting_requests``, the newest version winning, so a rebuild re-queues the waiting ones. Within a batch only the newest change of each
 entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
