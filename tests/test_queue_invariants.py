@@ -42,6 +42,7 @@ from hypothesis.stateful import (
 )
 from redis.asyncio import Redis
 
+import stages.select as stages_select
 from pipeline.clock import ManualClock
 from pipeline.connections import redis_client, text
 from pipeline.embedded import ServerUrls
@@ -511,3 +512,38 @@ def test_the_rate_machine_would_see_a_window_over_its_bound(servers: ServerUrls,
                 m.no_window_passes_more_than_rate_times_window_plus_burst()
         finally:
             m.teardown()
+
+
+async def test_a_freed_device_reaches_the_first_waiter_it_fits_however_deep(
+    redis: Redis, ctx: StageContext, clock: ManualClock,
+) -> None:
+    """Behind 60 waiters the device cannot serve (too small for them, in two classes) and
+    one its user's quota cannot take now, the first waiter it fits gets it on release;
+    the others keep their places."""
+    ctx = replace(ctx, settings=replace(ctx.settings, queue_max_per_user=100))
+    d = Driver(redis, ctx, clock)
+    d.select = stages_select.SelectStage(ctx)
+    await d.start()
+    keys = ctx.keys
+    await mark_state(redis, keys, by="test", now_ms=clock.now_ms())
+    await add_devices(redis, keys, clock, [DeviceSpec(id="small", cpu_cores=2)])
+    await set_quotas(redis, keys, clock, [
+        QuotaSpec(user_id="holder"), QuotaSpec(user_id="big", max_devices=100,
+                                                max_cpu_per_device=64, total_cpu_cores=10_000),
+        QuotaSpec(user_id="tight", max_cpu_per_device=1), QuotaSpec(user_id="fits")])
+    await d.both(d.allocate("holder", "held"))
+    (held,) = [reply_decoder.decode(f[b"d"]) for _i, f in await redis.xrange(d.reply_to)]
+    assert isinstance(held, Allocated)
+    await d.both(*[d.allocate("big", f"big-{i}", min_cpu_cores=8 + i % 2, wait_seconds=600)
+                   for i in range(60)])
+    await d.both(d.allocate("tight", "tight-1", wait_seconds=600))  # quota: 1 CPU a device
+    await d.both(d.allocate("fits", "fits-1", wait_seconds=600))
+    assert await redis.zcard(keys.queue) == 62
+    await d.both(d.release("rel", allocation_id=held.allocation_id))
+    last = reply_decoder.decode((await redis.xrevrange(d.reply_to, count=1))[0][1][b"d"])
+    assert isinstance(last, Released)
+    answers = [reply_decoder.decode(f[b"d"]) for _i, f in await redis.xrange(d.reply_to)]
+    (served,) = [a for a in answers if isinstance(a, Allocated) and a.request_id != "held"]
+    assert (served.request_id, served.device.id) == ("fits-1", "small")
+    assert await redis.zcard(keys.queue) == 61
+    assert await redis.scard(keys.prefix + ":{pool}:wq_classes") == 3  # big x2, tight's
