@@ -211,6 +211,20 @@ def mark(name: str) -> None:
     record_us(hist, time.perf_counter() - start)
 
 
+def mark_since(name: str, start: float, end: float | None = None) -> None:
+    """Record, under ``name``, the time from ``start`` to ``end`` (``time.perf_counter()``
+    readings; ``end`` now when not given): a sub-latency that begins inside the cycle.
+
+    A no-op outside a load run, as :func:`mark`.
+    """
+    if _intended.get(None) is None:
+        return
+    hist = _marks.get(name)
+    if hist is None:
+        hist = _marks[name] = new_histogram()
+    record_us(hist, (time.perf_counter() if end is None else end) - start)
+
+
 # --- precise wake-ups ---------------------------------------------------------------------
 
 

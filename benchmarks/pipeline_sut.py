@@ -31,12 +31,13 @@ from __future__ import annotations
 import asyncio
 import random
 import subprocess
+import time
 import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
-from benchmarks.loadgen import CycleFactory, CycleParts, mark, producer_seed
+from benchmarks.loadgen import CycleFactory, CycleParts, mark, mark_since, producer_seed
 from pipeline.clock import SystemClock
 from pipeline.commands import migrate_database
 from pipeline.connections import pg_pool, redis_client, text
@@ -221,6 +222,83 @@ def make_batch_cycle(redis_url: str, prefix: str, users: int, seed: int,
         if isinstance(done, Failed) or done.failed_count:
             return "release_failed"
         return None
+
+    async def teardown() -> None:
+        await client.close()
+
+    return CycleParts(setup, cycle, teardown)
+
+
+HANDOFF_POOL = "handoff"
+"""The pool of the queue hand-off point: one device, so a second request has to wait."""
+HANDOFF_USERS = ("ho-holder", "ho-waiter")
+HANDOFF_WAIT_S = 30
+"""How long the waiter of the hand-off point may wait (it is served within milliseconds)."""
+
+
+async def prepare_handoff(handle: PipelineHandle) -> None:
+    """Add the hand-off point's pool (one device) and its two users to a started pipeline."""
+    settings: Settings = handle.state.settings
+    redis = redis_client(settings)
+    keys, clock = Keys(settings.prefix), SystemClock()
+    try:
+        await add_devices(redis, keys, clock, [DeviceSpec(id="handoff-1", pool=HANDOFF_POOL)])
+        await set_quotas(redis, keys, clock, [QuotaSpec(user_id=u) for u in HANDOFF_USERS])
+    finally:
+        await redis.aclose()
+
+
+def handoff_factory(handle: PipelineHandle) -> CycleFactory:
+    """The loadgen recipe of the queue hand-off point on a started pipeline."""
+    state: _State = handle.state
+    return CycleFactory(make_handoff_cycle, (state.settings.redis_url, state.settings.prefix))
+
+
+def make_handoff_cycle(redis_url: str, prefix: str) -> CycleParts:
+    """Loadgen factory of the queue hand-off point (one cycle at a time: the pool has one
+    device): the holder takes the device; the waiter asks for one with wait_seconds and
+    gets its ``queued`` notice; then the holder releases it, and ``handoff`` records the
+    time from sending that release to the waiter's ``allocated`` reply (the device handed
+    over in the release's own step); the waiter then gives the device back."""
+    settings = Settings(redis_url=redis_url, prefix=prefix)
+    client = Client(settings, timeout_s=HANDOFF_WAIT_S + 10)
+    holder, waiter = HANDOFF_USERS
+
+    async def setup() -> None:
+        await client.start()
+
+    async def cycle(i: int) -> str | None:
+        held = await client.allocate(holder, pool=HANDOFF_POOL)
+        if not isinstance(held, Allocated):
+            return f"holder:{held.reason}"
+        rid = uuid.uuid4().hex
+        answered: list[float] = []
+
+        async def wait_for_device() -> Allocated | Failed:
+            got = await client.allocate(waiter, request_id=rid, pool=HANDOFF_POOL,
+                                        wait_seconds=HANDOFF_WAIT_S)
+            answered.append(time.perf_counter())  # the moment its reply was read
+            return got
+
+        task = asyncio.create_task(wait_for_device())
+        while rid not in client.queued and not task.done():
+            await asyncio.sleep(0.0005)
+        if task.done():  # answered without waiting: the device was free
+            got = task.result()
+            if isinstance(got, Allocated):
+                await client.release(allocation_id=got.allocation_id)
+            await client.release(allocation_id=held.allocation_id)
+            return "not_queued"
+        start = time.perf_counter()
+        released = await client.release(allocation_id=held.allocation_id)
+        got = await task
+        if isinstance(released, Failed):
+            return f"release:{released.reason}"
+        if not isinstance(got, Allocated):
+            return f"waiter:{got.reason}"
+        mark_since("handoff", start, answered[0])
+        done = await client.release(allocation_id=got.allocation_id)
+        return f"release:{done.reason}" if isinstance(done, Failed) else None
 
     async def teardown() -> None:
         await client.close()

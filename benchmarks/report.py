@@ -130,6 +130,12 @@ def render_table(doc: dict[str, Any]) -> str:
                      f"{_fmt(batch.get('allocate_p99_ms'), 2)} ms; with the batch release "
                      f"p50 {_fmt(batch['p50_ms'], 2)} ms, p99 {_fmt(batch['p99_ms'], 2)} ms"
                      + (f" (errors: {batch['errors']})" if batch.get("errors") else ""))
+    handoff = (doc.get("pipeline") or {}).get("queue_handoff")
+    if handoff:
+        lines.append(f"pipeline queue hand-off (a release to the waiting request's reply), "
+                     f"{handoff['count']} cycles: p50 {_fmt(handoff.get('handoff_p50_ms'), 2)} "
+                     f"ms, p99 {_fmt(handoff.get('handoff_p99_ms'), 2)} ms"
+                     + (f" (errors: {handoff['errors']})" if handoff.get("errors") else ""))
     # gen cpu: the busiest load-generator process's share of a core (near 1: the
     # generator, not the system, would be the limit)
     header = (f"{'system':<9} {'offered/s':>10} {'delivered/s':>12} {'p50 ms':>9} "

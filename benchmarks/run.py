@@ -436,8 +436,23 @@ def pipeline_system(plan: Plan, servers: Servers) -> System:
         return {"batch_allocate": {"devices_per_request": pipeline_sut.BATCH_COUNT,
                                    **_row(result)}}
 
+    async def handoff_point() -> dict[str, Any]:
+        """The wait queue's hand-off: one cycle at a time for the point's duration, a
+        waiter served by a release (see pipeline_sut.make_handoff_cycle); ``handoff``: from
+        sending the release to the waiter's allocated reply."""
+        await reset()
+        await pipeline_sut.prepare_handoff(handles[-1])
+        result = await loadgen.run_closed(
+            pipeline_sut.handoff_factory(handles[-1]), 1, plan.duration_s, processes=1,
+            drain_s=plan.drain_s)
+        report.progress(f"pipeline queue hand-off: {_describe(result)}")
+        return {"queue_handoff": _row(result)}
+
+    async def extra_points() -> dict[str, Any]:
+        return {**await batch_point(), **await handoff_point()}
+
     return System("pipeline", "workers_per_stage", PIPELINE_WORKERS, open_, reset, close,
-                  notes=notes, memory=memory, extra=batch_point)
+                  notes=notes, memory=memory, extra=extra_points)
 
 
 def _skipped(reason: str) -> dict[str, Any]:

@@ -442,10 +442,60 @@ class UserEventApplied(QuotaSet, tag="user_event", kw_only=True, forbid_unknown_
     """billing.payment_failed: failed payments counted (within the count's TTL)."""
     failure_threshold: int | None = None
     """billing.payment_failed: the count at which the user is suspended."""
+    user_status: str | None = None
+    """The user service's part of the status (active, suspended, deleted, ...), kept
+    apart from billing's (persist records both; a rebuild restores them)."""
+    billing_status: str | None = None
+    """Billing's part: ok, overdue or suspended (payments failed)."""
+    user_event_version: int | None = None
+    """The version of the last user.* event applied (events of a lower one are stale)."""
+    billing_event_version: int | None = None
+    """The version of the last billing.* event applied."""
+    payment_failures: int = 0
+    """Failed payments counted now (0 once a payment succeeded or the count expired)."""
+    payment_failures_until_ms: int | None = None
+    """When that count expires (DEVSCHED_PAYMENT_FAILURE_TTL_S after the last failure)."""
+
+
+class WaiterChange(
+    Struct, tag_field="kind", tag="waiter", kw_only=True, forbid_unknown_fields=True
+):
+    """A request joined the wait queue (``status`` ``waiting``) or left it (``left``, with
+    ``reason``: allocated, timed_out, cancelled, or the failure a user blocked since got).
+    persist keeps each waiting request in ``waiting_requests`` (the newest ``version``
+    wins: the joining's time doubled, leaving adds one), so that ``devsched rebuild``
+    re-queues the requests that were waiting when Redis lost its state. Every field of
+    the request it needs to wait again is carried both ways."""
+
+    user_id: str
+    request_id: str
+    status: Literal["waiting", "left"]
+    version: int
+    at_ms: int
+    reason: str | None = None
+    queue_score: int
+    """Its place in the queue (arrival ms minus priority times the aging step)."""
+    queued_at_ms: int
+    wait_until_ms: int
+    priority: int
+    wait_seconds: int
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    duration_seconds: int
+    pool: str | None = None
+    model: str | None = None
+    hold: str
+    allocation_id: str
+    """The id of the allocation it gets when a device is given to it."""
+    replace_on_failure: bool = False
+    idem_ttl_s: int
+    reply_ttl_s: int
 
 
 Change = (AllocationChange | AllocationReplaced | AllocationRenewed | RequestRejected | DeviceUpserted | QuotaSet
-          | DeviceEventApplied | UserEventApplied)
+          | DeviceEventApplied | UserEventApplied | WaiterChange)
 
 
 Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+( [0-9]+)?)?$")]

@@ -288,6 +288,11 @@ class RebuildKeys(NamedTuple):
     """The set of users with a quota."""
     stats: str
     """The pool's counters."""
+    changes: str
+    """The changes stream: a device written free is offered to the restored wait queue,
+    and a waiter it serves (or whose wait is over) is recorded as select records one."""
+    jobs_known: str
+    """The names of the tracked jobs whose hash exists (Keys.jobs_known)."""
 
 
 class RebuildAllocation(Struct, kw_only=True, omit_defaults=True):
@@ -326,6 +331,45 @@ class RebuildAnswer(Struct, kw_only=True):
     ttl_s: int
 
 
+class RebuildWaiter(Struct, kw_only=True, omit_defaults=True):
+    """A request that was waiting (schemas.messages.WaiterChange, as PostgreSQL keeps it):
+    the record select.lua keeps for a waiter, and its place in the queue."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    min_cpu_cores: int
+    min_memory_mb: int
+    duration_seconds: int
+    pool: str | None = None
+    model: str | None = None
+    hold: str
+    allocation_id: str
+    replace_on_failure: bool | None = None
+    priority: int
+    wait_seconds: int
+    queued_at_ms: int
+    wait_until_ms: int
+    idem_ttl: int
+    reply_ttl: int
+    queue_score: int
+
+
+class RebuildJob(Struct, kw_only=True, omit_defaults=True):
+    """A tracked job's hash (jobs.lua) from ``job_info``: its interval, paused or not, its
+    next run, its limits; no claim (a run Redis lost is over)."""
+
+    name: str
+    interval_ms: int
+    paused: bool
+    next_run_ms: int
+    max_retries: int
+    timeout_ms: int
+    status: str
+    last_run_ms: int | None = None
+
+
 class RebuildUser(Struct, kw_only=True, omit_defaults=True):
     """A user's hash: the quota (``status`` None: the user has none), and the usage
     recomputed from those of ``allocations`` that are active in Redis now."""
@@ -344,6 +388,17 @@ class RebuildUser(Struct, kw_only=True, omit_defaults=True):
     last_device: str | None = None
     """The device of the user's newest allocation (the affinity strategy's memory)."""
     last_host: str | None = None
+    user_status: str | None = None
+    """The parts of the status events keep (events.lua), as PostgreSQL recorded them."""
+    billing_status: str | None = None
+    user_event_version: int | None = None
+    billing_event_version: int | None = None
+    payment_failures: int | None = None
+    """Failed payments counted, kept for ``payment_failures_ttl_ms`` more."""
+    payment_failures_ttl_ms: int | None = None
+    waiters: list[RebuildWaiter] | None = None
+    """The user's requests waiting in the queue: each holds its hold again, counts in
+    'waiting' and joins the queue with its score."""
 
 
 class RebuildDevice(Struct, kw_only=True, omit_defaults=True):
@@ -379,7 +434,10 @@ class RebuildCall(Struct, kw_only=True, omit_defaults=True):
     users and devices, in that order (see rebuild.lua)."""
 
     prefix: str
+    now_ms: int | None = None
+    """The time a waiter served (or timed out) while the state is written gets."""
     stats: RebuildStats | None = None
+    jobs: list[RebuildJob] | None = None
     allocations: list[RebuildAllocation] | None = None
     answers: list[RebuildAnswer] | None = None
     users: list[RebuildUser] | None = None

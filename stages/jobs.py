@@ -150,17 +150,29 @@ DELETE FROM device_allocations WHERE id IN (
 """Closed allocations past the retention; an active one (status allocated) never."""
 
 
+PURGE_WAITERS = f"""
+DELETE FROM waiting_requests WHERE (user_id, request_id) IN (
+    SELECT user_id, request_id FROM waiting_requests
+    WHERE status = 'left' AND wait_until < $1 LIMIT {PURGE_BATCH})
+"""
+"""Requests that left the wait queue past the retention (their wait would have ended by
+then: the time is the changes', as for allocations); a waiting one never."""
+
+
 async def purge(ctx: StageContext) -> int:
-    """Delete released/expired allocation rows that ended more than
-    DEVSCHED_PURGE_RETENTION_DAYS ago (never an active one); returns rows deleted."""
+    """Delete released/expired allocation rows that ended, and rows of requests that left
+    the wait queue, more than DEVSCHED_PURGE_RETENTION_DAYS ago (never an active
+    allocation nor a waiting request); returns rows deleted."""
     cutoff = ts(ctx.clock.now_ms() - ctx.settings.purge_retention_days * 86_400_000)
     total = 0
     async with _pg(ctx).acquire() as conn:
-        while True:
-            n = int((await conn.execute(PURGE_ALLOCATIONS, cutoff)).split()[-1])
-            total += n
-            if n < PURGE_BATCH:
-                return total
+        for statement in (PURGE_ALLOCATIONS, PURGE_WAITERS):
+            while True:
+                n = int((await conn.execute(statement, cutoff)).split()[-1])
+                total += n
+                if n < PURGE_BATCH:
+                    break
+    return total
 
 
 PRUNE_OLD = "DELETE FROM job_executions WHERE status <> 'running' AND ended_at < $1"

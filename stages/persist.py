@@ -7,7 +7,10 @@ arrives late, twice, or out of order (several persist workers) never overwrites
 a newer row; a change may move an allocation to another device
 (AllocationReplaced: the row's device_id follows). Device events and user events (DeviceEventApplied, UserEventApplied) carry the
 device's or the user's whole record and are written as DeviceUpserted and QuotaSet
-are, on the same version sequence. Within a batch only the newest change of each
+are, on the same version sequence (a user event also records the parts of the status
+events keep, the event versions and the failed payments counted, for a rebuild). A
+request joining or leaving the wait queue (WaiterChange) is kept in
+``waiting_requests``, the newest version winning, so a rebuild re-queues the waiting ones. Within a batch only the newest change of each
 entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
@@ -27,7 +30,15 @@ import msgspec
 
 from pipeline.worker import Entry
 from schemas.keys import GROUP_PERSIST
-from schemas.messages import AllocationChange, Change, DeviceUpserted, QuotaSet
+from schemas.messages import (
+    AllocationChange,
+    Change,
+    DeviceUpserted,
+    QuotaSet,
+    UserEventApplied,
+    WaiterChange,
+    encoder,
+)
 from stages.changes import decode_changes, pg_batch, ts
 from stages.context import StageContext
 
@@ -59,16 +70,41 @@ WHERE d.version < EXCLUDED.version
 
 UPSERT_QUOTAS = """
 INSERT INTO user_quotas AS q (user_id, status, expires_at, max_devices, max_cpu_per_device,
-    max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version)
+    max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version,
+    user_status, billing_status, user_event_version, billing_event_version, payment_failures,
+    payment_failures_until)
 SELECT * FROM unnest($1::text[], $2::text[], $3::timestamptz[], $4::int[], $5::int[], $6::int[],
-    $7::int[], $8::int[], $9::int[], $10::bigint[]) ORDER BY 1
+    $7::int[], $8::int[], $9::int[], $10::bigint[], $11::text[], $12::text[], $13::bigint[],
+    $14::bigint[], $15::int[], $16::timestamptz[]) ORDER BY 1
 ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLUDED.expires_at,
     max_devices = EXCLUDED.max_devices, max_cpu_per_device = EXCLUDED.max_cpu_per_device,
     max_memory_mb_per_device = EXCLUDED.max_memory_mb_per_device,
     total_cpu_cores = EXCLUDED.total_cpu_cores, total_memory_gb = EXCLUDED.total_memory_gb,
-    total_storage_gb = EXCLUDED.total_storage_gb, version = EXCLUDED.version
+    total_storage_gb = EXCLUDED.total_storage_gb, version = EXCLUDED.version,
+    user_status = EXCLUDED.user_status, billing_status = EXCLUDED.billing_status,
+    user_event_version = COALESCE(EXCLUDED.user_event_version, q.user_event_version),
+    billing_event_version = COALESCE(EXCLUDED.billing_event_version, q.billing_event_version),
+    payment_failures = COALESCE(EXCLUDED.payment_failures, q.payment_failures),
+    payment_failures_until = CASE WHEN EXCLUDED.payment_failures IS NULL
+        THEN q.payment_failures_until ELSE EXCLUDED.payment_failures_until END
 WHERE q.version < EXCLUDED.version
 """
+"""A quota set by command (QuotaSet) clears the two status parts (as admin.lua does in
+Redis) and keeps the event versions and the payment-failure count (NULL in the arrays);
+a user event (UserEventApplied) writes them all."""
+
+UPSERT_WAITERS = """
+INSERT INTO waiting_requests AS w (user_id, request_id, status, version, reason, queue_score,
+    queued_at, wait_until, request)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::text[],
+    $6::bigint[], $7::timestamptz[], $8::timestamptz[], $9::jsonb[]) ORDER BY 1, 2
+ON CONFLICT (user_id, request_id) DO UPDATE SET status = EXCLUDED.status,
+    version = EXCLUDED.version, reason = EXCLUDED.reason, queue_score = EXCLUDED.queue_score,
+    queued_at = EXCLUDED.queued_at, wait_until = EXCLUDED.wait_until,
+    request = EXCLUDED.request, updated_at = NOW()
+WHERE w.version < EXCLUDED.version
+"""
+
 
 def metadata(change: AllocationChange) -> str:
     """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
@@ -81,7 +117,7 @@ def metadata(change: AllocationChange) -> str:
     return msgspec.json.encode(meta).decode()
 
 
-Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet)
+Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet, WaiterChange)
 
 
 def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
@@ -94,6 +130,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
     allocs: dict[str, AllocationChange] = {}
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
+    waiters: dict[str, WaiterChange] = {}
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
@@ -101,6 +138,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             newest(devices, c.device_id, c)
         elif isinstance(c, QuotaSet):
             newest(quotas, c.user_id, c)
+        elif isinstance(c, WaiterChange):
+            newest(waiters, f"{c.user_id} {c.request_id}", c)
     if allocs:
         rows = list(allocs.values())
         await conn.execute(
@@ -130,8 +169,26 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [q.max_devices for q in qs], [q.max_cpu_per_device for q in qs],
             [q.max_memory_mb_per_device for q in qs], [q.total_cpu_cores for q in qs],
             [q.total_memory_gb for q in qs], [q.total_storage_gb for q in qs],
-            [q.version for q in qs],
+            [q.version for q in qs], *_event_parts(qs),
         )
+    if waiters:
+        ws = list(waiters.values())
+        await conn.execute(
+            UPSERT_WAITERS,
+            [w.user_id for w in ws], [w.request_id for w in ws], [w.status for w in ws],
+            [w.version for w in ws], [w.reason for w in ws], [w.queue_score for w in ws],
+            [ts(w.queued_at_ms) for w in ws], [ts(w.wait_until_ms) for w in ws],
+            [encoder.encode(w).decode() for w in ws],
+        )
+
+
+def _event_parts(qs: Sequence[QuotaSet]) -> tuple[list[object], ...]:
+    """The columns of UPSERT_QUOTAS that only a user event sets (NULL for a QuotaSet)."""
+    ev = [q if isinstance(q, UserEventApplied) else None for q in qs]
+    return ([e and e.user_status for e in ev], [e and e.billing_status for e in ev],
+            [e and e.user_event_version for e in ev], [e and e.billing_event_version for e in ev],
+            [None if e is None else e.payment_failures for e in ev],
+            [None if e is None else ts(e.payment_failures_until_ms) for e in ev])
 
 
 class PersistStage:

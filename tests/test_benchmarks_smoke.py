@@ -311,3 +311,25 @@ async def test_the_batch_point_allocates_and_releases_whole_batches(
     assert (await stats(redis, keys)).free == 3 * count  # every batch given back
     table = report.render_table({"pipeline": {"batch_allocate": row, "latency": []}})
     assert f"pipeline batch of {count} devices at 20 requests/s: allocate p50" in table
+
+
+async def test_the_handoff_point_times_a_release_to_the_waiters_reply(
+    pipeline: RunningPipeline, settings: Settings, redis: aioredis.Redis, keys: Keys,
+) -> None:
+    """The pipeline's queue hand-off point: through the real stages, one cycle at a time, a
+    waiter gets the pool's one device from a release; every cycle is timed (``handoff``)
+    and gives the device back; the JSON row and the table's line carry p50/p99."""
+    handle = pipeline_sut.PipelineHandle(factory=CycleFactory(int), workers_per_stage=1,
+                                         state=pipeline_sut._State(settings, None, 1))  # type: ignore[arg-type]
+    await pipeline_sut.prepare_handoff(handle)
+    result = await run_closed(pipeline_sut.handoff_factory(handle), 1, 0.5,
+                              request_timeout_s=LONG_DRAIN_S, drain_s=LONG_DRAIN_S)
+    assert result.count >= 1 and result.ok == result.count, result.errors
+    row = run._row(result)
+    assert row["handoff_p50_ms"] > 0 and row["handoff_p99_ms"] >= row["handoff_p50_ms"]
+    assert result.marks["handoff"].count == result.count
+    assert (await stats(redis, keys)).free == 1  # the device given back each time
+    assert await redis.zcard(keys.queue) == 0
+    table = report.render_table({"pipeline": {"queue_handoff": row, "latency": []}})
+    assert f"pipeline queue hand-off (a release to the waiting request's reply), " \
+           f"{result.count} cycles: p50" in table

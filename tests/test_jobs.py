@@ -216,11 +216,21 @@ async def test_purge_deletes_old_closed_rows_and_never_an_active_one(
                 ids[name], status, now - timedelta(days=began),
                 None if ended is None else now - timedelta(days=ended),
                 now - timedelta(days=began) + timedelta(hours=1))
+        # requests of the wait queue: one that left long ago goes, one waiting never
+        for rid, status, days in (("w-left-old", "left", 40), ("w-waiting-old", "waiting", 40),
+                                  ("w-left-recent", "left", 10)):
+            await conn.execute(
+                "INSERT INTO waiting_requests (user_id, request_id, status, version, queue_score,"
+                " queued_at, wait_until, request) VALUES ('u1', $1, $2, 1, 0, $3, $3, '{}')",
+                rid, status, now - timedelta(days=days))
     result = await run_job_in_process(jctx, "purge")
-    assert result.status == "succeeded" and result.processed_count == 2
+    assert result.status == "succeeded" and result.processed_count == 3
     async with pg.acquire() as conn:
         left = {r["id"] for r in await conn.fetch("SELECT id FROM device_allocations")}
+        waiting = {r["request_id"] for r in await conn.fetch(
+            "SELECT request_id FROM waiting_requests")}
     assert left == {ids["active-old"], ids["released-recent"]}
+    assert waiting == {"w-waiting-old", "w-left-recent"}
 
 
 async def run_job_in_process(ctx: StageContext, name: str) -> JobRunResult:

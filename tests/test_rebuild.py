@@ -9,7 +9,9 @@ whose expires-at passed during the outage expires at the next tick, billed to it
 expires-at. It refuses a live state without --force and a forced run while changes
 are not yet persisted; run twice, it writes the same state. `devsched up` runs it
 by itself when Redis came back empty, and kill -9 of the embedded redis-server
-loses nothing with DEVSCHED_REDIS_FSYNC=always.
+loses nothing with DEVSCHED_REDIS_FSYNC=always. Requests waiting in the queue come
+back in their places and each gets one final reply; what events keep of a user and
+the tracked jobs' interval and pause come back too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -39,19 +42,26 @@ from stages.app import serve
 from stages.context import StageContext
 from stages.settings import Settings
 from stages.timers import expire_due
-from stages.tools.admin import delete_keys, write_behind_drained
+from stages.tools.admin import delete_keys, user_state, write_behind_drained
 from stages.tools.audit import audit
 from stages.tools.client import Client
 from stages.tools.rebuild import BacklogPending, StateNotEmpty, rebuild, recover
-from tests.conftest import RunningPipeline, seed, wait_until
+from tests.conftest import (
+    EVENT_TIMEOUT_S,
+    RunningPipeline,
+    seed,
+    tick_through_timers,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = ["quota", "select", "persist", "bill", "notify", "timers"]
 
 
-async def start_pipeline(settings: Settings, clock: ManualClock) -> RunningPipeline:
+async def start_pipeline(settings: Settings, clock: ManualClock,
+                         stages: list[str] = STAGES) -> RunningPipeline:
     stop = asyncio.Event()
-    task = asyncio.create_task(serve(STAGES, settings, clock, stop=stop, install_signals=False))
+    task = asyncio.create_task(serve(stages, settings, clock, stop=stop, install_signals=False))
     await asyncio.sleep(0.05)
     return RunningPipeline(task, stop)
 
@@ -59,8 +69,8 @@ async def start_pipeline(settings: Settings, clock: ManualClock) -> RunningPipel
 async def live_state(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Every key of the live state with its value; answers decoded from JSON. The state
     marker is left out: each rebuild gives it a new epoch (tests/test_state_marker.py). The
-    tracked jobs' hashes ({jobs}) are the timers' schedule, not state rebuild restores: a
-    timers worker creates them again with their defaults."""
+    tracked jobs' hashes ({jobs}) are compared apart, as ``jobs show`` reads them (rebuild
+    writes them from job_info without a claim)."""
     names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)
              if text(k) != keys.state and b":{jobs}:" not in k]
     names.append(keys.users)
@@ -315,3 +325,169 @@ async def test_active_allocations_survive_kill_9_of_the_embedded_redis_and_up(
             await running.close()
         await redis.aclose()
         _cli("down", env=env)
+
+
+def _decoded_waiters(state: dict[str, Any], keys: Keys) -> dict[str, Any]:
+    """The live state with each waiter's record (JSON in a hash) decoded."""
+    return {name: ({m: json.loads(r) for m, r in value.items()} if name == keys.waiters
+                   else value) for name, value in state.items()}
+
+
+async def test_rebuild_queues_the_waiting_requests_again_and_each_gets_one_final_reply(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """Waiters survive a state loss: PostgreSQL has them (WaiterChange, written behind),
+    rebuild puts them back key for key (queue, records, deadlines, the class index, holds,
+    waiting counts); after it a release serves the first one with the allocation id it was
+    given, a wait that ends times out on the tick: one final reply each, none lost."""
+    await seed(redis, keys, clock, devices=DEVICES[:1],
+               quotas=[QuotaSpec(user_id=u) for u in ("alice", "bob", "carol", "dave")])
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        held = await client.allocate("alice", request_id="r-held")
+        assert isinstance(held, Allocated)
+        waits = {}
+        for user, rid, kw in (("bob", "w-bob", {"priority": 3}),
+                              ("dave", "w-dave", {}),
+                              ("carol", "w-carol", {"wait_seconds": 30, "min_cpu_cores": 8})):
+            waits[rid] = asyncio.create_task(client.allocate(
+                user, request_id=rid, **{"wait_seconds": 600, **kw}))
+            await wait_until(lambda rid=rid: _queued(client, rid))
+        await wait_until(lambda: write_behind_drained(redis, keys))
+        await pipeline.close()
+        before = await live_state(redis, keys)
+        bobs_id = json.loads(before[keys.waiters]["bob w-bob"])["allocation_id"]
+
+        await delete_keys(redis, settings.prefix)  # Redis came back empty
+        report = await rebuild(redis, keys, pg, settings, clock)
+        assert report.waiters == 3
+        after = await live_state(redis, keys)
+        assert _decoded_waiters(after, keys) == _decoded_waiters(restorable(before, keys), keys)
+        assert (await audit(redis, keys, pg))["consistent"]
+
+        again = await start_pipeline(settings, clock)
+        try:
+            assert int((await redis.hget(keys.user("dave"), "waiting")) or 0) == 1
+            assert isinstance(await client.release(allocation_id=held.allocation_id), Released)
+            got = await asyncio.wait_for(waits["w-bob"], EVENT_TIMEOUT_S)
+            assert isinstance(got, Allocated) and got.allocation_id == bobs_id, got
+            clock.advance(31_000)
+            await tick_through_timers(redis, settings, clock)
+            late = await asyncio.wait_for(waits["w-carol"], EVENT_TIMEOUT_S)
+            assert isinstance(late, Failed) and late.reason == "timed_out", late
+            assert not waits["w-dave"].done()
+            await wait_until(lambda: write_behind_drained(redis, keys))
+        finally:
+            await again.close()
+        waits["w-dave"].cancel()
+    async with pg.acquire() as conn:
+        rows = {r["request_id"]: (r["status"], r["reason"]) for r in await conn.fetch(
+            "SELECT request_id, status, reason FROM waiting_requests")}
+    assert rows == {"w-bob": ("left", "allocated"), "w-carol": ("left", "timed_out"),
+                    "w-dave": ("waiting", None)}
+
+
+def _queued(client: Client, rid: str) -> Awaitable[bool]:
+    async def check() -> bool:
+        return rid in client.queued
+    return check()
+
+
+async def test_a_waiter_whose_serving_reached_postgresql_is_not_queued_again(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """The allocation a waiter got was persisted, its leaving the queue not (both were in
+    the backlog Redis lost): rebuild restores the allocation and its answer, not the wait;
+    and a device free while a waiter it fits waits (its serving lost) goes to the waiter
+    in the rebuild's own step."""
+    await seed(redis, keys, clock, devices=DEVICES[:1],
+               quotas=[QuotaSpec(user_id="alice"), QuotaSpec(user_id="bob")])
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        held = await client.allocate("alice", request_id="r-held")
+        assert isinstance(held, Allocated)
+        task = asyncio.create_task(client.allocate("bob", request_id="w-bob", wait_seconds=600))
+        await wait_until(lambda: _queued(client, "w-bob"))
+        assert isinstance(await client.release(allocation_id=held.allocation_id), Released)
+        got = await asyncio.wait_for(task, EVENT_TIMEOUT_S)
+        assert isinstance(got, Allocated)
+        reply_stream = client.reply_stream
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    async with pg.acquire() as conn:  # as if the leaving had not reached PostgreSQL
+        await conn.execute("UPDATE waiting_requests SET status = 'waiting', version = 0")
+    await delete_keys(redis, settings.prefix)
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert report.waiters == 0 and await redis.zcard(keys.queue) == 0
+    assert (await redis.hget(keys.device("d1"), "alloc")) == got.allocation_id.encode()
+
+    # the serving lost too: the device comes back free, the waiter waiting; the rebuild
+    # hands it over when it writes the device, answering the waiter
+    async with pg.acquire() as conn:
+        await conn.execute("DELETE FROM device_allocations WHERE id = $1::uuid",
+                           got.allocation_id)
+        await conn.execute("UPDATE devices SET status = 'available'")
+    await delete_keys(redis, settings.prefix)
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert report.waiters == 1
+    assert await redis.zcard(keys.queue) == 0
+    assert (await redis.hget(keys.device("d1"), "alloc")) == got.allocation_id.encode()
+    state = await user_state(redis, keys, "bob")
+    assert list(state.allocations) == [got.allocation_id] and state.holds == {}
+    (reply,) = await redis.xrange(reply_stream)
+    assert json.loads(reply[1][b"d"])["allocation_id"] == got.allocation_id
+
+
+async def test_rebuild_restores_what_events_keep_of_a_user_and_the_tracked_jobs(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """The user service's and billing's parts of the status, the event versions and the
+    failed payments counted come back from user_quotas; each tracked job's interval and
+    pause from job_info. Then the same events give the same answers as without the loss:
+    an older event stays stale, user.activated leaves billing's block in force, the third
+    failed payment suspends."""
+    from stages.tools.jobs import control, job_state
+    from tests.test_events import event, send
+
+    await seed(redis, keys, clock, devices=DEVICES[:1], quotas=[QuotaSpec(user_id="erin")])
+    await send(redis, keys, event("user.suspended", user_id="erin", version=5),
+               event("billing.overdue", user_id="erin", version=2, amount=10, days=3),
+               event("billing.payment_failed", user_id="erin", version=3),
+               event("billing.payment_failed", user_id="erin", version=4))
+    await control(redis, pg, settings, clock, "purge", "pause")
+    await control(redis, pg, settings, clock, "stats_snapshot", "set_interval", 7)
+    jobs_before = {n: await job_state(redis, settings, n) for n in ("purge", "stats_snapshot")}
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    parts = ("status", "user_status", "billing_status", "user_event_version",
+             "billing_event_version")
+    user_before = await redis.hmget(keys.user("erin"), parts)
+    payfail = keys.user("erin").replace(":user", ":payfail")
+    assert await redis.get(payfail) == b"2"
+    clock.advance(10_000)
+
+    await delete_keys(redis, settings.prefix)
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert report.jobs >= 2
+    assert await redis.hmget(keys.user("erin"), parts) == user_before
+    assert user_before[:3] == [b"suspended", b"suspended", b"overdue"]
+    assert await redis.get(payfail) == b"2"
+    ttl_ms = await redis.pttl(payfail)
+    assert 0 < ttl_ms <= settings.payment_failure_ttl_s * 1000 - 10_000
+    for name, state in jobs_before.items():
+        assert await job_state(redis, settings, name) == state, name
+    assert not jobs_before["purge"]["enabled"]
+    assert jobs_before["stats_snapshot"]["interval_s"] == 7
+
+    again = await start_pipeline(settings, clock, [*STAGES, "events"])
+    try:
+        await send(redis, keys, event("user.activated", user_id="erin", version=4))  # stale
+        assert (await redis.hget(keys.user("erin"), "status")) == b"suspended"
+        await send(redis, keys, event("user.activated", user_id="erin", version=6))
+        assert (await redis.hget(keys.user("erin"), "status")) == b"overdue"  # billing's
+        await send(redis, keys, event("billing.payment_failed", user_id="erin", version=5))
+        assert (await redis.hmget(keys.user("erin"), "billing_status", "status")) == [
+            b"suspended", b"suspended"]  # the third failed payment
+    finally:
+        await again.close()

@@ -65,6 +65,7 @@ from schemas.messages import (
     RenewRequest,
     RequestRejected,
     UserEventApplied,
+    WaiterChange,
     change_decoder,
     decode_admitted,
     encoder,
@@ -452,6 +453,9 @@ def kind_of(message: object) -> str:
         return "change device"
     if isinstance(message, QuotaSet):
         return "change quota" + (" expiring" if message.expires_at_ms is not None else "")
+    if isinstance(message, WaiterChange):
+        return f"change waiter {message.status}" + (f" {message.reason}" if message.reason
+                                                     else "")
     raise AssertionError(message)
 
 
@@ -506,6 +510,8 @@ EXPECTED = {
     *(f"change rejected {reason}" for reason in (
         "quota_exceeded", "user_suspended", "billing_overdue", "invalid_request",
         "no_available_devices", "rate_limited", "timed_out", "cancelled", "queue_full")),
+    "change waiter waiting",
+    *(f"change waiter left {reason}" for reason in ("allocated", "timed_out", "cancelled")),
     "change device",
     "change quota",
     "change quota expiring",

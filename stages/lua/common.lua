@@ -236,19 +236,24 @@ end
 
 -- --- the wait queue --------------------------------------------------------------------
 -- An allocate request with wait_seconds that found no fitting device waits (select.lua
--- queues it): P:{pool}:queue orders the waiters ('<user id> <request id>') by arrival ms
--- minus priority times the aging step (lowest first, then by member), P:{pool}:waiters
--- keeps each one's record (JSON: the request's fields, its hold, idem_ttl and reply_ttl
--- for its answer), P:{pool}:queue_deadline when its wait ends. A waiting request keeps
--- its quota hold; its user's hash counts it in 'waiting'. A device that becomes free
--- (close_allocation, a device event bringing one up, an admin add) is offered, in the
--- same atomic step, to the first waiter among the first QUEUE_SCAN that it fits (pool,
--- model, minimums, the user's quota caps read in that step); served, the waiter is
--- allocated exactly as select allocates. A waiter leaves with one final reply: allocated,
--- or failed (timed_out by expire.lua or when offered past its wait, cancelled, or the
--- reason a user blocked since gets).
+-- queues it through join_queue): P:{pool}:queue orders the waiters ('<user id> <request
+-- id>') by arrival ms minus priority times the aging step (lowest first, then by
+-- member), P:{pool}:waiters keeps each one's record (JSON: the request's fields, its
+-- hold, idem_ttl and reply_ttl for its answer), P:{pool}:queue_deadline when its wait
+-- ends. The waiters are also indexed by what they need, their class
+-- '<pool>|<min cpu>|<min memory>|<model>' ('' for any pool or model): P:{pool}:wq:<class>
+-- holds the class's waiters with their queue scores, P:{pool}:wq_classes (a set) the
+-- classes that have waiters. A waiting request keeps its quota hold; its user's hash
+-- counts it in 'waiting'. Joining and leaving are recorded on the changes stream
+-- (WaiterChange: the write-behind keeps the waiting requests in PostgreSQL, so that a
+-- rebuild re-queues them). A device that becomes free (close_allocation, a device event
+-- bringing one up, an admin add, a rebuild) is offered, in the same atomic step, to the
+-- first waiter in queue order that it fits (pool, model, minimums, the user's quota caps
+-- read in that step), however deep the queue: only the heads of the classes it fits are
+-- read (see offer_device); served, the waiter is allocated exactly as select allocates.
+-- A waiter leaves with one final reply: allocated, or failed (timed_out by expire.lua or
+-- when offered past its wait, cancelled, or the reason a user blocked since gets).
 
-local QUEUE_SCAN = 32
 local queue_n = nil  -- waiters, read once per script call (ZCARD) and kept up to date
                      -- (read it through queue_count BEFORE adding or removing one)
 
@@ -259,22 +264,85 @@ end
 
 local function queue_member(uid, rid) return uid .. ' ' .. rid end
 
--- Take a waiter out of the queue (its hold stays with the caller to settle).
-local function leave_queue(P, member, uid)
+-- The class of a waiter (its record, or an allocate row): what a device must be for it.
+local function waiter_class(w)
+  return (w.pool or '') .. '|' .. w.min_cpu_cores .. '|' .. w.min_memory_mb .. '|'
+    .. (w.model or '')
+end
+
+-- The record a waiter keeps (P:{pool}:waiters), from an allocate row (or a rebuilt
+-- waiter, which has the same fields) waiting from queued_at until wait_until.
+local function waiter_record(row, priority, queued_at, wait_until, idem_ttl, reply_ttl)
+  return cjson.encode({request_id = row.request_id, user_id = row.user_id,
+    tenant_id = row.tenant_id, reply_to = row.reply_to, min_cpu_cores = row.min_cpu_cores,
+    min_memory_mb = row.min_memory_mb, duration_seconds = row.duration_seconds,
+    pool = row.pool, model = row.model, hold = row.hold, allocation_id = row.allocation_id,
+    replace_on_failure = row.replace_on_failure, priority = priority,
+    wait_seconds = row.wait_seconds, queued_at_ms = queued_at, wait_until_ms = wait_until,
+    idem_ttl = idem_ttl, reply_ttl = reply_ttl})
+end
+
+-- WaiterChange: a request joined the queue (status 'waiting', with all it needs to wait
+-- again after a rebuild) or left it (status 'left', with why). The version orders the two
+-- per request (the joining's time, doubled; leaving adds one).
+local function waiter_change(w, score, status, reason, now)
+  local left = status == 'left'
+  return {kind = 'waiter', user_id = w.user_id, request_id = w.request_id, status = status,
+    version = w.queued_at_ms * 2 + (left and 1 or 0), at_ms = now, reason = opt(reason),
+    queue_score = score, queued_at_ms = w.queued_at_ms, wait_until_ms = w.wait_until_ms,
+    priority = w.priority, wait_seconds = w.wait_seconds,
+    tenant_id = opt(w.tenant_id), reply_to = w.reply_to, min_cpu_cores = w.min_cpu_cores,
+    min_memory_mb = w.min_memory_mb, duration_seconds = w.duration_seconds,
+    pool = opt(w.pool), model = opt(w.model), hold = w.hold, allocation_id = w.allocation_id,
+    replace_on_failure = w.replace_on_failure and true or false,
+    idem_ttl_s = w.idem_ttl, reply_ttl_s = w.reply_ttl}
+end
+
+-- Put a waiter in the queue with `score`, `w` its record (a table) and `record` the same
+-- as JSON; its user's 'waiting' count goes up. Records the joining on `changes` (nil: not
+-- recorded, a rebuild putting back what PostgreSQL has).
+local function join_queue(P, changes, now, member, score, w, record)
+  local n = queue_count(P)  -- read before the ZADD it counts
+  local cls = waiter_class(w)
+  redis.call('ZADD', k_pool(P, 'queue'), score, member)
+  redis.call('HSET', k_pool(P, 'waiters'), member, record)
+  redis.call('ZADD', k_pool(P, 'queue_deadline'), w.wait_until_ms, member)
+  redis.call('ZADD', k_pool(P, 'wq:' .. cls), score, member)
+  redis.call('SADD', k_pool(P, 'wq_classes'), cls)
+  redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', 1)
+  queue_n = n + 1
+  if changes then emit_change(changes, waiter_change(w, score, 'waiting', nil, now)) end
+end
+
+-- Out of one class's index (the class leaves the set of classes when it has no waiter).
+local function unindex(P, cls, member)
+  local key = k_pool(P, 'wq:' .. cls)
+  if redis.call('ZREM', key, member) == 1 and redis.call('EXISTS', key) == 0 then
+    redis.call('SREM', k_pool(P, 'wq_classes'), cls)
+  end
+end
+
+-- Take the waiter `w` (its record) out of the queue for `reason` (allocated, timed_out,
+-- cancelled, ...), recorded on `changes`; its hold stays with the caller to settle.
+local function leave_queue(P, changes, now, member, w, reason)
   local n = queue_count(P)  -- read before the ZREM it counts
-  if redis.call('ZREM', k_pool(P, 'queue'), member) == 1 then
+  local score = redis.call('ZSCORE', k_pool(P, 'queue'), member)
+  if score then
+    redis.call('ZREM', k_pool(P, 'queue'), member)
     queue_n = n - 1
-    redis.call('HINCRBY', k_state(P, uid), 'waiting', -1)
+    redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', -1)
   end
   redis.call('HDEL', k_pool(P, 'waiters'), member)
   redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
+  unindex(P, waiter_class(w), member)
+  emit_change(changes, waiter_change(w, tonumber(score) or 0, 'left', reason, now))
 end
 
 -- End a wait with a failure: out of the queue, its hold given back, the failure its
 -- final reply (kept for its request id) and recorded as a rejection.
 local function fail_waiter(P, changes, now, w, reason, message)
   local rid, uid = w.request_id, w.user_id
-  leave_queue(P, queue_member(uid, rid), uid)
+  leave_queue(P, changes, now, queue_member(uid, rid), w, reason)
   settle_hold(P, uid, rid, w.hold, read_usage(P, uid), nil, nil, nil)
   local json = failed_reply(rid, reason, message, nil)
   send_reply(w.reply_to, json, w.reply_ttl)
@@ -287,27 +355,52 @@ local function time_out_waiter(P, changes, now, w)
     'No fitting device within ' .. w.wait_seconds .. ' s')
 end
 
--- Offer the device `dev`, just made free, to the queue: the first waiter among the first
--- QUEUE_SCAN it fits gets it (waiters past their wait, or whose user is blocked now, are
+-- Offer the device `dev`, just made free, to the queue: the first waiter in queue order
+-- that it fits gets it (waiters past their wait, or whose user is blocked now, are
 -- answered on the way). Returns true when a waiter got it. Costs nothing more than one
--- ZCARD per script call while nobody waits.
+-- ZCARD per script call while nobody waits. With waiters, it reads the set of classes,
+-- then the head of each class the device fits, and walks those heads in queue order (a
+-- merge): a class the device does not fit is never read, so a deep queue of waiters it
+-- cannot serve costs one SMEMBERS entry per class, not a read per waiter; a waiter passed
+-- over for its user's quota moves its class's head one further.
 local function offer_device(P, changes, now, dev)
   if queue_count(P) == 0 then return false end
   local d = redis.call('HMGET', k_pool(P, 'dev:' .. dev), 'storage_mb', 'model', 'name',
     'adb_host', 'adb_port', 'host', 'cpu_cores', 'memory_mb', 'pool', 'status')
   if d[10] ~= 'available' then return false end
   local cpu, mem, sto, pool = tonumber(d[7]), tonumber(d[8]), tonumber(d[1]), d[9]
-  local head = redis.call('ZRANGE', k_pool(P, 'queue'), 0, QUEUE_SCAN - 1)
-  for _, member in ipairs(head) do
+  local heads = {}
+  for _, cls in ipairs(redis.call('SMEMBERS', k_pool(P, 'wq_classes'))) do
+    local c_pool, c_cpu, c_mem, c_model = string.match(cls, '^([^|]*)|(%d+)|(%d+)|(.*)$')
+    if c_pool and (c_pool == '' or c_pool == pool) and (c_model == '' or c_model == d[2])
+        and cpu >= tonumber(c_cpu) and mem >= tonumber(c_mem) then
+      heads[#heads + 1] = {cls = cls, key = k_pool(P, 'wq:' .. cls), at = 0}
+    end
+  end
+  local function read_head(h)
+    local r = redis.call('ZRANGE', h.key, h.at, h.at, 'WITHSCORES')
+    h.member, h.score = r[1], tonumber(r[2])
+  end
+  for _, h in ipairs(heads) do read_head(h) end
+  while true do
+    local h = nil
+    for _, c in ipairs(heads) do
+      if c.member and (not h or c.score < h.score
+          or (c.score == h.score and c.member < h.member)) then
+        h = c
+      end
+    end
+    if not h then return false end
+    local member = h.member
     local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
     local w = raw and cjson.decode(raw)
     if not w then
       -- no record: nothing to answer (queue_n was read at the top of this call)
       queue_n = queue_n - redis.call('ZREM', k_pool(P, 'queue'), member)
+      unindex(P, h.cls, member)
     elseif w.wait_until_ms <= now then
       time_out_waiter(P, changes, now, w)
-    elseif (not w.pool or w.pool == pool) and (not w.model or w.model == d[2])
-        and cpu >= w.min_cpu_cores and mem >= w.min_memory_mb then
+    else
       STATE_FIELDS[1] = 'hold:' .. w.request_id
       local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))
       local blocked = s[11] and BLOCKED[s[11]]
@@ -319,15 +412,20 @@ local function offer_device(P, changes, now, dev)
         local used = usage_at(s, 2)
         local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
         if cpu <= cap_cpu and mem <= cap_mem and sto <= cap_sto then
-          leave_queue(P, member, w.user_id)
+          leave_queue(P, changes, now, member, w, 'allocated')
           give_device(P, changes, now, w, dev, pool, cpu, mem, sto, d, used, w.idem_ttl,
             w.reply_ttl)
           return true
         end
+        h.at = h.at + 1  -- passed over (its user's quota): the next of its class
+        member = nil
       end
     end
+    if h.member == member and redis.call('ZSCORE', h.key, member) then
+      h.at = h.at + 1  -- still indexed (never expected): step over it rather than loop
+    end
+    read_head(h)
   end
-  return false
 end
 
 -- The allocation fields close_allocation reads, in this order.

@@ -273,10 +273,22 @@ local QUOTA_LIMITS = {'max_devices', 'max_cpu_per_device', 'max_memory_mb_per_de
 local QUOTA_RECORD = {'status', 'expires_at_ms', unpack(QUOTA_LIMITS)}
 
 -- UserEventApplied: the user's quota record as it is now, and what notify announces.
+-- It carries the parts events keep (user_status, billing_status, the event versions, the
+-- payment-failure count and when it expires) for persist, so a rebuild restores them.
+local EVENT_PARTS = {'user_status', 'billing_status', 'user_event_version',
+  'billing_event_version'}
 local function user_event_change(row, uid, previous, version, released, count)
   local q = redis.call('HMGET', k_state(P, uid), unpack(QUOTA_RECORD))
+  local e = redis.call('HMGET', k_state(P, uid), unpack(EVENT_PARTS))
+  local fkey = k_user(P, uid, 'payfail')
+  local pay_n, pay_ttl = tonumber(redis.call('GET', fkey)) or 0, redis.call('PTTL', fkey)
   local failures = row.type == 'billing.payment_failed'
   return {kind = 'user_event', user_id = uid, status = q[1],
+    user_status = opt(e[1]), billing_status = opt(e[2]),
+    user_event_version = tonumber(e[3]) or cjson.null,
+    billing_event_version = tonumber(e[4]) or cjson.null,
+    payment_failures = pay_n,
+    payment_failures_until_ms = (pay_n > 0 and pay_ttl > 0) and now + pay_ttl or cjson.null,
     expires_at_ms = (q[2] and q[2] ~= '') and tonumber(q[2]) or cjson.null,
     max_devices = tonumber(q[3]), max_cpu_per_device = tonumber(q[4]),
     max_memory_mb_per_device = tonumber(q[5]), total_cpu_cores = tonumber(q[6]),

@@ -3,9 +3,15 @@
 -- is named from the prefix and the items:
 --   {pool}: alloc:<id>, expiry, dev:<id>, free:<pool>, pools, devices, host_active (each held
 --           device counts once for its host)
---   {u:ID}: user (the user's hash), req:<request id> (a stored answer)
--- CALL: schemas.rows.RebuildCall: prefix, then any of stats, allocations, answers, users,
--- devices (each item a Struct of schemas/rows.py, read by name).
+--   {pool}: queue, waiters, queue_deadline, wq:<class>, wq_classes (the wait queue,
+--           common.lua), with a user's waiters
+--   {u:ID}: user (the user's hash), req:<request id> (a stored answer), payfail
+--   {jobs}: job:<name> (a tracked job's hash), and KEY.jobs_known
+-- KEY.changes: a device written free is offered to the restored queue (offer_device),
+-- exactly as a release offers one: a waiter served or timed out is answered and recorded.
+-- CALL: schemas.rows.RebuildCall: prefix, now_ms, then any of stats, jobs, allocations,
+-- answers, users (with their waiting requests and the fields events keep), devices (each
+-- item a Struct of schemas/rows.py, read by name).
 -- Every item replaces what its keys held, so a second run writes the same state. The
 -- caller sends the kinds in the order stats, allocations, answers, users, devices: a worker serving
 -- meanwhile never finds a free device that an allocation holds, nor a quota without its
@@ -71,10 +77,45 @@ local function write_user(u)
       end
     end
   end
+  -- the waiting requests: each holds its hold again (one device and its "cpu mem sto")
+  for _, w in ipairs(u.waiters or {}) do
+    local h_cpu, h_mem, h_sto = string.match(w.hold, '^(%-?%d+) (%-?%d+) (%-?%d+)$')
+    redis.call('HSET', key, 'hold:' .. w.request_id, w.hold)
+    used = {used[1] + 1, used[2] + tonumber(h_cpu), used[3] + tonumber(h_mem),
+      used[4] + tonumber(h_sto)}
+  end
   add_usage(P, u.user_id, {0, 0, 0, 0}, used[1], used[2], used[3], used[4])
   if u.last_device then
     redis.call('HSET', key, 'last_device', u.last_device, 'last_host', u.last_host or '')
   end
+  -- what events keep: the two parts of the status, the event versions, failed payments
+  for _, f in ipairs({'user_status', 'billing_status', 'user_event_version',
+                      'billing_event_version'}) do
+    if u[f] then redis.call('HSET', key, f, u[f]) end
+  end
+  local fkey = k_user(P, u.user_id, 'payfail')
+  redis.call('DEL', fkey)
+  if u.payment_failures and u.payment_failures > 0 and u.payment_failures_ttl_ms then
+    redis.call('SET', fkey, u.payment_failures, 'PX', u.payment_failures_ttl_ms)
+  end
+  -- then into the queue, in the place each had (not recorded again: PostgreSQL has it)
+  for _, w in ipairs(u.waiters or {}) do
+    local record = waiter_record(w, w.priority, w.queued_at_ms, w.wait_until_ms, w.idem_ttl,
+      w.reply_ttl)
+    join_queue(P, nil, CALL.now_ms, queue_member(w.user_id, w.request_id), w.queue_score,
+      cjson.decode(record), record)
+  end
+end
+
+-- A tracked job's hash (jobs.lua) as job_info keeps it, without a claim.
+local function write_job(j)
+  local key = P .. ':{jobs}:job:' .. j.name
+  redis.call('DEL', key)
+  redis.call('HSET', key, 'interval_ms', j.interval_ms, 'next_run_ms', j.next_run_ms,
+    'paused', j.paused and '1' or '0', 'running', '', 'retries', '0',
+    'max_retries', j.max_retries, 'timeout_ms', j.timeout_ms, 'status', j.status)
+  if j.last_run_ms then redis.call('HSET', key, 'last_run_ms', j.last_run_ms) end
+  redis.call('SADD', KEY.jobs_known, j.name)
 end
 
 local function write_device(d)
@@ -106,6 +147,8 @@ local function write_device(d)
   end
   redis.call('SADD', k_pool(P, 'pools'), d.pool)
   list_device(P, d.device_id)
+  -- free, it goes to the first restored waiter it fits (the users came first)
+  if status == 'available' then offer_device(P, KEY.changes, CALL.now_ms, d.device_id) end
 end
 
 local written = 0
@@ -117,11 +160,13 @@ if CALL.stats then
   end
   written = written + 1
 end
-for _, part in ipairs({{CALL.allocations, write_allocation}, {CALL.answers, write_answer},
-                       {CALL.users, write_user}, {CALL.devices, write_device}}) do
+for _, part in ipairs({{CALL.jobs, write_job}, {CALL.allocations, write_allocation},
+                       {CALL.answers, write_answer}, {CALL.users, write_user},
+                       {CALL.devices, write_device}}) do
   for _, item in ipairs(part[1] or {}) do
     part[2](item)
     written = written + 1
   end
 end
+flush_stats(P)  -- what serving a waiter counted
 return written

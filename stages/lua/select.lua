@@ -258,19 +258,9 @@ end
 local function enqueue(row, member)
   local priority = row.priority or 0
   local wait_until = now + row.wait_seconds * 1000
-  local n = queue_count(P)  -- read before the ZADD it counts
-  local record = cjson.encode({request_id = row.request_id, user_id = row.user_id,
-    tenant_id = row.tenant_id, reply_to = row.reply_to, min_cpu_cores = row.min_cpu_cores,
-    min_memory_mb = row.min_memory_mb, duration_seconds = row.duration_seconds,
-    pool = row.pool, model = row.model, hold = row.hold, allocation_id = row.allocation_id,
-    replace_on_failure = row.replace_on_failure, priority = priority,
-    wait_seconds = row.wait_seconds, queued_at_ms = now, wait_until_ms = wait_until,
-    idem_ttl = idem_ttl, reply_ttl = reply_ttl})
-  redis.call('ZADD', k_pool(P, 'queue'), now - priority * CALL.queue_aging_step_ms, member)
-  redis.call('HSET', k_pool(P, 'waiters'), member, record)
-  redis.call('ZADD', k_pool(P, 'queue_deadline'), wait_until, member)
-  redis.call('HINCRBY', k_state(P, row.user_id), 'waiting', 1)
-  queue_n = n + 1
+  local score = now - priority * CALL.queue_aging_step_ms
+  local record = waiter_record(row, priority, now, wait_until, idem_ttl, reply_ttl)
+  join_queue(P, changes, now, member, score, cjson.decode(record), record)
   send_reply(row.reply_to, queued_reply(row.request_id, queue_position(member), wait_until,
     priority), reply_ttl)
 end

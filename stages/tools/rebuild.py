@@ -20,7 +20,19 @@ What it restores, from the write-behind tables:
   batch's answer is rebuilt from its allocations (an AllocatedBatch listing them, mode
   ``best_effort``, no failures: a batch's failures and mode are not in PostgreSQL), so
   a retried batch never gets a second set;
-- the counters of ``devsched stats`` (allocations, releases, expiries).
+- the counters of ``devsched stats`` (allocations, releases, expiries);
+- the wait queue (``waiting_requests``, written behind from each WaiterChange): every
+  request still waiting joins the queue again in its place (its score), with its quota
+  hold, its user's ``waiting`` count, its deadline and the allocation id it was given; a
+  device written free is offered to it in the same step as a release would offer it, a
+  wait that ended while Redis was away ends with ``failed`` ``timed_out`` at the next
+  tick (or when a device is offered): each waiter gets its one final reply. A request
+  PostgreSQL shows served (its allocation is there) is not queued again;
+- what events keep of a user (``user_quotas``): the user service's and billing's parts
+  of the status, the versions of the last user.* and billing.* events (so an older event
+  stays stale), and the failed payments counted with the time that count has left;
+- the tracked jobs' hashes (``job_info``): interval, paused or not, next run, retries
+  and timeout; no claim (a run Redis lost is over; its execution record says so).
 
 It also bills what PostgreSQL shows closed but the ledger lacks: persist and bill
 read the changes stream in groups of their own, so a change persist had committed may
@@ -58,15 +70,17 @@ from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from pipeline.progress import Progress as ProgressLine
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import Allocated, AllocatedBatch, DeviceInfo, encoder
+from schemas.messages import Allocated, AllocatedBatch, DeviceInfo, WaiterChange, encoder
 from schemas.rows import (
     RebuildAllocation,
     RebuildAnswer,
     RebuildCall,
     RebuildDevice,
+    RebuildJob,
     RebuildKeys,
     RebuildStats,
     RebuildUser,
+    RebuildWaiter,
 )
 from stages.scripts import REBUILD
 from stages.settings import Settings
@@ -100,6 +114,10 @@ class RebuildReport:
     """Active allocations whose expires-at passed: the next timer tick expires them."""
     closed: int = 0
     answers: int = 0
+    waiters: int = 0
+    """Requests waiting in the queue when Redis lost it, queued again in their places."""
+    jobs: int = 0
+    """Tracked jobs whose hash was written from job_info (interval, paused, next run)."""
     cleared: int = 0
     """Keys of a former state (or of debris on an empty one) removed first."""
     billed: int = 0
@@ -161,8 +179,25 @@ FROM devices ORDER BY id
 """
 QUOTAS_SQL = f"""
 SELECT user_id, status, {_ms("expires_at")} AS expires_at_ms, max_devices, max_cpu_per_device,
-       max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version
+       max_memory_mb_per_device, total_cpu_cores, total_memory_gb, total_storage_gb, version,
+       user_status, billing_status, user_event_version, billing_event_version,
+       payment_failures, {_ms("payment_failures_until")} AS payment_failures_until_ms
 FROM user_quotas ORDER BY user_id
+"""
+WAITERS_SQL = """
+SELECT w.request::text AS request
+FROM waiting_requests w
+WHERE w.status = 'waiting'
+  AND NOT EXISTS (SELECT 1 FROM device_allocations a
+                  WHERE a.user_id = w.user_id AND a.metadata->>'request_id' = w.request_id)
+ORDER BY w.queue_score, w.user_id, w.request_id
+"""
+"""The requests waiting when Redis was lost, less those an allocation in PostgreSQL shows
+served (the allocation's change was persisted, the waiter's leaving not yet)."""
+JOBS_SQL = f"""
+SELECT name, interval_ms, enabled, status, {_ms("last_run_at")} AS last_run_ms,
+       {_ms("next_run_at")} AS next_run_ms, max_retries, timeout_ms
+FROM job_info ORDER BY name
 """
 ALLOCATIONS_SQL = f"""
 SELECT a.id::text AS id, a.device_id, a.user_id, a.tenant_id, a.status,
@@ -216,6 +251,18 @@ class _Meta(msgspec.Struct):
 
 
 _meta = msgspec.json.Decoder(_Meta)
+_waiter = msgspec.json.Decoder(WaiterChange)
+
+
+def _waiter_item(w: WaiterChange) -> RebuildWaiter:
+    return RebuildWaiter(
+        request_id=w.request_id, user_id=w.user_id, tenant_id=w.tenant_id,
+        reply_to=w.reply_to, min_cpu_cores=w.min_cpu_cores, min_memory_mb=w.min_memory_mb,
+        duration_seconds=w.duration_seconds, pool=w.pool, model=w.model, hold=w.hold,
+        allocation_id=w.allocation_id, replace_on_failure=w.replace_on_failure or None,
+        priority=w.priority, wait_seconds=w.wait_seconds, queued_at_ms=w.queued_at_ms,
+        wait_until_ms=w.wait_until_ms, idem_ttl=w.idem_ttl_s, reply_ttl=w.reply_ttl_s,
+        queue_score=w.queue_score)
 
 
 def _seconds_left(ttl_s: int, since_ms: int, now_ms: int) -> int:
@@ -229,6 +276,7 @@ class _Loaded:
     answers: list[RebuildAnswer]
     users: list[RebuildUser]
     devices: list[RebuildDevice]
+    jobs: list[RebuildJob]
     report: RebuildReport
 
 
@@ -249,6 +297,8 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
         allocations = await conn.fetch(ALLOCATIONS_SQL, released_since, answered_since)
         counts = await conn.fetchrow(COUNTS_SQL)
         last_devices = await conn.fetch(LAST_DEVICE_SQL)
+        waiting = await conn.fetch(WAITERS_SQL)
+        jobs = await conn.fetch(JOBS_SQL)
     report = RebuildReport(devices=len(devices), quotas=len(quotas),
                            allocated_total=counts["allocated"],
                            released_total=counts["released"], expired_total=counts["expired"])
@@ -320,9 +370,19 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
             max_cpu_per_device=q["max_cpu_per_device"],
             max_memory_mb_per_device=q["max_memory_mb_per_device"],
             total_cpu_cores=q["total_cpu_cores"], total_memory_gb=q["total_memory_gb"],
-            total_storage_gb=q["total_storage_gb"], version=q["version"])
+            total_storage_gb=q["total_storage_gb"], version=q["version"],
+            user_status=q["user_status"], billing_status=q["billing_status"],
+            user_event_version=q["user_event_version"],
+            billing_event_version=q["billing_event_version"],
+            payment_failures=q["payment_failures"] or None,
+            payment_failures_ttl_ms=_ttl_left(q["payment_failures_until_ms"], now_ms))
         for q in quotas
     }
+    for row in waiting:
+        w = _waiter.decode(row["request"])
+        waiter_of = users.setdefault(w.user_id, RebuildUser(user_id=w.user_id, allocations=[]))
+        waiter_of.waiters = [*(waiter_of.waiters or []), _waiter_item(w)]
+        report.waiters += 1
     for user_id, ids in active_of_user.items():
         users.setdefault(user_id, RebuildUser(user_id=user_id, allocations=[])).allocations = ids
     for row in last_devices:
@@ -339,7 +399,22 @@ async def load(pg: asyncpg.Pool, settings: Settings, now_ms: int) -> _Loaded:
     ) for d in devices]
     stats = RebuildStats(allocated=report.allocated_total, released=report.released_total,
                          expired=report.expired_total)
-    return _Loaded(stats, alloc_items, answers, list(users.values()), device_items, report)
+    job_items = [RebuildJob(
+        name=j["name"], interval_ms=j["interval_ms"], paused=not j["enabled"],
+        next_run_ms=j["next_run_ms"] if j["next_run_ms"] is not None else now_ms,
+        max_retries=j["max_retries"], timeout_ms=j["timeout_ms"],
+        status="idle" if j["status"] == "running" else j["status"],
+        last_run_ms=j["last_run_ms"]) for j in jobs]
+    report.jobs = len(job_items)
+    return _Loaded(stats, alloc_items, answers, list(users.values()), device_items, job_items,
+                   report)
+
+
+def _ttl_left(until_ms: int | None, now_ms: int) -> int | None:
+    """Milliseconds left until ``until_ms`` (None when none is left or none was set)."""
+    if until_ms is None or until_ms <= now_ms:
+        return None
+    return until_ms - now_ms
 
 
 async def rebuild(
@@ -362,22 +437,27 @@ async def rebuild(
     report = loaded.report
     say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
         f"{report.active} active allocations ({report.overdue} past their expiry), "
-        f"{report.closed} recently closed, {report.answers} stored answers")
+        f"{report.closed} recently closed, {report.answers} stored answers, "
+        f"{report.waiters} waiting requests, {report.jobs} tracked jobs")
     await mark_rebuilding(redis, keys, now_ms=clock.now_ms())  # nothing served from now on
     report.cleared = await clear_live_state(redis, keys)
     if report.cleared:
         say(f"cleared {report.cleared} keys of the former state")
-    script_keys = RebuildKeys(users=keys.users, stats=keys.stats)
-    await REBUILD(redis, script_keys, RebuildCall(prefix=keys.prefix, stats=loaded.stats))
+    script_keys = RebuildKeys(users=keys.users, stats=keys.stats, changes=keys.changes,
+                              jobs_known=keys.jobs_known)
+    p, now = keys.prefix, clock.now_ms
+    await REBUILD(redis, script_keys, RebuildCall(prefix=p, now_ms=now(), stats=loaded.stats))
     calls: tuple[tuple[str, int, Callable[[int], RebuildCall]], ...] = (
+        ("jobs", len(loaded.jobs), lambda i: RebuildCall(
+            prefix=p, now_ms=now(), jobs=loaded.jobs[i:i + CHUNK])),
         ("allocations", len(loaded.allocations), lambda i: RebuildCall(
-            prefix=keys.prefix, allocations=loaded.allocations[i:i + CHUNK])),
+            prefix=p, now_ms=now(), allocations=loaded.allocations[i:i + CHUNK])),
         ("answers", len(loaded.answers), lambda i: RebuildCall(
-            prefix=keys.prefix, answers=loaded.answers[i:i + CHUNK])),
+            prefix=p, now_ms=now(), answers=loaded.answers[i:i + CHUNK])),
         ("users", len(loaded.users), lambda i: RebuildCall(
-            prefix=keys.prefix, users=loaded.users[i:i + CHUNK])),
+            prefix=p, now_ms=now(), users=loaded.users[i:i + CHUNK])),
         ("devices", len(loaded.devices), lambda i: RebuildCall(
-            prefix=keys.prefix, devices=loaded.devices[i:i + CHUNK])),
+            prefix=p, now_ms=now(), devices=loaded.devices[i:i + CHUNK])),
     )
     bar = ProgressLine("rebuild", unit="items written")
     for kind, count, chunk in calls:
