@@ -191,13 +191,13 @@ def _pool(url: str, *, socket_timeout: float, connect_timeout: float,
             url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
             max_connections=max_connections, timeout=wait_s,
             health_check_interval=health_check_s)
-    manager = Sentinel(
+    manager = Sentinel(  # type: ignore[no-untyped-call]
         list(sentinel.sentinels),
         sentinel_kwargs={"socket_timeout": connect_timeout,
                          "socket_connect_timeout": connect_timeout,
                          "password": sentinel.sentinel_password},
     )
-    return _SentinelPool(
+    return _SentinelPool(  # type: ignore[no-untyped-call]
         sentinel.service, manager, connection_class=FastSentinelConnection,
         db=sentinel.db, username=sentinel.username, password=sentinel.password,
         socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,

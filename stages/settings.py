@@ -79,3 +79,10 @@ class Settings(RuntimeSettings):
     """Aging of the wait queue: a waiter's score is its arrival (ms) minus priority times
     this step, lowest served first; so no request arriving more than 9 steps after a
     waiter (90 s by default) is served before it, whatever the priorities."""
+    replicas_to_ack: int = env("DEVSCHED_REPLICAS_TO_ACK", 0, minimum=0)
+    """The select stage answers a producer only once its batch has reached this many
+    replicas (WAIT; WAITAOF on Redis 7.2+): an answered allocation survives the loss of
+    the primary. 0: answers go out as the script decides (asynchronous replication)."""
+    replicas_timeout_ms: int = env("DEVSCHED_REPLICAS_TIMEOUT_MS", 1_000, minimum=1)
+    """How long one WAIT for DEVSCHED_REPLICAS_TO_ACK replicas may take; replies not
+    acknowledged in time stay held and go out at a later sweep whose WAIT succeeds."""

@@ -191,6 +191,7 @@ def _ready(topo: Topology) -> bool:
             sentinel = _client(node.port, topo.password)
             try:
                 state = sentinel.sentinel_master(topo.service)
+                assert isinstance(state, dict)
             finally:
                 sentinel.close()
             if int(state.get("num-slaves", 0)) < 1 or \
@@ -264,9 +265,9 @@ def current_primary_port(topo: Topology) -> int | None:
     for node in topo.sentinels:
         client = _client(node.port, topo.password)
         try:
-            host_port = client.execute_command(
-                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", topo.service)
-            return int(host_port[1])
+            host_port = client.sentinel_get_master_addr_by_name(topo.service)
+            if isinstance(host_port, tuple | list):
+                return int(host_port[1])
         except (redis.RedisError, OSError, TypeError, IndexError):
             continue
         finally:
