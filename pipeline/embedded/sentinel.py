@@ -20,6 +20,8 @@ file per Sentinel). What it promises:
   (see ``pipeline.connections``). ``start`` returns once the replica is in sync and
   every Sentinel knows the primary, the replica and the other Sentinels, so a failover
   can happen from then on.
+- ``kill`` and ``restart`` are the fault tests' tools: SIGKILL one server; start a data
+  server again as a replica of the primary the Sentinels name now.
 - ``stop`` stops every recorded process (SIGTERM, then SIGKILL after a timeout) and
   removes the record; the data stays. Stopping what does not run does nothing.
 """
@@ -258,6 +260,25 @@ def kill(topo: Topology, role: str) -> None:
     """SIGKILL one server of the topology (the fault tests' ``kill -9``) and wait for it
     to be gone."""
     terminate(topo.node(role).pid, signal.SIGKILL, KILL_TIMEOUT_S)
+
+
+def restart(topo: Topology, role: str, *, fsync: str = "everysec") -> Topology:
+    """Start the data server ``role`` again (after :func:`kill`, as a supervisor would),
+    as a replica of the primary the Sentinels name now, on its former port; returns
+    (and records) the topology with its new pid. It rejoins with a full resync: what
+    the old primary had but never replicated is discarded, as Redis replication says."""
+    primary = current_primary_port(topo)
+    if primary is None:
+        raise EmbeddedServerError("no Sentinel names a primary: nothing to rejoin")
+    node = topo.node(role)
+    where = Path(topo.folder) / role
+    proc = spawn(_data_args(find_binary(), where, node.port, fsync, primary), cwd=where,
+                 log_path=where / "server.log")
+    nodes = [Node(role=n.role, pid=proc.pid, port=n.port) if n.role == role else n
+             for n in topo.nodes]
+    topo = msgspec.structs.replace(topo, nodes=nodes)
+    _write_private(_record_path(Path(topo.folder)), _encoder.encode(topo).decode())
+    return topo
 
 
 def current_primary_port(topo: Topology) -> int | None:
