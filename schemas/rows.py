@@ -134,7 +134,7 @@ class SelectKeys(NamedTuple):
     state: str
     """The state marker: its epoch goes into every new allocation id; without it the
     call changes nothing."""
-    held: str
+    replies_held: str
     """The held replies' stream (``Keys.replies_held``): with ``hold_replies`` every reply
     is written there, to be delivered after WAIT (pipeline/replication.py)."""
 

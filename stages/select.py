@@ -91,7 +91,7 @@ class SelectStage:
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead,
-                                      state=k.state, held=k.replies_held)
+                                      state=k.state, replies_held=k.replies_held)
         s = ctx.settings
         # a WAIT must answer well within the connection's socket timeout
         wait_ms = min(s.replicas_timeout_ms, int(s.socket_timeout_s * 1000) - WAIT_MARGIN_MS)

@@ -1,10 +1,10 @@
 -- select: decide a batch of admitted requests, answer each producer, record the
 -- changes and ack the batch, in one atomic step.
 -- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch);
--- held (the held replies' stream, written only with CALL.hold_replies).
+-- replies_held (the held replies' stream, written only with CALL.hold_replies).
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
 -- released_ttl_s, queue_max_per_user, queue_aging_step_ms, hold_replies, items); with
--- hold_replies (DEVSCHED_REPLICAS_TO_ACK > 0) every reply goes to KEY.held instead of its
+-- hold_replies (DEVSCHED_REPLICAS_TO_ACK > 0) every reply goes to KEY.replies_held instead of its
 -- stream (common.lua send_reply), delivered by the stage after WAIT; each item one row,
 -- by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
@@ -673,7 +673,7 @@ local function renew(row)
   emit_change(changes, rec)
 end
 
-if CALL.hold_replies then held_replies = KEY.held end
+if CALL.hold_replies then held_replies = KEY.replies_held end
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
