@@ -4,7 +4,10 @@ An application's command line registers them with :func:`add_runtime_commands`
 next to its own. With REDIS_URL / DATABASE_URL unset, every command uses the
 embedded servers in the data dir: it reuses the running ones, or starts them and
 leaves them running for the next command (`down` stops them, the embedded Redis
-saving its data for the next `up`); `run` stops what it started when it exits.
+saving its data for the next `up`); `run` stops what it started when it exits. `up --sentinel` starts Redis as a primary,
+a replica and three Sentinels instead (``pipeline.embedded.sentinel``, under
+``<data_dir>/sentinel``) and prints the ``redis+sentinel://`` REDIS_URL that names them;
+`down` stops that topology too.
 
 `up`, `run` and `worker` check the Redis server first (``pipeline.durability``): one
 that may evict keys is refused with a message that says how to fix it, and exit
@@ -25,12 +28,16 @@ import functools
 import os
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
 from pipeline import metrics
 from pipeline.app import Application, RecoveryError, S
 from pipeline.durability import EX_CONFIG, UnsafeRedisError, check_redis_of
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
+from pipeline.embedded.sentinel import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS
+from pipeline.embedded.sentinel import start as start_topology
+from pipeline.embedded.sentinel import stop as stop_topology
 from pipeline.migrate import migrate
 from pipeline.runner import child_env, supervise, worker_commands
 from pipeline.service import serve
@@ -89,9 +96,18 @@ def add_runtime_commands(sub: Any, app: Application[Any, Any]) -> None:
     s = sub.add_parser("env", help="print the URLs of the servers in use")
     s.add_argument("--start", action="store_true", help="start embedded servers if needed")
     s.set_defaults(fn=lambda args: cmd_env(app, start=args.start))
-    sub.add_parser("up", help="start embedded servers, leave them running, migrate, and "
-                              "bring the live state back if Redis lost it").set_defaults(
-        fn=lambda args: cmd_up(app))
+    s = sub.add_parser("up", help="start embedded servers, leave them running, migrate, and "
+                                  "bring the live state back if Redis lost it")
+    s.add_argument("--sentinel", action="store_true",
+                   help="Redis as a primary, a replica and three Sentinels on loopback "
+                        "(prints the redis+sentinel:// REDIS_URL to export)")
+    s.add_argument("--down-after-ms", type=int, default=DOWN_AFTER_MS,
+                   help="with --sentinel: a primary silent this long is judged down")
+    s.add_argument("--failover-timeout-ms", type=int, default=FAILOVER_TIMEOUT_MS,
+                   help="with --sentinel: the Sentinels' failover-timeout")
+    s.set_defaults(fn=lambda args: cmd_up(
+        app, sentinel=args.sentinel, down_after_ms=args.down_after_ms,
+        failover_timeout_ms=args.failover_timeout_ms))
     sub.add_parser("down", help="stop embedded servers (Redis saves its data first)").set_defaults(
         fn=lambda args: cmd_down(app))
 
@@ -119,7 +135,20 @@ def refused(exc: UnsafeRedisError) -> int:
     return EX_CONFIG
 
 
-def cmd_up(app: Application[Any, Any]) -> int:
+def sentinel_folder(settings: RuntimeSettings) -> Path:
+    """Where `up --sentinel` keeps its topology (``pipeline.embedded.sentinel``)."""
+    return settings.data_dir / "sentinel"
+
+
+def cmd_up(app: Application[Any, Any], *, sentinel: bool = False,
+           down_after_ms: int = DOWN_AFTER_MS, failover_timeout_ms: int = FAILOVER_TIMEOUT_MS,
+           ) -> int:
+    if sentinel:
+        base = app.settings()
+        topo = start_topology(sentinel_folder(base), fsync=base.redis_fsync,
+                              down_after_ms=down_after_ms,
+                              failover_timeout_ms=failover_timeout_ms)
+        os.environ["REDIS_URL"] = topo.url  # the application's settings read it
     settings, _ = resolved_settings(app)
 
     async def go() -> None:
@@ -142,6 +171,7 @@ def cmd_up(app: Application[Any, Any]) -> int:
 
 def cmd_down(app: Application[Any, Any]) -> int:
     stop_servers(app.settings())
+    stop_topology(sentinel_folder(app.settings()))
     return 0
 
 

@@ -7,23 +7,40 @@ a small command's cost), the settings' socket timeout
 stay bytes until a msgspec decoder reads them. Blocking readers get a client of
 their own (one connection) so a read in progress never blocks other commands
 and is never returned half-done to a shared pool.
+
+``REDIS_URL`` names either one server (``redis://``, ``rediss://``, ``unix://``) or
+a primary found through Sentinels::
+
+    redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?sentinel_password=...]
+
+(``password`` and ``user``: the data servers' ones, percent-encoded; ``db`` 0 when
+left out; ``sentinel_password`` when the Sentinels themselves ask for one). Every
+client made here for such a URL asks the Sentinels for the current primary each
+time it connects, and drops a connection that finds a demoted primary (READONLY)
+or a dead one: after a failover the next call connects to the promoted replica
+by itself. Scripts are loaded again on NOSCRIPT (``pipeline.scripts``) and the
+worker loop re-creates a consumer group Redis lost (NOGROUP), so nothing above
+this module knows which server it talks to.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 import hiredis
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio.connection import (
     AbstractConnection,
     Connection,
     SSLConnection,
     UnixDomainSocketConnection,
 )
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -83,10 +100,15 @@ class FastSSLConnection(_HiredisPacking, SSLConnection):
     pass
 
 
+class FastSentinelConnection(_HiredisPacking, SentinelManagedConnection):
+    pass
+
+
 _FAST: dict[type[AbstractConnection], type[AbstractConnection]] = {
     Connection: FastConnection,
     UnixDomainSocketConnection: FastUnixConnection,
     SSLConnection: FastSSLConnection,
+    SentinelManagedConnection: FastSentinelConnection,
 }
 
 
@@ -97,16 +119,98 @@ def fast_packing(client: Redis) -> Redis:
     return client
 
 
+SENTINEL_SCHEME = "redis+sentinel"
+"""The scheme of a REDIS_URL that names Sentinels instead of a server."""
+SENTINEL_DEFAULT_PORT = 26379
+
+
+@dataclass(frozen=True)
+class SentinelUrl:
+    """A ``redis+sentinel://`` URL, parsed (see the module docstring for its form)."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    service: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    sentinel_password: str | None = None
+
+
+def parse_sentinel_url(url: str) -> SentinelUrl | None:
+    """The Sentinels, service and credentials a ``redis+sentinel://`` URL names; None for
+    any other URL. A malformed one raises ``ValueError`` saying what is wrong."""
+    parts = urlsplit(url)
+    if parts.scheme != SENTINEL_SCHEME:
+        return None
+    userinfo, _, hosts = parts.netloc.rpartition("@")
+    username = password = None
+    if userinfo:
+        user, sep, secret = userinfo.partition(":")
+        username = unquote(user) or None
+        password = unquote(secret) if sep else None
+    sentinels: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":") if ":" in item else (item, "", "")
+        host = host.strip("[]") or "127.0.0.1"
+        try:
+            sentinels.append((host, int(port) if sep else SENTINEL_DEFAULT_PORT))
+        except ValueError:
+            raise ValueError(f"REDIS_URL: bad Sentinel address {item!r}") from None
+    path = [p for p in parts.path.split("/") if p]
+    if not path or len(path) > 2:
+        raise ValueError("REDIS_URL: redis+sentinel:// needs /<service>[/<db>] after the "
+                         "Sentinels")
+    try:
+        db = int(path[1]) if len(path) == 2 else 0
+    except ValueError:
+        raise ValueError(f"REDIS_URL: bad database number {path[1]!r}") from None
+    query = parse_qs(parts.query)
+    sentinel_password = query.get("sentinel_password", [None])[0]
+    return SentinelUrl(sentinels=tuple(sentinels), service=unquote(path[0]), db=db,
+                       username=username, password=password,
+                       sentinel_password=sentinel_password)
+
+
+class _SentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """A pool of connections to the primary the Sentinels name (callers past
+    ``max_connections`` wait, as with :class:`BlockingConnectionPool`); closing it closes
+    its connections to the Sentinels too."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # the pool is being closed (not a primary change)
+            await self.sentinel_manager.aclose()
+
+
+def _pool(url: str, *, socket_timeout: float, connect_timeout: float,
+          max_connections: int, wait_s: float, health_check_s: int) -> ConnectionPool:
+    """The one place a Redis connection pool is made, for a plain URL or a Sentinel one."""
+    sentinel = parse_sentinel_url(url)
+    if sentinel is None:
+        return BlockingConnectionPool.from_url(
+            url, socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+            max_connections=max_connections, timeout=wait_s,
+            health_check_interval=health_check_s)
+    manager = Sentinel(  # type: ignore[no-untyped-call]
+        list(sentinel.sentinels),
+        sentinel_kwargs={"socket_timeout": connect_timeout,
+                         "socket_connect_timeout": connect_timeout,
+                         "password": sentinel.sentinel_password},
+    )
+    return _SentinelPool(  # type: ignore[no-untyped-call]
+        sentinel.service, manager, connection_class=FastSentinelConnection,
+        db=sentinel.db, username=sentinel.username, password=sentinel.password,
+        socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout,
+        max_connections=max_connections, timeout=wait_s,
+        health_check_interval=health_check_s,
+    )
+
+
 def redis_client(settings: RuntimeSettings, *, max_connections: int = 32) -> Redis:
     """A pooled client; callers past ``max_connections`` wait for a free connection."""
-    pool = BlockingConnectionPool.from_url(
-        settings.redis_url,
-        socket_timeout=settings.socket_timeout_s,
-        socket_connect_timeout=settings.socket_timeout_s,
-        max_connections=max_connections,
-        timeout=settings.socket_timeout_s,
-        health_check_interval=30,
-    )
+    pool = _pool(settings.redis_url, socket_timeout=settings.socket_timeout_s,
+                 connect_timeout=settings.socket_timeout_s, max_connections=max_connections,
+                 wait_s=settings.socket_timeout_s, health_check_s=30)
     return fast_packing(Redis.from_pool(pool))
 
 
@@ -230,12 +334,13 @@ class RawChannel:
 
 def blocking_reader(settings: RuntimeSettings) -> Redis:
     """A single-connection client for XREADGROUP/XREAD BLOCK loops."""
-    return fast_packing(Redis.from_url(
-        settings.redis_url,
-        socket_timeout=settings.socket_timeout_s + settings.block_ms / 1000,
-        socket_connect_timeout=settings.socket_timeout_s,
-        single_connection_client=True,
-    ))
+    pool = _pool(settings.redis_url,
+                 socket_timeout=settings.socket_timeout_s + settings.block_ms / 1000,
+                 connect_timeout=settings.socket_timeout_s, max_connections=16,
+                 wait_s=settings.socket_timeout_s, health_check_s=0)
+    client = Redis(connection_pool=pool, single_connection_client=True)
+    client.auto_close_connection_pool = True
+    return fast_packing(client)
 
 
 async def pg_pool(settings: RuntimeSettings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:

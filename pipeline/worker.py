@@ -275,6 +275,9 @@ class StageWorker:
             done += await self.reclaim()
             await self.sample()
             await self.forget_idle_consumers()
+            periodic = getattr(self.stage, "periodic", None)
+            if periodic is not None:  # a stage's own periodic work (optional)
+                await periodic()
         if self._own_cursor is not None:
             own = await self.read_own_pending()
             if own:

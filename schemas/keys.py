@@ -174,6 +174,12 @@ class Keys:
         return f"{self.prefix}:{{pool}}:state"
 
     @property
+    def replies_held(self) -> str:
+        """Replies select wrote but delivers only after WAIT said DEVSCHED_REPLICAS_TO_ACK
+        replicas have the batch (fields ``s`` reply stream, ``d`` reply, ``t`` TTL s)."""
+        return f"{self.prefix}:{{pool}}:replies_held"
+
+    @property
     def queue(self) -> str:
         """The wait queue: ``<user id> <request id>`` scored by arrival ms minus priority
         times DEVSCHED_QUEUE_AGING_STEP_MS (lowest first)."""

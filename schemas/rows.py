@@ -141,6 +141,9 @@ class SelectKeys(NamedTuple):
     state: str
     """The state marker: its epoch goes into every new allocation id; without it the
     call changes nothing."""
+    replies_held: str
+    """The held replies' stream (``Keys.replies_held``): with ``hold_replies`` every reply
+    is written there, to be delivered after WAIT (pipeline/replication.py)."""
 
 
 class AllocateRow(Row, tag="allocate", kw_only=True):
@@ -244,6 +247,9 @@ class SelectCall(Struct, kw_only=True):
     queue_aging_step_ms: int
     """A waiter's score is its arrival minus priority times this
     (DEVSCHED_QUEUE_AGING_STEP_MS)."""
+    hold_replies: bool | None = None
+    """True when DEVSCHED_REPLICAS_TO_ACK > 0: replies go to the held stream, and the stage
+    delivers them once WAIT says the replicas have the batch (None: straight out)."""
     items: list[SelectRow]
 
 

@@ -21,11 +21,21 @@ select.lua).
 An allocate request with ``wait_seconds`` that finds no fitting device waits in the
 queue (see common.lua) and is served, with the id made when it arrived, by whichever
 script call frees a device it fits.
+
+With ``DEVSCHED_REPLICAS_TO_ACK`` = n > 0 the producer hears only what n replicas have:
+the script writes every reply of the batch to the held stream (``Keys.replies_held``)
+instead of its reply stream, atomically with the effects, the change and the ack; the
+stage then sends WAIT n on the same connection and, once n replicas acknowledged,
+moves those replies to their streams (``pipeline.replication``; each once). Fewer in
+time: the batch is done but its replies stay held, and every select worker's periodic
+sweep delivers held replies once a WAIT succeeds (also those a crash between the two
+steps, or a failover, left behind).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import uuid
 from collections.abc import Sequence
 
@@ -33,6 +43,7 @@ import msgspec
 
 from pipeline.connections import RawChannel
 from pipeline.metrics import DEAD_LETTERED
+from pipeline.replication import HeldReplies, NotReplicated, held_entries
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
 from schemas.messages import AllocateRequest, CancelRequest, RenewRequest, request_decoder
@@ -52,6 +63,12 @@ from schemas.runtime import dead_encoder
 from stages.context import StageContext
 from stages.scripts import SELECT
 from stages.state import StateMissing
+
+log = logging.getLogger("devsched.select")
+
+WAIT_MARGIN_MS = 1_000
+"""A WAIT's timeout stays this far below the socket timeout (else the connection's
+watchdog would drop a WAIT still within its time)."""
 
 
 def allocation_id(epoch: str, user_id: str, request_id: str, now_ms: int) -> str:
@@ -74,7 +91,12 @@ class SelectStage:
         self._dead_lettered = DEAD_LETTERED.labels(self.group)
         k = self.keys
         self.script_keys = SelectKeys(admitted=k.admitted, changes=k.changes, dead=k.dead,
-                                      state=k.state)
+                                      state=k.state, replies_held=k.replies_held)
+        s = ctx.settings
+        # a WAIT must answer well within the connection's socket timeout
+        wait_ms = min(s.replicas_timeout_ms, int(s.socket_timeout_s * 1000) - WAIT_MARGIN_MS)
+        self.held = (HeldReplies(k.replies_held, s.replicas_to_ack, wait_ms)
+                     if s.replicas_to_ack > 0 else None)
 
     def item(self, entry: Entry) -> SelectRow:
         """The row for one admitted entry (schemas.messages.AdmittedEntry: the request in
@@ -142,6 +164,7 @@ class SelectStage:
             idempotency_ttl_s=s.idempotency_ttl_s, reply_ttl_s=s.reply_ttl_s,
             released_ttl_s=s.released_ttl_s, queue_max_per_user=s.queue_max_per_user,
             queue_aging_step_ms=s.queue_aging_step_ms,
+            hold_replies=True if self.held is not None else None,
             items=[self.item(entry) for entry in entries],
         )
         done = await SELECT(self.channel, self.script_keys, call)
@@ -150,3 +173,16 @@ class SelectStage:
         dead = done[3]
         if dead:
             self._dead_lettered.inc(dead)
+        if self.held is not None:
+            try:
+                await self.held.release(self.channel, held_entries(done[4]))
+            except NotReplicated as exc:
+                # the batch is decided and acked (retrying it would hold its replies a
+                # second time); they wait in the held stream for the sweep
+                log.warning("replies held: %s", exc)
+
+    async def periodic(self) -> None:
+        """Deliver held replies left behind (a crash, a failed WAIT, a failover) once the
+        replicas have them (run by the worker every DEVSCHED_CLAIM_EVERY_MS)."""
+        if self.held is not None:
+            await self.held.sweep(self.channel)

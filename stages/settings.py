@@ -126,3 +126,10 @@ class Settings(RuntimeSettings):
     """More recent dead letters than this (dead letters growing) is unhealthy."""
     status_stall_ticks: int = env("DEVSCHED_STATUS_STALL_TICKS", 5, minimum=1)
     """No timer tick for this many periods (DEVSCHED_TICK_MS) is unhealthy."""
+    replicas_to_ack: int = env("DEVSCHED_REPLICAS_TO_ACK", 0, minimum=0)
+    """The select stage answers a producer only once its batch has reached this many
+    replicas (WAIT; WAITAOF on Redis 7.2+): an answered allocation survives the loss of
+    the primary. 0: answers go out as the script decides (asynchronous replication)."""
+    replicas_timeout_ms: int = env("DEVSCHED_REPLICAS_TIMEOUT_MS", 1_000, minimum=1)
+    """How long one WAIT for DEVSCHED_REPLICAS_TO_ACK replicas may take; replies not
+    acknowledged in time stay held and go out at a later sweep whose WAIT succeeds."""

@@ -647,3 +647,27 @@ async def test_a_key_renamed_in_one_script_fails_strict_decoding(
     run = await every_path(redis, ctx, clock)
     with pytest.raises(msgspec.ValidationError, match=re.escape(f"`{named}`")):
         await decode_everything(redis, run)
+
+
+async def test_replies_held_for_replicas_decode_strictly_and_are_every_reply(
+    redis: Redis, ctx: StageContext, clock: ManualClock
+) -> None:
+    """With DEVSCHED_REPLICAS_TO_ACK (here no replica answers, so nothing is released),
+    select writes its replies to the held stream instead: each held entry is exactly
+    ``s`` (its reply stream), ``d`` (the reply, decoded strictly) and ``t`` (the TTL), and
+    the held replies plus those other scripts sent directly are every kind of reply."""
+    held_ctx = replace(ctx, settings=replace(ctx.settings, replicas_to_ack=1,
+                                             replicas_timeout_ms=1))
+    run = await every_path(redis, held_ctx, clock)
+    seen = await decode_everything(redis, run)
+    held = await entries(redis, ctx.keys.replies_held)
+    assert held
+    for _id, fields in held:
+        assert sorted(fields) == [b"d", b"s", b"t"]
+        assert fields[b"s"] == ctx.keys.reply(CLIENT).encode()
+        assert int(fields[b"t"]) == ctx.settings.reply_ttl_s
+        seen.append(kind_of(reply_decoder.decode(fields[b"d"])))
+    assert set(seen) == EXPECTED
+    direct = {kind_of(reply_decoder.decode(f[b"d"]))
+              for _i, f in await entries(redis, ctx.keys.reply(CLIENT))}
+    assert "reply released released" not in direct  # select's own: held, not sent

@@ -10,9 +10,20 @@ local function opt(v) if v == nil or v == false or v == '' then return cjson.nul
 
 -- Add a reply to a producer's reply stream; the stream expires if nobody reads it
 -- (its TTL is set once per script call, however many replies it gets).
+-- While `held_replies` names a stream (select.lua with CALL.hold_replies:
+-- DEVSCHED_REPLICAS_TO_ACK > 0), the reply goes there instead (s = its stream, d = the
+-- reply, t = the TTL) and its id and stream are listed in `held_list`: the stage
+-- delivers it after WAIT (pipeline/replication.py, deliver_held.lua).
 local reply_ttl_set = {}
+local held_replies, held_list = false, {}
 local function send_reply(stream, json, ttl_s)
   if stream == nil or stream == '' then return end
+  if held_replies then
+    held_list[#held_list + 1] = redis.call('XADD', held_replies, '*', 's', stream, 'd', json,
+      't', ttl_s)
+    held_list[#held_list + 1] = stream
+    return
+  end
   redis.call('XADD', stream, 'MAXLEN', '~', 10000, '*', 'd', json)
   if not reply_ttl_set[stream] then
     redis.call('EXPIRE', stream, ttl_s)

@@ -1,8 +1,11 @@
 -- select: decide a batch of admitted requests, answer each producer, record the
 -- changes and ack the batch, in one atomic step.
--- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch).
+-- KEY: admitted, changes, dead (streams); state (the state marker, {pool}: its epoch);
+-- replies_held (the held replies' stream, written only with CALL.hold_replies).
 -- CALL: schemas.rows.SelectCall (prefix, group, now_ms, idempotency_ttl_s, reply_ttl_s,
--- released_ttl_s, queue_max_per_user, queue_aging_step_ms, items); each item one row,
+-- released_ttl_s, queue_max_per_user, queue_aging_step_ms, hold_replies, items); with
+-- hold_replies (DEVSCHED_REPLICAS_TO_ACK > 0) every reply goes to KEY.replies_held instead of its
+-- stream (common.lua send_reply), delivered by the stage after WAIT; each item one row,
 -- by op:
 --   allocate: request_id, user_id, tenant_id, reply_to, min_cpu_cores, min_memory_mb,
 --             duration_seconds, pool, model, hold ("cpu mem sto"),
@@ -40,7 +43,8 @@
 -- A new allocation's id is a name-based UUID of the state's epoch, the user, the request
 -- id and the time of the call: a request id re-sent once its answer is gone (the window
 -- passed, or Redis lost its state) makes a new id, never one PostgreSQL already holds.
--- Returns {allocated, released, failed, dead-lettered} (a renewal counts in none); nil, having changed and acked
+-- Returns {allocated, released, failed, dead-lettered, held} (a renewal counts in none;
+-- held: {id, reply stream, ...} of the replies held, empty without hold_replies); nil, having changed and acked
 -- nothing, when the state marker has no epoch (Redis holds no live state).
 local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
 local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
@@ -659,6 +663,7 @@ local function renew(row)
   emit_change(changes, rec)
 end
 
+if CALL.hold_replies then held_replies = KEY.replies_held end
 local acks = each_row(CALL.items, {
   allocate = allocate,
   release = release,
@@ -673,4 +678,4 @@ local acks = each_row(CALL.items, {
 })
 ack_all(KEY.admitted, group, acks)
 flush_stats(P)
-return {n_alloc, n_release, n_failed, n_dead}
+return {n_alloc, n_release, n_failed, n_dead, held_list}

@@ -444,6 +444,9 @@ def cmd_rebuild(args: argparse.Namespace) -> int:
     from stages.tools.rebuild import BacklogPending, StateNotEmpty, rebuild
 
     settings, _ = resolved_settings(APP)
+    if args.reconcile:  # after a failover: repair what Redis lacks (stages/tools/reconcile.py)
+        from stages.tools.reconcile import run_reconcile
+        return int(run_coroutine(run_reconcile(settings, SystemClock())))
 
     async def go() -> int:
         redis = redis_client(settings)
@@ -786,6 +789,10 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true",
                    help="replace the live state Redis holds (the write-behind must have "
                         "caught up)")
+    s.add_argument("--reconcile", action="store_true",
+                   help="after a failover: repair from PostgreSQL what the promoted replica "
+                        "lacks (closes allocations lost with the old primary whose device was "
+                        "given again, then rebuilds); the write-behind must have caught up")
     s.set_defaults(fn=cmd_rebuild)
     jobs = sub.add_parser("jobs", help="the tracked timer jobs: list, inspect, run, pause, "
                                        "resume, set the interval").add_subparsers(

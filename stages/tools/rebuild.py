@@ -157,7 +157,8 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
     never the streams, the strategy setting nor the state marker; returns how many."""
-    kept = {keys.strategy.encode(), keys.state.encode()}  # configuration; the marker
+    # configuration; the marker; replies waiting for WAIT (DEVSCHED_REPLICAS_TO_ACK)
+    kept = {keys.strategy.encode(), keys.state.encode(), keys.replies_held.encode()}
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
                                               count=1000) if k not in kept]
     found.append(keys.users.encode())

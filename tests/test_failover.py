@@ -1,0 +1,286 @@
+"""Failover under load (`pytest -m faults`): kill -9 the primary, Sentinel promotes the replica.
+
+Servers of their own: `devsched up --sentinel` (a primary, a replica and three
+Sentinels on loopback, judging the primary down after ``DOWN_AFTER_MS``; the
+PostgreSQL of the test's data dir), and `devsched run --split` as a child, every
+worker, like the load generator here, given the ``redis+sentinel://`` URL. The load
+(open loop, as in tests/test_faults.py) offers allocate/release cycles; after
+``LOAD_BEFORE_S`` the primary gets SIGKILL, the Sentinels promote the replica, every
+client finds it by itself, the old primary is started again (as a supervisor would) and
+rejoins as the new primary's replica, and the load runs on for ``LOAD_AFTER_S``. (With
+``DEVSCHED_REPLICAS_TO_ACK=1`` and one replica, nothing is answered between the
+promotion and that rejoin: no replica could acknowledge it; the replies are held, not
+lost, and go out once it is back.) Then, once every
+allocation has ended and the write-behind has drained, the test reports (printed):
+
+- requests sent, replies, client time-outs (no reply within ``TIMEOUT_S``; a request
+  the old primary took but never replicated is lost with it);
+- answered-but-missing: allocations the load was told about (an ``allocated`` reply)
+  that the promoted primary does not know (neither active nor closed), and releases
+  it was told about that the promoted primary undid; with ``DEVSCHED_REPLICAS_TO_ACK=1``
+  both must be 0 (an answer goes out only once the replica has the batch);
+- devices held twice: two allocations that exist after the failover whose intervals
+  on one device overlap (from the replies, PostgreSQL for the ends), and the audit's
+  own check that no two active allocations share a device: 0 in every mode;
+- the time without service: the longest stretch, from the kill on, without a reply;
+- the audit after the drain, then `devsched rebuild --reconcile` when it found
+  differences (the promoted replica lacks a change PostgreSQL already has), and the
+  audit after it, which must find Redis and PostgreSQL consistent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import time
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from pipeline.clock import SystemClock
+from pipeline.connections import REDIS_DOWN, redis_client
+from pipeline.embedded import sentinel
+from schemas.keys import Keys
+from schemas.messages import (
+    Allocated,
+    AllocateRequest,
+    DeviceSpec,
+    QuotaSpec,
+    Released,
+    ReleaseRequest,
+    Reply,
+    encoder,
+)
+from stages.settings import Settings
+from stages.tools.admin import add_devices, set_quotas, write_behind_drained
+from stages.tools.audit import audit
+from tests.conftest import wait_until
+from tests.test_faults import STAGES, Alloc, Load, Sent, _cli, _start_run, _workers, overlaps
+
+pytestmark = pytest.mark.faults
+
+RATE = 25.0
+"""Cycles started per second (each: allocate, hold, release)."""
+HOLD_S = 0.2
+DURATION_S = 6
+"""Each allocation's duration: one whose release was lost expires then."""
+TIMEOUT_S = 8.0
+"""The load's time-out per request (counted)."""
+LOAD_BEFORE_S = 3.0
+LOAD_AFTER_S = 5.0
+DOWN_AFTER_MS = 1_000
+FAILOVER_TIMEOUT_MS = 3_000
+FINAL_TIMEOUT_S = 60.0
+DEVICES = 40
+USERS = 10
+
+
+class FailoverLoad(Load):
+    """The load of tests/test_faults.py with this test's timings, noting when each reply
+    came (for the time without service)."""
+
+    def __init__(self, redis: Redis, keys: Keys) -> None:
+        super().__init__(redis, keys)
+        self.answered_at: list[float] = []
+        self.released: set[str] = set()
+
+    async def send(self, rid: str, kind: str, payload: bytes) -> Reply | None:
+        sent = self.requests[rid] = Sent(self.phase, kind)
+        try:
+            await self.redis.xadd(self.keys.requests, {"d": payload})
+        except REDIS_DOWN:
+            return None
+        sent.sent = True
+        try:
+            await asyncio.wait_for(sent.done.wait(), TIMEOUT_S)
+        except TimeoutError:
+            sent.timed_out = True
+            return None
+        self.answered_at.append(time.monotonic())
+        return sent.replies[0]
+
+    async def cycle(self, n: int) -> None:
+        user = f"u{n % USERS}"
+        got = await self.send(f"a{n}", "allocate", encoder.encode(AllocateRequest(
+            request_id=f"a{n}", user_id=user, reply_to=self.reply_to,
+            duration_seconds=DURATION_S)))
+        if not isinstance(got, Allocated):
+            return
+        self.allocations[got.allocation_id] = Alloc(self.phase, got.allocation_id,
+                                                    got.device.id, got.allocated_at_ms)
+        await asyncio.sleep(HOLD_S)
+        done = await self.send(f"r{n}", "release", encoder.encode(ReleaseRequest(
+            request_id=f"r{n}", allocation_id=got.allocation_id, user_id=user,
+            reply_to=self.reply_to)))
+        if isinstance(done, Released):
+            self.allocations[got.allocation_id].end_ms = done.released_at_ms
+            self.released.add(got.allocation_id)
+
+    async def run(self) -> None:
+        started = time.monotonic()
+        while not self.stopping:
+            self.n += 1
+            task = asyncio.create_task(self.cycle(self.n))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+            await asyncio.sleep(max(0.0, started + self.n / RATE - time.monotonic()))
+
+
+def _longest_gap(times: list[float], since: float) -> float:
+    """The longest time from ``since`` on without a reply."""
+    after = sorted(t for t in times if t >= since)
+    points = [since, *after]
+    return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+
+
+@pytest.mark.parametrize("replicas_to_ack", [1, 0])
+async def test_primary_killed_under_load_sentinel_promotes_replica(
+    settings: Settings, tmp_path: Path, replicas_to_ack: int,
+) -> None:
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(DEVSCHED_DATA_DIR=str(data), DEVSCHED_REDIS_FSYNC="everysec",
+               DEVSCHED_PREFIX="failover", DEVSCHED_CLAIM_IDLE_MS="2000",
+               DEVSCHED_CLAIM_EVERY_MS="500", DEVSCHED_LOG_FORMAT="text",
+               DEVSCHED_REPLICAS_TO_ACK=str(replicas_to_ack))
+    up = await asyncio.to_thread(_cli, env, "up", "--sentinel", "--down-after-ms",
+                                 str(DOWN_AFTER_MS), "--failover-timeout-ms",
+                                 str(FAILOVER_TIMEOUT_MS))
+    assert up.returncode == 0, up.stderr
+    urls = dict(line.split("=", 1) for line in up.stdout.splitlines() if "_URL=" in line)
+    assert urls["REDIS_URL"].startswith("redis+sentinel://")
+    env.update(REDIS_URL=urls["REDIS_URL"], DATABASE_URL=urls["DATABASE_URL"])
+    topo = sentinel.recorded(data / "sentinel")
+    assert topo is not None
+    own = replace(settings, redis_url=urls["REDIS_URL"], database_url=urls["DATABASE_URL"],
+                  prefix="failover")
+    keys = Keys(own.prefix)
+    redis = redis_client(own)
+    run: subprocess.Popen[bytes] | None = None
+    try:
+        clock = SystemClock()
+        await add_devices(redis, keys, clock, [DeviceSpec(id=f"d{i:02d}")
+                                               for i in range(DEVICES)])
+        await set_quotas(redis, keys, clock, [QuotaSpec(user_id=f"u{i}", max_devices=DEVICES)
+                                              for i in range(USERS)])
+        run = await asyncio.to_thread(_start_run, env, tmp_path / "run.log")
+        run_pid = run.pid
+        await wait_until(lambda: asyncio.sleep(0, set(_workers(run_pid)) == set(STAGES)))
+
+        load = FailoverLoad(redis, keys)
+        reader = asyncio.create_task(load.read_replies())
+        generator = asyncio.create_task(load.run())
+        load.phase = "before"
+        await asyncio.sleep(LOAD_BEFORE_S)
+
+        load.phase = "failover"
+        killed_at = time.monotonic()
+        sentinel.kill(topo, "primary")
+        await wait_until(lambda: asyncio.sleep(0, sentinel.current_primary_port(topo)
+                                               == topo.node("replica").port))
+        promoted_after = time.monotonic() - killed_at
+        # the old primary comes back (a supervisor restarts it) as a replica of the new
+        # one: until then the promoted primary has no replica to acknowledge a batch
+        topo = await asyncio.to_thread(sentinel.restart, topo, "primary")
+        await asyncio.sleep(LOAD_AFTER_S)
+        await load.finish()
+        generator.cancel()
+        assert run.poll() is None  # the supervisor never died
+
+        async def settled() -> bool:
+            return (int(await redis.zcard(keys.expiry)) == 0
+                    and await write_behind_drained(redis, keys))
+        await wait_until(settled, FINAL_TIMEOUT_S)
+        load.reading = False
+        await asyncio.wait_for(reader, 10)
+
+        # what the promoted primary knows of what the load was told
+        missing = [a for a in load.allocations.values()
+                   if not await redis.exists(keys.allocation(a.allocation_id))]
+        undone = []
+        for aid in load.released:
+            status = await redis.hget(keys.allocation(aid), "status")
+            if status is not None and status.decode() == "allocated":
+                undone.append(aid)
+
+        pg = await asyncpg.create_pool(own.database_url, min_size=1, max_size=2)
+        assert pg is not None
+        try:
+            first = await audit(redis, keys, pg)
+            reconciled = None
+            if not first["consistent"]:
+                fixed = await asyncio.to_thread(_cli, env, "rebuild", "--reconcile")
+                assert fixed.returncode == 0, fixed.stderr + fixed.stdout
+                reconciled = fixed.stdout.strip().splitlines()[-1]
+            final = await audit(redis, keys, pg)
+            async with pg.acquire() as conn:
+                rows = {r["id"]: r for r in await conn.fetch(
+                    "SELECT id::text AS id, device_id, round(extract(epoch FROM allocated_at)"
+                    " * 1000)::bigint AS start_ms, round(extract(epoch FROM released_at) "
+                    "* 1000)::bigint AS end_ms FROM device_allocations")}
+        finally:
+            await pg.close()
+
+        # devices held twice, among the allocations that exist after the failover: the
+        # load's (ended by their release reply, else by PostgreSQL) and PostgreSQL's own
+        lost = {a.allocation_id for a in missing}
+        existing: dict[str, Alloc] = {}
+        for aid, row in rows.items():
+            existing[aid] = Alloc("pg", aid, row["device_id"], int(row["start_ms"]),
+                                  None if row["end_ms"] is None else int(row["end_ms"]))
+        for a in load.allocations.values():
+            if a.allocation_id in lost:
+                continue
+            known = existing.get(a.allocation_id)
+            end = a.end_ms if a.end_ms is not None else (known.end_ms if known else None)
+            existing[a.allocation_id] = replace(a, end_ms=end)
+        open_ended = [a for a in existing.values() if a.end_ms is None]
+        assert not open_ended, open_ended[:5]
+        held_twice = overlaps(list(existing.values()))
+        shared = [d for d in final["differences"] if d["field"] == "active_allocations"]
+
+        tally: Counter[str] = Counter()
+        for sent in load.requests.values():
+            if not sent.sent:
+                tally["unsent"] += 1
+                continue
+            tally["requests"] += 1
+            tally["replies"] += bool(sent.replies)
+            tally["time-outs"] += sent.timed_out
+            tally["doubled"] += len(sent.replies) > 1
+        gap = _longest_gap(load.answered_at, killed_at)
+        print(f"\nfailover (DEVSCHED_REPLICAS_TO_ACK={replicas_to_ack}, {RATE:.0f} cycles/s, "
+              f"down-after {DOWN_AFTER_MS} ms): requests {tally['requests']}, replies "
+              f"{tally['replies']}, client time-outs {tally['time-outs']}, unsent "
+              f"{tally['unsent']}, doubled replies {tally['doubled']}; allocations answered "
+              f"{len(load.allocations)}, answered but missing afterwards {len(missing)}, "
+              f"releases answered but undone {len(undone)}; devices held twice "
+              f"{len(held_twice)}; replica promoted after {promoted_after:.1f} s, time "
+              f"without service {gap:.1f} s; audit after drain consistent "
+              f"{first['consistent']} ({len(first['differences'])} differences), "
+              f"reconcile {reconciled or 'not needed'}, audit after "
+              f"{final['consistent']}", flush=True)
+
+        assert not held_twice and not shared, (held_twice[:3], shared[:3])
+        assert tally["doubled"] == 0
+        assert tally["requests"] == tally["replies"] + tally["time-outs"] - sum(
+            1 for s in load.requests.values() if s.timed_out and s.replies)
+        if replicas_to_ack >= 1:
+            assert not missing and not undone, (missing[:3], undone[:3])
+        assert final["consistent"], final["differences"][:5]
+    finally:
+        if run is not None and run.poll() is None:
+            run.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.to_thread(run.wait, 60)
+            except subprocess.TimeoutExpired:
+                run.kill()
+        await redis.aclose()
+        await asyncio.to_thread(_cli, env, "down")
