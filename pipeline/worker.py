@@ -368,7 +368,7 @@ class StageWorker:
         Redis drops the call (a restarted server breaks the connections in hand), back
         off and retry it whole: its effects are idempotent, as under redelivery."""
         backoff = TRANSIENT_BACKOFF_MIN_S
-        while True:
+        while entries:
             try:
                 await self.stage.handle(entries)
                 return
@@ -379,22 +379,31 @@ class StageWorker:
                     raise Transient(f"redis: {exc!r}") from exc
                 log.warning("dependency down, retrying in %.1fs: %s", backoff, exc,
                             extra={"stage": self._label})
+            # Before the next try, claim the batch again; a call Redis dropped may have run
+            # (its effects, outputs and acks landed, the answer did not reach us): the
+            # entries it acked are no longer pending, and are not handled twice
+            while True:
                 await self._sleep(backoff)
                 backoff = min(backoff * 2, TRANSIENT_BACKOFF_MAX_S)
                 try:
-                    await self._keep_claim(entries)
-                except REDIS_DOWN:
-                    pass  # Redis itself still down: the next try finds out, and waits again
+                    entries = await self._keep_claim(entries)
+                    break
+                except REDIS_DOWN as exc:  # Redis itself still down: wait again
+                    if self._stopping:
+                        raise Transient(f"redis: {exc!r}") from exc
 
-    async def _keep_claim(self, entries: list[Entry]) -> None:
+    async def _keep_claim(self, entries: list[Entry]) -> list[Entry]:
+        """Claim ``entries`` for this consumer again (XCLAIM JUSTID: no delivery counted);
+        the ones still pending for the group, in order: an entry acked meanwhile is done."""
         by_stream: dict[str, list[int | bytes | str | memoryview]] = {}
         for entry in entries:
             by_stream.setdefault(entry.stream, []).append(entry.id)
+        kept: set[tuple[str, str]] = set()
         for stream, ids in by_stream.items():
             # xclaim(justid=True), not execute_command: redis-py parses a raw XCLAIM reply
             # as entries and fails on a list of ids
             try:
-                await self.redis.xclaim(
+                claimed = await self.redis.xclaim(
                     stream, self.stage.group, self.consumer, 0, ids, justid=True
                 )
             except ResponseError as exc:
@@ -403,6 +412,10 @@ class StageWorker:
                 # the stream went away with its entries: the batch in hand is their only
                 # copy; keep it, and have the group back for what comes next
                 await self._group_lost(exc)
+                kept.update((stream, str(i)) for i in ids)
+                continue
+            kept.update((stream, text(i)) for i in claimed)
+        return [e for e in entries if (e.stream, e.id) in kept]
 
     async def _record_failure(self, entry: Entry, exc: BaseException) -> None:
         metrics.FAILED.labels(self._label).inc()

@@ -26,6 +26,7 @@ import pytest_asyncio
 from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from pipeline import trim as trim_module
 from pipeline.clock import ManualClock
@@ -249,6 +250,59 @@ async def test_transient_outage_keeps_the_batch_without_counting_deliveries(
     assert await stage.done() == [b"a", b"b", b"c"]
     assert await redis.xlen(keys.dead) == 0
     assert all(n == 1 for call in stage.calls for _, n in call)
+
+
+class AnswerLost(Ledger):
+    """A Ledger whose first call lands (appended and acked) and then loses Redis's
+    answer, as a server killed after its append-only file had the call would."""
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        await super().handle(entries)
+        if len(self.calls) == 1:
+            raise RedisConnectionError("Connection closed by server.")
+
+
+async def test_a_call_that_landed_but_lost_its_answer_is_not_handled_again(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    """The retry after a dropped call claims the batch again first: entries the call
+    acked are done and are not handed to the stage twice (a second handling would append
+    them again, or answer a producer twice); one still pending is retried."""
+    stream = f"{settings.prefix}:work"
+    stage = AnswerLost(redis, stream)
+    await add(redis, stream, [b"a", b"b"])
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
+        await wait_until(lambda: _calls_at_least(stage, 1))
+        await wait_until(lambda: _settled(redis, stream, stage, 2))
+        await add(redis, stream, [b"c"])
+        await wait_until(lambda: _settled(redis, stream, stage, 3))
+    assert await stage.done() == [b"a", b"b", b"c"]
+    assert [[d for d, _ in call] for call in stage.calls] == [[b"a", b"b"], [b"c"]]
+
+
+class AckLost(Ledger):
+    """A Ledger whose first call fails before it lands (nothing written)."""
+
+    async def handle(self, entries: Sequence[Entry]) -> None:
+        if not self.calls:
+            self.calls.append([(e.data, e.deliveries) for e in entries])
+            raise RedisConnectionError("Connection closed by server.")
+        await super().handle(entries)
+
+
+async def test_a_call_that_never_landed_is_retried_whole(
+    settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    readers: Callable[[], Redis],
+) -> None:
+    stream = f"{settings.prefix}:work"
+    stage = AckLost(redis, stream)
+    await add(redis, stream, [b"a", b"b"])
+    async with Running(worker(stage, redis, readers(), settings, keys, clock)):
+        await wait_until(lambda: _calls_at_least(stage, 1))
+        await wait_until(lambda: _settled(redis, stream, stage, 2))
+    assert await stage.done() == [b"a", b"b"]
+    assert [[d for d, _ in call] for call in stage.calls] == [[b"a", b"b"], [b"a", b"b"]]
 
 
 async def _calls_at_least(stage: Ledger, n: int) -> bool:
