@@ -7,7 +7,8 @@ arrives late, twice, or out of order (several persist workers) never overwrites
 a newer row; a change may move an allocation to another device
 (AllocationReplaced: the row's device_id follows). Device events and user events (DeviceEventApplied, UserEventApplied) carry the
 device's or the user's whole record and are written as DeviceUpserted and QuotaSet
-are, on the same version sequence. Within a batch only the newest change of each
+are, on the same version sequence. Reservation changes (ReservationChange) are written to
+``reservations`` the same way, by version. Within a batch only the newest change of each
 entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
@@ -27,7 +28,7 @@ import msgspec
 
 from pipeline.worker import Entry
 from schemas.keys import GROUP_PERSIST
-from schemas.messages import AllocationChange, Change, DeviceUpserted, QuotaSet
+from schemas.messages import AllocationChange, Change, DeviceUpserted, QuotaSet, ReservationChange
 from stages.changes import decode_changes, pg_batch, ts
 from stages.context import StageContext
 
@@ -70,6 +71,21 @@ ON CONFLICT (user_id) DO UPDATE SET status = EXCLUDED.status, expires_at = EXCLU
 WHERE q.version < EXCLUDED.version
 """
 
+UPSERT_RESERVATIONS = """
+INSERT INTO reservations AS r (id, request_id, user_id, tenant_id, device_id, pool, start_at,
+    end_at, status, allocation_id, reason, created_at, claimed_at, claim_by, ended_at, version)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[],
+    $12::timestamptz[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[],
+    $16::bigint[]) ORDER BY 1
+ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,
+    allocation_id = EXCLUDED.allocation_id, reason = EXCLUDED.reason,
+    claimed_at = EXCLUDED.claimed_at, claim_by = EXCLUDED.claim_by,
+    ended_at = EXCLUDED.ended_at, version = EXCLUDED.version
+WHERE r.version < EXCLUDED.version
+"""
+
+
 def metadata(change: AllocationChange) -> str:
     """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
     when set. Merged into the stored one (a later change that leaves a key out keeps it)."""
@@ -81,7 +97,8 @@ def metadata(change: AllocationChange) -> str:
     return msgspec.json.encode(meta).decode()
 
 
-Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet)
+Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet,
+                    ReservationChange)
 
 
 def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
@@ -94,6 +111,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
     allocs: dict[str, AllocationChange] = {}
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
+    reservations: dict[str, ReservationChange] = {}
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
@@ -101,6 +119,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             newest(devices, c.device_id, c)
         elif isinstance(c, QuotaSet):
             newest(quotas, c.user_id, c)
+        elif isinstance(c, ReservationChange):
+            newest(reservations, c.reservation_id, c)
     if allocs:
         rows = list(allocs.values())
         await conn.execute(
@@ -132,6 +152,21 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [q.total_memory_gb for q in qs], [q.total_storage_gb for q in qs],
             [q.version for q in qs],
         )
+    if reservations:
+        await write_reservations(conn, list(reservations.values()))
+
+
+async def write_reservations(conn: asyncpg.Connection, rs: list[ReservationChange]) -> None:
+    """The newest change of each reservation, as its row (UPSERT_RESERVATIONS)."""
+    await conn.execute(
+        UPSERT_RESERVATIONS,
+        [r.reservation_id for r in rs], [r.request_id for r in rs], [r.user_id for r in rs],
+        [r.tenant_id for r in rs], [r.device_id for r in rs], [r.pool for r in rs],
+        [ts(r.start_ms) for r in rs], [ts(r.end_ms) for r in rs], [r.status for r in rs],
+        [r.allocation_id for r in rs], [r.reason for r in rs], [ts(r.created_at_ms) for r in rs],
+        [ts(r.claimed_at_ms) for r in rs], [ts(r.claim_by_ms) for r in rs],
+        [ts(r.ended_at_ms) for r in rs], [r.version for r in rs],
+    )
 
 
 class PersistStage:

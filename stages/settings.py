@@ -79,3 +79,7 @@ class Settings(RuntimeSettings):
     """Aging of the wait queue: a waiter's score is its arrival (ms) minus priority times
     this step, lowest served first; so no request arriving more than 9 steps after a
     waiter (90 s by default) is served before it, whatever the priorities."""
+    reservation_grace_s: int = env("DEVSCHED_RESERVATION_GRACE_S", 600, minimum=1)
+    """A reservation that became an allocation at its start is cancelled as a no-show
+    (its device freed) when its user has not claimed it (a claim_reservation request, or
+    a renewal of that allocation) within this long."""

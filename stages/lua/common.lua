@@ -234,6 +234,26 @@ local function give_device(P, changes, now, w, dev, dev_pool, cpu, mem, sto, d, 
   emit_change(changes, rec)
 end
 
+-- --- bookings (reservations; the rest is in bookings.lua) ------------------------------
+-- P:{pool}:bookings:<device> holds the device's reservations (booked or active) scored
+-- by start; they never overlap, so ordered by start they are ordered by end too, and the
+-- one starting last before `until_ms` is the only one that can still run at `from_ms`.
+-- P:{pool}:booked counts them per device: its length is read once per script call
+-- (booked_n) and, while it is 0, no booking is looked up at all.
+local booked_n = nil  -- devices with bookings, read once per call (reset by bookings.lua)
+
+-- The reservation booked on `dev` during [from_ms, until_ms) (its id and start), or nil.
+local function booking_in(P, dev, from_ms, until_ms)
+  if booked_n == nil then booked_n = redis.call('HLEN', k_pool(P, 'booked')) end
+  if booked_n == 0 then return nil end
+  local last = redis.call('ZREVRANGEBYSCORE', k_pool(P, 'bookings:' .. dev), '(' .. until_ms,
+    '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #last == 0 then return nil end
+  local ends = tonumber(redis.call('HGET', k_pool(P, 'rsv:' .. last[1]), 'end_ms'))
+  if ends and ends > from_ms then return last[1], tonumber(last[2]) end
+  return nil
+end
+
 -- --- the wait queue --------------------------------------------------------------------
 -- An allocate request with wait_seconds that found no fitting device waits (select.lua
 -- queues it): P:{pool}:queue orders the waiters ('<user id> <request id>') by arrival ms
@@ -288,7 +308,8 @@ local function time_out_waiter(P, changes, now, w)
 end
 
 -- Offer the device `dev`, just made free, to the queue: the first waiter among the first
--- QUEUE_SCAN it fits gets it (waiters past their wait, or whose user is blocked now, are
+-- QUEUE_SCAN it fits (and whose allocation would end before the device's next booking)
+-- gets it (waiters past their wait, or whose user is blocked now, are
 -- answered on the way). Returns true when a waiter got it. Costs nothing more than one
 -- ZCARD per script call while nobody waits.
 local function offer_device(P, changes, now, dev)
@@ -307,7 +328,8 @@ local function offer_device(P, changes, now, dev)
     elseif w.wait_until_ms <= now then
       time_out_waiter(P, changes, now, w)
     elseif (not w.pool or w.pool == pool) and (not w.model or w.model == d[2])
-        and cpu >= w.min_cpu_cores and mem >= w.min_memory_mb then
+        and cpu >= w.min_cpu_cores and mem >= w.min_memory_mb
+        and not booking_in(P, dev, now, now + w.duration_seconds * 1000) then
       STATE_FIELDS[1] = 'hold:' .. w.request_id
       local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))
       local blocked = s[11] and BLOCKED[s[11]]
