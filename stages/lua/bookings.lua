@@ -76,7 +76,7 @@ end
 
 -- End a booked or active reservation as `status` (completed, cancelled, no_show) for
 -- `reason` at `ended_at`. An active one's allocation, still held, is closed for
--- `alloc_reason` (an EndReason) after its booking is dropped; a device left free is
+-- `alloc_reason` (an EndReason) at `ended_at`, after its booking is dropped; a device left free is
 -- offered to the wait queue (the booking no longer keeps waiters off it).
 local function end_reservation(P, changes, now, released_ttl, r, status, reason, ended_at,
                                alloc_reason)
@@ -87,8 +87,8 @@ local function end_reservation(P, changes, now, released_ttl, r, status, reason,
   redis.call('EXPIRE', k_pool(P, 'rsv:' .. r.reservation_id), released_ttl)
   emit_change(changes, reservation_change(r, now))
   if was == 'active' and alloc_reason and r.allocation_id and
-      close_allocation(P, changes, r.allocation_id, now, 'released', now, released_ttl, nil,
-        alloc_reason) then
+      close_allocation(P, changes, r.allocation_id, ended_at, 'released', now, released_ttl,
+        nil, alloc_reason) then
     return
   end
   offer_device(P, changes, now, r.device_id)

@@ -84,10 +84,14 @@ local function no_show(rid)
   redis.call('ZREM', k_pool(P, 'rsv_grace'), rid)
   local r = read_reservation(P, rid)
   if not r or r.status ~= 'active' or r.claimed_at_ms then return false end
-  if redis.call('HGET', k_pool(P, 'alloc:' .. r.allocation_id), 'status') ~= 'allocated' then
+  local a = redis.call('HMGET', k_pool(P, 'alloc:' .. r.allocation_id), 'status',
+    'expires_at_ms')
+  if a[1] ~= 'allocated' then
     return false  -- its allocation ended already (released: the user was there): complete
   end
-  end_reservation(P, changes, now, released_ttl, r, 'no_show', 'no_show', now, 'no_show')
+  -- held until now, or until its end when the expire job has not closed it yet
+  end_reservation(P, changes, now, released_ttl, r, 'no_show', 'no_show',
+    math.min(now, tonumber(a[2])), 'no_show')
   return true
 end
 
