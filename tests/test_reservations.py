@@ -31,7 +31,7 @@ from schemas.messages import (
     notification_decoder,
 )
 from stages.settings import Settings
-from stages.tools.admin import write_behind_drained
+from stages.tools.admin import delete_keys, write_behind_drained
 from stages.tools.client import Client
 from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, tick_through_timers, wait_until
 
@@ -221,3 +221,65 @@ async def test_bad_intervals_and_blocked_users_get_typed_refusals(
                              min_cpu_cores=8) == "no_available_devices"
         gone = await client.cancel_reservation("no-such", "u1")
         assert isinstance(gone, Failed) and gone.reason == "not_found"
+
+
+async def reservation_state(redis: Redis, keys: Keys) -> dict[str, object]:
+    """Every reservation key (hashes without empty fields, bookings, schedules) and the
+    reservation marks on allocations."""
+    state: dict[str, object] = {}
+    async for raw in redis.scan_iter(match=f"{keys.prefix}:{{pool}}:*", count=1000):
+        name = raw.decode()
+        kind = await redis.type(name)
+        if ":rsv" in name or ":bookings:" in name or name == keys.booked:
+            if kind == b"hash":
+                state[name] = {k: v for k, v in (await redis.hgetall(name)).items() if v}
+            else:
+                state[name] = await redis.zrange(name, 0, -1, withscores=True)
+        elif ":alloc:" in name:
+            state[name] = await redis.hget(name, "reservation_id")
+    return state
+
+
+async def test_rebuild_restores_bookings_schedules_and_answers(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    from stages.tools.rebuild import rebuild
+    from tests.test_rebuild import start_pipeline
+
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1"), DeviceSpec(id="d2")],
+               quotas=[QuotaSpec(user_id="u1")])
+    now = clock.now_ms()
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        later = await client.reserve("u1", now + 60 * MIN, now + 90 * MIN, device_id="d1",
+                                     request_id="r-later")
+        soon = await client.reserve("u1", now + MIN, now + 30 * MIN, device_id="d2")
+        assert isinstance(later, Reserved) and isinstance(soon, Reserved)
+        clock.advance(MIN)
+        await tick_through_timers(redis, settings, clock)  # soon: active, not claimed
+    await drained(redis, keys)
+    await pipeline.close()
+    before = await reservation_state(redis, keys)
+    assert before[keys.reservation(soon.reservation_id)]  # type: ignore[index]
+
+    await delete_keys(redis, settings.prefix)  # Redis came back empty
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert report.reservations == 2
+    assert await reservation_state(redis, keys) == before
+
+    again = await start_pipeline(settings, clock)
+    try:
+        async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+            retried = await client.reserve("u1", now + 60 * MIN, now + 90 * MIN,
+                                           device_id="d1", request_id="r-later")
+            assert retried == later  # its first answer, not a second booking
+            clash = await client.reserve("u1", now + 70 * MIN, now + 80 * MIN, device_id="d1")
+            assert isinstance(clash, Failed) and clash.reason == "overlaps"
+            clock.advance(settings.reservation_grace_s * 1000)
+            await tick_through_timers(redis, settings, clock)
+            assert await redis.hget(keys.reservation(soon.reservation_id), "status") == b"no_show"
+            clock.advance(60 * MIN)
+            await tick_through_timers(redis, settings, clock)
+            assert await redis.hget(keys.reservation(later.reservation_id), "status") == b"active"
+    finally:
+        await again.close()
