@@ -283,3 +283,53 @@ async def test_rebuild_restores_bookings_schedules_and_answers(
             assert await redis.hget(keys.reservation(later.reservation_id), "status") == b"active"
     finally:
         await again.close()
+
+
+async def devsched(settings: Settings, *argv: str) -> tuple[int, str]:
+    import asyncio
+    import os
+
+    from tests.test_admin import devsched_command
+
+    env = dict(os.environ, REDIS_URL=settings.redis_url, DATABASE_URL=settings.database_url,
+               DEVSCHED_PREFIX=settings.prefix)
+    proc = await asyncio.create_subprocess_exec(
+        devsched_command(), *argv, env=env, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), EVENT_TIMEOUT_S)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode() + err.decode()
+
+
+async def test_reserve_list_and_cancel_commands(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    import orjson
+
+    # the commands take the system's time (offsets from now); the pipeline's clock is
+    # moved there so that the start is ahead of it
+    from pipeline.clock import SystemClock
+
+    clock.advance(SystemClock().now_ms() - clock.now_ms())
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1")],
+               quotas=[QuotaSpec(user_id="u1")])
+    code, out = await devsched(settings, "reserve", "u1", "--device", "d1", "--start", "+10m",
+                               "--duration", "30m")
+    assert code == 0, out
+    booked = orjson.loads(out)
+    assert booked["type"] == "reserved" and booked["end_ms"] - booked["start_ms"] == 1_800_000
+    code, out = await devsched(settings, "reserve", "u1", "--device", "d1", "--start", "+20m",
+                               "--end", "+50m")
+    assert code == 2 and orjson.loads(out)["reason"] == "overlaps", out
+    await drained(redis, keys)
+    code, out = await devsched(settings, "reservations", "list", "--json")
+    assert code == 0, out
+    [listed] = orjson.loads(out)["reservations"]
+    assert (listed["reservation_id"], listed["status"]) == (booked["reservation_id"], "booked")
+    code, out = await devsched(settings, "reservations", "cancel", booked["reservation_id"],
+                               "--user", "u1")
+    assert code == 0 and orjson.loads(out)["type"] == "reservation_cancelled", out
+    await drained(redis, keys)
+    code, out = await devsched(settings, "reservations", "list", "--status", "cancelled")
+    assert code == 0 and booked["reservation_id"] in out and "cancelled" in out, out

@@ -3,7 +3,8 @@
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, schema.
+reserve, reservations (stages.tools.reservations), events, jobs, stats, strategy, audit,
+rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -715,6 +716,10 @@ def parser() -> argparse.ArgumentParser:
             s.add_argument("--timeout", type=float, default=30.0)
         s.add_argument("--json", action="store_true", help="print JSON")
         s.set_defaults(fn=cmd_jobs)
+
+    from stages.tools.reservations import add_reservation_commands
+
+    add_reservation_commands(sub)  # reserve, reservations list|cancel|claim
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
