@@ -2,9 +2,11 @@
 
 Wire format (see docs/wire-format.md): each stream entry carries one field,
 ``d``, whose value is a UTF-8 JSON object. The public request stream takes the
-tagged union :data:`Request` (``"type": "allocate" | "release" | "renew"``); replies
-on a producer's reply stream are the tagged union :data:`Reply` (``"type":
-"allocated" | "released" | "failed" | "renewed"``). Constraints live in the types, so a
+tagged union :data:`Request` (``"type": "allocate" | "release" | "renew" | "cancel" |
+"reserve" | "cancel_reservation" | "claim_reservation"``); replies on a producer's reply
+stream are the tagged union :data:`Reply` (``"type": "allocated" | "released" | "failed" |
+"renewed" | "queued" | "cancelled" | "reserved" | "reservation_cancelled" | "claimed"``,
+and the batch replies). Constraints live in the types, so a
 value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
