@@ -30,6 +30,7 @@ from schemas.messages import (
     Reserved,
     notification_decoder,
 )
+from stages.context import StageContext
 from stages.settings import Settings
 from stages.tools.admin import delete_keys, write_behind_drained
 from stages.tools.client import Client
@@ -333,3 +334,66 @@ async def test_reserve_list_and_cancel_commands(
     await drained(redis, keys)
     code, out = await devsched(settings, "reservations", "list", "--status", "cancelled")
     assert code == 0 and booked["reservation_id"] in out and "cancelled" in out, out
+
+
+async def test_a_waiter_is_served_the_device_once_its_booking_is_cancelled(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock,
+) -> None:
+    import asyncio
+
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1")],
+               quotas=[QuotaSpec(user_id="u1"), QuotaSpec(user_id="u2")])
+    now = clock.now_ms()
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        booked = await client.reserve("u1", now + 10 * MIN, now + 20 * MIN, device_id="d1")
+        assert isinstance(booked, Reserved), booked
+        # 30 minutes would run into the booking: the request waits instead of taking d1
+        waiting = asyncio.create_task(client.allocate("u2", duration_minutes=30,
+                                                      wait_seconds=600, request_id="w1"))
+        await wait_until(lambda: _is_queued(client, "w1"))
+        assert await redis.hget(keys.device("d1"), "status") == b"available"
+        gone = await client.cancel_reservation(booked.reservation_id, "u1")
+        assert isinstance(gone, ReservationCancelled)
+        got = await asyncio.wait_for(waiting, EVENT_TIMEOUT_S)  # served by the cancel's step
+        assert isinstance(got, Allocated) and got.device.id == "d1"
+
+
+async def _is_queued(client: Client, request_id: str) -> bool:
+    return request_id in client.queued
+
+
+async def test_a_redelivered_reserve_or_cancel_changes_nothing_twice(
+    redis: Redis, ctx: StageContext, clock: ManualClock,
+) -> None:
+    """The same admitted entries handed to select twice (a worker that died before its
+    ack; the entries are reclaimed and handled again): the second time each request
+    gets its stored answer again, and there is still one booking and one change each."""
+    from schemas.messages import ReservationChange, change_decoder, reply_decoder
+    from tests.test_script_contract import CLIENT, Driver
+
+    d = Driver(redis, ctx, clock)
+    await d.start()
+    await seed(redis, ctx.keys, clock, devices=[DeviceSpec(id="d1")],
+               quotas=[QuotaSpec(user_id="u1")])
+    now = clock.now_ms()
+    await d.through_quota(d.reserve("r1", "u1", now + MIN, now + 2 * MIN, device_id="d1"))
+    entries = await d._read(ctx.keys.admitted, "select")
+    await d.select.handle(entries)
+    await d.select.handle(entries)  # redelivered
+    [first, again] = [reply_decoder.decode(f[b"d"]) for _, f in
+                      await redis.xrange(ctx.keys.reply(CLIENT))]
+    assert isinstance(first, Reserved) and again == first
+    assert await redis.zcard(ctx.keys.bookings("d1")) == 1
+    await d.through_quota(d.cancel_reservation("c1", first.reservation_id, "u1"))
+    entries = await d._read(ctx.keys.admitted, "select")
+    await d.select.handle(entries)
+    await d.select.handle(entries)  # redelivered
+    replies = [reply_decoder.decode(f[b"d"]) for _, f in
+               await redis.xrange(ctx.keys.reply(CLIENT))]
+    assert isinstance(replies[2], ReservationCancelled) and replies[3] == replies[2]
+    changes = [change_decoder.decode(f[b"d"]) for _, f in await redis.xrange(ctx.keys.changes)]
+    statuses = [c.status for c in changes if isinstance(c, ReservationChange)]
+    assert statuses == ["booked", "cancelled"]  # one change each, not two
+    assert await redis.zcard(ctx.keys.bookings("d1")) == 0
+    assert await redis.hlen(ctx.keys.booked) == 0
