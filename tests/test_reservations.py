@@ -267,6 +267,10 @@ async def test_rebuild_restores_bookings_schedules_and_answers(
     report = await rebuild(redis, keys, pg, settings, clock)
     assert report.reservations == 2
     assert await reservation_state(redis, keys) == before
+    from stages.tools.audit import audit
+
+    checked = await audit(redis, keys, pg)  # the active reservation's allocation too
+    assert checked["consistent"], checked
 
     again = await start_pipeline(settings, clock)
     try:
