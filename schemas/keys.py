@@ -196,6 +196,44 @@ class Keys:
         """``<user id> <request id>`` scored by when its wait ends (timers time it out)."""
         return f"{self.prefix}:{{pool}}:queue_deadline"
 
+    # reservations, device side (stages/lua/bookings.lua)
+    def reservation(self, reservation_id: str) -> str:
+        """One hash per reservation: ``reservation_id``, ``request_id``, ``user_id``,
+        ``tenant_id``, ``device_id``, ``pool``, ``start_ms``, ``end_ms``, ``status``
+        (booked, active, completed, cancelled, no_show), ``allocation_id`` (once active),
+        ``reason``, ``created_at_ms``, ``claimed_at_ms``, ``claim_by_ms``,
+        ``ended_at_ms``, ``version``. An ended one expires after DEVSCHED_RELEASED_TTL_S
+        (PostgreSQL keeps it)."""
+        return f"{self.prefix}:{{pool}}:rsv:{reservation_id}"
+
+    def bookings(self, device_id: str) -> str:
+        """The device's bookings (reservations booked or active), scored by start ms;
+        never two overlapping."""
+        return f"{self.prefix}:{{pool}}:bookings:{device_id}"
+
+    @property
+    def booked(self) -> str:
+        """Device id -> how many bookings it has (only devices with some): select reads
+        its length once per call and skips every booking check while it is 0."""
+        return f"{self.prefix}:{{pool}}:booked"
+
+    @property
+    def reservation_starts(self) -> str:
+        """Booked reservations scored by start ms (activate_reservations takes the due)."""
+        return f"{self.prefix}:{{pool}}:rsv_starts"
+
+    @property
+    def reservation_claims(self) -> str:
+        """Active reservations not yet claimed, scored by their claim deadline
+        (cancel_no_shows ends the ones past it)."""
+        return f"{self.prefix}:{{pool}}:rsv_grace"
+
+    @property
+    def reservations_active(self) -> str:
+        """Active reservations scored by end ms (complete_reservations completes those
+        whose allocation ended)."""
+        return f"{self.prefix}:{{pool}}:rsv_active"
+
     # user side, tag {u:ID}
     def user(self, user_id: str) -> str:
         """One hash per user, read and written in one step by the scripts: the quota

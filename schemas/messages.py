@@ -2,9 +2,11 @@
 
 Wire format (see docs/wire-format.md): each stream entry carries one field,
 ``d``, whose value is a UTF-8 JSON object. The public request stream takes the
-tagged union :data:`Request` (``"type": "allocate" | "release" | "renew"``); replies
-on a producer's reply stream are the tagged union :data:`Reply` (``"type":
-"allocated" | "released" | "failed" | "renewed"``). Constraints live in the types, so a
+tagged union :data:`Request` (``"type": "allocate" | "release" | "renew" | "cancel" |
+"reserve" | "cancel_reservation" | "claim_reservation"``); replies on a producer's reply
+stream are the tagged union :data:`Reply` (``"type": "allocated" | "released" | "failed" |
+"renewed" | "queued" | "cancelled" | "reserved" | "reservation_cancelled" | "claimed"``,
+and the batch replies). Constraints live in the types, so a
 value out of range fails at decode with a message naming the field.
 
 Times on the wire are integers: milliseconds since the Unix epoch (``*_ms``).
@@ -54,6 +56,9 @@ FailureReason = Literal[
     "queue_full",
     "cancelled",
     "billing_unavailable",
+    "overlaps",
+    "invalid_interval",
+    "reserved",
 ]
 """Why a request failed. ``timed_out`` and ``invalid_reply`` are the client's own: no
 reply came in time, or the reply that came did not decode. ``rate_limited``: the user
@@ -66,7 +71,14 @@ A waiting request (``wait_seconds``) ends ``timed_out`` when its wait ends witho
 device, ``cancelled`` by a CancelRequest; ``queue_full``: its user already has
 DEVSCHED_QUEUE_MAX_PER_USER requests waiting. ``billing_unavailable``: the billing check
 fails closed (DEVSCHED_BILLING_FAIL_OPEN=false) and the user's billing standing is unknown
-or older than DEVSCHED_BILLING_STANDING_MAX_AGE_S."""
+or older than DEVSCHED_BILLING_STANDING_MAX_AGE_S.
+Reservations: a reserve request is refused ``invalid_interval`` (end not after start,
+start in the past, longer than DEVSCHED_MAX_ALLOCATION_S), ``overlaps`` (the device, or
+every device matching the specs, is booked or held during the interval),
+``exceeds_quota_expiry`` (it would end after the quota expires), ``not_found`` (no such
+device); a renewal is refused ``reserved`` when the new expires-at runs into a booking
+of the device; a cancel or claim of a reservation ``not_found``, ``not_owner`` or
+``not_active`` (not started yet, or ended)."""
 WaitSeconds = Annotated[int, Meta(ge=1, le=3600)]
 """How long an allocate request may wait in the queue for a device: 1 s to an hour."""
 
@@ -84,13 +96,15 @@ EndReason = Literal[
     "quota_exceeded",
     "payment_failed",
     "billing_overdue",
+    "no_show",
 ]
 """Why an allocation ended: ``released`` by its user, ``expired`` at its expires-at, or
 closed by an event from another system (schemas/events.py): its device failed, was
 deleted, went to maintenance, stopped or reported an error; its user was deleted or
 suspended; the user's quota was lowered below the use (``quota_reduced``, oldest
 allocations first) or reported exceeded; payments failed up to the threshold; billing
-overdue."""
+overdue; ``no_show``: the allocation a reservation became was not claimed within
+DEVSCHED_RESERVATION_GRACE_S."""
 
 
 # --- requests (public stream) ------------------------------------------------
@@ -173,7 +187,57 @@ class CancelRequest(Struct, tag_field="type", tag="cancel", kw_only=True,
     sent_at_ms: int | None = None
 
 
-Request = AllocateRequest | ReleaseRequest | RenewRequest | CancelRequest
+class ReserveRequest(Struct, tag_field="type", tag="reserve", kw_only=True,
+                     forbid_unknown_fields=True, omit_defaults=True):
+    """Book a device for ``user_id`` over ``[start_ms, end_ms)``: the device ``device_id``,
+    or (without it) any device matching the specs (pool, model, minimums; the best fit
+    free over the whole interval is chosen at booking). Answered ``reserved`` with the
+    reservation id and the device, or ``failed``. At start the reservation becomes an
+    allocation held for the user (see docs/wire-format.md, Reservations)."""
+
+    request_id: Id
+    user_id: Id
+    reply_to: StreamKey
+    tenant_id: Id | None = None
+    start_ms: Annotated[int, Meta(ge=0)]
+    end_ms: Annotated[int, Meta(gt=0)]
+    device_id: Id | None = None
+    min_cpu_cores: Cores = 0
+    min_memory_mb: MegaBytes = 0
+    pool: Id | None = None
+    model: Name | None = None
+    sent_at_ms: int | None = None
+
+
+class CancelReservationRequest(Struct, tag_field="type", tag="cancel_reservation",
+                               kw_only=True, forbid_unknown_fields=True):
+    """Cancel the reservation ``reservation_id`` of ``user_id``: a booked one is dropped,
+    an active one's allocation released. Answered ``reservation_cancelled`` or
+    ``failed`` (not_found, not_owner, not_active)."""
+
+    request_id: Id
+    reply_to: StreamKey
+    reservation_id: Id
+    user_id: Id
+    sent_at_ms: int | None = None
+
+
+class ClaimReservationRequest(Struct, tag_field="type", tag="claim_reservation",
+                              kw_only=True, forbid_unknown_fields=True):
+    """Claim the allocation an active reservation became (the user shows up): without a
+    claim (or a renewal of that allocation) within DEVSCHED_RESERVATION_GRACE_S of its
+    activation the reservation ends ``no_show``. Answered ``claimed`` (again, the same,
+    when claimed before) or ``failed`` (not_found, not_owner, not_active)."""
+
+    request_id: Id
+    reply_to: StreamKey
+    reservation_id: Id
+    user_id: Id
+    sent_at_ms: int | None = None
+
+
+Request = (AllocateRequest | ReleaseRequest | RenewRequest | CancelRequest | ReserveRequest
+           | CancelReservationRequest | ClaimReservationRequest)
 
 
 # --- replies (a producer's reply stream) ------------------------------------
@@ -281,8 +345,68 @@ class Cancelled(Struct, tag_field="type", tag="cancelled", kw_only=True,
     cancel_request_id: str
 
 
+ReservationStatus = Literal["booked", "active", "completed", "cancelled", "no_show"]
+"""A reservation's life: ``booked`` until its start, ``active`` while the allocation it
+became is held, then ``completed`` (that allocation ended: expired at the end, released,
+or ended by an event), ``cancelled`` (by a cancel_reservation request, or at start: its
+device unavailable, its user blocked) or ``no_show`` (not claimed in the grace period)."""
+
+ReservationReason = Literal[
+    "cancelled", "no_show", "device_unavailable", "user_suspended", "billing_overdue",
+    "quota_exceeded", "missed",
+]
+"""Why a reservation ended other than ``completed``: ``cancelled`` by its user,
+``no_show``, ``device_unavailable`` (at start its device was down or still held),
+``user_suspended`` / ``billing_overdue`` / ``quota_exceeded`` (its user blocked at start),
+``missed`` (the timers first saw it after its end)."""
+
+
+class Reserved(Struct, tag_field="type", tag="reserved", kw_only=True,
+               forbid_unknown_fields=True):
+    """The answer to a ReserveRequest that booked ``device_id`` over ``[start_ms,
+    end_ms)`` as ``reservation_id``."""
+
+    request_id: str
+    reservation_id: str
+    user_id: str
+    device_id: str
+    device_name: str
+    pool: str
+    start_ms: int
+    end_ms: int
+    status: ReservationStatus
+
+
+class ReservationCancelled(Struct, tag_field="type", tag="reservation_cancelled",
+                           kw_only=True, forbid_unknown_fields=True):
+    """The answer to a CancelReservationRequest: the reservation is ``cancelled`` now
+    (it was ``previous_status``: booked, or active, its allocation then released)."""
+
+    request_id: str
+    reservation_id: str
+    previous_status: ReservationStatus
+    allocation_id: str | None = None
+    """The allocation released with it (an active reservation's)."""
+
+
+class Claimed(Struct, tag_field="type", tag="claimed", kw_only=True,
+              forbid_unknown_fields=True):
+    """The answer to a ClaimReservationRequest: the allocation the reservation became,
+    as an Allocated reply describes one."""
+
+    request_id: str
+    reservation_id: str
+    allocation_id: str
+    device: DeviceInfo
+    user_id: str
+    allocated_at_ms: int
+    expires_at_ms: int
+    adb_host: str
+    adb_port: int
+
+
 Reply = (Allocated | Released | Failed | AllocatedBatch | ReleasedBatch | Renewed | Queued
-         | Cancelled)
+         | Cancelled | Reserved | ReservationCancelled | Claimed)
 
 
 # --- internal streams ---------------------------------------------------------
@@ -348,6 +472,37 @@ class AllocationRenewed(AllocationChange, tag="allocation_renewed", kw_only=True
     previous_expires_at_ms: int
     extended_seconds: int
     renew_request_id: str
+
+
+class ReservationChange(
+    Struct, tag_field="kind", tag="reservation", kw_only=True, forbid_unknown_fields=True
+):
+    """One state change of one reservation (persist writes the ``reservations`` row,
+    notify announces ``reservation.<status>``); ``version`` grows by one per change."""
+
+    reservation_id: str
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    device_id: str
+    pool: str
+    start_ms: int
+    end_ms: int
+    status: ReservationStatus
+    allocation_id: str | None = None
+    """The allocation it became at start (active, and after)."""
+    reason: ReservationReason | None = None
+    created_at_ms: int
+    claimed_at_ms: int | None = None
+    claim_by_ms: int | None = None
+    """Active and not claimed: it ends ``no_show`` at this time."""
+    ended_at_ms: int | None = None
+    version: int
+    at_ms: int
+    device_name: str | None = None
+    adb_host: str | None = None
+    adb_port: int | None = None
+    """At activation: the device's name and ADB endpoint (for the notification)."""
 
 
 class RequestRejected(
@@ -495,7 +650,7 @@ class WaiterChange(
 
 
 Change = (AllocationChange | AllocationReplaced | AllocationRenewed | RequestRejected | DeviceUpserted | QuotaSet
-          | DeviceEventApplied | UserEventApplied | WaiterChange)
+          | DeviceEventApplied | UserEventApplied | WaiterChange | ReservationChange)
 
 
 Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+( [0-9]+)?)?$")]
@@ -594,6 +749,10 @@ class Notification(Struct, kw_only=True, omit_defaults=True):
     expires_at_ms: int | None = None
     previous_expires_at_ms: int | None = None
     """allocation.renewed: when the allocation ends now, and when it was to end before."""
+    reservation_id: str | None = None
+    start_ms: int | None = None
+    end_ms: int | None = None
+    """reservation.*: the reservation and its interval."""
 
 
 # --- records ------------------------------------------------------------------

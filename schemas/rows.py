@@ -98,7 +98,18 @@ class RenewCheckRow(Row, tag="renew", kw_only=True):
     payload: str
 
 
-QuotaRow = AdmitRow | ForwardRow | RefuseRow | RenewCheckRow | DeadRow
+class ReserveCheckRow(Row, tag="reserve", kw_only=True):
+    """A reserve request: checked as a renewal is (an active user, a quota not expired);
+    admitted, it goes on to select as ``payload`` (holding nothing: a reservation takes
+    its share of the quota when it becomes an allocation)."""
+
+    request_id: str
+    user_id: str
+    reply_to: str
+    payload: str
+
+
+QuotaRow = AdmitRow | ForwardRow | RefuseRow | RenewCheckRow | ReserveCheckRow | DeadRow
 
 
 class RateLimits(Struct, kw_only=True, omit_defaults=True):
@@ -231,8 +242,45 @@ class CancelRow(Row, tag="cancel", kw_only=True):
     user_id: str
 
 
+class ReserveRow(Row, tag="reserve", kw_only=True):
+    """An admitted reserve request: book the device (or the best fitting one free over
+    the interval) in one atomic step with the interval check (stages/lua/bookings.lua)."""
+
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    reply_to: str
+    start_ms: int
+    end_ms: int
+    device_id: str | None = None
+    min_cpu_cores: int = 0
+    min_memory_mb: int = 0
+    pool: str | None = None
+    model: str | None = None
+    max_total_s: int
+    """DEVSCHED_MAX_ALLOCATION_S: the longest a reservation may last."""
+
+
+class CancelReservationRow(Row, tag="cancel_reservation", kw_only=True):
+    """A cancel_reservation request."""
+
+    request_id: str
+    reply_to: str
+    reservation_id: str
+    user_id: str
+
+
+class ClaimReservationRow(Row, tag="claim_reservation", kw_only=True):
+    """A claim_reservation request."""
+
+    request_id: str
+    reply_to: str
+    reservation_id: str
+    user_id: str
+
+
 SelectRow = (AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | RenewRow | CancelRow
-             | DeadRow)
+             | ReserveRow | CancelReservationRow | ClaimReservationRow | DeadRow)
 
 
 class SelectCall(Struct, kw_only=True):
@@ -265,6 +313,28 @@ class ExpireCall(Struct, kw_only=True):
     now_ms: int
     limit: int
     """Most allocations closed by one call (and most waiters timed out)."""
+    released_ttl_s: int
+
+
+# --- reservations.lua -----------------------------------------------------------------
+
+
+class ReservationsKeys(NamedTuple):
+    changes: str
+
+
+class ReservationsCall(Struct, kw_only=True):
+    """One step of one reservations job: ``op`` is ``activate`` (booked ones whose start
+    came), ``no_show`` (active ones not claimed by their deadline) or ``complete``
+    (active ones whose allocation ended)."""
+
+    prefix: str
+    now_ms: int
+    op: str
+    limit: int
+    """Most reservations handled by one call (a full call means: call again)."""
+    grace_ms: int
+    """DEVSCHED_RESERVATION_GRACE_S in ms: how long an activated one waits for its claim."""
     released_ttl_s: int
 
 
@@ -435,9 +505,29 @@ class RebuildStats(Struct, kw_only=True):
     expired: int
 
 
+class RebuildReservation(Struct, kw_only=True, omit_defaults=True):
+    """A reservation that is booked or active (``reservations`` in PostgreSQL): its hash,
+    its booking of the device and its place in the timers' schedules."""
+
+    reservation_id: str
+    request_id: str
+    user_id: str
+    tenant_id: str | None = None
+    device_id: str
+    pool: str
+    start_ms: int
+    end_ms: int
+    status: str
+    allocation_id: str | None = None
+    created_at_ms: int
+    claimed_at_ms: int | None = None
+    claim_by_ms: int | None = None
+    version: int
+
+
 class RebuildCall(Struct, kw_only=True, omit_defaults=True):
     """One chunk of the live state; the caller sends stats, then allocations, answers,
-    users and devices, in that order (see rebuild.lua)."""
+    users and devices, in that order, then reservations (see rebuild.lua)."""
 
     prefix: str
     now_ms: int | None = None
@@ -448,6 +538,7 @@ class RebuildCall(Struct, kw_only=True, omit_defaults=True):
     answers: list[RebuildAnswer] | None = None
     users: list[RebuildUser] | None = None
     devices: list[RebuildDevice] | None = None
+    reservations: list[RebuildReservation] | None = None
 
 
 # --- events.lua ---------------------------------------------------------------------

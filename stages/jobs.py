@@ -39,6 +39,7 @@ from schemas.messages import JobRunResult
 from schemas.rows import ExpireCall, ExpireKeys, JobClaim, JobControl, JobFinish, JobsCall, JobsKeys
 from stages import metrics
 from stages.context import StageContext
+from stages.reservations import activate_reservations, cancel_no_shows, complete_reservations
 from stages.scripts import EXPIRE
 from stages.scripts import JOBS as JOBS_LUA
 from stages.settings import Settings
@@ -202,6 +203,13 @@ async def prune_history(ctx: StageContext) -> int:
 JOBS: Mapping[str, Job] = {j.name: j for j in (
     Job("expire", expire_due, lambda s: s.tick_ms,
         "close the allocations past their expires-at (every tick)", starts_now=True),
+    Job("activate_reservations", activate_reservations, lambda s: s.tick_ms,
+        "turn the reservations whose start came into allocations (every tick)", starts_now=True),
+    Job("cancel_no_shows", cancel_no_shows, lambda s: s.tick_ms,
+        "end the reservations not claimed within DEVSCHED_RESERVATION_GRACE_S (every tick)",
+        starts_now=True),
+    Job("complete_reservations", complete_reservations, lambda s: s.tick_ms,
+        "complete the reservations whose allocation ended (every tick)", starts_now=True),
     Job("trim", trim_streams, lambda s: s.tick_ms * s.trim_every_ticks,
         "trim the streams below what every group acked"),
     Job("stats_snapshot", stats_snapshot, lambda s: 3_600_000,
@@ -211,8 +219,7 @@ JOBS: Mapping[str, Job] = {j.name: j for j in (
     Job("prune_history", prune_history, lambda s: 600_000,
         "keep job executions within their retention and maximum count"),
 )}
-"""Every tracked job, in the order a tick runs them. Room is left for
-reservations_activate, no_shows, bookings_close and queue_timeouts."""
+"""Every tracked job, in the order a tick claims them (they then run together)."""
 
 
 # --- a run and its record -----------------------------------------------------------

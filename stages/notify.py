@@ -3,7 +3,8 @@
 Every change that a person or another system cares about (allocated, released
 with its reason, expired, refused, and each event from other systems that was
 applied: device failed, maintenance, ..., an allocation moved to another device
-(allocation.replaced), user suspended, billing warnings; the
+(allocation.replaced), user suspended, billing warnings, each step of a reservation
+(reservation.booked, .active, .claimed, .completed, .cancelled, .no_show); the
 list is in docs/wire-format.md) becomes one Notification; each entry's notification is added and the entry acked
 in the same script call, so a crash cannot send one twice or drop one, and a
 notification is added only by the call whose XACK took its entry off the pending
@@ -28,6 +29,7 @@ from schemas.messages import (
     DeviceEventApplied,
     Notification,
     RequestRejected,
+    ReservationChange,
     UserEventApplied,
     encoder,
 )
@@ -193,6 +195,41 @@ def renewed_notification(change: AllocationRenewed) -> Notification:
     )
 
 
+def reservation_notification(change: ReservationChange) -> Notification:
+    """reservation.<status>: booked, active (with the allocation, the device and its ADB
+    endpoint: claim it within the grace period), claimed (an active one claimed),
+    completed, cancelled (with its reason), no_show."""
+    rid, dev = change.reservation_id, change.device_id
+    event = f"reservation.{change.status}"
+    channels = WEB
+    if change.status == "booked":
+        message = f"Reservation {rid} of device {dev} booked"
+    elif change.status == "active" and change.claimed_at_ms is not None:
+        event, message = "reservation.claimed", f"Reservation {rid} of device {dev} claimed"
+    elif change.status == "active":
+        message = (f"Reservation {rid} started: device {dev} ({change.device_name}) at "
+                   f"{change.adb_host}:{change.adb_port} is held for you as allocation "
+                   f"{change.allocation_id}; claim it before {change.claim_by_ms}")
+        channels = MAIL
+    elif change.status == "completed":
+        message = f"Reservation {rid} of device {dev} completed"
+    elif change.status == "no_show":
+        message = f"Reservation {rid} of device {dev} cancelled: not claimed in time"
+        channels = MAIL
+    else:
+        message = (f"Reservation {rid} of device {dev} cancelled "
+                   f"({(change.reason or 'cancelled').replace('_', ' ')})")
+        channels = MAIL if change.reason != "cancelled" else WEB
+    return Notification(
+        event=event, user_id=change.user_id, tenant_id=change.tenant_id,
+        allocation_id=change.allocation_id, device_id=dev, request_id=change.request_id,
+        reason=change.reason, message=message, channels=channels, at_ms=change.at_ms,
+        status=change.status, device_name=change.device_name, adb_host=change.adb_host,
+        adb_port=change.adb_port, reservation_id=rid, start_ms=change.start_ms,
+        end_ms=change.end_ms,
+    )
+
+
 def notification_for(change: object) -> Notification | None:
     """The notification of one change, or None for an administrative one (a device
     added or a quota set by command)."""
@@ -206,6 +243,8 @@ def notification_for(change: object) -> Notification | None:
         return device_event_notification(change)
     if isinstance(change, UserEventApplied):
         return user_event_notification(change)
+    if isinstance(change, ReservationChange):
+        return reservation_notification(change)
     if isinstance(change, RequestRejected):
         event = ("allocation.quota_exceeded" if change.reason == "quota_exceeded"
                  else "allocation.failed")

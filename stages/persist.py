@@ -10,7 +10,9 @@ device's or the user's whole record and are written as DeviceUpserted and QuotaS
 are, on the same version sequence (a user event also records the parts of the status
 events keep, the event versions and the failed payments counted, for a rebuild). A
 request joining or leaving the wait queue (WaiterChange) is kept in
-``waiting_requests``, the newest version winning, so a rebuild re-queues the waiting ones. Within a batch only the newest change of each
+``waiting_requests``, the newest version winning, so a rebuild re-queues the waiting ones.
+Reservation changes (ReservationChange) are written to ``reservations`` the same way, by
+version. Within a batch only the newest change of each
 entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
@@ -35,6 +37,7 @@ from schemas.messages import (
     Change,
     DeviceUpserted,
     QuotaSet,
+    ReservationChange,
     UserEventApplied,
     WaiterChange,
     encoder,
@@ -106,6 +109,21 @@ WHERE w.version < EXCLUDED.version
 """
 
 
+UPSERT_RESERVATIONS = """
+INSERT INTO reservations AS r (id, request_id, user_id, tenant_id, device_id, pool, start_at,
+    end_at, status, allocation_id, reason, created_at, claimed_at, claim_by, ended_at, version)
+SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+    $7::timestamptz[], $8::timestamptz[], $9::text[], $10::uuid[], $11::text[],
+    $12::timestamptz[], $13::timestamptz[], $14::timestamptz[], $15::timestamptz[],
+    $16::bigint[]) ORDER BY 1
+ON CONFLICT (id) DO UPDATE SET status = EXCLUDED.status,
+    allocation_id = EXCLUDED.allocation_id, reason = EXCLUDED.reason,
+    claimed_at = EXCLUDED.claimed_at, claim_by = EXCLUDED.claim_by,
+    ended_at = EXCLUDED.ended_at, version = EXCLUDED.version
+WHERE r.version < EXCLUDED.version
+"""
+
+
 def metadata(change: AllocationChange) -> str:
     """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
     when set. Merged into the stored one (a later change that leaves a key out keeps it)."""
@@ -117,7 +135,8 @@ def metadata(change: AllocationChange) -> str:
     return msgspec.json.encode(meta).decode()
 
 
-Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet, WaiterChange)
+Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet, WaiterChange,
+                    ReservationChange)
 
 
 def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
@@ -131,6 +150,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
     waiters: dict[str, WaiterChange] = {}
+    reservations: dict[str, ReservationChange] = {}
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
@@ -140,6 +160,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             newest(quotas, c.user_id, c)
         elif isinstance(c, WaiterChange):
             newest(waiters, f"{c.user_id} {c.request_id}", c)
+        elif isinstance(c, ReservationChange):
+            newest(reservations, c.reservation_id, c)
     if allocs:
         rows = list(allocs.values())
         await conn.execute(
@@ -180,6 +202,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [ts(w.queued_at_ms) for w in ws], [ts(w.wait_until_ms) for w in ws],
             [encoder.encode(w).decode() for w in ws],
         )
+    if reservations:
+        await write_reservations(conn, list(reservations.values()))
 
 
 def _event_parts(qs: Sequence[QuotaSet]) -> tuple[list[object], ...]:
@@ -189,6 +213,19 @@ def _event_parts(qs: Sequence[QuotaSet]) -> tuple[list[object], ...]:
             [e and e.user_event_version for e in ev], [e and e.billing_event_version for e in ev],
             [None if e is None else e.payment_failures for e in ev],
             [None if e is None else ts(e.payment_failures_until_ms) for e in ev])
+
+
+async def write_reservations(conn: asyncpg.Connection, rs: list[ReservationChange]) -> None:
+    """The newest change of each reservation, as its row (UPSERT_RESERVATIONS)."""
+    await conn.execute(
+        UPSERT_RESERVATIONS,
+        [r.reservation_id for r in rs], [r.request_id for r in rs], [r.user_id for r in rs],
+        [r.tenant_id for r in rs], [r.device_id for r in rs], [r.pool for r in rs],
+        [ts(r.start_ms) for r in rs], [ts(r.end_ms) for r in rs], [r.status for r in rs],
+        [r.allocation_id for r in rs], [r.reason for r in rs], [ts(r.created_at_ms) for r in rs],
+        [ts(r.claimed_at_ms) for r in rs], [ts(r.claim_by_ms) for r in rs],
+        [ts(r.ended_at_ms) for r in rs], [r.version for r in rs],
+    )
 
 
 class PersistStage:

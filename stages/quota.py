@@ -7,8 +7,10 @@ the reason; it never stops the stage (JSON nested too deep to decode included: i
 reply stream is then read from the text). A cancel request goes on unchanged, as a
 release. Allocations are checked against the
 user's quota and hold their maximum share of it (see quota.lua) before going on
-to ``select``; releases go on unchanged; renewals go on when the user is active
-and the quota not expired. The whole batch, replies, hand-off and
+to ``select``; releases go on unchanged; renewals and reservations go on when the user
+is active and the quota not expired (a reservation whose interval can never be booked,
+end not after start or longer than DEVSCHED_MAX_ALLOCATION_S, is refused
+``invalid_interval`` here); cancel_reservation and claim_reservation go on unchanged. The whole batch, replies, hand-off and
 ack, is one script call: atomic, and idempotent by request id. With rate limits set
 (DEVSCHED_RATE_USER_PER_S, DEVSCHED_RATE_TENANT_PER_S) an allocate request also takes a
 token of its user's and its tenant's bucket, or is refused ``rate_limited`` with
@@ -38,8 +40,11 @@ from schemas.keys import GROUP_QUOTA
 from schemas.messages import (
     AllocateRequest,
     CancelRequest,
+    CancelReservationRequest,
+    ClaimReservationRequest,
     ReleaseRequest,
     RenewRequest,
+    ReserveRequest,
     request_decoder,
 )
 from schemas.rows import (
@@ -52,6 +57,7 @@ from schemas.rows import (
     RateLimits,
     RefuseRow,
     RenewCheckRow,
+    ReserveCheckRow,
 )
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
@@ -145,8 +151,11 @@ class QuotaStage:
             return self._invalid(entry, raw, f"reply_to must start with {self.keys.prefix}:reply:")
         if isinstance(request, AllocateRequest) and request.wait_seconds and request.count > 1:
             return self._invalid(entry, raw, "wait_seconds applies to one device (count 1)")
-        if isinstance(request, CancelRequest):
+        if isinstance(request, CancelRequest | CancelReservationRequest
+                      | ClaimReservationRequest):
             return ForwardRow(entry_id=entry.id, payload=raw.decode())
+        if isinstance(request, ReserveRequest):
+            return self._reserve(entry, raw, request)
         if isinstance(request, AllocateRequest):
             return AdmitRow(
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
@@ -168,6 +177,23 @@ class QuotaStage:
             return self._invalid(entry, raw,
                                  "release needs allocation_id, device_id or allocation_ids")
         return ForwardRow(entry_id=entry.id, payload=raw.decode())
+
+    def _reserve(self, entry: Entry, raw: bytes, request: ReserveRequest) -> QuotaRow:
+        """A reserve request: an interval that can never be booked is refused here
+        (``invalid_interval``); the rest (start not past, the device free) is select's,
+        atomically with the booking."""
+        length_s = (request.end_ms - request.start_ms) / 1000
+        if length_s <= 0 or length_s > self.ctx.settings.max_allocation_s:
+            why = ("the end is not after the start" if length_s <= 0 else
+                   f"it lasts longer than {self.ctx.settings.max_allocation_s} s")
+            return RefuseRow(entry_id=entry.id, request_id=request.request_id,
+                             user_id=request.user_id, tenant_id=request.tenant_id,
+                             reply_to=request.reply_to, reason="invalid_interval",
+                             message=f"Invalid interval [{request.start_ms}, "
+                                     f"{request.end_ms}): {why}")
+        return ReserveCheckRow(entry_id=entry.id, request_id=request.request_id,
+                               user_id=request.user_id, reply_to=request.reply_to,
+                               payload=raw.decode())
 
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
         try:

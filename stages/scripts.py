@@ -26,14 +26,17 @@ from schemas.rows import (
     QuotaKeys,
     RebuildCall,
     RebuildKeys,
+    ReservationsCall,
+    ReservationsKeys,
     SelectCall,
     SelectKeys,
 )
 
 QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "quota.lua"))
 """Admit or refuse a batch of requests and ack them (user keys)."""
-SELECT = Script("select", SelectKeys, SelectCall, lua_source("stages", "common.lua", "select.lua"))
-"""Allocate or release for a batch of admitted requests, reply, ack."""
+SELECT = Script("select", SelectKeys, SelectCall,
+                lua_source("stages", "common.lua", "bookings.lua", "select.lua"))
+"""Allocate or release for a batch of admitted requests (reservations too), reply, ack."""
 EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.lua", "expire.lua"))
 """Close allocations past their expires-at."""
 ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
@@ -45,8 +48,13 @@ REBUILD = Script("rebuild", RebuildKeys, RebuildCall,
 EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.lua", "events.lua"))
 """Apply a batch of events from other systems, record their changes, ack."""
 
+RESERVATIONS = Script("reservations", ReservationsKeys, ReservationsCall,
+                      lua_source("stages", "common.lua", "bookings.lua", "reservations.lua"))
+"""Activate due reservations, end no-shows, complete the ended (the reservations jobs)."""
+
 JOBS = Script("jobs", JobsKeys, JobsCall, lua_source("stages", "jobs.lua"))
 """Claim, finish and control the tracked timer jobs (their live state)."""
 
-ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, HANDOFF, APPEND)
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, RESERVATIONS,
+                                     HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

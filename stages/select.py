@@ -17,7 +17,11 @@ gets the id of request ``<request id>#<i>``), release_batch for allocation_ids, 
 batch is decided whole in the same call: all or nothing (devices taken tentatively and put
 back when not every one fits) or best effort.
 A renewal extends an active allocation in the same atomic step as its checks (renew in
-select.lua).
+select.lua), never into a booking of its device (``reserved``).
+Reservations (reserve, cancel_reservation, claim_reservation rows) are decided in the same
+call by bookings.lua: a device is booked only when no booking and no allocation holds it
+during the interval, and a plain allocation passes over a device booked before it would
+end (one HLEN per call while no device has a booking).
 An allocate request with ``wait_seconds`` that finds no fitting device waits in the
 queue (see common.lua) and is served, with the id made when it arrived, by whichever
 script call frees a device it fits.
@@ -46,15 +50,26 @@ from pipeline.metrics import DEAD_LETTERED
 from pipeline.replication import HeldReplies, NotReplicated, held_entries
 from pipeline.worker import Entry, dead_letter_of
 from schemas.keys import GROUP_SELECT
-from schemas.messages import AllocateRequest, CancelRequest, RenewRequest, request_decoder
+from schemas.messages import (
+    AllocateRequest,
+    CancelRequest,
+    CancelReservationRequest,
+    ClaimReservationRequest,
+    RenewRequest,
+    ReserveRequest,
+    request_decoder,
+)
 from schemas.rows import (
     AllocateBatchRow,
     AllocateRow,
+    CancelReservationRow,
     CancelRow,
+    ClaimReservationRow,
     DeadRow,
     ReleaseBatchRow,
     ReleaseRow,
     RenewRow,
+    ReserveRow,
     SelectCall,
     SelectKeys,
     SelectRow,
@@ -134,6 +149,9 @@ class SelectStage:
                 entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
                 cancel_request_id=request.cancel_request_id, user_id=request.user_id,
             )
+        if isinstance(request, ReserveRequest | CancelReservationRequest
+                      | ClaimReservationRequest):
+            return self.reservation_item(entry, request)
         if isinstance(request, RenewRequest):
             seconds = request.extend_seconds or (request.extend_minutes or 0) * 60
             if seconds <= 0:  # quota refuses such a request; only a hand-made entry gets here
@@ -156,6 +174,25 @@ class SelectStage:
             allocation_id=request.allocation_id, device_id=request.device_id,
             user_id=request.user_id,
         )
+
+    def reservation_item(
+        self, entry: Entry,
+        request: ReserveRequest | CancelReservationRequest | ClaimReservationRequest,
+    ) -> SelectRow:
+        """The row of a reservation request (bookings.lua handles it)."""
+        if isinstance(request, ReserveRequest):
+            return ReserveRow(
+                entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,
+                tenant_id=request.tenant_id, reply_to=request.reply_to,
+                start_ms=request.start_ms, end_ms=request.end_ms, device_id=request.device_id,
+                min_cpu_cores=request.min_cpu_cores, min_memory_mb=request.min_memory_mb,
+                pool=request.pool, model=request.model,
+                max_total_s=self.ctx.settings.max_allocation_s,
+            )
+        row = (CancelReservationRow if isinstance(request, CancelReservationRequest)
+               else ClaimReservationRow)
+        return row(entry_id=entry.id, request_id=request.request_id, reply_to=request.reply_to,
+                   reservation_id=request.reservation_id, user_id=request.user_id)
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings

@@ -133,3 +133,7 @@ class Settings(RuntimeSettings):
     replicas_timeout_ms: int = env("DEVSCHED_REPLICAS_TIMEOUT_MS", 1_000, minimum=1)
     """How long one WAIT for DEVSCHED_REPLICAS_TO_ACK replicas may take; replies not
     acknowledged in time stay held and go out at a later sweep whose WAIT succeeds."""
+    reservation_grace_s: int = env("DEVSCHED_RESERVATION_GRACE_S", 600, minimum=1)
+    """A reservation that became an allocation at its start is cancelled as a no-show
+    (its device freed) when its user has not claimed it (a claim_reservation request, or
+    a renewal of that allocation) within this long."""

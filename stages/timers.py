@@ -4,7 +4,9 @@ The ticker adds one tick per period to the ticks stream with the explicit id
 ``<period start ms>-0``; a second ticker racing it gets "equal or smaller" and
 adds nothing, so there is exactly one tick per period with no leader. Each tick
 goes to one consumer of the ``timers`` group, which runs the jobs that are due
-(expire every tick, which also ends every wait of the queue that is over; trim, the
+(expire every tick, which also ends every wait of the queue that is over; the
+reservations' activate_reservations, cancel_no_shows and complete_reservations every tick;
+trim, the
 statistics snapshot, the purge, ...; jobs.lua claims each at most once per period,
 whichever worker asks). Ticks are acked after their
 work; a crashed run is reclaimed, and what it had claimed runs again once its claim

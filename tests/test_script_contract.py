@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 import stages.events
 import stages.jobs
 import stages.quota
+import stages.reservations
 import stages.select
 import stages.timers
 import stages.tools.admin
@@ -51,6 +52,9 @@ from schemas.messages import (
     AllocationReplaced,
     Cancelled,
     CancelRequest,
+    CancelReservationRequest,
+    Claimed,
+    ClaimReservationRequest,
     DeviceEventApplied,
     DeviceSpec,
     DeviceUpserted,
@@ -64,6 +68,10 @@ from schemas.messages import (
     Renewed,
     RenewRequest,
     RequestRejected,
+    ReservationCancelled,
+    ReservationChange,
+    Reserved,
+    ReserveRequest,
     UserEventApplied,
     WaiterChange,
     change_decoder,
@@ -75,7 +83,8 @@ from schemas.runtime import dead_decoder
 from stages.context import StageContext
 from stages.events import EventsStage
 from stages.quota import QuotaStage
-from stages.scripts import ADMIN, EVENTS, EXPIRE, QUOTA, SELECT
+from stages.reservations import activate_reservations, cancel_no_shows, complete_reservations
+from stages.scripts import ADMIN, EVENTS, EXPIRE, QUOTA, RESERVATIONS, SELECT
 from stages.select import SelectStage, allocation_id
 from stages.state import state_epoch
 from stages.timers import expire_due
@@ -136,6 +145,18 @@ class Driver:
     def cancel(self, rid: str, cancel_request_id: str, user: str) -> bytes:
         return encoder.encode(CancelRequest(request_id=rid, reply_to=self.reply_to,
                                             cancel_request_id=cancel_request_id, user_id=user))
+
+    def reserve(self, rid: str, user: str, start: int, end: int, **fields: Any) -> bytes:
+        return encoder.encode(ReserveRequest(request_id=rid, user_id=user, reply_to=self.reply_to,
+                                             start_ms=start, end_ms=end, **fields))
+
+    def cancel_reservation(self, rid: str, reservation_id: str, user: str) -> bytes:
+        return encoder.encode(CancelReservationRequest(
+            request_id=rid, reply_to=self.reply_to, reservation_id=reservation_id, user_id=user))
+
+    def claim(self, rid: str, reservation_id: str, user: str) -> bytes:
+        return encoder.encode(ClaimReservationRequest(
+            request_id=rid, reply_to=self.reply_to, reservation_id=reservation_id, user_id=user))
 
     def release(self, rid: str, **fields: Any) -> bytes:
         return encoder.encode(ReleaseRequest(request_id=rid, reply_to=self.reply_to, **fields))
@@ -290,7 +311,93 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
     await every_event_path(d)
     await every_batch_path(d)
     await every_queue_path(d)
+    await every_reservation_path(d)
     return d.run
+
+
+async def every_reservation_path(d: Driver) -> None:
+    """Reservations: booked by device and by specs (and the same request again), each
+    refusal at quota and at select, cancel (booked, active, and its failures), claim
+    (before the start, after it, again), a renewal into a booking refused and one that
+    claims, then the jobs: activation (one device still held past its expires-at, closed
+    first; one down: device_unavailable; one missed; one of a user blocked since), a
+    no-show, and the completion of an expired one."""
+    redis, keys, clock, ctx = d.redis, d.keys, d.clock, d.ctx
+    await add_devices(redis, keys, clock, [DeviceSpec(id=f"rv-{i}", pool="pr") for i in range(5)])
+    await set_quotas(redis, keys, clock, [
+        QuotaSpec(user_id="rv"), QuotaSpec(user_id="rv-2"),
+        QuotaSpec(user_id="rv-brief", expires_at_ms=clock.now_ms() + 3_600_000),
+        QuotaSpec(user_id="rv-small", max_cpu_per_device=1),
+        QuotaSpec(user_id="rv-susp", status="suspended")])
+    now, minute = clock.now_ms(), 60_000
+
+    async def reservation_of(user: str, rid: str) -> str:
+        # read leniently: what the scripts emitted is decoded strictly at the end
+        raw = await redis.get(keys.user(user).replace(":user", f":req:{rid}"))
+        assert raw is not None, rid
+        found = orjson.loads(raw)["reservation_id"]
+        assert isinstance(found, str)
+        return found
+
+    # a plain allocation on rv-0 for 2 minutes (past its expires-at, unexpired, at start)
+    await d.both(d.allocate("rv", "rv-plain", pool="pr", duration_seconds=120))
+    await d.both(
+        d.reserve("rv-a", "rv", now + 2 * minute, now + 10 * minute, device_id="rv-0"),
+        d.reserve("rv-b", "rv", now + 5 * minute, now + 10 * minute, pool="pr"),  # rv-1
+        d.reserve("rv-c", "rv", now + 20 * minute, now + 30 * minute, device_id="rv-2"),
+        d.reserve("rv-d", "rv-2", now + 5 * minute, now + 10 * minute, device_id="rv-3"),
+        d.reserve("rv-e", "rv", now + 5 * minute, now + 6 * minute, device_id="rv-4"),
+        d.reserve("rv-f", "rv", now + minute, now + 2 * minute, device_id="rv-4"),
+        d.reserve("rv-g", "rv", now + 5 * minute, now + 15 * minute, device_id="rv-2"),
+    )
+    await d.both(d.reserve("rv-a", "rv", now + 2 * minute, now + 10 * minute, device_id="rv-0"))
+    await d.both(
+        d.reserve("rv-x-overlap", "rv", now + 3 * minute, now + 4 * minute, device_id="rv-0"),
+        d.reserve("rv-x-past", "rv", now - minute, now + minute),
+        d.reserve("rv-x-dev", "rv", now + minute, now + 2 * minute, device_id="nowhere"),
+        d.reserve("rv-x-quota", "rv-brief", now + minute, now + 2 * 3_600_000),
+        d.reserve("rv-x-none", "rv", now + minute, now + 2 * minute, model="none"),
+        d.reserve("rv-x-cap", "rv-small", now + minute, now + 2 * minute, device_id="rv-1"),
+        d.reserve("rv-x-order", "rv", now + 2 * minute, now + minute),
+        d.reserve("rv-x-susp", "rv-susp", now + minute, now + 2 * minute),
+    )
+    rsv = {rid: await reservation_of("rv", rid)
+           for rid in ("rv-a", "rv-b", "rv-c", "rv-e", "rv-f", "rv-g")}
+    # blocked between quota and select; then rv-d's user is overdue at its start
+    await d.through_quota(d.reserve("rv-x-blocked", "rv-2", now + minute, now + 2 * minute))
+    await set_quotas(redis, keys, clock, [QuotaSpec(user_id="rv-2", status="overdue")])
+    await d.through_select()
+    await d.both(d.cancel_reservation("rv-k1", rsv["rv-c"], "rv"),
+                 d.cancel_reservation("rv-k2", "no-such", "rv"),
+                 d.cancel_reservation("rv-k3", rsv["rv-b"], "rv-2"),
+                 d.claim("rv-m1", rsv["rv-b"], "rv"))
+    await d.both(d.cancel_reservation("rv-k4", rsv["rv-c"], "rv"))  # ended: not_active
+    clock.advance(minute)  # rv-f starts
+    await activate_reservations(ctx)
+    active_f = text(await redis.hget(keys.reservation(rsv["rv-f"]), "allocation_id"))
+    # renewing rv-f's allocation into rv-e's booking is refused; a short one claims it
+    await d.both(d.renew("rv-n1", active_f, "rv", extend_minutes=10),
+                 d.renew("rv-n2", active_f, "rv", extend_seconds=30))
+    clock.advance(minute)  # rv-a starts: rv-plain, past its expires-at, is closed first
+    await activate_reservations(ctx)
+    await d.both(d.claim("rv-m2", rsv["rv-a"], "rv"), d.claim("rv-m2", rsv["rv-a"], "rv"))
+    await d.through_events({"type": "device.maintenance", "device_id": "rv-2"})
+    # rv-b and rv-e start (rv-f's allocation past its end is closed first); rv-d's user is
+    # overdue; rv-g's device is down
+    clock.advance(3 * minute)
+    await activate_reservations(ctx)
+    await d.both(d.cancel_reservation("rv-k5", rsv["rv-b"], "rv"))  # active: released
+    clock.advance(ctx.settings.reservation_grace_s * 1000)  # rv-e never claimed: no_show
+    await cancel_no_shows(ctx)
+    clock.advance(10 * minute)
+    await expire_due(ctx)
+    await complete_reservations(ctx)  # rv-a (expired at its end) and rv-f: completed
+    # one the timers first see after its end
+    await d.both(d.reserve("rv-missed", "rv", clock.now_ms() + minute,
+                           clock.now_ms() + 2 * minute, device_id="rv-1"))
+    clock.advance(3 * minute)
+    await activate_reservations(ctx)
+
 
 
 async def every_queue_path(d: Driver) -> None:
@@ -440,6 +547,16 @@ def kind_of(message: object) -> str:
         return "reply queued"
     if isinstance(message, Cancelled):
         return "reply cancelled"
+    if isinstance(message, Reserved):
+        return "reply reserved"
+    if isinstance(message, ReservationCancelled):
+        return f"reply reservation_cancelled {message.previous_status}"
+    if isinstance(message, Claimed):
+        return "reply claimed"
+    if isinstance(message, ReservationChange):
+        why = f" {message.reason}" if message.reason not in (None, message.status) else ""
+        claimed = " claimed" if message.status == "active" and message.claimed_at_ms else ""
+        return f"change reservation {message.status}{claimed}{why}"
     if isinstance(message, AllocationChange):
         why = f" {message.reason}" if message.reason not in (None, message.status) else ""
         return f"change allocation {message.status}{why}"
@@ -528,6 +645,25 @@ EXPECTED = {
         "user.deleted", "user.suspended", "user.activated", "user.quota_updated",
         "user.quota_exceeded", "billing.payment_failed", "billing.balance_low",
         "billing.overdue", "billing.payment_success", "billing.recharged")),
+    # reservations
+    "reply reserved",
+    "reply reservation_cancelled booked",
+    "reply reservation_cancelled active",
+    "reply claimed",
+    "admitted ReserveRequest hold=False",
+    "admitted CancelReservationRequest hold=False",
+    "admitted ClaimReservationRequest hold=False",
+    *(f"reply failed {reason}" for reason in ("overlaps", "invalid_interval", "reserved")),
+    *(f"change rejected {reason}" for reason in ("overlaps", "invalid_interval", "reserved")),
+    "change reservation booked",
+    "change reservation active",
+    "change reservation active claimed",
+    "change reservation completed",
+    "change reservation no_show",
+    "change reservation cancelled",
+    *(f"change reservation cancelled {reason}" for reason in (
+        "device_unavailable", "billing_overdue", "missed")),
+    "change allocation released no_show",
 }
 """Every kind of entry the scripts emit: each must appear in one run of every path."""
 
@@ -580,7 +716,8 @@ async def test_every_message_every_script_emits_decodes_strictly(
 
 SCRIPT_SLOTS = {"quota": (stages.quota, "QUOTA"), "select": (stages.select, "SELECT"),
                 "expire": (stages.jobs, "EXPIRE"), "admin": (stages.tools.admin, "ADMIN"),
-                "events": (stages.events, "EVENTS")}
+                "events": (stages.events, "EVENTS"),
+                "reservations": (stages.reservations, "RESERVATIONS")}
 """Where each stage finds its script (module, name), to load a renamed copy there."""
 
 RENAMES = [
@@ -630,6 +767,14 @@ RENAMES = [
      "cancelled"),
     (EXPIRE, "allocated_at_ms = now, expires_at_ms = expires, adb_host",
      "allocated_at_ms = now, expires_ms = expires, adb_host", "expires_ms"),
+    (SELECT, "device_name = name, pool = r.pool", "name = name, pool = r.pool", "name"),
+    (SELECT, "previous_status = was,", "was = was,", "was"),
+    (SELECT, "adb_port = tonumber(d[3])}", "port = tonumber(d[3])}", "port"),
+    (SELECT, "claim_by_ms = opt(r.claim_by_ms)", "claim_by = opt(r.claim_by_ms)", "claim_by"),
+    (RESERVATIONS, "rec.device_name, rec.adb_host, rec.adb_port = d[7]",
+     "rec.device, rec.adb_host, rec.adb_port = d[7]", "device"),
+    (RESERVATIONS, "start_ms = r.start_ms, end_ms = r.end_ms, status = r.status,",
+     "start = r.start_ms, end_ms = r.end_ms, status = r.status,", "start"),
 ]
 
 

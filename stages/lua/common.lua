@@ -245,6 +245,26 @@ local function give_device(P, changes, now, w, dev, dev_pool, cpu, mem, sto, d, 
   emit_change(changes, rec)
 end
 
+-- --- bookings (reservations; the rest is in bookings.lua) ------------------------------
+-- P:{pool}:bookings:<device> holds the device's reservations (booked or active) scored
+-- by start; they never overlap, so ordered by start they are ordered by end too, and the
+-- one starting last before `until_ms` is the only one that can still run at `from_ms`.
+-- P:{pool}:booked counts them per device: its length is read once per script call
+-- (booked_n) and, while it is 0, no booking is looked up at all.
+local booked_n = nil  -- devices with bookings, read once per call (reset by bookings.lua)
+
+-- The reservation booked on `dev` during [from_ms, until_ms) (its id and start), or nil.
+local function booking_in(P, dev, from_ms, until_ms)
+  if booked_n == nil then booked_n = redis.call('HLEN', k_pool(P, 'booked')) end
+  if booked_n == 0 then return nil end
+  local last = redis.call('ZREVRANGEBYSCORE', k_pool(P, 'bookings:' .. dev), '(' .. until_ms,
+    '-inf', 'WITHSCORES', 'LIMIT', 0, 1)
+  if #last == 0 then return nil end
+  local ends = tonumber(redis.call('HGET', k_pool(P, 'rsv:' .. last[1]), 'end_ms'))
+  if ends and ends > from_ms then return last[1], tonumber(last[2]) end
+  return nil
+end
+
 -- --- the wait queue --------------------------------------------------------------------
 -- An allocate request with wait_seconds that found no fitting device waits (select.lua
 -- queues it through join_queue): P:{pool}:queue orders the waiters ('<user id> <request
@@ -367,7 +387,8 @@ local function time_out_waiter(P, changes, now, w)
 end
 
 -- Offer the device `dev`, just made free, to the queue: the first waiter in queue order
--- that it fits gets it (waiters past their wait, or whose user is blocked now, are
+-- that it fits (and whose allocation would end before the device's next booking) gets
+-- it (waiters past their wait, or whose user is blocked now, are
 -- answered on the way). Returns true when a waiter got it. Costs nothing more than one
 -- ZCARD per script call while nobody waits. With waiters, it reads the set of classes,
 -- then the head of each class the device fits, and walks those heads in queue order (a
@@ -411,6 +432,9 @@ local function offer_device(P, changes, now, dev)
       unindex(P, h.cls, member)
     elseif w.wait_until_ms <= now then
       time_out_waiter(P, changes, now, w)
+    elseif booking_in(P, dev, now, now + w.duration_seconds * 1000) then
+      h.at = h.at + 1  -- it would run into the device's next booking: the next of its class
+      member = nil
     else
       STATE_FIELDS[1] = 'hold:' .. w.request_id
       local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))

@@ -95,7 +95,9 @@ local MOVE_FIELDS = {'replace_on_failure', 'status', 'user_id', 'tenant_id', 're
 -- A free device equivalent to the one going down: in the allocation's pool, with its
 -- exact fit score (CPU and memory), its model and its storage. Returns the id and its
 -- name, adb_host, adb_port; nil when none is free. Reads the devices of that one score.
-local function equivalent_free(pool, model, cpu, mem, sto)
+-- A device booked before `until_ms` (the allocation's expires-at) is passed over
+-- (reservations: booking_in, common.lua).
+local function equivalent_free(pool, model, cpu, mem, sto, until_ms)
   local key, score = k_pool(P, 'free:' .. pool), fit_score(cpu, mem)
   local offset = 0
   while true do
@@ -103,7 +105,9 @@ local function equivalent_free(pool, model, cpu, mem, sto)
     for _, cand in ipairs(page) do
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. cand), 'model', 'storage_mb', 'name',
         'adb_host', 'adb_port', 'host')
-      if d[1] == model and tonumber(d[2]) == sto then return cand, d end
+      if d[1] == model and tonumber(d[2]) == sto and not booking_in(P, cand, now, until_ms) then
+        return cand, d
+      end
     end
     if #page < REPLACE_PAGE then return nil end
     offset = offset + REPLACE_PAGE
@@ -131,7 +135,8 @@ local function replace_allocation(aid, old_id, reason, row)
   if not a[1] or a[2] ~= 'allocated' then return nil end
   local sto = tonumber(a[11])
   local old = redis.call('HMGET', k_pool(P, 'dev:' .. old_id), 'model', 'host')
-  local new_id, d = equivalent_free(a[12], old[1], tonumber(a[9]), tonumber(a[10]), sto)
+  local new_id, d = equivalent_free(a[12], old[1], tonumber(a[9]), tonumber(a[10]), sto,
+    tonumber(a[7]))
   if not new_id then return nil end
   -- the allocation now counts on the new device's host (written by flush_stats)
   host_active_add(P, old[2], -1)

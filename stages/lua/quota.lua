@@ -12,6 +12,8 @@
 --            reason, message)
 --   renew:   a renew request (request_id, user_id, reply_to, payload): the user must be
 --            active with a quota not expired; it goes on to select holding nothing
+--   reserve: a reserve request (request_id, user_id, reply_to, payload): checked as a
+--            renewal; select checks the rest atomically with the booking
 --   dead:    a dead letter to add (letter)
 -- Per user it touches only keys tagged {u:ID} (and, with a tenant rate limit on, the
 -- tenant's bucket, tagged {t:TENANT}: see the rate limits below). It refuses what the quota can never
@@ -252,6 +254,7 @@ end
 local acks = each_row(CALL.items, {
   admit = admit,
   renew = renew,
+  reserve = renew,  -- a reservation is admitted as a renewal is (user active, quota live)
   forward = forward,
   refuse = function(row)
     refuse(row.request_id, row.user_id, row.tenant_id, row.reply_to, row.reason, row.message,

@@ -10,10 +10,14 @@
 -- KEY.changes: a device written free is offered to the restored queue (offer_device),
 -- exactly as a release offers one: a waiter served or timed out is answered and recorded.
 -- CALL: schemas.rows.RebuildCall: prefix, now_ms, then any of stats, jobs, allocations,
--- answers, users (with their waiting requests and the fields events keep), devices (each
--- item a Struct of schemas/rows.py, read by name).
+-- answers, users (with their waiting requests and the fields events keep), reservations,
+-- devices (each item a Struct of schemas/rows.py, read by name).
+-- Reservations (booked or active) add {pool}: rsv:<id>, bookings:<device>, booked,
+-- rsv_starts, rsv_active, rsv_grace.
 -- Every item replaces what its keys held, so a second run writes the same state. The
--- caller sends the kinds in the order stats, allocations, answers, users, devices: a worker serving
+-- caller sends the kinds in the order stats, jobs, allocations, answers, users,
+-- reservations, devices (a device written free is offered to the waiters only once the
+-- bookings it must respect are back): a worker serving
 -- meanwhile never finds a free device that an allocation holds, nor a quota without its
 -- usage, since each user and device appears whole, after the allocations it depends on;
 -- and an allocation the timers expire between two calls is counted by neither its user
@@ -151,6 +155,38 @@ local function write_device(d)
   if status == 'available' then offer_device(P, KEY.changes, CALL.now_ms, d.device_id) end
 end
 
+-- A booked or active reservation (bookings.lua): its hash, its booking of the device (the
+-- device's count set from its bookings, so a second run counts the same), and its place in
+-- the timers' schedules; an active one's allocation, when active here, is marked as the
+-- reservation's (a renewal of it claims the reservation). Sent after the allocations.
+local RSV_HASH = {'reservation_id', 'request_id', 'user_id', 'tenant_id', 'device_id', 'pool',
+  'start_ms', 'end_ms', 'status', 'allocation_id', 'created_at_ms', 'claimed_at_ms',
+  'claim_by_ms', 'version'}
+local function write_reservation(r)
+  local key = k_pool(P, 'rsv:' .. r.reservation_id)
+  redis.call('DEL', key)
+  local flat = {}
+  for _, f in ipairs(RSV_HASH) do
+    flat[#flat + 1], flat[#flat + 2] = f, r[f] or ''
+  end
+  redis.call('HSET', key, unpack(flat))
+  local bookings = k_pool(P, 'bookings:' .. r.device_id)
+  redis.call('ZADD', bookings, r.start_ms, r.reservation_id)
+  redis.call('HSET', k_pool(P, 'booked'), r.device_id, redis.call('ZCARD', bookings))
+  if r.status == 'booked' then
+    redis.call('ZADD', k_pool(P, 'rsv_starts'), r.start_ms, r.reservation_id)
+  else
+    redis.call('ZADD', k_pool(P, 'rsv_active'), r.end_ms, r.reservation_id)
+    if not r.claimed_at_ms then
+      redis.call('ZADD', k_pool(P, 'rsv_grace'), r.claim_by_ms or 0, r.reservation_id)
+    end
+    if active(r.allocation_id) then
+      redis.call('HSET', k_pool(P, 'alloc:' .. r.allocation_id), 'reservation_id',
+        r.reservation_id)
+    end
+  end
+end
+
 local written = 0
 if CALL.stats then
   local s = CALL.stats
@@ -162,7 +198,7 @@ if CALL.stats then
 end
 for _, part in ipairs({{CALL.jobs, write_job}, {CALL.allocations, write_allocation},
                        {CALL.answers, write_answer}, {CALL.users, write_user},
-                       {CALL.devices, write_device}}) do
+                       {CALL.reservations, write_reservation}, {CALL.devices, write_device}}) do
   for _, item in ipairs(part[1] or {}) do
     part[2](item)
     written = written + 1

@@ -22,10 +22,14 @@
 --   renew:    request_id, user_id, reply_to, allocation_id, extend_seconds, max_total_s:
 --             extend an active allocation of the user (its expires-at, its expiry score,
 --             its length, its version) unless the user is blocked, the new expires-at
---             passes the quota's expiry or the whole length passes max_total_s
+--             passes the quota's expiry, the whole length passes max_total_s or the
+--             new expires-at runs into a booking of the device (`reserved`); renewing
+--             the allocation a reservation became claims the reservation
+--   reserve, cancel_reservation, claim_reservation: reservations (bookings.lua)
 --   dead:     a dead letter to add (letter)
 -- A device fits when it is free, in the request's pool (any pool without one), of its
--- model, meets its minimums and fits what the user's quota still allows (per-device
+-- model, meets its minimums, has no booking before the allocation would end
+-- (bookings.lua) and fits what the user's quota still allows (per-device
 -- caps and the CPU/memory/storage totals minus current usage). Among the fitting ones
 -- the strategy in force chooses (P:{pool}:strategy, read once per call: the request's
 -- pool's, else the global one '*', else resource_based):
@@ -79,12 +83,20 @@ end
 local PAGE = 8
 local pool_names = nil  -- the pools, read once per script call
 
+-- Reservations (bookings.lua): the allocation being decided would run until book_until
+-- (set per request before its pick); a device booked before then does not fit. While no
+-- device has a booking this costs one HLEN per call (booking_in in common.lua).
+local book_until = nil
+local function unbooked(dev)
+  return not booking_in(P, dev, now, book_until)
+end
+
 -- Walk the devices of one free pool that fit, lowest score (CPU, then memory) first: CPU
 -- in [min_cpu, cap_cpu], memory in [min_mem, cap_mem], storage <= cap_sto and the model.
 -- Memory is read from the score itself, so a CPU level whose devices are all too small
 -- or too large in memory is skipped with one jump instead of being scanned; only a
 -- device that passes CPU and memory is read (storage, model, and what a reply needs:
--- name, adb_host, adb_port, host). Calls visit(id, score, d) for each fitting device
+-- name, adb_host, adb_port, host); one booked before book_until is passed over. Calls visit(id, score, d) for each fitting device
 -- until it returns true; reads `first` devices, then pages of `size`.
 local function scan_fits(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto, first, size,
                          visit)
@@ -102,7 +114,7 @@ local function scan_fits(key, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto
       if mem > cap_mem then jump = fit_score(cpu + 1, min_mem) break end
       local d = redis.call('HMGET', k_pool(P, 'dev:' .. page[i]), 'storage_mb', 'model', 'name',
         'adb_host', 'adb_port', 'host')
-      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) then
+      if tonumber(d[1]) <= cap_sto and (not model or d[2] == model) and unbooked(page[i]) then
         if visit(page[i], score, d) then return end
       end
     end
@@ -311,6 +323,7 @@ local function allocate(row)
     return
   end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
+  book_until = now + row.duration_seconds * 1000
   local dev, dev_pool, score, d
   local choose = STRATEGY_PICKS[strategy_for(row.pool)]
   if choose then
@@ -450,6 +463,7 @@ local function allocate_batch(row)
     return
   end
   local want = row.best_effort and math.min(held, row.count) or row.count
+  book_until = now + row.duration_seconds * 1000
   local picks, taken = {}, {used[1], used[2], used[3], used[4]}
   local short, short_msg = nil, nil
   for _ = 1, want do
@@ -646,6 +660,11 @@ local function renew(row)
     return refuse('exceeds_max_duration', 'Renewal would make the allocation last ' ..
       math.ceil((new_exp - allocated_at) / 1000) .. ' s, more than ' .. row.max_total_s .. ' s')
   end
+  local booked_id, booked_at = booking_in(P, a[1], old_exp, new_exp)
+  if booked_id then
+    return refuse('reserved', 'Device ' .. a[1] .. ' is reserved from ' .. booked_at ..
+      ' (reservation ' .. booked_id .. '): a renewal may run until then')
+  end
   local minutes = math.ceil((new_exp - allocated_at) / 60000)
   local version = tonumber(a[13]) + 1
   redis.call('HSET', akey, 'expires_at_ms', new_exp, 'duration_minutes', minutes,
@@ -661,6 +680,16 @@ local function renew(row)
   rec.extended_seconds = row.extend_seconds
   rec.renew_request_id = rid
   emit_change(changes, rec)
+  claim_by_use(P, changes, now, aid)  -- renewing a reservation's allocation claims it
+end
+
+-- The reservation rows (bookings.lua), with what they need of this call.
+local RSV = {P = P, now = now, changes = changes, idem_ttl = idem_ttl, reply_ttl = reply_ttl,
+  released_ttl = released_ttl, epoch = epoch}
+local function counted(handler)
+  return function(row)
+    if handler(RSV, row) then n_failed = n_failed + 1 end
+  end
 end
 
 if CALL.hold_replies then held_replies = KEY.replies_held end
@@ -671,6 +700,9 @@ local acks = each_row(CALL.items, {
   release_batch = release_batch,
   renew = renew,
   cancel = cancel,
+  reserve = counted(reserve),
+  cancel_reservation = counted(cancel_reservation),
+  claim_reservation = counted(claim_reservation),
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

@@ -4,7 +4,8 @@ The runtime gives the server and worker commands (up, down, env, migrate, worker
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices (add, list, import, export), allocations, pools, queue, quota
 (set, import), allocate, release, renew, events, jobs, stats, strategy, audit, rebuild,
-status (stages/tools/status.py), dead (stages/tools/dead.py), schema.
+status (stages/tools/status.py), dead (stages/tools/dead.py), reserve, reservations
+(stages/tools/reservations.py), schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -830,6 +831,9 @@ def parser() -> argparse.ArgumentParser:
     from stages.tools.dead import add_commands as add_dead_commands
 
     add_dead_commands(sub, cmd_dead)
+    from stages.tools.reservations import add_reservation_commands
+
+    add_reservation_commands(sub)  # reserve, reservations list|cancel|claim
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")

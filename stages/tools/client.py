@@ -39,6 +39,9 @@ from schemas.messages import (
     AllocateRequest,
     Cancelled,
     CancelRequest,
+    CancelReservationRequest,
+    Claimed,
+    ClaimReservationRequest,
     Failed,
     Queued,
     Released,
@@ -47,6 +50,9 @@ from schemas.messages import (
     Renewed,
     RenewRequest,
     Reply,
+    ReservationCancelled,
+    Reserved,
+    ReserveRequest,
     encoder,
     reply_decoder,
 )
@@ -255,6 +261,50 @@ class Client:
         )
         reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
         assert isinstance(reply, Renewed | Failed)
+        return reply
+
+    async def reserve(
+        self, user_id: str, start_ms: int, end_ms: int, *, device_id: str | None = None,
+        tenant_id: str | None = None, min_cpu_cores: int = 0, min_memory_mb: int = 0,
+        pool: str | None = None, model: str | None = None, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Reserved | Failed:
+        """Book ``device_id`` (or the best fitting device matching the specs) over
+        ``[start_ms, end_ms)``."""
+        request = ReserveRequest(
+            request_id=request_id or uuid.uuid4().hex, user_id=user_id,
+            reply_to=self.reply_stream, tenant_id=tenant_id, start_ms=start_ms, end_ms=end_ms,
+            device_id=device_id, min_cpu_cores=min_cpu_cores, min_memory_mb=min_memory_mb,
+            pool=pool, model=model,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, Reserved | Failed)
+        return reply
+
+    async def cancel_reservation(
+        self, reservation_id: str, user_id: str, *, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> ReservationCancelled | Failed:
+        """Cancel a booked reservation, or end an active one (its allocation released)."""
+        request = CancelReservationRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            reservation_id=reservation_id, user_id=user_id,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, ReservationCancelled | Failed)
+        return reply
+
+    async def claim_reservation(
+        self, reservation_id: str, user_id: str, *, request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> Claimed | Failed:
+        """Claim the allocation an active reservation became (before its grace ends)."""
+        request = ClaimReservationRequest(
+            request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
+            reservation_id=reservation_id, user_id=user_id,
+        )
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        assert isinstance(reply, Claimed | Failed)
         return reply
 
     async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:

@@ -32,7 +32,11 @@ What it restores, from the write-behind tables:
   of the status, the versions of the last user.* and billing.* events (so an older event
   stays stale), and the failed payments counted with the time that count has left;
 - the tracked jobs' hashes (``job_info``): interval, paused or not, next run, retries
-  and timeout; no claim (a run Redis lost is over; its execution record says so).
+  and timeout; no claim (a run Redis lost is over; its execution record says so);
+- reservations booked or active (``reservations``): each one's record, its booking of
+  the device and its place in the timers' schedules (start, claim deadline, end), and
+  the stored answer of each booked inside ``DEVSCHED_IDEMPOTENCY_TTL_S`` (a retried
+  reserve request gets its first answer, never a second booking).
 
 It also bills what PostgreSQL shows closed but the ledger lacks: persist and bill
 read the changes stream in groups of their own, so a change persist had committed may
@@ -70,7 +74,14 @@ from pipeline.clock import Clock, SystemClock
 from pipeline.connections import pg_pool, redis_client, text
 from pipeline.progress import Progress as ProgressLine
 from schemas.keys import GROUP_PERSIST, Keys
-from schemas.messages import Allocated, AllocatedBatch, DeviceInfo, WaiterChange, encoder
+from schemas.messages import (
+    Allocated,
+    AllocatedBatch,
+    DeviceInfo,
+    Reserved,
+    WaiterChange,
+    encoder,
+)
 from schemas.rows import (
     RebuildAllocation,
     RebuildAnswer,
@@ -78,6 +89,7 @@ from schemas.rows import (
     RebuildDevice,
     RebuildJob,
     RebuildKeys,
+    RebuildReservation,
     RebuildStats,
     RebuildUser,
     RebuildWaiter,
@@ -126,6 +138,8 @@ class RebuildReport:
     allocated_total: int = 0
     released_total: int = 0
     expired_total: int = 0
+    reservations: int = 0
+    """Reservations booked or active, written with their bookings."""
 
 
 def _glob_escape(pattern: str) -> str:
@@ -418,6 +432,48 @@ def _ttl_left(until_ms: int | None, now_ms: int) -> int | None:
     return until_ms - now_ms
 
 
+RESERVATIONS_SQL = f"""
+SELECT r.id::text AS reservation_id, r.request_id, r.user_id, r.tenant_id, r.device_id, r.pool,
+       {_ms("r.start_at")} AS start_ms, {_ms("r.end_at")} AS end_ms, r.status,
+       r.allocation_id::text AS allocation_id, {_ms("r.created_at")} AS created_at_ms,
+       {_ms("r.claimed_at")} AS claimed_at_ms, {_ms("r.claim_by")} AS claim_by_ms, r.version,
+       d.name AS device_name
+FROM reservations r LEFT JOIN devices d ON d.id = r.device_id
+WHERE r.status IN ('booked', 'active') OR r.created_at >= to_timestamp($1 / 1000.0)
+ORDER BY r.id
+"""
+"""The live reservations, and every one booked inside the idempotency window (for its
+answer)."""
+
+
+async def load_reservations(pg: asyncpg.Pool, settings: Settings,
+                            now_ms: int) -> tuple[list[RebuildReservation], list[RebuildAnswer]]:
+    """The reservations to write (booked or active) and the stored answers of those booked
+    inside the idempotency window (a ``reserved`` reply, as select gave it)."""
+    answered_since = now_ms - settings.idempotency_ttl_s * 1000
+    async with pg.acquire() as conn:
+        rows = await conn.fetch(RESERVATIONS_SQL, answered_since)
+    items, answers = [], []
+    for r in rows:
+        if r["status"] in ("booked", "active"):
+            items.append(RebuildReservation(
+                reservation_id=r["reservation_id"], request_id=r["request_id"],
+                user_id=r["user_id"], tenant_id=r["tenant_id"], device_id=r["device_id"],
+                pool=r["pool"], start_ms=r["start_ms"], end_ms=r["end_ms"], status=r["status"],
+                allocation_id=r["allocation_id"], created_at_ms=r["created_at_ms"],
+                claimed_at_ms=r["claimed_at_ms"], claim_by_ms=r["claim_by_ms"],
+                version=r["version"]))
+        left = _seconds_left(settings.idempotency_ttl_s, r["created_at_ms"], now_ms)
+        if left > 0:
+            reply = Reserved(request_id=r["request_id"], reservation_id=r["reservation_id"],
+                             user_id=r["user_id"], device_id=r["device_id"],
+                             device_name=r["device_name"] or r["device_id"], pool=r["pool"],
+                             start_ms=r["start_ms"], end_ms=r["end_ms"], status="booked")
+            answers.append(RebuildAnswer(user_id=r["user_id"], request_id=r["request_id"],
+                                         answer=encoder.encode(reply).decode(), ttl_s=left))
+    return items, answers
+
+
 async def rebuild(
     redis: Redis, keys: Keys, pg: asyncpg.Pool, settings: Settings, clock: Clock, *,
     force: bool = False, progress: Progress | None = None,
@@ -435,7 +491,9 @@ async def rebuild(
                 "would lose them. Let the write-behind catch up (`devsched run`, or "
                 "`devsched worker persist`) and try again")
     loaded = await load(pg, settings, clock.now_ms())
+    reservations, reservation_answers = await load_reservations(pg, settings, clock.now_ms())
     report = loaded.report
+    report.reservations = len(reservations)
     say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
         f"{report.active} active allocations ({report.overdue} past their expiry), "
         f"{report.closed} recently closed, {report.answers} stored answers, "
@@ -457,6 +515,12 @@ async def rebuild(
             prefix=p, now_ms=now(), answers=loaded.answers[i:i + CHUNK])),
         ("users", len(loaded.users), lambda i: RebuildCall(
             prefix=p, now_ms=now(), users=loaded.users[i:i + CHUNK])),
+        # before the devices: a device written free is offered to the waiters, who must
+        # not be given one that a restored booking needs
+        ("reservations", len(reservations), lambda i: RebuildCall(
+            prefix=p, now_ms=now(), reservations=reservations[i:i + CHUNK])),
+        ("reservation answers", len(reservation_answers), lambda i: RebuildCall(
+            prefix=p, now_ms=now(), answers=reservation_answers[i:i + CHUNK])),
         ("devices", len(loaded.devices), lambda i: RebuildCall(
             prefix=p, now_ms=now(), devices=loaded.devices[i:i + CHUNK])),
     )
