@@ -8,7 +8,7 @@ and live in the default registry of any process that uses the client.
 
 from __future__ import annotations
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Gauge
 
 AUTO_RELEASE = Counter("scheduler_auto_release_total", "Allocations closed by the system", ["reason"])
 """``reason``: expired, or the schemas.messages.EndReason of an event (device_failed, ...)."""
@@ -36,3 +36,20 @@ CLIENT_INVALID_REPLIES = Counter(
 JOB_RUNS = Counter("scheduler_job_runs_total", "Runs of the tracked timer jobs", ["job", "status"])
 """``job``: expire, trim, stats_snapshot, purge, prune_history; ``status``: succeeded, failed
 (including a run found dead past its timeout)."""
+SCHEDULE_TENANT_RUNS = Counter(
+    "scheduler_schedule_tenant_runs_total", "Per-tenant runs of the global schedules",
+    ["kind", "status"])
+"""``kind``: interim_metering, usage_report; ``status``: succeeded, failed (to the retry
+queue), retried_done, retried_retry (backed off again), retried_failed (permanently)."""
+SCHEDULE_FILL = Gauge("scheduler_schedule_fill", "Tenants / capacity of a schedule's batches",
+                      ["schedule"])
+SCHEDULE_HEALTH = Gauge("scheduler_schedule_health",
+                        "A schedule's health: 0 healthy, 1 warning, 2 critical (> 95% full)",
+                        ["schedule"])
+SCHEDULE_RETRY_QUEUE = Gauge("scheduler_schedule_retry_queue",
+                             "Tenant runs in the schedules' retry queue", ["state"])
+"""``state``: waiting (to be retried), failed (permanently)."""
+SCHEDULE_RETRY_ALERT = Gauge(
+    "scheduler_schedule_retry_alert",
+    "1 when the schedules' retry queue (waiting + failed) holds more than "
+    "DEVSCHED_SCHEDULE_RETRY_ALERT tenant runs")

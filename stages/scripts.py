@@ -26,6 +26,8 @@ from schemas.rows import (
     QuotaKeys,
     RebuildCall,
     RebuildKeys,
+    SchedulesCall,
+    SchedulesKeys,
     SelectCall,
     SelectKeys,
 )
@@ -48,5 +50,9 @@ EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.l
 JOBS = Script("jobs", JobsKeys, JobsCall, lua_source("stages", "jobs.lua"))
 """Claim, finish and control the tracked timer jobs (their live state)."""
 
-ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, HANDOFF, APPEND)
+SCHEDULES = Script("schedules", SchedulesKeys, SchedulesCall, lua_source("stages", "schedules.lua"))
+"""Tenants, global schedules and their batches, batch claims, the retry queue."""
+
+ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, SCHEDULES,
+                                     HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -3,7 +3,7 @@
 The runtime gives the server and worker commands (up, down, env, migrate, worker,
 run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices, allocations, pools, queue, quota, allocate, release, renew,
-events, jobs, stats, strategy, audit, rebuild, schema.
+events, jobs, tenants, schedules, stats, strategy, audit, rebuild, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -718,6 +718,10 @@ def parser() -> argparse.ArgumentParser:
 
     from stages.tools.receiver import add_parser as add_receiver
     add_receiver(sub)
+    from stages.tools.schedules import add_parser as add_schedules
+    from stages.tools.tenants import add_parser as add_tenants
+    add_tenants(sub)
+    add_schedules(sub)
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
