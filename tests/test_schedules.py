@@ -18,8 +18,9 @@ import asyncio
 import json
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from itertools import pairwise
 
 import asyncpg
 import pytest
@@ -141,7 +142,7 @@ async def test_a_tenant_on_each_tier_is_metered_at_its_interval(
     assert len(await interim_rows(pg, "t-basic")) == 1
     # the enterprise rows are contiguous, each 15 minutes (the first from allocation)
     rows = await interim_rows(pg, "t-enterprise")
-    assert all(a["covered_to"] == b["covered_from"] for a, b in zip(rows, rows[1:]))
+    assert all(a["covered_to"] == b["covered_from"] for a, b in pairwise(rows))
     assert {r["duration_seconds"] for r in rows[1:24]} == {900}
     # the usage reports of the same run: one total row per tenant per period
     async with pg.acquire() as conn:
@@ -382,7 +383,7 @@ async def test_interim_and_final_rows_add_up_to_the_exact_duration(
                                         " WHERE id = $1", got.allocation_id)
             assert [r["kind"] for r in rows] == ["interim"] * interim + ["final"]
             assert sum(r["duration_seconds"] for r in rows) == exact
-            assert all(a["covered_to"] == b["covered_from"] for a, b in zip(rows, rows[1:]))
+            assert all(a["covered_to"] == b["covered_from"] for a, b in pairwise(rows))
             assert rows[-1]["entry_id"] == got.allocation_id
             assert len({r["entry_id"] for r in rows}) == len(rows)
         # metering again after the release adds nothing
@@ -614,4 +615,3 @@ async def test_trigger_runs_every_batch_of_a_schedule_once(
     assert len(rows) == 3 and all(r["status"] == "succeeded" and r["manual"] for r in rows)
 
 
-_: Callable[..., object] = run_schedules
