@@ -137,10 +137,13 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams, the strategy setting nor the state marker; returns how many."""
+    never the streams, the strategy setting, the state marker nor the global schedules'
+    ``{sched}`` keys (the tenant registry, which PostgreSQL does not hold); returns how
+    many."""
     kept = {keys.strategy.encode(), keys.state.encode()}  # configuration; the marker
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000) if k not in kept]
+                                              count=1000)
+             if k not in kept and b":{sched}:" not in k]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
