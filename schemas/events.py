@@ -1,7 +1,7 @@
 """Events from other systems: the inbound stream ``<prefix>:events``.
 
-Each entry has one field, ``d``: a JSON object tagged by ``type``, one of the 15
-names in :data:`EVENT_TYPES` (device, user and billing events). Every event
+Each entry has one field, ``d``: a JSON object tagged by ``type``, one of the 18
+names in :data:`EVENT_TYPES` (device, user, billing and tenant events). Every event
 carries ``event_id`` (its idempotency key: the same id is applied once),
 ``occurred_at_ms``, an optional ``version`` and its entity's id, ``device_id``
 for device events, ``user_id`` for user and billing events; then the fields of
@@ -197,16 +197,47 @@ class Recharged(_UserEvent, tag="billing.recharged", kw_only=True):
     balance: Balance | None = None
 
 
+# --- tenant events -------------------------------------------------------------------
+
+
+class _TenantEvent(_Event, kw_only=True):
+    tenant_id: Id
+
+
+class TenantCreated(_TenantEvent, tag="tenant.created", kw_only=True):
+    """A tenant joins on ``plan``: it enters one batch of each kind's schedule of the
+    plan's interval tier (stages/schedules.py). An existing tenant changes plan."""
+
+    plan: Name
+
+
+class TenantPlanChanged(_TenantEvent, tag="tenant.plan_changed", kw_only=True):
+    """The tenant's plan changes: it moves to the schedules of the new tier, atomically
+    (never in two batches, never in none). An unknown tenant is created."""
+
+    plan: Name
+    previous_plan: Name | None = None
+    """What the sender saw before (informational)."""
+
+
+class TenantDeleted(_TenantEvent, tag="tenant.deleted", kw_only=True):
+    """The tenant leaves every schedule and the retry queue."""
+
+    reason: Text | None = None
+
+
 DeviceEvent = DeviceFailed | DeviceDeleted | DeviceStatusChanged | DeviceMaintenance | DeviceCreated
 UserEvent = (UserDeleted | UserSuspended | UserActivated | UserQuotaUpdated | UserQuotaExceeded
              | PaymentFailed | BalanceLow | Overdue | PaymentSucceeded | Recharged)
-Event = DeviceEvent | UserEvent
+TenantEvent = TenantCreated | TenantPlanChanged | TenantDeleted
+Event = DeviceEvent | UserEvent | TenantEvent
 """Every inbound event, tagged by ``type``."""
 
 EVENT_CLASSES: tuple[type[_Event], ...] = (
     DeviceFailed, DeviceDeleted, DeviceStatusChanged, DeviceMaintenance, DeviceCreated,
     UserDeleted, UserSuspended, UserActivated, UserQuotaUpdated, UserQuotaExceeded,
     PaymentFailed, BalanceLow, Overdue, PaymentSucceeded, Recharged,
+    TenantCreated, TenantPlanChanged, TenantDeleted,
 )
 
 
@@ -217,7 +248,7 @@ def event_type(cls: type[Struct] | Struct) -> str:
 
 
 EVENT_TYPES: tuple[str, ...] = tuple(event_type(c) for c in EVENT_CLASSES)
-"""The 15 names, in the order above."""
+"""The 18 names, in the order above."""
 
 CRITICAL: frozenset[str] = frozenset({
     "device.failed", "device.deleted", "user.deleted", "user.suspended", "billing.overdue",

@@ -104,6 +104,24 @@ class Keys:
         """The answer to a manual job run, by request id (with a TTL)."""
         return f"{self.prefix}:{{jobs}}:answer:{request_id}"
 
+    # global interval schedules, tag {sched} (stages/lua/schedules.lua names the rest)
+    @property
+    def sched_tenants(self) -> str:
+        """Hash tenant id -> plan: the tenant registry. Beside it, under the same tag:
+        ``tenant:<id>`` (plan, version, override, its batch per kind ``b:<kind>``),
+        ``schedules`` (set of schedule ids ``<kind>:<tier>``), ``schedule:<id>`` (kind,
+        tier, interval_ms, paused, tenants, fixed, last_run_ms),
+        ``batches:<id>`` (its batch numbers), ``batch:<id>#<n>`` (size, offset_ms,
+        next_run_ms, last_run_ms, running, deadline_ms, last_status), ``members:<id>#<n>``
+        (its tenants), ``due`` (batch -> next run ms), ``overrides`` (tenant -> until ms),
+        ``retry`` (item ``<kind>|<tenant>`` -> due ms), ``retry:<item>`` (tries, error,
+        period_end_ms), ``failed`` (item -> JSON), ``versions``, ``event:<id>``."""
+        return f"{self.prefix}:{{sched}}:tenants"
+
+    def sched(self, name: str) -> str:
+        """A key of the schedules' state (see ``sched_tenants``)."""
+        return f"{self.prefix}:{{sched}}:{name}"
+
     # device side, tag {pool}
     @property
     def pools(self) -> str:

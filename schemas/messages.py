@@ -810,19 +810,29 @@ def decode_admitted(fields: Mapping[bytes, bytes]) -> AdmittedEntry:
 
 
 class UsageEntry(Struct, kw_only=True, forbid_unknown_fields=True):
-    """One closed allocation as the billing service gets it (POST <base>/usage)."""
+    """One ledger row as the billing service gets it (POST <base>/usage): the final row of
+    a closed allocation, or an interim row of a long one (periodic metering)."""
 
+    entry_id: str
+    """The receiver's dedupe key: the allocation id for the final entry, ``<allocation
+    id>:<covered seconds>`` for an interim one. An entry may come again (a retried
+    batch), never with other numbers."""
+    kind: Literal["final", "interim"] = "final"
     allocation_id: str
-    """The receiver's dedupe key: an entry may come again (a retried batch), never with
-    other numbers."""
     user_id: str
     tenant_id: str | None
     device_id: str
     started_at_ms: int
     ended_at_ms: int
     billed_seconds: int
+    """Seconds this entry bills; an allocation's entries add up to its exact length."""
     reason: str
-    """released, expired, or the event that ended it (device_failed, ...)."""
+    """released, expired, or the event that ended it (device_failed, ...); ``interim`` for
+    an interim entry."""
+    covered_from_ms: int | None = None
+    """The part of the allocation this entry bills: from (ms) ..."""
+    covered_to_ms: int | None = None
+    """... to (ms); the final entry covers from the end of the last interim one."""
 
 
 class UsageBatch(Struct, kw_only=True, forbid_unknown_fields=True):

@@ -669,3 +669,130 @@ class JobsCall(Struct, kw_only=True, omit_defaults=True):
     claim: list[JobClaim] | None = None
     finish: JobFinish | None = None
     control: JobControl | None = None
+
+
+# --- schedules.lua (stages/schedules.py): tenants, global schedules, batches, retries ----
+
+
+class SchedulesKeys(NamedTuple):
+    """schedules.lua names every other key from the prefix, all under the hash tag
+    ``{sched}`` (schemas.keys.Keys.sched); the events stream is only acked."""
+
+    tenants: str
+    """Hash tenant id -> plan: the registry (Keys.sched_tenants)."""
+    events: str
+    """The events stream whose entries a tenant-event call acks (group ``events``)."""
+
+
+class PlanTier(Struct, kw_only=True):
+    """A plan and the interval of its tier."""
+
+    plan: str
+    interval_ms: int
+
+
+class TenantOp(Struct, kw_only=True, omit_defaults=True):
+    """Create or change (``set``) a tenant's plan, or ``delete`` it. From an event:
+    ``event_id`` (applied once), ``version`` (ignored unless above the last applied) and
+    ``entry_id`` (acked in the same call)."""
+
+    action: str
+    tenant_id: str
+    plan: str | None = None
+    event_id: str | None = None
+    version: int | None = None
+    entry_id: str | None = None
+
+
+class TenantOverride(Struct, kw_only=True, omit_defaults=True):
+    """A custom interval for a tenant until ``until_ms`` (then its tier again);
+    ``every_ms`` absent: the override is removed now."""
+
+    tenant_id: str
+    every_ms: int | None = None
+    until_ms: int | None = None
+
+
+class BatchClaim(Struct, kw_only=True, omit_defaults=True):
+    """Claim the due batches (at most ``limit``), or with ``schedule`` every batch of that
+    schedule now (a manual trigger). ``execution_prefix``: each claimed batch's execution
+    id is this prefix and a number."""
+
+    execution_prefix: str
+    limit: int
+    timeout_ms: int
+    schedule: str | None = None
+
+
+class TenantFailure(Struct, kw_only=True):
+    tenant_id: str
+    error: str
+
+
+class BatchFinish(Struct, kw_only=True, omit_defaults=True):
+    """The end of the run ``execution_id`` of batch ``batch``: its failed tenants go to
+    the retry queue (``period_end_ms``: the period a retry of a usage report covers)."""
+
+    batch: str
+    execution_id: str
+    status: str
+    period_end_ms: int
+    failed: list[TenantFailure] | None = None
+
+
+class RetryClaim(Struct, kw_only=True, omit_defaults=True):
+    """Take the due retry items (at most ``limit``) for ``lease_ms``; ``item`` names one
+    (a retry by command, due or not)."""
+
+    limit: int
+    lease_ms: int
+    token: str
+    item: str | None = None
+
+
+class RetryFinish(Struct, kw_only=True, omit_defaults=True):
+    """The end of a retry: ``succeeded`` (the item leaves the queue) or ``failed``
+    (back-off, or permanently failed past ``max_retries``)."""
+
+    item: str
+    token: str
+    status: str
+    error: str | None = None
+
+
+class ScheduleControl(Struct, kw_only=True, omit_defaults=True):
+    """``pause``, ``resume`` or ``rebalance`` a schedule (``schedule`` absent with
+    ``rebalance``: every schedule); ``requeue``: a failed or waiting ``item`` due now with
+    its tries reset."""
+
+    action: str
+    schedule: str | None = None
+    item: str | None = None
+
+
+class SchedulesCall(Struct, kw_only=True, omit_defaults=True):
+    """One of: ``tenants``, ``override``, ``claim``, ``finish``, ``retry_claim``,
+    ``retry_finish``, ``control``, ``dump``. Every call carries the tiers, the batch
+    capacity, the stagger and the retry policy, so that the schedules of every tier exist
+    and expired overrides are settled first."""
+
+    prefix: str
+    now_ms: int
+    tiers: list[PlanTier]
+    kinds: list[str]
+    capacity: int
+    stagger_ms: int
+    backoff_ms: int
+    backoff_factor: int
+    max_retries: int
+    event_ttl_s: int
+    group: str
+    tenants: list[TenantOp] | None = None
+    override: TenantOverride | None = None
+    claim: BatchClaim | None = None
+    finish: BatchFinish | None = None
+    retry_claim: RetryClaim | None = None
+    retry_finish: RetryFinish | None = None
+    control: ScheduleControl | None = None
+    dump: bool = False
+    members: bool = False

@@ -4,7 +4,8 @@ Each ``released`` or ``expired`` change becomes one ledger row keyed by the
 allocation id (``ON CONFLICT DO NOTHING``), written for the whole batch in one
 statement (in key order, as persist writes) and acked after commit: a redelivered
 change finds its row and adds nothing. Duration is the allocation's exact length in
-whole seconds; ``end_reason`` says why it ended (released, expired, or the event that
+whole seconds, less what interim rows of the allocation (periodic metering,
+stages/schedules.py) already billed; ``end_reason`` says why it ended (released, expired, or the event that
 ended it: device_failed, user_suspended, ...). The export stage (stages/export.py) sends each row to the billing service and
 sets ``exported_at`` once the service accepted it.
 """
@@ -23,19 +24,35 @@ from stages.context import StageContext
 
 INSERT_LEDGER = """
 INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
-    duration_seconds, cpu_cores, memory_mb, end_reason)
-SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-    $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[]) ORDER BY 1
-ON CONFLICT (allocation_id) DO NOTHING
+    duration_seconds, cpu_cores, memory_mb, end_reason, covered_from, covered_to, covered_to_s)
+SELECT u.id, u.uid, u.tid, u.dev, u.st, u.en, greatest(u.dur - coalesce(i.s, 0), 0), u.cpu,
+       u.mem, u.reason, u.st + make_interval(secs => least(coalesce(i.s, 0), u.dur)), u.en, u.dur
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+    $6::timestamptz[], $7::int[], $8::int[], $9::int[], $10::text[])
+    AS u(id, uid, tid, dev, st, en, dur, cpu, mem, reason)
+LEFT JOIN LATERAL (SELECT sum(duration_seconds)::int AS s FROM billing_ledger l
+                   WHERE l.allocation_id = u.id AND l.kind = 'interim') i ON TRUE
+ORDER BY 1
+ON CONFLICT (allocation_id) WHERE kind = 'final' DO NOTHING
 """
+"""The final row bills what the allocation's interim rows (stages/schedules.py) have not:
+its exact length minus their sum (never below 0: an interim row can only cover past the
+end when the clocks of two workers disagree), covering from the end of the last one."""
+LEDGER_SHARED = "SELECT pg_advisory_xact_lock_shared($1)"
+"""Final rows take the ledger lock shared, interim metering exclusive
+(stages.schedules.LEDGER_LOCK): a final row sees every committed interim row of its
+allocation, and an interim row is not written once the final row is."""
 
 
 async def write_ledger(pg: asyncpg.Pool, rows: Sequence[AllocationChange]) -> None:
     """The ledger rows of these closed allocations, each written once (a row already
     there is kept as it is); a PostgreSQL outage raises Transient."""
+    from stages.schedules import LEDGER_LOCK
+
     if not rows:
         return
-    async with pg_batch(pg, transaction=False) as conn:
+    async with pg_batch(pg) as conn:
+        await conn.execute(LEDGER_SHARED, LEDGER_LOCK)
         await conn.execute(
             INSERT_LEDGER,
             [r.allocation_id for r in rows], [r.user_id for r in rows],

@@ -14,6 +14,11 @@ events.lua). An allocation whose request said ``replace_on_failure`` is moved
 instead, in that same call, to an equivalent free device when its device goes
 down (ended only when none is free; counted in ``scheduler_auto_replace_total``).
 Events for a device or user the scheduler does not know are counted ``ignored``.
+Tenant events (``tenant.created``, ``tenant.plan_changed``, ``tenant.deleted``) change the
+global schedules instead (stages/schedules.py): they are applied and acked by one
+schedules.lua call per batch, made before the events.lua call of the others (a crash
+between the two redelivers the rest; a tenant event applied twice is a duplicate by its
+``event_id``); one naming a plan not in DEVSCHED_PLAN_INTERVALS is dead-lettered.
 
 Failures (SPEC B4): when the call fails, the worker retries the entries one at a
 time. A critical event (:data:`schemas.events.CRITICAL`) that still fails is
@@ -41,17 +46,28 @@ from schemas.events import (
     DeviceEvent,
     DeviceMaintenance,
     DeviceStatusChanged,
-    Event,
+    TenantDeleted,
+    TenantEvent,
+    UserEvent,
     UserQuotaUpdated,
     event_decoder,
     event_type,
 )
 from schemas.keys import GROUP_EVENTS
 from schemas.messages import QuotaSpec
-from schemas.rows import DeadRow, DeviceEventRow, EventsCall, EventsKeys, EventsRow, UserEventRow
+from schemas.rows import (
+    DeadRow,
+    DeviceEventRow,
+    EventsCall,
+    EventsKeys,
+    EventsRow,
+    TenantOp,
+    UserEventRow,
+)
 from schemas.runtime import dead_encoder
 from stages import metrics
 from stages.context import StageContext
+from stages.schedules import apply_tenants, plan_tiers
 from stages.scripts import EVENTS
 
 log = logging.getLogger("devsched.events")
@@ -78,7 +94,7 @@ def type_label(raw: bytes) -> str:
     return value if isinstance(value, str) and value in EVENT_TYPES else "unknown"
 
 
-def event_row(entry_id: str, event: Event) -> EventsRow:
+def event_row(entry_id: str, event: DeviceEvent | UserEvent) -> EventsRow:
     """The script row for one decoded event."""
     kind = event_type(event)
     if isinstance(event, DeviceEvent):
@@ -121,7 +137,19 @@ class EventsStage:
         k = self.keys
         self.script_keys = EventsKeys(events=k.events, changes=k.changes, dead=k.dead)
 
-    def item(self, entry: Entry) -> tuple[EventsRow, str]:
+    def tenant_op(self, entry: Entry, event: TenantEvent) -> TenantOp | DeadRow:
+        """A tenant event as a schedules.lua op (acked by that call); an unknown plan is a
+        dead letter with the reason."""
+        if isinstance(event, TenantDeleted):
+            return TenantOp(action="delete", tenant_id=event.tenant_id, event_id=event.event_id,
+                            version=event.version, entry_id=entry.id)
+        if event.plan not in plan_tiers(self.ctx.settings):
+            return self._invalid(entry, f"unknown plan {event.plan!r} (plans: "
+                                        f"{', '.join(plan_tiers(self.ctx.settings))})")
+        return TenantOp(action="set", tenant_id=event.tenant_id, plan=event.plan,
+                        event_id=event.event_id, version=event.version, entry_id=entry.id)
+
+    def item(self, entry: Entry) -> tuple[EventsRow | TenantOp, str]:
         """The row for one entry, and the event's type (its metric label)."""
         raw = entry.data
         limit = self.ctx.settings.max_message_bytes
@@ -132,6 +160,8 @@ class EventsStage:
             event = event_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return self._invalid(entry, str(exc)), type_label(raw)
+        if isinstance(event, TenantEvent):
+            return self.tenant_op(entry, event), event_type(event)
         return event_row(entry.id, event), event_type(event)
 
     def _invalid(self, entry: Entry, reason: str) -> DeadRow:
@@ -141,7 +171,21 @@ class EventsStage:
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings
-        items = [self.item(entry) for entry in entries]
+        both = [self.item(entry) for entry in entries]
+        tenants = [(op, kind) for op, kind in both if isinstance(op, TenantOp)]
+        if tenants:
+            # tenant events change the schedules ({sched}): applied and acked in one call
+            done = await apply_tenants(self.ctx.redis, s, self.ctx.clock.now_ms(),
+                                       [op for op, _ in tenants])
+            for (_, kind), (_, status) in zip(tenants, done, strict=True):
+                label = {"duplicate": "duplicate", "stale": "stale",
+                         "not_found": "ignored"}.get(status, "applied")
+                metrics.EVENT_CONSUMED.labels(kind, label).inc()
+            entries = [e for e, (op, _) in zip(entries, both, strict=True)
+                       if not isinstance(op, TenantOp)]
+            if not entries:
+                return
+        items = [(row, kind) for row, kind in both if not isinstance(row, TenantOp)]
         call = EventsCall(
             prefix=s.prefix, group=self.group, now_ms=self.ctx.clock.now_ms(),
             event_ttl_s=s.idempotency_ttl_s, released_ttl_s=s.released_ttl_s,

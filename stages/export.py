@@ -14,7 +14,9 @@ letters are pipeline.http_sink's: an entry the service could not take is parked 
 retry queue atomically with the ack of its change, so nothing is lost while the service
 is down, and it is dead-lettered (with the last error) only after
 DEVSCHED_HTTP_RETRY_BUDGET_S. Delivery is at least once: the receiver dedupes by
-``allocation_id`` (docs/wire-format.md).
+``entry_id`` (docs/wire-format.md): the allocation id for the final entry. Interim entries
+(periodic metering, stages/schedules.py) reach the stage on its replay stream, each with
+its own ``entry_id``; the final entry bills what they have not.
 
 **Balance check.** No HTTP call is on the request path. The stage notes each user it
 sees on the changes stream (allocated, refused) in ``<prefix>:billing:seen``; its
@@ -37,6 +39,7 @@ import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
+import asyncpg
 import msgspec
 from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
@@ -69,8 +72,14 @@ STANDING_POLL_S = 0.5
 
 MARK_EXPORTED = """
 UPDATE billing_ledger SET exported_at = $2
-WHERE allocation_id = ANY($1::uuid[]) AND exported_at IS NULL
+WHERE entry_id = ANY($1::text[]) AND exported_at IS NULL
 """
+FINAL_BILLED = """
+SELECT allocation_id::text, entry_id, duration_seconds, covered_from, covered_to
+FROM billing_ledger WHERE allocation_id = ANY($1::uuid[]) AND kind = 'final'
+"""
+"""The final rows' numbers: what an entry bills is what its ledger row bills (the
+allocation's length less its interim rows)."""
 
 _usage_entry = msgspec.json.Decoder(UsageEntry)
 _standing = msgspec.json.Decoder(AccountStanding)
@@ -87,13 +96,19 @@ def sender_config(settings: Settings) -> SenderConfig:
     )
 
 
-def usage_entry(change: AllocationChange) -> UsageEntry:
-    """The wire entry of a closed allocation (the numbers of its ledger row)."""
+def usage_entry(change: AllocationChange, row: asyncpg.Record | None = None) -> UsageEntry:
+    """The wire entry of a closed allocation, with the numbers of its final ledger row
+    (``row``: what it bills after the interim rows, and the part it covers)."""
+    ended = change.released_at_ms or change.at_ms
     return UsageEntry(
+        entry_id=row["entry_id"] if row else change.allocation_id, kind="final",
         allocation_id=change.allocation_id, user_id=change.user_id, tenant_id=change.tenant_id,
-        device_id=change.device_id, started_at_ms=change.allocated_at_ms,
-        ended_at_ms=change.released_at_ms or change.at_ms,
-        billed_seconds=change.duration_seconds or 0, reason=change.reason or change.status,
+        device_id=change.device_id, started_at_ms=change.allocated_at_ms, ended_at_ms=ended,
+        billed_seconds=row["duration_seconds"] if row else change.duration_seconds or 0,
+        reason=change.reason or change.status,
+        covered_from_ms=int(row["covered_from"].timestamp() * 1000) if row and
+        row["covered_from"] else change.allocated_at_ms,
+        covered_to_ms=ended,
     )
 
 
@@ -119,11 +134,16 @@ class UsageExport:
             if isinstance(change, AllocationChange) and change.status != "allocated":
                 closed[change.allocation_id] = (entry, change)
         await write_ledger(self.pg, [c for _, c in closed.values()])
-        return [SinkItem(aid, msgspec.json.encode(usage_entry(c)).decode(), e.stream, e.id)
-                for aid, (e, c) in closed.items()]
+        rows: dict[str, asyncpg.Record] = {}
+        if closed:
+            async with pg_batch(self.pg, transaction=False) as conn:
+                rows = {r[0]: r for r in await conn.fetch(FINAL_BILLED, list(closed))}
+        usage = [usage_entry(c, rows.get(aid)) for aid, (_, c) in closed.items()]
+        return [SinkItem(u.entry_id, msgspec.json.encode(u).decode(), e.stream, e.id)
+                for u, (e, _) in zip(usage, closed.values(), strict=True)]
 
     def key_of(self, payload: str) -> str:
-        return _usage_entry.decode(payload).allocation_id
+        return _usage_entry.decode(payload).entry_id
 
     def body(self, payloads: Sequence[str]) -> bytes:
         return ('{"entries":[' + ",".join(payloads) + "]}").encode()

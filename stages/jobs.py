@@ -200,6 +200,13 @@ async def prune_history(ctx: StageContext) -> int:
     return old + beyond
 
 
+async def run_schedules(ctx: StageContext) -> int:
+    """The global interval schedules' due batches and retries (stages/schedules.py)."""
+    from stages.schedules import run_schedules as run
+
+    return await run(ctx)
+
+
 JOBS: Mapping[str, Job] = {j.name: j for j in (
     Job("expire", expire_due, lambda s: s.tick_ms,
         "close the allocations past their expires-at (every tick)", starts_now=True),
@@ -218,6 +225,9 @@ JOBS: Mapping[str, Job] = {j.name: j for j in (
         "delete closed allocation rows older than DEVSCHED_PURGE_RETENTION_DAYS (daily)"),
     Job("prune_history", prune_history, lambda s: 600_000,
         "keep job executions within their retention and maximum count"),
+    Job("schedules", run_schedules, lambda s: s.tick_ms,
+        "run the due batches of the global schedules and the tenants' retries (every tick)",
+        starts_now=True),
 )}
 """Every tracked job, in the order a tick claims them (they then run together)."""
 

@@ -55,3 +55,20 @@ TIMER_LAST_TICK = Gauge(
     "Unix time (s) of the period of the last tick the timers stage handled",
     multiprocess_mode="max",
 )
+SCHEDULE_TENANT_RUNS = Counter(
+    "scheduler_schedule_tenant_runs_total", "Per-tenant runs of the global schedules",
+    ["kind", "status"])
+"""``kind``: interim_metering, usage_report; ``status``: succeeded, failed (to the retry
+queue), retried_done, retried_retry (backed off again), retried_failed (permanently)."""
+SCHEDULE_FILL = Gauge("scheduler_schedule_fill", "Tenants / capacity of a schedule's batches",
+                      ["schedule"])
+SCHEDULE_HEALTH = Gauge("scheduler_schedule_health",
+                        "A schedule's health: 0 healthy, 1 warning, 2 critical (> 95% full)",
+                        ["schedule"])
+SCHEDULE_RETRY_QUEUE = Gauge("scheduler_schedule_retry_queue",
+                             "Tenant runs in the schedules' retry queue", ["state"])
+"""``state``: waiting (to be retried), failed (permanently)."""
+SCHEDULE_RETRY_ALERT = Gauge(
+    "scheduler_schedule_retry_alert",
+    "1 when the schedules' retry queue (waiting + failed) holds more than "
+    "DEVSCHED_SCHEDULE_RETRY_ALERT tenant runs")

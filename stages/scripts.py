@@ -28,6 +28,8 @@ from schemas.rows import (
     RebuildKeys,
     ReservationsCall,
     ReservationsKeys,
+    SchedulesCall,
+    SchedulesKeys,
     SelectCall,
     SelectKeys,
 )
@@ -55,6 +57,9 @@ RESERVATIONS = Script("reservations", ReservationsKeys, ReservationsCall,
 JOBS = Script("jobs", JobsKeys, JobsCall, lua_source("stages", "jobs.lua"))
 """Claim, finish and control the tracked timer jobs (their live state)."""
 
+SCHEDULES = Script("schedules", SchedulesKeys, SchedulesCall, lua_source("stages", "schedules.lua"))
+"""Tenants, global schedules and their batches, batch claims, the retry queue."""
+
 ALL: tuple[Script[Any, Any], ...] = (QUOTA, SELECT, EXPIRE, ADMIN, EVENTS, JOBS, RESERVATIONS,
-                                     HANDOFF, APPEND)
+                                     SCHEDULES, HANDOFF, APPEND)
 """Every script a stage process runs, loaded once at start."""

@@ -137,3 +137,26 @@ class Settings(RuntimeSettings):
     """A reservation that became an allocation at its start is cancelled as a no-show
     (its device freed) when its user has not claimed it (a claim_reservation request, or
     a renewal of that allocation) within this long."""
+    plan_intervals: str = env("DEVSCHED_PLAN_INTERVALS",
+                              "basic=24h,standard=6h,premium=1h,enterprise=15m")
+    """Plans and the interval tier of each (``plan=duration``, comma separated; a duration
+    is a whole number of ``s``, ``m``, ``h`` or ``d``): one global schedule per kind and
+    tier (stages/schedules.py)."""
+    schedule_batch_capacity: int = env("DEVSCHED_SCHEDULE_BATCH_CAPACITY", 500, minimum=1)
+    """Tenants per batch of a schedule; a schedule whose batches are full opens another."""
+    schedule_stagger_s: int = env("DEVSCHED_SCHEDULE_STAGGER_S", 60, minimum=0)
+    """Start offset between consecutive batches of a schedule (batch n runs n x this after
+    the period boundary, modulo the interval), so batches do not all fire at once."""
+    schedule_retry_backoff_s: int = env("DEVSCHED_SCHEDULE_RETRY_BACKOFF_S", 300, minimum=1)
+    """First back-off of a tenant whose scheduled run failed; multiplied by
+    DEVSCHED_SCHEDULE_RETRY_FACTOR per further failure (5, 15, 45 minutes)."""
+    schedule_retry_factor: int = env("DEVSCHED_SCHEDULE_RETRY_FACTOR", 3, minimum=1)
+    """Growth of the back-off between a tenant's retries."""
+    schedule_max_retries: int = env("DEVSCHED_SCHEDULE_MAX_RETRIES", 3, minimum=0)
+    """Retries of a failed tenant run; one failing past them is permanently failed."""
+    schedule_retry_alert: int = env("DEVSCHED_SCHEDULE_RETRY_ALERT", 10, minimum=0)
+    """Retry-queue size (waiting plus permanently failed tenants) above which the alert
+    metric ``scheduler_schedule_retry_alert`` is 1."""
+    schedule_warning_fill: float = env("DEVSCHED_SCHEDULE_WARNING_FILL", 0.8, minimum=0)
+    """A schedule whose batches are fuller than this (0 to 1) is ``warning``; above 0.95
+    ``critical``."""

@@ -135,9 +135,12 @@ async def test_outage_of_30s_loses_and_doubles_nothing(
     await running.close()
     assert len(receiver.received.usage) == len(closed) == 24
     entry = receiver.received.usage[closed[0]]
-    assert set(entry) == {"allocation_id", "user_id", "tenant_id", "device_id", "started_at_ms",
-                          "ended_at_ms", "billed_seconds", "reason"}
-    assert entry["reason"] == "released"
+    assert set(entry) == {"entry_id", "kind", "allocation_id", "user_id", "tenant_id",
+                          "device_id", "started_at_ms", "ended_at_ms", "billed_seconds",
+                          "reason", "covered_from_ms", "covered_to_ms"}
+    assert entry["reason"] == "released" and entry["kind"] == "final"
+    assert entry["entry_id"] == entry["allocation_id"] == closed[0]
+    assert entry["covered_from_ms"] == entry["started_at_ms"]
     assert await dead_of(redis, keys, GROUP_EXPORT) == []
     # the webhook got the allocation and release notifications of all, signed
     events = [n for n in receiver.received.notifications.values()

@@ -70,9 +70,10 @@ async def live_state(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Every key of the live state with its value; answers decoded from JSON. The state
     marker is left out: each rebuild gives it a new epoch (tests/test_state_marker.py). The
     tracked jobs' hashes ({jobs}) are compared apart, as ``jobs show`` reads them (rebuild
-    writes them from job_info without a claim)."""
+    writes them from job_info without a claim); nor are the global schedules' keys
+    ({sched}: the tenant registry, kept by rebuild, not in PostgreSQL)."""
     names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)
-             if text(k) != keys.state and b":{jobs}:" not in k]
+             if text(k) != keys.state and b":{jobs}:" not in k and b":{sched}:" not in k]
     names.append(keys.users)
     out: dict[str, Any] = {}
     for name in sorted(names):

@@ -5,7 +5,7 @@ run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices (add, list, import, export), allocations, pools, queue, quota
 (set, import), allocate, release, renew, events, jobs, stats, strategy, audit, rebuild,
 status (stages/tools/status.py), dead (stages/tools/dead.py), reserve, reservations
-(stages/tools/reservations.py), schema.
+(stages/tools/reservations.py), tenants, schedules, schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -834,6 +834,10 @@ def parser() -> argparse.ArgumentParser:
     from stages.tools.reservations import add_reservation_commands
 
     add_reservation_commands(sub)  # reserve, reservations list|cancel|claim
+    from stages.tools.schedules import add_parser as add_schedules
+    from stages.tools.tenants import add_parser as add_tenants
+    add_tenants(sub)
+    add_schedules(sub)
 
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")

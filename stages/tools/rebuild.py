@@ -170,11 +170,13 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
     """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams, the strategy setting nor the state marker; returns how many."""
-    # configuration; the marker; replies waiting for WAIT (DEVSCHED_REPLICAS_TO_ACK)
+    never the streams, the strategy setting, the state marker, the replies waiting for
+    WAIT (DEVSCHED_REPLICAS_TO_ACK) nor the global schedules' ``{sched}`` keys (the tenant
+    registry, which PostgreSQL does not hold); returns how many."""
     kept = {keys.strategy.encode(), keys.state.encode(), keys.replies_held.encode()}
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
-                                              count=1000) if k not in kept]
+                                              count=1000)
+             if k not in kept and b":{sched}:" not in k]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -238,15 +240,20 @@ FROM device_allocations
 """
 BILL_MISSING_SQL = """
 INSERT INTO billing_ledger (allocation_id, user_id, tenant_id, device_id, started_at, ended_at,
-    duration_seconds, cpu_cores, memory_mb, end_reason)
+    duration_seconds, cpu_cores, memory_mb, end_reason, covered_from, covered_to, covered_to_s)
 SELECT a.id, a.user_id, a.tenant_id, a.device_id, a.allocated_at, a.released_at,
-       coalesce(a.duration_seconds, 0), (a.metadata->>'cpu_cores')::int,
-       (a.metadata->>'memory_mb')::int, a.status
+       greatest(coalesce(a.duration_seconds, 0) - coalesce(i.s, 0), 0),
+       (a.metadata->>'cpu_cores')::int, (a.metadata->>'memory_mb')::int, a.status,
+       a.allocated_at + make_interval(secs => coalesce(i.s, 0)), a.released_at,
+       coalesce(a.duration_seconds, 0)
 FROM device_allocations a
+LEFT JOIN LATERAL (SELECT sum(duration_seconds)::int AS s FROM billing_ledger l
+                   WHERE l.allocation_id = a.id AND l.kind = 'interim') i ON TRUE
 WHERE a.status <> 'allocated' AND a.released_at IS NOT NULL
-  AND NOT EXISTS (SELECT 1 FROM billing_ledger l WHERE l.allocation_id = a.id)
+  AND NOT EXISTS (SELECT 1 FROM billing_ledger l WHERE l.allocation_id = a.id
+                  AND l.kind = 'final')
 ORDER BY a.id
-ON CONFLICT (allocation_id) DO NOTHING
+ON CONFLICT (allocation_id) WHERE kind = 'final' DO NOTHING
 """
 HAS_STATE_SQL = """
 SELECT EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM user_quotas)

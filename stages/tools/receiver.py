@@ -4,7 +4,7 @@ Built on aiohttp.web (no HTTP parsing of our own). It plays both services the
 scheduler talks to:
 
 * ``POST /usage`` (the billing export): needs ``Authorization: Bearer <token>``
-  (else 401); records each entry of ``{"entries": [...]}`` by ``allocation_id`` (the
+  (else 401); records each entry of ``{"entries": [...]}`` by ``entry_id`` (the
   dedupe view: an entry sent twice is kept once and counted in ``duplicates``) and the
   batch's ``Idempotency-Key``.
 * ``GET /accounts/<user_id>``: the bearer token too; answers the standing set for the
@@ -45,7 +45,7 @@ class Received:
     """What the receiver got, deduped by key."""
 
     usage: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """allocation_id -> its entry (the first copy)."""
+    """entry_id (the allocation id of a final entry) -> its entry (the first copy)."""
     notifications: dict[str, dict[str, Any]] = field(default_factory=dict)
     """notification id -> the notification."""
     duplicates: Counter[str] = field(default_factory=Counter)
@@ -171,7 +171,7 @@ class Receiver:
             return web.Response(status=401, text="bad token")
         try:
             entries = json.loads(await request.read())["entries"]
-            ids = [str(e["allocation_id"]) for e in entries]
+            ids = [str(e.get("entry_id") or e["allocation_id"]) for e in entries]
         except (ValueError, KeyError, TypeError) as exc:
             return web.Response(status=400, text=f"bad body: {exc}")
         for aid, entry in zip(ids, entries, strict=True):
