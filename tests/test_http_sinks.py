@@ -359,3 +359,50 @@ async def test_sinks_are_off_without_urls(
     await running.close()
     assert await redis.exists(keys.sink_retry(GROUP_EXPORT), keys.billing_seen) == 0
     assert await exported(pg, [a.allocation_id]) == 0
+
+
+async def test_ledger_rows_closed_while_export_was_off_are_backfilled_once_on(
+    settings: Settings, clock: ManualClock, redis: Redis, pg: asyncpg.Pool, receiver: Receiver,
+) -> None:
+    keys = Keys(settings.prefix)
+    await seeded(redis, keys, clock, ["ivy", "jon"])
+    running = Running(settings, clock)  # DEVSCHED_BILLING_URL unset: the export is off
+    await up(redis, keys, running)
+    closed: list[str] = []
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        for user in ("ivy", "jon", "ivy", "jon", "ivy"):
+            a = await client.allocate(user)
+            assert isinstance(a, Allocated), a
+            assert isinstance(await client.release(allocation_id=a.allocation_id), Released)
+            closed.append(a.allocation_id)
+
+    async def off_and_billed() -> bool:
+        from pipeline.worker import groups_caught_up
+        ledger = await pg.fetchval("SELECT count(*) FROM billing_ledger WHERE allocation_id "
+                                   "= ANY($1::uuid[])", closed)
+        return (ledger == len(closed)
+                and await groups_caught_up(redis, keys.changes, [GROUP_EXPORT]))
+    await wait_until(off_and_billed)
+    await running.close()
+    assert await exported(pg, closed) == 0  # the export acked their changes, sent nothing
+
+    # turned on: the changes are gone from its group, the backfill finds the rows (once
+    # they ended DEVSCHED_BILLING_BACKFILL_GRACE_S ago, on the clock)
+    s = sink_settings(settings, receiver, billing_backfill_grace_s=60,
+                      billing_backfill_every_s=60)
+    running = Running(s, clock)
+    await up(redis, keys, running)
+    clock.advance(61_000)
+
+    async def backfilled() -> bool:
+        return (set(receiver.received.usage) >= set(closed)
+                and await exported(pg, closed) == len(closed))
+    await wait_until(backfilled)
+    await running.close()
+    entry = receiver.received.usage[closed[0]]
+    assert entry["user_id"] == "ivy" and entry["reason"] == "released"
+    assert set(entry) == {"allocation_id", "user_id", "tenant_id", "device_id", "started_at_ms",
+                          "ended_at_ms", "billed_seconds", "reason"}
+    assert receiver.received.rejected == {}  # the bearer token was sent
+    assert receiver.received.duplicates["usage"] == 0
+    assert await dead_of(redis, keys, GROUP_EXPORT) == []
