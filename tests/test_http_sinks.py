@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from pipeline.clock import ManualClock
 from pipeline.http_sink import CLOSED, OPEN, CircuitBreaker
 from schemas.keys import GROUP_EXPORT, GROUP_WEBHOOK, Keys
-from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
+from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released, Renewed
 from schemas.runtime import dead_decoder
 from stages.app import serve
 from stages.settings import Settings
@@ -294,12 +294,16 @@ async def test_balance_check_refuses_overdue_and_fails_open(
     await up(redis, keys, running)
     async with Client(s, timeout_s=EVENT_TIMEOUT_S) as client:
         # standings unknown: fail-open admits, and the users are now seen
-        assert isinstance(await client.allocate("erin"), Allocated)
+        held = await client.allocate("erin")
+        assert isinstance(held, Allocated), held
         assert isinstance(await client.allocate("frank"), Allocated)
         await wait_until(lambda: standing_known(redis, keys, "erin"))
         await wait_until(lambda: standing_known(redis, keys, "frank"))
         overdue = await client.allocate("erin")
         assert isinstance(overdue, Failed) and overdue.reason == "billing_overdue", overdue
+        # nor may she renew what she holds
+        renewal = await client.renew(held.allocation_id, "erin", extend_minutes=5)
+        assert isinstance(renewal, Failed) and renewal.reason == "billing_overdue", renewal
         assert isinstance(await client.allocate("frank"), Allocated)
         # the service goes down, the standings get old: fail-open still admits frank
         await receiver.down()
@@ -331,11 +335,16 @@ async def test_balance_check_fails_closed_on_unknown_or_stale_standing(
         first = await client.allocate("gina")
         assert isinstance(first, Failed) and first.reason == "billing_unavailable", first
         await wait_until(lambda: standing_known(redis, keys, "gina"))
-        assert isinstance(await client.allocate("gina"), Allocated)
+        held = await client.allocate("gina", duration_minutes=60)
+        assert isinstance(held, Allocated), held
+        assert isinstance(await client.renew(held.allocation_id, "gina", extend_minutes=1),
+                          Renewed)
         await receiver.down()
         clock.advance((s.billing_standing_max_age_s + 1) * 1000)
         stale = await client.allocate("gina")
         assert isinstance(stale, Failed) and stale.reason == "billing_unavailable", stale
+        renewal = await client.renew(held.allocation_id, "gina", extend_minutes=1)
+        assert isinstance(renewal, Failed) and renewal.reason == "billing_unavailable", renewal
     await running.close()
 
 
