@@ -5,7 +5,11 @@ users and fails open or closed as told.
 
 The whole pipeline runs in-process on real Redis and PostgreSQL with the test's clock;
 back-offs, the breaker's open period and the retry queue's due times are on that clock,
-so a "30 s" outage is 30 s of the clock, not of the test.
+so a "30 s" outage is 30 s of the clock, not of the test. One fault test
+(`pytest -m faults`) takes the real clock instead: the receiver refuses connections
+for 30 s of wall time under a steady allocate/release load, and afterwards every
+closed allocation has arrived exactly once, with the token, `exported_at` set, none
+dead-lettered. Rows closed while the export was off reach the service by the backfill.
 """
 
 from __future__ import annotations
@@ -19,10 +23,11 @@ from dataclasses import replace
 
 import asyncpg
 import httpx
+import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from pipeline.clock import ManualClock
+from pipeline.clock import ManualClock, SystemClock
 from pipeline.http_sink import CLOSED, OPEN, CircuitBreaker
 from schemas.keys import GROUP_EXPORT, GROUP_WEBHOOK, Keys
 from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released, Renewed
@@ -414,4 +419,81 @@ async def test_ledger_rows_closed_while_export_was_off_are_backfilled_once_on(
                           "ended_at_ms", "billed_seconds", "reason"}
     assert receiver.received.rejected == {}  # the bearer token was sent
     assert receiver.received.duplicates["usage"] == 0
+    assert await dead_of(redis, keys, GROUP_EXPORT) == []
+
+
+OUTAGE_S = 30.0
+"""How long the receiver is down, on the wall clock, in the fault test below."""
+LOAD_AROUND_S = 4.0
+"""Load before the outage and after it."""
+
+
+@pytest.mark.faults
+async def test_receiver_down_30s_wall_clock_under_load_every_usage_arrives_once(
+    settings: Settings, redis: Redis, pg: asyncpg.Pool, receiver: Receiver,
+) -> None:
+    """The real clock: back-offs, the breaker's open period and the retry queue's due
+    times pass as they would in production while the receiver refuses connections for
+    OUTAGE_S, with allocate/release cycles running before, during and after."""
+    s = sink_settings(settings, receiver, http_backoff_ms=100, http_backoff_max_ms=4_000,
+                      http_breaker_open_ms=2_000, http_retry_budget_s=3_600)
+    keys = Keys(s.prefix)
+    clock = SystemClock()
+    users = [f"w{i}" for i in range(4)]
+    await seed(redis, keys, clock,  # type: ignore[arg-type]
+               devices=[DeviceSpec(id=f"d{i}", cpu_cores=2) for i in range(8)],
+               quotas=[QuotaSpec(user_id=u, max_devices=8, total_cpu_cores=64) for u in users])
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(STAGES, s, clock, stop=stop, install_signals=False))
+    closed: list[str] = []
+    failures: list[object] = []
+    loading = True
+
+    async def cycles(client: Client, user: str) -> None:
+        while loading:
+            a = await client.allocate(user)
+            if not isinstance(a, Allocated):
+                failures.append(a)
+                continue
+            await asyncio.sleep(0.05)
+            rel = await client.release(allocation_id=a.allocation_id)
+            if isinstance(rel, Released):
+                closed.append(a.allocation_id)
+            else:
+                failures.append(rel)
+            await asyncio.sleep(0.1)
+
+    try:
+        async with Client(s, timeout_s=EVENT_TIMEOUT_S) as client:
+            load = [asyncio.create_task(cycles(client, u)) for u in users]
+            await asyncio.sleep(LOAD_AROUND_S)
+            await receiver.down()
+            down_from = len(closed)
+            await asyncio.sleep(OUTAGE_S)
+            during = len(closed) - down_from
+            await receiver.up()
+            await asyncio.sleep(LOAD_AROUND_S)
+            loading = False
+            await asyncio.gather(*load)
+
+        async def drained() -> bool:
+            return (set(receiver.received.usage) >= set(closed)
+                    and await exported(pg, closed) == len(closed)
+                    and await redis.zcard(keys.sink_retry(GROUP_EXPORT)) == 0)
+        await wait_until(drained, 120)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, EVENT_TIMEOUT_S)
+    print(f"\nbilling receiver down {OUTAGE_S:.0f} s (wall clock) under load: "
+          f"{len(closed)} allocations closed ({during} while it was down), received "
+          f"{len(receiver.received.usage)} distinct, duplicates "
+          f"{receiver.received.duplicates['usage']}, requests "
+          f"{receiver.received.attempts['usage']}, refused for the token "
+          f"{receiver.received.rejected['token']}", flush=True)
+    assert not failures, failures[:3]
+    assert during > 0  # the outage really was under load
+    assert set(receiver.received.usage) == set(closed)  # nothing else, nothing missing
+    assert receiver.received.duplicates["usage"] == 0  # each exactly once
+    assert receiver.received.rejected == {}  # every request carried the bearer token
+    assert await exported(pg, closed) == len(closed)
     assert await dead_of(redis, keys, GROUP_EXPORT) == []
