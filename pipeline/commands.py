@@ -7,6 +7,7 @@ leaves them running for the next command (`down` stops them, the embedded Redis
 saving its data for the next `up`); `run` stops what it started when it exits. `up --sentinel` starts Redis as a primary,
 a replica and three Sentinels instead (``pipeline.embedded.sentinel``, under
 ``<data_dir>/sentinel``) and prints the ``redis+sentinel://`` REDIS_URL that names them;
+`env` prints that URL too while one of its Sentinels runs (and REDIS_URL is unset);
 `down` stops that topology too.
 
 `up`, `run` and `worker` check the Redis server first (``pipeline.durability``): one
@@ -36,6 +37,7 @@ from pipeline.app import Application, RecoveryError, S
 from pipeline.durability import EX_CONFIG, UnsafeRedisError, check_redis_of
 from pipeline.embedded import ensure_servers, running_servers, stop_servers
 from pipeline.embedded.sentinel import DOWN_AFTER_MS, FAILOVER_TIMEOUT_MS
+from pipeline.embedded.sentinel import live as live_topology
 from pipeline.embedded.sentinel import start as start_topology
 from pipeline.embedded.sentinel import stop as stop_topology
 from pipeline.migrate import migrate
@@ -114,6 +116,11 @@ def add_runtime_commands(sub: Any, app: Application[Any, Any]) -> None:
 
 def cmd_env(app: Application[Any, Any], *, start: bool) -> int:
     settings = app.settings()
+    if not settings.redis_url:
+        topo = live_topology(sentinel_folder(settings))
+        if topo is not None:  # `up --sentinel` runs: its URL, as `up` printed it
+            os.environ["REDIS_URL"] = topo.url
+            settings = app.settings()
     urls = running_servers(settings)
     if urls is None and not start:
         print("# embedded servers are not running; `up` starts them", file=sys.stderr)

@@ -24,6 +24,11 @@ An application's HTTP sinks all go through this module, so they share one behavi
   sends them in batches, and reschedules a failure with a longer back-off. An item
   whose first failure is older than ``retry_budget_ms`` goes to the dead stream with
   its last error (and so does a rejected one, at once), atomically with its removal.
+* **Backlog** (:meth:`SinkStage.send_backlog`): items the application finds in a
+  durable store of its own that were never delivered (e.g. made while the sink was
+  off) go through the same sender, batches and Idempotency-Key rule; a rejected one
+  is dead-lettered like any other, and a failed one is left where it is (the store
+  keeps it; the application offers it again later), so the retry queue is not used.
 * **Sink stage** (:class:`SinkStage`): reads its source stream and its replay stream
   (a dead letter of the sink names the replay stream, so a replayed payload is sent
   again), turns entries into items (the application's :class:`SinkKind`), sends them
@@ -446,6 +451,23 @@ class SinkStage:
         if parked:
             log.warning("%d items to the retry queue: %s", len(parked), outcome.failed[0][1],
                         extra={"sink": self.group})
+
+    async def send_backlog(self, items: Sequence[SinkItem]) -> SinkOutcome:
+        """Deliver items from the application's own durable store (see the module doc):
+        accepted ones are recorded by the kind, rejected ones dead-lettered (their replay
+        stream names this sink), failed ones only reported. Nothing is sent while the
+        breaker is open."""
+        outcome = SinkOutcome()
+        if self.sender is None or not items:
+            return outcome
+        await self._deliver(items, None, outcome)
+        if outcome.rejected:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                for item, err in outcome.rejected:
+                    pipe.xadd(self.dead_stream, {"d": self._letter(item, err, 1)})
+                await pipe.execute()
+            DEAD_LETTERED.labels(self.group).inc(len(outcome.rejected))
+        return outcome
 
     async def retry_once(self) -> int:
         """Send the due items of the retry queue once; returns how many were taken."""

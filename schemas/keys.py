@@ -75,6 +75,12 @@ class Keys:
         return f"{self.prefix}:sink:breakers"
 
     @property
+    def billing_backfill(self) -> str:
+        """String: when the export stage's next backfill of never-exported ledger rows is
+        due (ms of the clock); the process that moves it on runs the round."""
+        return f"{self.prefix}:billing:backfill"
+
+    @property
     def billing_seen(self) -> str:
         """Sorted set: user id -> when the export stage last saw it on the changes stream
         (ms); the users whose billing standing is kept fresh."""

@@ -18,6 +18,22 @@ DEVSCHED_HTTP_RETRY_BUDGET_S. Delivery is at least once: the receiver dedupes by
 (periodic metering, stages/schedules.py) reach the stage on its replay stream, each with
 its own ``entry_id``; the final entry bills what they have not.
 
+**Backfill.** A ledger row can miss the stream path: it was closed while
+DEVSCHED_BILLING_URL was unset (the stage acked its change and sent nothing), or its
+export was accepted but never recorded. So, at its start and then every
+DEVSCHED_BILLING_BACKFILL_EVERY_S (on the injected clock), the stage reads up to
+``BACKFILL_BATCH`` rows with ``exported_at IS NULL`` that ended at least
+DEVSCHED_BILLING_BACKFILL_GRACE_S ago (oldest first) and sends them through the same
+sender (batches, Idempotency-Key of the batch's allocation ids, breaker, retries);
+accepted rows get ``exported_at`` as above. A row that fails stays NULL in the ledger
+(the ledger is its queue: the next round offers it again; it is never dead-lettered
+for an outage); a row the service rejects (4xx) is dead-lettered like any entry (a
+replay sends it again) and not offered again by this process. One process per period
+runs it (``<prefix>:billing:backfill`` holds when the next round is due; the process
+that moves it on under WATCH takes the turn). A row still
+on its way through the stream path may so be sent twice: harmless, the receiver dedupes
+by ``allocation_id`` and ``exported_at`` keeps the first acceptance.
+
 **Balance check.** No HTTP call is on the request path. The stage notes each user it
 sees on the changes stream (allocated, refused) in ``<prefix>:billing:seen``; its
 background task keeps the standing of those seen within the last hour fresh: every
@@ -69,6 +85,26 @@ STANDING_BATCH = 200
 """Most standings fetched per round of the refresher (the rest wait for the next)."""
 STANDING_POLL_S = 0.5
 """How often the refresher looks for standings to fetch."""
+BACKFILL_BATCH = 500
+"""Most never-exported ledger rows one backfill round sends."""
+BACKFILL_POLL_S = 0.5
+"""How often the backfill loop looks at the clock for its next round."""
+
+UNEXPORTED = """
+SELECT entry_id, kind, allocation_id::text AS allocation_id, user_id, tenant_id, device_id,
+       round(extract(epoch FROM started_at) * 1000)::bigint AS started_at_ms,
+       round(extract(epoch FROM ended_at) * 1000)::bigint AS ended_at_ms,
+       round(extract(epoch FROM covered_from) * 1000)::bigint AS covered_from_ms,
+       round(extract(epoch FROM covered_to) * 1000)::bigint AS covered_to_ms,
+       duration_seconds, end_reason
+FROM billing_ledger
+WHERE exported_at IS NULL AND ended_at <= $1
+  AND NOT (entry_id = ANY($2::text[]))
+ORDER BY created_at
+LIMIT $3
+"""
+"""The ledger rows the backfill offers (the partial index on created_at WHERE
+exported_at IS NULL keeps it to the unexported rows)."""
 
 MARK_EXPORTED = """
 UPDATE billing_ledger SET exported_at = $2
@@ -270,8 +306,75 @@ async def run_standings(ctx: StageContext, stop: asyncio.Event) -> None:
         await accounts.aclose()
 
 
+async def backfill_once(ctx: StageContext, stage: SinkStage, skip: set[str]) -> int:
+    """One backfill round (see the module docstring): the rows accepted now. ``skip``:
+    rows rejected before (this process offers them no more; it adds the new ones)."""
+    assert ctx.pg is not None
+    grace_ms = ctx.settings.billing_backfill_grace_s * 1000
+    until = datetime.fromtimestamp((ctx.clock.now_ms() - grace_ms) / 1000, tz=UTC)
+    async with pg_batch(ctx.pg, transaction=False) as conn:
+        rows = await conn.fetch(UNEXPORTED, until, list(skip), BACKFILL_BATCH)
+    if not rows:
+        return 0
+    items = [SinkItem(r["entry_id"], msgspec.json.encode(UsageEntry(
+        entry_id=r["entry_id"], kind=r["kind"],
+        allocation_id=r["allocation_id"], user_id=r["user_id"], tenant_id=r["tenant_id"],
+        device_id=r["device_id"], started_at_ms=int(r["started_at_ms"]),
+        ended_at_ms=int(r["ended_at_ms"]), billed_seconds=int(r["duration_seconds"]),
+        reason=r["end_reason"], covered_from_ms=r["covered_from_ms"],
+        covered_to_ms=r["covered_to_ms"])).decode(), stage.replay, "0-0") for r in rows]
+    outcome = await stage.send_backlog(items)
+    skip.update(item.key for item, _ in outcome.rejected)
+    if outcome.failed:
+        log.warning("backfill: %d of %d ledger rows not accepted (offered again next "
+                    "round): %s", len(outcome.failed), len(items), outcome.failed[0][1])
+    else:
+        log.info("backfill: %d ledger rows exported", len(outcome.delivered))
+    return len(outcome.delivered)
+
+
+async def backfill_turn(ctx: StageContext) -> bool:
+    """Is a backfill round due, and is it this process's? ``<prefix>:billing:backfill``
+    holds when the next round is due (ms of the clock); the process that moves it on
+    (WATCH, so only one does) runs the round."""
+    key, now = ctx.keys.billing_backfill, ctx.clock.now_ms()
+    every_ms = ctx.settings.billing_backfill_every_s * 1000
+    async with ctx.redis.pipeline(transaction=True) as pipe:
+        try:
+            await pipe.watch(key)
+            due = await pipe.get(key)
+            if due is not None and now < int(due):
+                await pipe.reset()  # type: ignore[no-untyped-call]
+                return False
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set(key, now + every_ms)
+            await pipe.execute()
+        except WatchError:
+            return False  # another process took this turn
+    return True
+
+
+async def run_backfill(ctx: StageContext, stop: asyncio.Event) -> None:
+    """The backfill loop: a round at start, then every DEVSCHED_BILLING_BACKFILL_EVERY_S
+    of the clock, in the one process that takes the period's turn."""
+    stage = export_stage(ctx)
+    skip: set[str] = set()
+    while not stop.is_set():
+        try:
+            if await backfill_turn(ctx):
+                await backfill_once(ctx, stage, skip)
+        except Exception as exc:  # noqa: BLE001 - Redis or PostgreSQL down: next poll
+            log.warning("backfill: %r", exc)
+        try:
+            await asyncio.wait_for(stop.wait(), BACKFILL_POLL_S)
+        except TimeoutError:
+            pass
+
+
 async def run_export_background(ctx: StageContext, stop: asyncio.Event) -> None:
-    """Beside the export workers: the retry loop and the standing refresher."""
+    """Beside the export workers: the retry loop, the standing refresher and the
+    backfill of never-exported ledger rows."""
     if not ctx.settings.billing_url:
         return
-    await asyncio.gather(export_stage(ctx).run_retries(stop), run_standings(ctx, stop))
+    await asyncio.gather(export_stage(ctx).run_retries(stop), run_standings(ctx, stop),
+                         run_backfill(ctx, stop))

@@ -92,6 +92,12 @@ class Settings(RuntimeSettings):
     changes stream within the last hour)."""
     billing_standing_max_age_s: int = env("DEVSCHED_BILLING_STANDING_MAX_AGE_S", 300, minimum=1)
     """Fail-closed only: a standing older than this counts as unknown."""
+    billing_backfill_every_s: int = env("DEVSCHED_BILLING_BACKFILL_EVERY_S", 60, minimum=1)
+    """The export stage sends ledger rows never exported (closed while the export was off,
+    or whose export was never recorded) when it starts and then this often."""
+    billing_backfill_grace_s: int = env("DEVSCHED_BILLING_BACKFILL_GRACE_S", 60, minimum=0)
+    """A ledger row is backfilled only once it ended this long ago (the changes stream
+    exports it first)."""
     webhook_url: str = env("DEVSCHED_WEBHOOK_URL", "")
     """Where the webhook stage POSTs batches of notifications; empty: off (the
     notifications stream stays either way)."""

@@ -5,7 +5,11 @@ users and fails open or closed as told.
 
 The whole pipeline runs in-process on real Redis and PostgreSQL with the test's clock;
 back-offs, the breaker's open period and the retry queue's due times are on that clock,
-so a "30 s" outage is 30 s of the clock, not of the test.
+so a "30 s" outage is 30 s of the clock, not of the test. One fault test
+(`pytest -m faults`) takes the real clock instead: the receiver refuses connections
+for 30 s of wall time under a steady allocate/release load, and afterwards every
+closed allocation has arrived exactly once, with the token, `exported_at` set, none
+dead-lettered. Rows closed while the export was off reach the service by the backfill.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from dataclasses import replace
 
 import asyncpg
 import httpx
+import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
-from pipeline.clock import ManualClock
+from pipeline.clock import ManualClock, SystemClock
 from pipeline.http_sink import CLOSED, OPEN, CircuitBreaker
 from schemas.keys import GROUP_EXPORT, GROUP_WEBHOOK, Keys
-from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
+from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released, Renewed
 from schemas.runtime import dead_decoder
 from stages.app import serve
 from stages.settings import Settings
@@ -297,12 +302,16 @@ async def test_balance_check_refuses_overdue_and_fails_open(
     await up(redis, keys, running)
     async with Client(s, timeout_s=EVENT_TIMEOUT_S) as client:
         # standings unknown: fail-open admits, and the users are now seen
-        assert isinstance(await client.allocate("erin"), Allocated)
+        held = await client.allocate("erin")
+        assert isinstance(held, Allocated), held
         assert isinstance(await client.allocate("frank"), Allocated)
         await wait_until(lambda: standing_known(redis, keys, "erin"))
         await wait_until(lambda: standing_known(redis, keys, "frank"))
         overdue = await client.allocate("erin")
         assert isinstance(overdue, Failed) and overdue.reason == "billing_overdue", overdue
+        # nor may she renew what she holds
+        renewal = await client.renew(held.allocation_id, "erin", extend_minutes=5)
+        assert isinstance(renewal, Failed) and renewal.reason == "billing_overdue", renewal
         assert isinstance(await client.allocate("frank"), Allocated)
         # the service goes down, the standings get old: fail-open still admits frank
         await receiver.down()
@@ -334,11 +343,16 @@ async def test_balance_check_fails_closed_on_unknown_or_stale_standing(
         first = await client.allocate("gina")
         assert isinstance(first, Failed) and first.reason == "billing_unavailable", first
         await wait_until(lambda: standing_known(redis, keys, "gina"))
-        assert isinstance(await client.allocate("gina"), Allocated)
+        held = await client.allocate("gina", duration_minutes=60)
+        assert isinstance(held, Allocated), held
+        assert isinstance(await client.renew(held.allocation_id, "gina", extend_minutes=1),
+                          Renewed)
         await receiver.down()
         clock.advance((s.billing_standing_max_age_s + 1) * 1000)
         stale = await client.allocate("gina")
         assert isinstance(stale, Failed) and stale.reason == "billing_unavailable", stale
+        renewal = await client.renew(held.allocation_id, "gina", extend_minutes=1)
+        assert isinstance(renewal, Failed) and renewal.reason == "billing_unavailable", renewal
     await running.close()
 
 
@@ -362,3 +376,129 @@ async def test_sinks_are_off_without_urls(
     await running.close()
     assert await redis.exists(keys.sink_retry(GROUP_EXPORT), keys.billing_seen) == 0
     assert await exported(pg, [a.allocation_id]) == 0
+
+
+async def test_ledger_rows_closed_while_export_was_off_are_backfilled_once_on(
+    settings: Settings, clock: ManualClock, redis: Redis, pg: asyncpg.Pool, receiver: Receiver,
+) -> None:
+    keys = Keys(settings.prefix)
+    await seeded(redis, keys, clock, ["ivy", "jon"])
+    running = Running(settings, clock)  # DEVSCHED_BILLING_URL unset: the export is off
+    await up(redis, keys, running)
+    closed: list[str] = []
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        for user in ("ivy", "jon", "ivy", "jon", "ivy"):
+            a = await client.allocate(user)
+            assert isinstance(a, Allocated), a
+            assert isinstance(await client.release(allocation_id=a.allocation_id), Released)
+            closed.append(a.allocation_id)
+
+    async def off_and_billed() -> bool:
+        from pipeline.worker import groups_caught_up
+        ledger = await pg.fetchval("SELECT count(*) FROM billing_ledger WHERE allocation_id "
+                                   "= ANY($1::uuid[])", closed)
+        return (ledger == len(closed)
+                and await groups_caught_up(redis, keys.changes, [GROUP_EXPORT]))
+    await wait_until(off_and_billed)
+    await running.close()
+    assert await exported(pg, closed) == 0  # the export acked their changes, sent nothing
+
+    # turned on: the changes are gone from its group, the backfill finds the rows (once
+    # they ended DEVSCHED_BILLING_BACKFILL_GRACE_S ago, on the clock)
+    s = sink_settings(settings, receiver, billing_backfill_grace_s=60,
+                      billing_backfill_every_s=60)
+    running = Running(s, clock)
+    await up(redis, keys, running)
+    clock.advance(61_000)
+
+    async def backfilled() -> bool:
+        return (set(receiver.received.usage) >= set(closed)
+                and await exported(pg, closed) == len(closed))
+    await wait_until(backfilled)
+    await running.close()
+    entry = receiver.received.usage[closed[0]]
+    assert entry["user_id"] == "ivy" and entry["reason"] == "released"
+    assert set(entry) == {"entry_id", "kind", "allocation_id", "user_id", "tenant_id",
+                          "device_id", "started_at_ms", "ended_at_ms", "billed_seconds",
+                          "reason", "covered_from_ms", "covered_to_ms"}
+    assert entry["entry_id"] == closed[0] and entry["kind"] == "final"
+    assert receiver.received.rejected == {}  # the bearer token was sent
+    assert receiver.received.duplicates["usage"] == 0
+    assert await dead_of(redis, keys, GROUP_EXPORT) == []
+
+
+OUTAGE_S = 30.0
+"""How long the receiver is down, on the wall clock, in the fault test below."""
+LOAD_AROUND_S = 4.0
+"""Load before the outage and after it."""
+
+
+@pytest.mark.faults
+async def test_receiver_down_30s_wall_clock_under_load_every_usage_arrives_once(
+    settings: Settings, redis: Redis, pg: asyncpg.Pool, receiver: Receiver,
+) -> None:
+    """The real clock: back-offs, the breaker's open period and the retry queue's due
+    times pass as they would in production while the receiver refuses connections for
+    OUTAGE_S, with allocate/release cycles running before, during and after."""
+    s = sink_settings(settings, receiver, http_backoff_ms=100, http_backoff_max_ms=4_000,
+                      http_breaker_open_ms=2_000, http_retry_budget_s=3_600)
+    keys = Keys(s.prefix)
+    clock = SystemClock()
+    users = [f"w{i}" for i in range(4)]
+    await seed(redis, keys, clock,  # type: ignore[arg-type]
+               devices=[DeviceSpec(id=f"d{i}", cpu_cores=2) for i in range(8)],
+               quotas=[QuotaSpec(user_id=u, max_devices=8, total_cpu_cores=64) for u in users])
+    stop = asyncio.Event()
+    running = asyncio.create_task(serve(STAGES, s, clock, stop=stop, install_signals=False))
+    closed: list[str] = []
+    failures: list[object] = []
+    loading = True
+
+    async def cycles(client: Client, user: str) -> None:
+        while loading:
+            a = await client.allocate(user)
+            if not isinstance(a, Allocated):
+                failures.append(a)
+                continue
+            await asyncio.sleep(0.05)
+            rel = await client.release(allocation_id=a.allocation_id)
+            if isinstance(rel, Released):
+                closed.append(a.allocation_id)
+            else:
+                failures.append(rel)
+            await asyncio.sleep(0.1)
+
+    try:
+        async with Client(s, timeout_s=EVENT_TIMEOUT_S) as client:
+            load = [asyncio.create_task(cycles(client, u)) for u in users]
+            await asyncio.sleep(LOAD_AROUND_S)
+            await receiver.down()
+            down_from = len(closed)
+            await asyncio.sleep(OUTAGE_S)
+            during = len(closed) - down_from
+            await receiver.up()
+            await asyncio.sleep(LOAD_AROUND_S)
+            loading = False
+            await asyncio.gather(*load)
+
+        async def drained() -> bool:
+            return (set(receiver.received.usage) >= set(closed)
+                    and await exported(pg, closed) == len(closed)
+                    and await redis.zcard(keys.sink_retry(GROUP_EXPORT)) == 0)
+        await wait_until(drained, 120)
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, EVENT_TIMEOUT_S)
+    print(f"\nbilling receiver down {OUTAGE_S:.0f} s (wall clock) under load: "
+          f"{len(closed)} allocations closed ({during} while it was down), received "
+          f"{len(receiver.received.usage)} distinct, duplicates "
+          f"{receiver.received.duplicates['usage']}, requests "
+          f"{receiver.received.attempts['usage']}, refused for the token "
+          f"{receiver.received.rejected['token']}", flush=True)
+    assert not failures, failures[:3]
+    assert during > 0  # the outage really was under load
+    assert set(receiver.received.usage) == set(closed)  # nothing else, nothing missing
+    assert receiver.received.duplicates["usage"] == 0  # each exactly once
+    assert receiver.received.rejected == {}  # every request carried the bearer token
+    assert await exported(pg, closed) == len(closed)
+    assert await dead_of(redis, keys, GROUP_EXPORT) == []

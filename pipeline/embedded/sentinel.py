@@ -136,6 +136,15 @@ def running(folder: Path) -> Topology | None:
     return topo
 
 
+def live(folder: Path) -> Topology | None:
+    """The recorded topology when at least one of its Sentinels still runs (its URL
+    finds the primary, whichever data server that is now), else None."""
+    topo = recorded(folder)
+    if topo is None or not any(_alive(folder, n) for n in topo.sentinels):
+        return None
+    return topo
+
+
 def _data_config(secret: str) -> str:
     return f"requirepass {secret}\nmasterauth {secret}\n"
 

@@ -11,7 +11,9 @@
 --   refuse:  invalid input, answered at once (request_id, user_id, tenant_id, reply_to,
 --            reason, message)
 --   renew:   a renew request (request_id, user_id, reply_to, payload): the user must be
---            active with a quota not expired; it goes on to select holding nothing
+--            active with a quota not expired and, with billing_check, in good billing
+--            standing as for an allocation (billing_overdue; failing closed,
+--            billing_unavailable); it goes on to select holding nothing
 --   reserve: a reserve request (request_id, user_id, reply_to, payload): checked as a
 --            renewal; select checks the rest atomically with the booking
 --   dead:    a dead letter to add (letter)
@@ -222,7 +224,8 @@ local function forward(row)
   n_admitted = n_admitted + 1
 end
 
--- A renewal needs an active user whose quota has not expired; select checks the rest
+-- A renewal needs an active user whose quota has not expired and whose billing standing
+-- admits an allocation (when the billing check is on); select checks the rest
 -- (owner, active, the new expires-at against the quota's expiry and the longest length)
 -- atomically with the extension.
 local function renew(row)
@@ -230,7 +233,8 @@ local function renew(row)
   local idem_key = k_user(P, uid, 'req:' .. rid)
   local first = redis.call('GET', idem_key)
   if first then send_reply(reply_to, first, reply_ttl) return end
-  local q = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
+  local q = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms', 'billing_status',
+    'billing_checked_ms')
   local status = q[1]
   if not status then
     if not fail_open then
@@ -247,6 +251,14 @@ local function renew(row)
     return refuse(rid, uid, nil, reply_to, 'quota_exceeded', 'Quota is ' .. status, 0, idem_key)
   elseif q[2] and q[2] ~= '' and tonumber(q[2]) <= now then
     return refuse(rid, uid, nil, reply_to, 'quota_exceeded', 'Quota expired', 0, idem_key)
+  elseif billing_check and q[3] == 'overdue' then
+    -- the same standing admission checks (stages/export.py keeps it fresh)
+    return refuse(rid, uid, nil, reply_to, 'billing_overdue', 'Billing overdue for user ' .. uid,
+      nil, idem_key)
+  elseif billing_check and billing_max_age and (not q[4] or now - tonumber(q[4]) > billing_max_age) then
+    -- failing closed; not kept as the request id's answer: a retry may pass
+    return refuse(rid, uid, nil, reply_to, 'billing_unavailable',
+      'Billing standing of user ' .. uid .. ' is unknown; try again shortly', nil, nil)
   end
   forward(row)
 end
