@@ -42,6 +42,7 @@ from stages.context import StageContext
 from stages.scripts import EXPIRE
 from stages.scripts import JOBS as JOBS_LUA
 from stages.settings import Settings
+from stages.smart import refresh_model
 
 log = logging.getLogger("devsched.jobs")
 
@@ -210,6 +211,8 @@ JOBS: Mapping[str, Job] = {j.name: j for j in (
         "delete closed allocation rows older than DEVSCHED_PURGE_RETENTION_DAYS (daily)"),
     Job("prune_history", prune_history, lambda s: 600_000,
         "keep job executions within their retention and maximum count"),
+    Job("refresh_model", refresh_model, lambda s: 600_000,
+        "recompute the smart strategy's model from PostgreSQL's history (stages/smart.py)"),
 )}
 """Every tracked job, in the order a tick runs them. Room is left for
 reservations_activate, no_shows, bookings_close and queue_timeouts."""

@@ -107,13 +107,19 @@ WHERE w.version < EXCLUDED.version
 
 
 def metadata(change: AllocationChange) -> str:
-    """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
-    when set. Merged into the stored one (a later change that leaves a key out keeps it)."""
+    """The row's ``metadata``: the request id, pool and size, ``replace_on_failure``
+    when set, and what the request asked (``min_cpu_cores``, ``min_memory_mb``,
+    ``requested_model``) when the change carries it. Merged into the stored one (a later change that leaves a key out keeps it)."""
     meta: dict[str, object] = {"request_id": change.request_id, "pool": change.pool,
                                "cpu_cores": change.cpu_cores, "memory_mb": change.memory_mb,
                                "storage_mb": change.storage_mb}
     if change.replace_on_failure:
         meta["replace_on_failure"] = True
+    if change.min_cpu_cores is not None:
+        meta["min_cpu_cores"] = change.min_cpu_cores
+        meta["min_memory_mb"] = change.min_memory_mb
+    if change.requested_model:
+        meta["requested_model"] = change.requested_model
     return msgspec.json.encode(meta).decode()
 
 
