@@ -106,7 +106,7 @@ WHERE w.version < EXCLUDED.version
 """
 
 
-def metadata(change: AllocationChange) -> str:
+def metadata(change: AllocationChange, asked: AllocationChange | None = None) -> str:
     """The row's ``metadata``: the request id, pool and size, ``replace_on_failure``
     when set, and what the request asked (``min_cpu_cores``, ``min_memory_mb``,
     ``requested_model``) when the change carries it. Merged into the stored one (a later change that leaves a key out keeps it)."""
@@ -115,11 +115,12 @@ def metadata(change: AllocationChange) -> str:
                                "storage_mb": change.storage_mb}
     if change.replace_on_failure:
         meta["replace_on_failure"] = True
-    if change.min_cpu_cores is not None:
-        meta["min_cpu_cores"] = change.min_cpu_cores
-        meta["min_memory_mb"] = change.min_memory_mb
-    if change.requested_model:
-        meta["requested_model"] = change.requested_model
+    asked = asked or change  # the change that made it, when the batch also closed it
+    if asked.min_cpu_cores is not None:
+        meta["min_cpu_cores"] = asked.min_cpu_cores
+        meta["min_memory_mb"] = asked.min_memory_mb
+    if asked.requested_model:
+        meta["requested_model"] = asked.requested_model
     return msgspec.json.encode(meta).decode()
 
 
@@ -134,12 +135,15 @@ def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
 
 async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
     allocs: dict[str, AllocationChange] = {}
+    asked: dict[str, AllocationChange] = {}
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
     waiters: dict[str, WaiterChange] = {}
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
+            if c.min_cpu_cores is not None:
+                asked[c.allocation_id] = c
         elif isinstance(c, DeviceUpserted):
             newest(devices, c.device_id, c)
         elif isinstance(c, QuotaSet):
@@ -155,7 +159,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
             [ts(r.expires_at_ms) for r in rows], [r.duration_minutes for r in rows],
             [r.duration_seconds for r in rows],
-            [metadata(r) for r in rows],
+            [metadata(r, asked.get(r.allocation_id)) for r in rows],
             [r.version for r in rows], [r.reason for r in rows],
         )
     if devices:
