@@ -97,7 +97,7 @@ async def write_model(redis: Redis, keys: Keys, model: SmartModel) -> int:
     async with redis.pipeline(transaction=True) as tx:
         tx.delete(keys.smart_model)
         if fields:
-            tx.hset(keys.smart_model, mapping=fields)
+            tx.hset(keys.smart_model, items=[x for kv in fields.items() for x in kv])
         await tx.execute()
     return len(fields)
 

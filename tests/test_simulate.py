@@ -44,7 +44,7 @@ from stages.settings import Settings
 from stages.tools import cli
 from stages.tools.admin import write_behind_drained
 from stages.tools.client import Client
-from stages.tools.simulate import Replay, jain, percentile, simulate
+from stages.tools.simulate import jain, percentile, simulate
 from stages.tools.trace import (
     GenerateOptions,
     Trace,

@@ -7,6 +7,7 @@ choose differently, so a smart that fell back to best fit fails.
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import UTC, datetime
 
@@ -95,7 +96,7 @@ async def test_refresh_model_job_learns_from_postgresql(
                 ("old", "d2", 60, "tablet", "released")]
         for i, (user, device, held, asked, reason) in enumerate(rows):
             begin = now - (30 * 86_400_000 if user == "old" else 3_600_000 * (i + 2))
-            meta = '{"requested_model": "%s"}' % asked if asked else "{}"
+            meta = json.dumps({"requested_model": asked} if asked else {})
             await conn.execute(
                 "INSERT INTO device_allocations (id, device_id, user_id, status, allocated_at,"
                 " released_at, duration_seconds, metadata, end_reason)"

@@ -101,6 +101,12 @@ def jain(values: Sequence[float]) -> float:
     return (sum(values) ** 2) / (len(values) * squares) if squares else 1.0
 
 
+def _fields(raw: Any) -> dict[bytes, bytes]:
+    """A stream entry's fields as bytes (the client answers bytes)."""
+    return {k if isinstance(k, bytes) else str(k).encode(): v if isinstance(v, bytes)
+            else str(v).encode() for k, v in raw.items()}
+
+
 @dataclass
 class _Req:
     rec: TraceRequest
@@ -151,7 +157,7 @@ class Replay:
         self.strategy = strategy
         self.settings = replace(settings, prefix=f"{settings.prefix}-sim-{uuid.uuid4().hex[:8]}",
                                 replicas_to_ack=0, rate_user_per_s=0.0, rate_tenant_per_s=0.0,
-                                billing_url=None)
+                                billing_url="")
         self.keys = Keys(self.settings.prefix)
         self.clock = ManualClock(trace.header.start_ms)
         self.ctx = StageContext(redis=redis, settings=self.settings, clock=self.clock)
@@ -187,7 +193,7 @@ class Replay:
         got = await self.redis.xrange(self.keys.admitted, f"({self.admitted_from}", "+")
         if got:
             self.admitted_from = text(got[-1][0])
-            entries = [Entry(stream=self.keys.admitted, id=text(i), fields=dict(f))
+            entries = [Entry(stream=self.keys.admitted, id=text(i), fields=_fields(f))
                        for i, f in got]
             await self.select.handle(entries)
         await self._read_changes()
@@ -211,7 +217,7 @@ class Replay:
             return
         self.changes_from = text(got[-1][0])
         for _id, fields in got:
-            change = change_decoder.decode(fields[b"d"])
+            change = change_decoder.decode(_fields(fields)[b"d"])
             if isinstance(change, AllocationChange):
                 await self._allocation(change)
             elif isinstance(change, RequestRejected):
