@@ -310,7 +310,7 @@ class Replay:
         t0 = time.monotonic()
         trace = self.trace
         start, end = trace.header.start_ms, trace.header.end_ms
-        holds = {}
+        holds: dict[str, int] = {}
         asks: dict[str, int] = {}
         for rec in trace.records:
             if isinstance(rec, TraceRequest):
@@ -329,6 +329,12 @@ class Replay:
         if self.strategy == "smart":
             for t in range(start + MODEL_EVERY_MS, end, MODEL_EVERY_MS):
                 self._push(t, "model", None)
+        try:
+            return await self._replay(start, end, holds, t0)
+        finally:
+            await delete_keys(self.redis, self.settings.prefix)
+
+    async def _replay(self, start: int, end: int, holds: dict[str, int], t0: float) -> Result:
         await self.setup()
         series: dict[str, list[float]] = {"t_h": [], "busy": [], "refused": []}
         spread, whole = [], []
@@ -358,9 +364,7 @@ class Replay:
         self.clock.set(end)
         self.last_expire_ms = -1
         await self._expire()
-        result = self._result(start, end, spread, whole, series, time.monotonic() - t0)
-        await delete_keys(self.redis, self.settings.prefix)
-        return result
+        return self._result(start, end, spread, whole, series, time.monotonic() - t0)
 
     async def _record(self, rec: Any, holds: dict[str, int]) -> None:
         if isinstance(rec, TraceRequest):
