@@ -179,6 +179,13 @@ class Keys:
         return f"{self.prefix}:{{pool}}:strategy"
 
     @property
+    def smart_model(self) -> str:
+        """The smart strategy's model (stages/smart.py): ``u:<user>`` typical seconds
+        held, ``d:<device>`` failures per day held, ``m:<model>`` demand by name; written
+        whole by the ``refresh_model`` job, read by select.lua."""
+        return f"{self.prefix}:{{pool}}:smart"
+
+    @property
     def host_active(self) -> str:
         """Host -> how many of its devices an active allocation holds (the load that
         least_loaded and bin_pack weigh), kept by the scripts that allocate and close."""

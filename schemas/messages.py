@@ -439,6 +439,13 @@ class AllocationChange(
     replace_on_failure: bool = False
     """Its request asked to move it to an equivalent device when its device goes down
     (set on the change that made it and on a move)."""
+    min_cpu_cores: int | None = None
+    """What its request asked for (on the change that made it; a batch's do not carry
+    it): persist keeps it in the row's metadata for ``devsched trace record`` and the
+    smart strategy's model."""
+    min_memory_mb: int | None = None
+    requested_model: str | None = None
+    """The model its request named (absent: any)."""
 
 
 class AllocationReplaced(AllocationChange, tag="allocation_replaced", kw_only=True,

@@ -43,6 +43,7 @@ from stages.reservations import activate_reservations, cancel_no_shows, complete
 from stages.scripts import EXPIRE
 from stages.scripts import JOBS as JOBS_LUA
 from stages.settings import Settings
+from stages.smart import refresh_model
 
 log = logging.getLogger("devsched.jobs")
 
@@ -228,6 +229,8 @@ JOBS: Mapping[str, Job] = {j.name: j for j in (
     Job("schedules", run_schedules, lambda s: s.tick_ms,
         "run the due batches of the global schedules and the tenants' retries (every tick)",
         starts_now=True),
+    Job("refresh_model", refresh_model, lambda s: 600_000,
+        "recompute the smart strategy's model from PostgreSQL's history (stages/smart.py)"),
 )}
 """Every tracked job, in the order a tick claims them (they then run together)."""
 

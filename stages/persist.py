@@ -124,14 +124,21 @@ WHERE r.version < EXCLUDED.version
 """
 
 
-def metadata(change: AllocationChange) -> str:
-    """The row's ``metadata``: the request id, pool and size, and ``replace_on_failure``
-    when set. Merged into the stored one (a later change that leaves a key out keeps it)."""
+def metadata(change: AllocationChange, asked: AllocationChange | None = None) -> str:
+    """The row's ``metadata``: the request id, pool and size, ``replace_on_failure``
+    when set, and what the request asked (``min_cpu_cores``, ``min_memory_mb``,
+    ``requested_model``) when the change carries it. Merged into the stored one (a later change that leaves a key out keeps it)."""
     meta: dict[str, object] = {"request_id": change.request_id, "pool": change.pool,
                                "cpu_cores": change.cpu_cores, "memory_mb": change.memory_mb,
                                "storage_mb": change.storage_mb}
     if change.replace_on_failure:
         meta["replace_on_failure"] = True
+    asked = asked or change  # the change that made it, when the batch also closed it
+    if asked.min_cpu_cores is not None:
+        meta["min_cpu_cores"] = asked.min_cpu_cores
+        meta["min_memory_mb"] = asked.min_memory_mb
+    if asked.requested_model:
+        meta["requested_model"] = asked.requested_model
     return msgspec.json.encode(meta).decode()
 
 
@@ -147,6 +154,7 @@ def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
 
 async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> None:
     allocs: dict[str, AllocationChange] = {}
+    asked: dict[str, AllocationChange] = {}
     devices: dict[str, DeviceUpserted] = {}
     quotas: dict[str, QuotaSet] = {}
     waiters: dict[str, WaiterChange] = {}
@@ -154,6 +162,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
+            if c.min_cpu_cores is not None:
+                asked[c.allocation_id] = c
         elif isinstance(c, DeviceUpserted):
             newest(devices, c.device_id, c)
         elif isinstance(c, QuotaSet):
@@ -171,7 +181,7 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             [ts(r.allocated_at_ms) for r in rows], [ts(r.released_at_ms) for r in rows],
             [ts(r.expires_at_ms) for r in rows], [r.duration_minutes for r in rows],
             [r.duration_seconds for r in rows],
-            [metadata(r) for r in rows],
+            [metadata(r, asked.get(r.allocation_id)) for r in rows],
             [r.version for r in rows], [r.reason for r in rows],
         )
     if devices:

@@ -61,6 +61,9 @@ class Settings(RuntimeSettings):
     purge_retention_days: int = env("DEVSCHED_PURGE_RETENTION_DAYS", 30, minimum=1)
     """The purge job deletes released/expired allocation rows that ended longer ago than
     this (never an active one)."""
+    smart_history_days: int = env("DEVSCHED_SMART_HISTORY_DAYS", 14, minimum=1)
+    """The ``refresh_model`` job learns the smart strategy's model from the allocations of
+    this many days (stages/smart.py)."""
     job_history_retention_days: int = env("DEVSCHED_JOB_HISTORY_RETENTION_DAYS", 30, minimum=1)
     """A job's finished execution records are kept this long (the prune_history job)."""
     job_history_max_per_job: int = env("DEVSCHED_JOB_HISTORY_MAX_PER_JOB", 1_000, minimum=1)

@@ -242,6 +242,9 @@ local function give_device(P, changes, now, w, dev, dev_pool, cpu, mem, sto, d, 
   local rec = allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires, minutes,
     cpu, mem, sto, dev_pool, 1, now, nil, nil)
   if w.replace_on_failure then rec.replace_on_failure = true end
+  -- what was asked (the trace recorder and the smart model read it from PostgreSQL)
+  rec.min_cpu_cores, rec.min_memory_mb = w.min_cpu_cores, w.min_memory_mb
+  if w.model and w.model ~= cjson.null then rec.requested_model = w.model end
   emit_change(changes, rec)
 end
 

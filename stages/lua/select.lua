@@ -40,6 +40,9 @@
 --                   scope (the pool, or '*'; P:{pool}:round_robin), wrapping around;
 --   affinity:       the device this user had last, else a device on that host, else
 --                   as resource_based (the user's last_device / last_host).
+--   smart:          learnt from history (P:{pool}:smart, stages/smart.py): avoids devices
+--                   likely to fail within the user's typical session, leaves the models
+--                   others ask for by name to them, else as resource_based.
 -- Ties go to the best fit, then the smaller id. Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
@@ -238,6 +241,37 @@ STRATEGY_PICKS.affinity = function(list, uid)
   return (last[1] and best_of(list, function(c) return c[1] == last[1] end))
     or (last[2] and best_of(list, function(c) return c[4][6] == last[2] end))
     or best_of(list)
+end
+
+-- smart: the model of stages/smart.py (P:{pool}:smart, refreshed by the refresh_model
+-- job), one HMGET: u:<user> the user's typical seconds held, d:<device> its failures per
+-- day held, m:<model> how much of the model is wanted by name. A device whose risk (its
+-- rate times the user's typical session) passes SMART_RISK comes last; then the model
+-- least wanted by name (in steps of SMART_DEMAND_STEP, so that noise does not decide);
+-- then the best fit. No model: as resource_based.
+local SMART_RISK, SMART_DEMAND_STEP, SMART_HOLD_S = 0.01, 0.05, 3600
+STRATEGY_PICKS.smart = function(list, uid)
+  local fields = {'u:' .. uid}
+  for i, c in ipairs(list) do
+    fields[2 * i], fields[2 * i + 1] = 'd:' .. c[1], 'm:' .. (c[4][2] or '')
+  end
+  local m = redis.call('HMGET', k_pool(P, 'smart'), unpack(fields))
+  local hold = (tonumber(m[1]) or SMART_HOLD_S) / 86400
+  local best, bk = nil, nil
+  for i, c in ipairs(list) do
+    local k = {math.floor(c[2] / CPU_SCALE),
+      ((tonumber(m[2 * i]) or 0) * hold > SMART_RISK) and 1 or 0,
+      math.floor((tonumber(m[2 * i + 1]) or 0) / SMART_DEMAND_STEP)}
+    local better = not best
+    if not better then
+      for j = 1, 3 do
+        if k[j] ~= bk[j] then better = k[j] < bk[j] break end
+        if j == 3 then better = fits_better(c, best) end
+      end
+    end
+    if better then best, bk = c, k end
+  end
+  return best
 end
 
 -- pick_device's answer under a strategy other than resource_based.

@@ -115,7 +115,7 @@ async def empty_tables(pg: asyncpg.Pool) -> None:
         await conn.execute(f"TRUNCATE {TABLES}")
 
 
-STRATEGIES = ("resource_based", "least_loaded", "round_robin", "affinity", "bin_pack")
+STRATEGIES = ("resource_based", "least_loaded", "round_robin", "affinity", "bin_pack", "smart")
 """The allocation strategies select.lua knows (see its header); resource_based is the
 default."""
 DEFAULT_STRATEGY = "resource_based"

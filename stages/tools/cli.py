@@ -5,7 +5,8 @@ run; see ``pipeline.commands``) for :data:`stages.app.APP`; this module adds the
 scheduler's: demo, devices (add, list, import, export), allocations, pools, queue, quota
 (set, import), allocate, release, renew, events, jobs, stats, strategy, audit, rebuild,
 status (stages/tools/status.py), dead (stages/tools/dead.py), reserve, reservations
-(stages/tools/reservations.py), tenants, schedules, schema.
+(stages/tools/reservations.py), tenants, schedules, trace and simulate
+(stages/tools/simulate.py), schema.
 Every command that touches Redis checks the server first (``pipeline.durability``):
 one that may evict keys is refused with exit status 78 and a message saying how to
 fix it.
@@ -79,6 +80,28 @@ def _with_redis(fn: Callable[[Any, Settings], Coroutine[Any, Any, int]]) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         finally:
+            await redis.aclose()
+
+    result: int = run_coroutine(go())
+    return result
+
+
+def _with_servers(fn: Callable[[Any, Any, Settings], Coroutine[Any, Any, int]],
+                  pg: bool) -> int:
+    """Run ``fn(redis, pg pool or None, settings)`` with the servers (trace, simulate)."""
+    from pipeline.connections import pg_pool, redis_client
+
+    settings, _ = resolved_settings(APP)
+
+    async def go() -> int:
+        redis = redis_client(settings)
+        pool = await pg_pool(settings) if pg else None
+        try:
+            await check_redis(redis)
+            return await fn(redis, pool, settings)
+        finally:
+            if pool is not None:
+                await pool.close()
             await redis.aclose()
 
     result: int = run_coroutine(go())
@@ -839,6 +862,9 @@ def parser() -> argparse.ArgumentParser:
     add_tenants(sub)
     add_schedules(sub)
 
+    from stages.tools.simulate import add_commands as add_simulate_commands
+
+    add_simulate_commands(sub, _with_servers)
     s = sub.add_parser("schema", help="print the JSON Schema of the public streams")
     s.add_argument("--out")
     s.set_defaults(fn=cmd_schema)
