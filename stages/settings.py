@@ -59,8 +59,13 @@ class Settings(RuntimeSettings):
     rate_tenant_burst: int = env("DEVSCHED_RATE_TENANT_BURST", 0, minimum=0)
     """The tenant bucket's size; 0: one second's worth (at least 1)."""
     purge_retention_days: int = env("DEVSCHED_PURGE_RETENTION_DAYS", 30, minimum=1)
-    """The purge job deletes released/expired allocation rows that ended longer ago than
-    this (never an active one)."""
+    """The purge job deletes released/expired allocation rows, and completed, cancelled or
+    no-show reservation rows, that ended longer ago than this (never an active allocation
+    nor a booked or active reservation)."""
+    usage_report_retention_days: int = env("DEVSCHED_USAGE_REPORT_RETENTION_DAYS", 400,
+                                           minimum=1)
+    """The purge job deletes usage_reports rows whose period ended longer ago than this
+    (kept apart from DEVSCHED_PURGE_RETENTION_DAYS: reports serve yearly comparisons)."""
     job_history_retention_days: int = env("DEVSCHED_JOB_HISTORY_RETENTION_DAYS", 30, minimum=1)
     """A job's finished execution records are kept this long (the prune_history job)."""
     job_history_max_per_job: int = env("DEVSCHED_JOB_HISTORY_MAX_PER_JOB", 1_000, minimum=1)
