@@ -118,10 +118,13 @@ class Keys:
         ``schedules`` (set of schedule ids ``<kind>:<tier>``), ``schedule:<id>`` (kind,
         tier, interval_ms, paused, tenants, fixed, last_run_ms),
         ``batches:<id>`` (its batch numbers), ``batch:<id>#<n>`` (size, offset_ms,
-        next_run_ms, last_run_ms, running, deadline_ms, last_status), ``members:<id>#<n>``
-        (its tenants), ``due`` (batch -> next run ms), ``overrides`` (tenant -> until ms),
-        ``retry`` (item ``<kind>|<tenant>`` -> due ms), ``retry:<item>`` (tries, error,
-        period_end_ms), ``failed`` (item -> JSON), ``versions``, ``event:<id>``."""
+        next_run_ms, last_run_ms, running, started_ms, deadline_ms, period_end_ms, rerun,
+        manual, last_status), ``members:<id>#<n>`` (its tenants), ``due`` (batch -> next
+        run ms), ``running`` (claimed batch -> claim deadline ms), ``overrides`` (tenant ->
+        until ms), ``retry`` (item ``<kind>|<tenant>`` -> due ms), ``retry:<item>`` (tries,
+        error, period_end_ms), ``failed`` (item -> JSON), ``versions`` (tenant -> last
+        event version), ``event:<id>``, ``change_version`` (the counter of the versions of
+        TenantChange and ScheduleChange)."""
         return f"{self.prefix}:{{sched}}:tenants"
 
     def sched(self, name: str) -> str:

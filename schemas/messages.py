@@ -656,8 +656,45 @@ class WaiterChange(
     reply_ttl_s: int
 
 
+class TenantChange(
+    Struct, tag_field="kind", tag="tenant", kw_only=True, forbid_unknown_fields=True
+):
+    """A tenant of the global schedules changed (schedules.lua): created, its plan changed,
+    an override set, cleared or run out, the version of the last tenant event applied
+    moved, or the tenant deleted. persist writes its ``tenants`` row (the newest
+    ``version`` wins) so that ``devsched rebuild`` restores the registry; ``version`` comes
+    from one counter of the schedules, so a tenant deleted and created again moves on."""
+
+    tenant_id: str
+    action: Literal["created", "plan_changed", "override_set", "override_cleared",
+                    "override_expired", "event_version", "deleted"]
+    status: Literal["active", "deleted"]
+    plan: str | None = None
+    override_ms: int | None = None
+    """A custom interval in force until ``override_until_ms`` (None: none)."""
+    override_until_ms: int | None = None
+    event_version: int | None = None
+    """The version of the last ``tenant.*`` event applied (older ones stay stale)."""
+    created_at_ms: int | None = None
+    version: int
+    at_ms: int
+
+
+class ScheduleChange(
+    Struct, tag_field="kind", tag="schedule", kw_only=True, forbid_unknown_fields=True
+):
+    """A global schedule paused or resumed (``devsched schedules pause|resume``); persist
+    writes its ``schedule_state`` row so that ``devsched rebuild`` keeps it paused."""
+
+    schedule_id: str
+    paused: bool
+    version: int
+    at_ms: int
+
+
 Change = (AllocationChange | AllocationReplaced | AllocationRenewed | RequestRejected | DeviceUpserted | QuotaSet
-          | DeviceEventApplied | UserEventApplied | WaiterChange | ReservationChange)
+          | DeviceEventApplied | UserEventApplied | WaiterChange | ReservationChange
+          | TenantChange | ScheduleChange)
 
 
 Hold = Annotated[str, Meta(pattern=r"^(-?[0-9]+ -?[0-9]+ -?[0-9]+( [0-9]+)?)?$")]

@@ -682,6 +682,9 @@ class SchedulesKeys(NamedTuple):
     """Hash tenant id -> plan: the registry (Keys.sched_tenants)."""
     events: str
     """The events stream whose entries a tenant-event call acks (group ``events``)."""
+    changes: str
+    """The changes stream: each change of a tenant (TenantChange) or of a schedule's pause
+    (ScheduleChange) is added there, for persist to write behind."""
 
 
 class PlanTier(Struct, kw_only=True):
@@ -770,9 +773,33 @@ class ScheduleControl(Struct, kw_only=True, omit_defaults=True):
     item: str | None = None
 
 
+class TenantRecord(Struct, kw_only=True, omit_defaults=True):
+    """A tenant as PostgreSQL's ``tenants`` row keeps it, restored by ``devsched rebuild``
+    (an override already past ``override_until_ms`` is left out by the script)."""
+
+    tenant_id: str
+    plan: str
+    override_ms: int | None = None
+    override_until_ms: int | None = None
+    event_version: int | None = None
+    created_at_ms: int | None = None
+
+
+class ScheduleRestore(Struct, kw_only=True, omit_defaults=True):
+    """A chunk of the schedules' state from PostgreSQL (``devsched rebuild``): each tenant
+    registered and placed in a batch of each kind's schedule of its interval, as a new
+    tenant would be (the batches are made anew, not restored as they were); each
+    schedule in ``paused`` that exists paused; the change counter raised to ``version``
+    at least. Emits no change (PostgreSQL has them)."""
+
+    tenants: list[TenantRecord] | None = None
+    paused: list[str] | None = None
+    version: int = 0
+
+
 class SchedulesCall(Struct, kw_only=True, omit_defaults=True):
     """One of: ``tenants``, ``override``, ``claim``, ``finish``, ``retry_claim``,
-    ``retry_finish``, ``control``, ``dump``. Every call carries the tiers, the batch
+    ``retry_finish``, ``control``, ``restore``, ``dump``. Every call carries the tiers, the batch
     capacity, the stagger and the retry policy, so that the schedules of every tier exist
     and expired overrides are settled first."""
 
@@ -794,5 +821,6 @@ class SchedulesCall(Struct, kw_only=True, omit_defaults=True):
     retry_claim: RetryClaim | None = None
     retry_finish: RetryFinish | None = None
     control: ScheduleControl | None = None
+    restore: ScheduleRestore | None = None
     dump: bool = False
     members: bool = False

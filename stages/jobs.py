@@ -8,7 +8,9 @@ a run whose worker died: its execution is recorded ``failed`` and the job retrie
 under a new claim, up to its max retries. A run that raises or outlives its timeout
 is ``failed`` and retried at the next tick, up to the same bound. Every job is
 idempotent (expiring closes only what is still open, a snapshot is keyed by its
-period, a purge deletes only what is past the retention), so a retried run is safe.
+period, a purge deletes only what is past the retention: closed allocations, requests
+that left the queue and ended reservations after DEVSCHED_PURGE_RETENTION_DAYS, usage
+reports after DEVSCHED_USAGE_REPORT_RETENTION_DAYS), so a retried run is safe.
 
 The record: ``job_executions`` gets a ``running`` row when a run starts and its end
 (duration, processed count, status, error) when it ends; ``job_info`` the job's
@@ -161,16 +163,41 @@ DELETE FROM waiting_requests WHERE (user_id, request_id) IN (
 then: the time is the changes', as for allocations); a waiting one never."""
 
 
+PURGE_RESERVATIONS = f"""
+DELETE FROM reservations WHERE id IN (
+    SELECT id FROM reservations
+    WHERE status IN ('completed', 'cancelled', 'no_show')
+      AND coalesce(ended_at, end_at) < $1
+    LIMIT {PURGE_BATCH})
+"""
+"""Ended reservations (completed, cancelled, no_show) past the retention, by when they
+ended; a booked or active one never."""
+
+
+PURGE_USAGE_REPORTS = f"""
+DELETE FROM usage_reports WHERE (tenant_id, period_end, pool) IN (
+    SELECT tenant_id, period_end, pool FROM usage_reports WHERE period_end < $1
+    LIMIT {PURGE_BATCH})
+"""
+"""Usage reports whose period ended before DEVSCHED_USAGE_REPORT_RETENTION_DAYS."""
+
+
 async def purge(ctx: StageContext) -> int:
-    """Delete released/expired allocation rows that ended, and rows of requests that left
-    the wait queue, more than DEVSCHED_PURGE_RETENTION_DAYS ago (never an active
-    allocation nor a waiting request); returns rows deleted."""
-    cutoff = ts(ctx.clock.now_ms() - ctx.settings.purge_retention_days * 86_400_000)
+    """Delete released/expired allocation rows that ended, rows of requests that left the
+    wait queue, and ended reservations (completed, cancelled, no_show), more than
+    DEVSCHED_PURGE_RETENTION_DAYS ago (never an active allocation, a waiting request nor
+    a booked or active reservation), and usage reports whose period ended more than
+    DEVSCHED_USAGE_REPORT_RETENTION_DAYS ago; returns rows deleted."""
+    now = ctx.clock.now_ms()
+    cutoff = ts(now - ctx.settings.purge_retention_days * 86_400_000)
+    reports_cutoff = ts(now - ctx.settings.usage_report_retention_days * 86_400_000)
     total = 0
     async with _pg(ctx).acquire() as conn:
-        for statement in (PURGE_ALLOCATIONS, PURGE_WAITERS):
+        for statement, before in ((PURGE_ALLOCATIONS, cutoff), (PURGE_WAITERS, cutoff),
+                                  (PURGE_RESERVATIONS, cutoff),
+                                  (PURGE_USAGE_REPORTS, reports_cutoff)):
             while True:
-                n = int((await conn.execute(statement, cutoff)).split()[-1])
+                n = int((await conn.execute(statement, before)).split()[-1])
                 total += n
                 if n < PURGE_BATCH:
                     break
@@ -223,7 +250,9 @@ JOBS: Mapping[str, Job] = {j.name: j for j in (
     Job("stats_snapshot", stats_snapshot, lambda s: 3_600_000,
         "write the live statistics to stats_snapshots (hourly)"),
     Job("purge", purge, lambda s: 86_400_000,
-        "delete closed allocation rows older than DEVSCHED_PURGE_RETENTION_DAYS (daily)"),
+        "delete closed allocation and reservation rows older than"
+        " DEVSCHED_PURGE_RETENTION_DAYS, usage reports older than"
+        " DEVSCHED_USAGE_REPORT_RETENTION_DAYS (daily)"),
     Job("prune_history", prune_history, lambda s: 600_000,
         "keep job executions within their retention and maximum count"),
     Job("schedules", run_schedules, lambda s: s.tick_ms,

@@ -12,7 +12,9 @@ events keep, the event versions and the failed payments counted, for a rebuild).
 request joining or leaving the wait queue (WaiterChange) is kept in
 ``waiting_requests``, the newest version winning, so a rebuild re-queues the waiting ones.
 Reservation changes (ReservationChange) are written to ``reservations`` the same way, by
-version. Within a batch only the newest change of each
+version, and so are the tenants of the global schedules (TenantChange, to ``tenants``, a
+deleted one kept as a row with status ``deleted``) and their pauses (ScheduleChange, to
+``schedule_state``), so that a rebuild restores them. Within a batch only the newest change of each
 entity is written,
 and rows are written in key order: two persist workers whose batches share rows
 lock them in the same order, so they wait for each other instead of deadlocking.
@@ -38,6 +40,8 @@ from schemas.messages import (
     DeviceUpserted,
     QuotaSet,
     ReservationChange,
+    ScheduleChange,
+    TenantChange,
     UserEventApplied,
     WaiterChange,
     encoder,
@@ -124,6 +128,31 @@ WHERE r.version < EXCLUDED.version
 """
 
 
+UPSERT_TENANTS = """
+INSERT INTO tenants AS t (tenant_id, status, plan, override_ms, override_until, event_version,
+    created_at, last_action, version, changed_at)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::timestamptz[],
+    $6::bigint[], $7::timestamptz[], $8::text[], $9::bigint[], $10::timestamptz[]) ORDER BY 1
+ON CONFLICT (tenant_id) DO UPDATE SET status = EXCLUDED.status,
+    plan = COALESCE(EXCLUDED.plan, t.plan), override_ms = EXCLUDED.override_ms,
+    override_until = EXCLUDED.override_until,
+    event_version = COALESCE(EXCLUDED.event_version, t.event_version),
+    created_at = COALESCE(EXCLUDED.created_at, t.created_at),
+    last_action = EXCLUDED.last_action, version = EXCLUDED.version,
+    changed_at = EXCLUDED.changed_at
+WHERE t.version < EXCLUDED.version
+"""
+"""A deleted tenant keeps its last plan (and event version) in its row."""
+
+UPSERT_SCHEDULE_STATE = """
+INSERT INTO schedule_state AS s (schedule_id, paused, version, changed_at)
+SELECT * FROM unnest($1::text[], $2::bool[], $3::bigint[], $4::timestamptz[]) ORDER BY 1
+ON CONFLICT (schedule_id) DO UPDATE SET paused = EXCLUDED.paused, version = EXCLUDED.version,
+    changed_at = EXCLUDED.changed_at
+WHERE s.version < EXCLUDED.version
+"""
+
+
 def metadata(change: AllocationChange, asked: AllocationChange | None = None) -> str:
     """The row's ``metadata``: the request id, pool and size, ``replace_on_failure``
     when set, and what the request asked (``min_cpu_cores``, ``min_memory_mb``,
@@ -143,7 +172,7 @@ def metadata(change: AllocationChange, asked: AllocationChange | None = None) ->
 
 
 Versioned = TypeVar("Versioned", AllocationChange, DeviceUpserted, QuotaSet, WaiterChange,
-                    ReservationChange)
+                    ReservationChange, TenantChange, ScheduleChange)
 
 
 def newest(items: dict[str, Versioned], key: str, item: Versioned) -> None:
@@ -159,6 +188,8 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
     quotas: dict[str, QuotaSet] = {}
     waiters: dict[str, WaiterChange] = {}
     reservations: dict[str, ReservationChange] = {}
+    tenants: dict[str, TenantChange] = {}
+    schedules: dict[str, ScheduleChange] = {}
     for c in changes:
         if isinstance(c, AllocationChange):
             newest(allocs, c.allocation_id, c)
@@ -172,6 +203,10 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
             newest(waiters, f"{c.user_id} {c.request_id}", c)
         elif isinstance(c, ReservationChange):
             newest(reservations, c.reservation_id, c)
+        elif isinstance(c, TenantChange):
+            newest(tenants, c.tenant_id, c)
+        elif isinstance(c, ScheduleChange):
+            newest(schedules, c.schedule_id, c)
     if allocs:
         rows = list(allocs.values())
         await conn.execute(
@@ -214,6 +249,22 @@ async def write_changes(conn: asyncpg.Connection, changes: Sequence[Change]) -> 
         )
     if reservations:
         await write_reservations(conn, list(reservations.values()))
+    if tenants:
+        ts_ = list(tenants.values())
+        await conn.execute(
+            UPSERT_TENANTS,
+            [t.tenant_id for t in ts_], [t.status for t in ts_], [t.plan for t in ts_],
+            [t.override_ms for t in ts_], [ts(t.override_until_ms) for t in ts_],
+            [t.event_version for t in ts_], [ts(t.created_at_ms) for t in ts_],
+            [t.action for t in ts_], [t.version for t in ts_], [ts(t.at_ms) for t in ts_],
+        )
+    if schedules:
+        ss = list(schedules.values())
+        await conn.execute(
+            UPSERT_SCHEDULE_STATE,
+            [s.schedule_id for s in ss], [s.paused for s in ss], [s.version for s in ss],
+            [ts(s.at_ms) for s in ss],
+        )
 
 
 def _event_parts(qs: Sequence[QuotaSet]) -> tuple[list[object], ...]:

@@ -38,7 +38,12 @@ with its last error (``devsched schedules failed``; ``devsched schedules retry``
 back). Both kinds are idempotent, so a retried or re-run tenant is safe.
 
 A batch claim held past DEVSCHED_JOB_TIMEOUT_S belongs to a worker that died: the next
-claim of that batch records it failed and runs the batch again.
+tick records it failed and runs the batch again for the same period (its usage report is
+not missed), once; if that re-run dies too, the batch's tenants go to the retry queue for
+that period. Each tenant change (and a schedule's pause or resume) is written behind
+through the changes stream (TenantChange, ScheduleChange; the ``tenants`` and
+``schedule_state`` tables), so ``devsched rebuild`` restores the registry: each tenant is
+placed anew in its schedules' batches (:func:`restore`).
 """
 
 from __future__ import annotations
@@ -65,12 +70,15 @@ from schemas.rows import (
     RetryClaim,
     RetryFinish,
     ScheduleControl,
+    ScheduleRestore,
     SchedulesCall,
     SchedulesKeys,
     TenantFailure,
     TenantOp,
     TenantOverride,
+    TenantRecord,
 )
+from schemas.schedules import ScheduleDump
 from stages import metrics
 from stages.context import StageContext
 from stages.scripts import SCHEDULES
@@ -141,7 +149,8 @@ def schedule_id(kind: str, interval_ms: int) -> str:
 async def call(redis: Redis, settings: Settings, now_ms: int, **op: Any) -> Any:
     """One call of schedules.lua with the settings every call carries."""
     k = Keys(settings.prefix)
-    return await SCHEDULES(redis, SchedulesKeys(tenants=k.sched_tenants, events=k.events),
+    return await SCHEDULES(redis, SchedulesKeys(tenants=k.sched_tenants, events=k.events,
+                                                changes=k.changes),
                            SchedulesCall(
         prefix=settings.prefix, now_ms=now_ms,
         tiers=[PlanTier(plan=p, interval_ms=ms) for p, ms in plan_tiers(settings).items()],
@@ -175,10 +184,26 @@ async def set_override(redis: Redis, settings: Settings, now_ms: int, tenant_id:
 
 async def dump(redis: Redis, settings: Settings, now_ms: int, *,
                members: bool = True) -> dict[str, Any]:
-    """The whole state of the schedules, read in one atomic call."""
+    """The whole state of the schedules, read in one atomic call, decoded strictly
+    (schemas.schedules.ScheduleDump), as plain data."""
     raw = await call(redis, settings, now_ms, dump=True, members=members)
-    state: dict[str, Any] = orjson.loads(raw)
+    state: dict[str, Any] = msgspec.to_builtins(_dump_decoder.decode(raw))
     return state
+
+
+_dump_decoder = msgspec.json.Decoder(ScheduleDump)
+
+
+async def restore(redis: Redis, settings: Settings, now_ms: int, *,
+                  tenants: Sequence[TenantRecord] = (), paused: Sequence[str] = (),
+                  version: int = 0) -> tuple[int, int]:
+    """Write tenants and paused schedules back from PostgreSQL (devsched rebuild): each
+    tenant placed anew in a batch of each kind's schedule of its interval; returns
+    (tenants restored, schedules paused). A tenant whose plan is no longer configured
+    is left out."""
+    done, held = await call(redis, settings, now_ms, restore=ScheduleRestore(
+        tenants=list(tenants) or None, paused=list(paused) or None, version=version))
+    return int(done), int(held)
 
 
 def pairs(flat: Any) -> dict[str, str]:

@@ -59,8 +59,13 @@ class Settings(RuntimeSettings):
     rate_tenant_burst: int = env("DEVSCHED_RATE_TENANT_BURST", 0, minimum=0)
     """The tenant bucket's size; 0: one second's worth (at least 1)."""
     purge_retention_days: int = env("DEVSCHED_PURGE_RETENTION_DAYS", 30, minimum=1)
-    """The purge job deletes released/expired allocation rows that ended longer ago than
-    this (never an active one)."""
+    """The purge job deletes released/expired allocation rows, and completed, cancelled or
+    no-show reservation rows, that ended longer ago than this (never an active allocation
+    nor a booked or active reservation)."""
+    usage_report_retention_days: int = env("DEVSCHED_USAGE_REPORT_RETENTION_DAYS", 400,
+                                           minimum=1)
+    """The purge job deletes usage_reports rows whose period ended longer ago than this
+    (kept apart from DEVSCHED_PURGE_RETENTION_DAYS: reports serve yearly comparisons)."""
     smart_history_days: int = env("DEVSCHED_SMART_HISTORY_DAYS", 14, minimum=1)
     """The ``refresh_model`` job learns the smart strategy's model from the allocations of
     this many days (stages/smart.py)."""

@@ -27,12 +27,14 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Released
+from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Released, Reserved
 from stages.app import serve
+from stages.schedules import control, set_override
 from stages.settings import Settings
 from stages.tools.admin import set_quotas, write_behind_drained
 from stages.tools.audit import audit
 from stages.tools.client import Client
+from stages.tools.tenants import set_tenant
 from tests.conftest import RunningPipeline, seed, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +55,9 @@ class Farm:
     """bob's active allocation (on d1)."""
     closed: Allocated
     """alice's released allocation (on d3)."""
+    reservation: str
+    """bob's booked reservation of d4 (tomorrow); tenants ``acme`` (premium) and ``bolt``
+    (basic, with an override) are registered and schedule ``usage_report:24h`` paused."""
 
 
 @pytest_asyncio.fixture
@@ -70,11 +75,19 @@ async def farm(pipeline: RunningPipeline, settings: Settings, redis: Redis, keys
         closed = await client.allocate("alice", min_cpu_cores=8)
         assert isinstance(closed, Allocated)
         assert isinstance(await client.release(allocation_id=closed.allocation_id), Released)
+        start = clock.now_ms() + 86_400_000
+        booked = await client.reserve("bob", start, start + 3_600_000, device_id="d4")
+    assert isinstance(booked, Reserved), booked
     assert isinstance(alice, Allocated) and isinstance(bob, Allocated)
     assert (alice.device.id, bob.device.id, closed.device.id) == ("d2", "d1", "d3")
+    now = clock.now_ms()
+    await set_tenant(redis, settings, now, "acme", "premium")
+    await set_tenant(redis, settings, now, "bolt", "basic")
+    assert await set_override(redis, settings, now, "bolt", 1_800_000, now + 86_400_000)
+    await control(redis, settings, now, "pause", schedule="usage_report:24h")
     await wait_until(lambda: write_behind_drained(redis, keys))
     await pipeline.close()
-    return Farm(settings, redis, keys, pg, clock, alice, bob, closed)
+    return Farm(settings, redis, keys, pg, clock, alice, bob, closed, booked.reservation_id)
 
 
 async def pg_exec(farm: Farm, sql: str, *args: Any) -> None:
@@ -90,13 +103,15 @@ def found(report: dict[str, Any]) -> set[tuple[str, str, str]]:
 
 
 async def test_a_drained_pipeline_is_consistent(farm: Farm) -> None:
-    report = await audit(farm.redis, farm.keys, farm.pg)
+    report = await audit(farm.redis, farm.keys, farm.pg, farm.clock.now_ms())
     assert report["consistent"] and report["difference_count"] == 0, report
     assert (report["redis_devices"], report["pg_devices"]) == (4, 4)
     assert (report["redis_quotas"], report["pg_quotas"]) == (2, 2)
     assert (report["redis_active"], report["pg_active"]) == (2, 2)
     assert (report["redis_allocations"], report["pg_allocations"]) == (3, 3)
     assert (report["backlog"], report["in_flight"], report["mismatched_count"]) == (0, 0, 0)
+    assert (report["redis_reservations"], report["pg_reservations"]) == (1, 1)
+    assert (report["redis_tenants"], report["pg_tenants"]) == (2, 2)
 
 
 # Each case: what to write, then a difference the report must name, as (kind, id, field);
@@ -188,6 +203,36 @@ CASES: dict[str, tuple[Mutation, tuple[str, str, str]]] = {
     "expiry schedule time in redis": (
         lambda f: f.redis.zadd(f.keys.expiry, {f.bob.allocation_id: 5}),
         ("allocation", "BOB", "schedule")),
+    "reservation status in redis": (
+        lambda f: f.redis.hset(f.keys.reservation(f.reservation), "status", "active"),
+        ("reservation", "RSV", "status")),
+    "reservation interval in postgres": (
+        lambda f: pg_exec(f, "UPDATE reservations SET end_at = end_at + interval '1 hour'"),
+        ("reservation", "RSV", "end_ms")),
+    "reservation missing from postgres": (
+        lambda f: pg_exec(f, "DELETE FROM reservations"),
+        ("reservation", "RSV", "present")),
+    "booked reservation missing from redis": (
+        lambda f: f.redis.delete(f.keys.reservation(f.reservation)),
+        ("reservation", "RSV", "present")),
+    "reservation missing from its device's bookings": (
+        lambda f: f.redis.zrem(f.keys.bookings("d4"), f.reservation),
+        ("reservation", "RSV", "booking")),
+    "tenant plan in postgres": (
+        lambda f: pg_exec(f, "UPDATE tenants SET plan = 'basic' WHERE tenant_id = 'acme'"),
+        ("tenant", "acme", "plan")),
+    "tenant missing from redis": (
+        lambda f: f.redis.hdel(f.keys.sched_tenants, "acme"),
+        ("tenant", "acme", "present")),
+    "tenant missing from postgres": (
+        lambda f: pg_exec(f, "DELETE FROM tenants WHERE tenant_id = 'acme'"),
+        ("tenant", "acme", "present")),
+    "tenant override in redis": (
+        lambda f: f.redis.hset(f.keys.sched("tenant:bolt"), "override_ms", 60_000),
+        ("tenant", "bolt", "override_ms")),
+    "schedule pause in postgres": (
+        lambda f: pg_exec(f, "UPDATE schedule_state SET paused = false"),
+        ("schedule", "usage_report:24h", "paused")),
     "closed allocation in the expiry schedule": (
         lambda f: f.redis.zadd(f.keys.expiry, {f.closed.allocation_id: 5}),
         ("allocation", "CLOSED", "schedule")),
@@ -198,9 +243,9 @@ CASES: dict[str, tuple[Mutation, tuple[str, str, str]]] = {
 async def test_the_audit_finds_each_kind_of_difference(farm: Farm, case: str) -> None:
     mutate, (kind, ident, field) = CASES[case]
     ident = {"ALICE": farm.alice.allocation_id, "BOB": farm.bob.allocation_id,
-             "CLOSED": farm.closed.allocation_id}.get(ident, ident)
+             "CLOSED": farm.closed.allocation_id, "RSV": farm.reservation}.get(ident, ident)
     await mutate(farm)
-    report = await audit(farm.redis, farm.keys, farm.pg)
+    report = await audit(farm.redis, farm.keys, farm.pg, farm.clock.now_ms())
     assert not report["consistent"]
     assert (kind, ident, field) in found(report), report["differences"]
     assert report["difference_count"] == len(report["differences"])
@@ -272,7 +317,8 @@ def test_audit_command_prints_the_report_and_exits_1_on_a_difference(
         finally:
             await conn.close()
 
-    asyncio.run(tables("TRUNCATE device_allocations, devices, user_quotas, billing_ledger"))
+    asyncio.run(tables("TRUNCATE device_allocations, devices, user_quotas, billing_ledger,"
+                       " reservations, tenants, schedule_state"))
     code, report = run()
     assert (code, report["consistent"]) == (0, True)
     asyncio.run(tables("INSERT INTO devices (id, name, host, adb_host, adb_port, cpu_cores, "

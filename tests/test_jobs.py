@@ -233,6 +233,47 @@ async def test_purge_deletes_old_closed_rows_and_never_an_active_one(
     assert waiting == {"w-waiting-old", "w-left-recent"}
 
 
+async def test_purge_deletes_ended_reservations_and_old_usage_reports_never_a_live_booking(
+    jctx: StageContext, pg: asyncpg.Pool, clock: ManualClock,
+) -> None:
+    """Reservations that ended (completed, cancelled, no_show) longer ago than
+    DEVSCHED_PURGE_RETENTION_DAYS go; a booked or active one never, however old; usage
+    reports go after their own retention (DEVSCHED_USAGE_REPORT_RETENTION_DAYS, 400 days
+    by default), not after the 30 days of the other rows."""
+    assert jctx.settings.usage_report_retention_days == 400
+    now = datetime.fromtimestamp(clock.now_ms() / 1000, UTC)
+    rows = {  # name: (status, ended days ago; start 2 days before)
+        "completed-old": ("completed", 40), "cancelled-old": ("cancelled", 31),
+        "no_show-old": ("no_show", 35), "completed-recent": ("completed", 10),
+        "booked-old": ("booked", 90), "active-old": ("active", 60),
+    }
+    ids = {name: uuid.uuid4() for name in rows}
+    async with pg.acquire() as conn:
+        for name, (status, days) in rows.items():
+            end = now - timedelta(days=days)
+            live = status in ("booked", "active")
+            await conn.execute(
+                "INSERT INTO reservations (id, request_id, user_id, device_id, pool, start_at,"
+                " end_at, status, created_at, ended_at, version)"
+                " VALUES ($1, $2, 'u1', 'd1', 'default', $3, $4, $5, $3, $6, 1)",
+                ids[name], name, end - timedelta(days=2), end, status, None if live else end)
+        for tenant, days in (("t-old", 401), ("t-kept", 399), ("t-month", 31)):
+            end = now - timedelta(days=days)
+            await conn.execute(
+                "INSERT INTO usage_reports (tenant_id, period_start, period_end, pool,"
+                " devices_used, allocations, device_seconds) VALUES ($1, $2, $3, '*', 1, 1, 60)",
+                tenant, end - timedelta(days=1), end)
+    result = await run_job_in_process(jctx, "purge")
+    assert result.status == "succeeded" and result.processed_count == 4
+    async with pg.acquire() as conn:
+        left = {r["id"] for r in await conn.fetch("SELECT id FROM reservations")}
+        reports = {r["tenant_id"] for r in await conn.fetch("SELECT tenant_id FROM usage_reports")}
+    assert left == {ids["completed-recent"], ids["booked-old"], ids["active-old"]}
+    assert reports == {"t-kept", "t-month"}
+    again = await run_job_in_process(jctx, "purge")
+    assert (again.status, again.processed_count) == ("succeeded", 0)
+
+
 async def run_job_in_process(ctx: StageContext, name: str) -> JobRunResult:
     return await run_now(ctx, name, uuid.uuid4().hex)
 

@@ -70,8 +70,9 @@ async def live_state(redis: Redis, keys: Keys) -> dict[str, Any]:
     """Every key of the live state with its value; answers decoded from JSON. The state
     marker is left out: each rebuild gives it a new epoch (tests/test_state_marker.py). The
     tracked jobs' hashes ({jobs}) are compared apart, as ``jobs show`` reads them (rebuild
-    writes them from job_info without a claim); nor are the global schedules' keys
-    ({sched}: the tenant registry, kept by rebuild, not in PostgreSQL)."""
+    writes them from job_info without a claim), and so are the global schedules' keys
+    ({sched}: rebuild places each tenant anew, so batches and next runs are new;
+    test_rebuild_restores_the_tenants_and_paused_schedules compares what they mean)."""
     names = [text(k) async for k in redis.scan_iter(match=f"{keys.prefix}:{{*", count=1000)
              if text(k) != keys.state and b":{jobs}:" not in k and b":{sched}:" not in k]
     names.append(keys.users)
@@ -492,3 +493,82 @@ async def test_rebuild_restores_what_events_keep_of_a_user_and_the_tracked_jobs(
             b"suspended", b"suspended"]  # the third failed payment
     finally:
         await again.close()
+
+
+async def test_rebuild_restores_the_tenants_and_paused_schedules(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys,
+    clock: ManualClock, pg: asyncpg.Pool,
+) -> None:
+    """Tenants set on three plans (one changed plan, one with an override, one deleted, one
+    from a tenant event with its version) and a paused schedule are written behind to
+    ``tenants`` and ``schedule_state``; after Redis is emptied, and again after a forced
+    rebuild over the live state, the registry (plan, interval, override), the pause and
+    the event version come back, every tenant in exactly one batch of the right schedule
+    per kind, and ``schedules validate`` finds nothing wrong. A change after the rebuild
+    continues above PostgreSQL's versions (persist's guard keeps it)."""
+    from stages.schedules import KINDS, control, label, plan_tiers, set_override
+    from stages.tools.schedules import validate
+    from stages.tools.tenants import delete_tenant, list_tenants, set_tenant
+    from tests.test_events import event, send
+
+    now = clock.now_ms()
+    for tenant, plan in (("acme", "basic"), ("bolt", "premium"), ("cora", "enterprise"),
+                         ("gone", "standard")):
+        await set_tenant(redis, settings, now, tenant, plan)
+    await set_tenant(redis, settings, now, "acme", "standard")  # plan changed
+    assert await set_override(redis, settings, now, "bolt", 30 * 60_000, now + 86_400_000)
+    assert await delete_tenant(redis, settings, now, "gone") == "deleted"
+    await send(redis, keys, event("tenant.created", tenant_id="evt", plan="premium", version=4))
+    [status] = await control(redis, settings, now, "pause", schedule="usage_report:24h")
+    assert text(status) == "ok"
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    await pipeline.close()
+    async with pg.acquire() as conn:
+        rows = {r["tenant_id"]: (r["status"], r["plan"], r["override_ms"], r["event_version"])
+                for r in await conn.fetch("SELECT * FROM tenants")}
+        paused = await conn.fetch("SELECT schedule_id, paused FROM schedule_state")
+    assert rows == {"acme": ("active", "standard", None, None),
+                    "bolt": ("active", "premium", 30 * 60_000, None),
+                    "cora": ("active", "enterprise", None, None),
+                    "gone": ("deleted", "standard", None, None),
+                    "evt": ("active", "premium", None, 4)}
+    assert [tuple(r) for r in paused] == [("usage_report:24h", True)]
+
+    def meaning(rows: list[dict[str, Any]]) -> dict[str, Any]:
+        return {r["tenant_id"]: (r["plan"], r["interval_ms"], r["override_until_ms"],
+                                 {k: b.rpartition("#")[0] for k, b in r["batches"].items()})
+                for r in rows}
+
+    before = meaning(await list_tenants(redis, settings, now))
+    assert set(before) == {"acme", "bolt", "cora", "evt"}
+    assert before["bolt"][3] == {k: f"{k}:30m" for k in KINDS}
+    tiers = plan_tiers(settings)
+    assert before["acme"][3] == {k: f"{k}:{label(tiers['standard'])}" for k in KINDS}
+
+    async def restored() -> None:
+        assert meaning(await list_tenants(redis, settings, now)) == before
+        report = await validate(redis, settings, now)
+        assert report["valid"], report
+        paused_now = await redis.hget(keys.sched("schedule:usage_report:24h"), "paused")
+        assert paused_now == b"1"
+        assert await redis.hget(keys.sched("versions"), "evt") == b"4"
+
+    await delete_keys(redis, settings.prefix)  # Redis came back empty
+    report = await rebuild(redis, keys, pg, settings, clock)
+    assert (report.tenants, report.tenants_skipped, report.paused_schedules) == (4, 0, 1)
+    await restored()
+    forced = await rebuild(redis, keys, pg, settings, clock, force=True)  # over a live state
+    assert forced.tenants == 4
+    await restored()
+
+    again = await start_pipeline(settings, clock, [*STAGES, "events"])
+    try:
+        await send(redis, keys, event("tenant.plan_changed", tenant_id="evt", plan="basic",
+                                      version=3))  # older than the version restored: stale
+        assert await redis.hget(keys.sched_tenants, "evt") == b"premium"
+        await set_tenant(redis, settings, now, "cora", "basic")
+        await wait_until(lambda: write_behind_drained(redis, keys))
+    finally:
+        await again.close()
+    async with pg.acquire() as conn:
+        assert await conn.fetchval("SELECT plan FROM tenants WHERE tenant_id = 'cora'") == "basic"

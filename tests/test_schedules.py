@@ -21,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from itertools import pairwise
+from typing import Any
 
 import asyncpg
 import pytest
@@ -615,3 +616,71 @@ async def test_trigger_runs_every_batch_of_a_schedule_once(
     assert len(rows) == 3 and all(r["status"] == "succeeded" and r["manual"] for r in rows)
 
 
+
+
+async def test_a_batch_run_whose_worker_died_is_run_again_in_its_period_once(
+    sctx: StageContext, pg: asyncpg.Pool,
+) -> None:
+    """A batch claimed by a worker that died (its claim held past DEVSCHED_JOB_TIMEOUT_S)
+    is recorded failed and run again at the next tick, for the SAME period, so that
+    period's usage report is written, not missed until the batch next falls due. Only
+    once: a re-run that dies too puts the batch's tenants in the retry queue for that
+    period, and the retry writes the report."""
+    from stages.schedules import claim_batches, run_batch, run_retries
+
+    s, clock = sctx.settings, sctx.clock
+    assert isinstance(clock, ManualClock)
+    timeout = s.job_timeout_s * 1000
+    await set_tenant(sctx.redis, s, clock.now_ms(), "dying", "enterprise")  # every 15 min
+    name = "schedule:usage_report:15m#0"
+
+    async def reports(period_end_ms: int) -> int:
+        async with pg.acquire() as conn:
+            return int(await conn.fetchval(
+                "SELECT count(*) FROM usage_reports WHERE tenant_id = 'dying'"
+                " AND period_end = to_timestamp($1 / 1000.0)", period_end_ms))
+
+    async def executions() -> list[tuple[str, str | None]]:
+        async with pg.acquire() as conn:
+            return [(r["status"], r["error"]) for r in await conn.fetch(
+                "SELECT status, error FROM job_executions WHERE job_name = $1"
+                " ORDER BY started_at, status", name)]
+
+    async def claim_usage() -> list[Any]:
+        runs = await claim_batches(sctx)
+        for run in runs:
+            if run.kind != "usage_report":
+                await run_batch(sctx, run)  # metering ends normally
+        return [r for r in runs if r.kind == "usage_report"]
+
+    clock.advance(15 * MIN)  # the batch falls due; its worker claims it and dies
+    [first] = await claim_usage()
+    period = first.period_end_ms
+    clock.advance(timeout - 1_000)  # inside the timeout: nothing is run again
+    assert await claim_usage() == []
+    clock.advance(2_000)  # past it, inside the same period: run again, for that period
+    [again] = await claim_usage()
+    assert (again.batch, again.period_end_ms, again.tenants) == (first.batch, period, ["dying"])
+    assert again.execution_id != first.execution_id
+    outcome = await run_batch(sctx, again)
+    assert outcome.status == "succeeded" and await reports(period) == 1  # the total, "*"
+    assert [st for st, _ in await executions()] == ["failed", "succeeded"]
+    assert (await executions())[0][1] == "worker died: still running past its timeout"
+    assert await claim_usage() == []  # once: the period is done
+
+    # the next period: the run dies, and its re-run dies too
+    clock.advance(period + 15 * MIN - clock.now_ms())
+    [second] = await claim_usage()
+    assert second.period_end_ms == period + 15 * MIN
+    clock.advance(timeout + 1_000)
+    [rerun] = await claim_usage()
+    assert rerun.period_end_ms == second.period_end_ms
+    clock.advance(timeout + 1_000)
+    assert await claim_usage() == []  # no third run: the tenant waits in the retry queue
+    waiting = (await failures(sctx.redis, s, clock.now_ms()))["retrying"]
+    assert [(w["tenant_id"], w["kind"]) for w in waiting] == [("dying", "usage_report")]
+    assert await reports(second.period_end_ms) == 0
+    clock.advance(s.schedule_retry_backoff_s * 1000)
+    assert await run_retries(sctx) == [("usage_report|dying", "done")]
+    assert await reports(second.period_end_ms) == 1  # that period's report, by the retry
+    assert [st for st, _ in await executions()] == ["failed", "succeeded", "failed", "failed"]

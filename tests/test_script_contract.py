@@ -79,6 +79,7 @@ from schemas.messages import (
     encoder,
     reply_decoder,
 )
+from schemas.rows import TenantOp
 from schemas.runtime import dead_decoder
 from stages.context import StageContext
 from stages.events import EventsStage
@@ -816,3 +817,142 @@ async def test_replies_held_for_replicas_decode_strictly_and_are_every_reply(
     direct = {kind_of(reply_decoder.decode(f[b"d"]))
               for _i, f in await entries(redis, ctx.keys.reply(CLIENT))}
     assert "reply released released" not in direct  # select's own: held, not sent
+
+
+# --- schedules.lua ----------------------------------------------------------------------
+
+
+async def every_schedules_path(ctx: StageContext, clock: ManualClock) -> Any:
+    """Drive schedules.lua through every path that emits something: tenants created, plan
+    changed, unchanged, deleted (and not found, unknown plan), from events (applied,
+    duplicate, stale, a newer version of an unchanged tenant), overrides set, cleared and
+    run out, a schedule paused and resumed, a batch run whose tenants failed (the retry
+    queue) and a tenant retried until permanently failed; then the dump (decoded
+    strictly by ``dump`` itself) with every list filled. Returns the dump's raw JSON."""
+    import stages.schedules as sched
+    from schemas.rows import BatchClaim, BatchFinish, RetryClaim, RetryFinish, TenantFailure
+
+    r, s = ctx.redis, ctx.settings
+    now = clock.now_ms()
+
+    def op(tenant: str, plan: str | None = None, **event: Any) -> TenantOp:
+        return TenantOp(action="delete" if plan is None else "set", tenant_id=tenant,
+                        plan=plan, **event)
+
+    statuses = await sched.apply_tenants(r, s, now, [
+        op("ta", "basic"), op("tb", "premium"), op("tc", "enterprise"), op("ta", "standard"),
+        op("ta", "standard"), op("tc"), op("nobody"), op("tx", "no-such-plan"),
+        op("te", "basic", event_id="e1", version=2), op("te", "basic", event_id="e1", version=2),
+        op("te", "premium", event_id="e2", version=1),
+        op("te", "basic", event_id="e3", version=5)])
+    assert [st for _t, st in statuses] == [
+        "created", "created", "created", "plan_changed", "unchanged", "deleted", "not_found",
+        "unknown_plan", "created", "duplicate", "stale", "unchanged"]
+    assert await sched.set_override(r, s, now, "tb", 30 * 60_000, now + 3_600_000)
+    assert await sched.set_override(r, s, now, "ta", 30 * 60_000, now + 7_200_000)
+    assert await sched.set_override(r, s, now, "ta", None, None)
+    for action in ("pause", "resume"):
+        await sched.control(r, s, now, action, schedule="usage_report:24h")
+    clock.advance(3_600_001)  # tb's override runs out at the next call
+    now = clock.now_ms()
+    assert await sched.set_override(r, s, now, "te", 3_600_000, now + 86_400_000)
+    claimed = await sched.call(r, s, now, claim=BatchClaim(
+        execution_prefix="x", limit=10, timeout_ms=60_000, schedule="usage_report:6h"))
+    (ref, _sid, _kind, _iv, _end, eid, *_rest) = claimed[0]
+    await sched.call(r, s, now, finish=BatchFinish(
+        batch=text(ref), execution_id=text(eid), status="failed", period_end_ms=now,
+        failed=[TenantFailure(tenant_id="ta", error="boom")]))
+    await sched.call(r, s, now, finish=BatchFinish(
+        batch=text(ref), execution_id=text(eid), status="failed", period_end_ms=now))  # lost
+    item = "usage_report|ta"
+    for _ in range(s.schedule_max_retries):
+        await sched.call(r, s, now, retry_claim=RetryClaim(limit=1, lease_ms=1, token="t",
+                                                           item=item))
+        await sched.call(r, s, now, retry_finish=RetryFinish(item=item, token="t",
+                                                             status="failed", error="again"))
+    claimed = await sched.call(r, s, now, claim=BatchClaim(
+        execution_prefix="y", limit=10, timeout_ms=60_000, schedule="usage_report:1h"))
+    (ref, _sid, _kind, _iv, _end, eid, *_rest) = claimed[0]
+    await sched.call(r, s, now, finish=BatchFinish(
+        batch=text(ref), execution_id=text(eid), status="failed", period_end_ms=now,
+        failed=[TenantFailure(tenant_id="te", error="waiting")]))
+    state = await sched.dump(r, s, now)  # decoded strictly
+    assert state["retry"] and state["failed"] and state["tenants"] and state["overrides"]
+    return await sched.call(r, s, now, dump=True, members=True)
+
+
+SCHEDULE_CHANGES = {
+    *(f"change tenant {action} active" for action in (
+        "created", "plan_changed", "event_version", "override_set", "override_cleared",
+        "override_expired")),
+    "change tenant deleted deleted",
+    "change schedule paused",
+    "change schedule resumed",
+}
+"""Every change schedules.lua emits: each must appear in one run of every path."""
+
+
+def schedule_change_kind(change: object) -> str:
+    from schemas.messages import ScheduleChange, TenantChange
+
+    if isinstance(change, TenantChange):
+        return f"change tenant {change.action} {change.status}"
+    if isinstance(change, ScheduleChange):
+        return "change schedule " + ("paused" if change.paused else "resumed")
+    raise AssertionError(change)
+
+
+async def test_every_change_and_dump_of_schedules_lua_decodes_strictly(
+    redis: Redis, ctx: StageContext, clock: ManualClock
+) -> None:
+    from schemas.messages import TenantChange
+    from schemas.schedules import ScheduleDump
+
+    raw = await every_schedules_path(ctx, clock)
+    state = msgspec.json.decode(raw, type=ScheduleDump)
+    assert isinstance(state.tenants, list) and {t.id for t in state.tenants} == {"ta", "tb", "te"}
+    assert isinstance(state.failed, list) and state.failed[0].error == "again"
+    changes = [change_decoder.decode(f[b"d"]) for _i, f in await entries(redis,
+                                                                          ctx.keys.changes)]
+    assert {schedule_change_kind(c) for c in changes} == SCHEDULE_CHANGES
+    versions = [c.version for c in changes]
+    assert versions == sorted(set(versions))  # one counter, every change a new version
+    [te] = [c for c in changes if isinstance(c, TenantChange) and c.action == "event_version"]
+    assert (te.tenant_id, te.event_version, te.plan) == ("te", 5, "basic")
+    [gone] = [c for c in changes if isinstance(c, TenantChange) and c.status == "deleted"]
+    assert (gone.tenant_id, gone.plan) == ("tc", "enterprise")
+
+
+SCHEDULES_RENAMES = [
+    # (text in schedules.lua, replacement, the names strict decoding may report)
+    ("c.override_ms, c.override_until_ms = tonumber(h[2])",
+     "c.override_ms, c.until_ms = tonumber(h[2])", ("until_ms",)),
+    ("if h[4] then c.created_at_ms = tonumber(h[4]) end",
+     "if h[4] then c.created = tonumber(h[4]) end", ("created",)),
+    ("schedule_id = c.schedule, paused", "schedule = c.schedule, paused",
+     ("schedule", "schedule_id")),
+    ("due_ms = tonumber(retry[i + 1])", "due_at = tonumber(retry[i + 1])", ("due_at", "due_ms")),
+    ("state.tenant_count = redis.call", "state.tenants_n = redis.call",
+     ("tenants_n", "tenant_count")),
+    ("local b = {ref = ref, number = n,", "local b = {ref = ref, num = n,", ("num", "number")),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "named"), SCHEDULES_RENAMES,
+                         ids=[n[0] for _o, _n, n in SCHEDULES_RENAMES])
+async def test_a_key_renamed_in_schedules_lua_fails_strict_decoding(
+    redis: Redis, ctx: StageContext, clock: ManualClock, monkeypatch: pytest.MonkeyPatch,
+    old: str, new: str, named: tuple[str, ...],
+) -> None:
+    import stages.schedules
+    from stages.scripts import SCHEDULES
+
+    assert SCHEDULES.body.count(old) == 1, f"{old!r} must name one place in schedules.lua"
+    renamed = Script(SCHEDULES.name, SCHEDULES.keys, SCHEDULES.call,
+                     SCHEDULES.body.replace(old, new))
+    monkeypatch.setattr(stages.schedules, "SCHEDULES", renamed)
+    pattern = "|".join(re.escape(f"`{n}`") for n in named)
+    with pytest.raises(msgspec.ValidationError, match=pattern):
+        await every_schedules_path(ctx, clock)
+        for _i, f in await entries(redis, ctx.keys.changes):
+            change_decoder.decode(f[b"d"])

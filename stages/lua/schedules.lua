@@ -1,5 +1,6 @@
 -- schedules: the live state of the global interval schedules (stages/schedules.py).
--- KEYS: tenants (the registry hash), events (the events stream; only XACK). Every other
+-- KEYS: tenants (the registry hash), events (the events stream; only XACK), changes (the
+-- changes stream: TenantChange and ScheduleChange are added there). Every other
 -- key is named from CALL.prefix under the hash tag {sched} (schemas.keys.Keys.sched_tenants
 -- lists them). CALL: schemas.rows.SchedulesCall.
 -- What it guarantees, atomically per call:
@@ -13,7 +14,15 @@
 --    a batch left empty is removed (a new batch takes the lowest free number);
 --  * claim: a batch is claimed at most once per period (its next run moves to the next
 --    boundary with its offset in the same step), whichever worker asks; a claim past its
---    deadline belongs to a dead worker and is taken over (reported stale);
+--    deadline belongs to a dead worker (the set `running` holds each claim by deadline):
+--    the next scheduled claim reports it stale and claims the batch again for the SAME
+--    period (its period_end_ms), once; a re-run found dead too puts the batch's tenants in
+--    the retry queue for that period instead;
+--  * write-behind: every change of a tenant (created, plan changed, override set, cleared
+--    or run out, event version, deleted) adds a TenantChange to the changes stream, and
+--    every pause or resume a ScheduleChange, in the step that makes it, each with the next
+--    value of one counter (`change_version`) as its version; `restore` (devsched rebuild)
+--    writes tenants back and emits nothing;
 --  * finish: the failed tenants of a run enter the retry queue; retry_finish backs off
 --    (backoff x factor^tries) and, past max_retries, moves the item to permanently failed;
 --  * tenant events: each event id applied once, versions per tenant only forward, and the
@@ -79,6 +88,7 @@ local function drop_batch(sid, ref)
   redis.call('DEL', K('batch:' .. ref), K('members:' .. ref))
   redis.call('SREM', K('batches:' .. sid), n)
   redis.call('ZREM', K('due'), ref)
+  redis.call('ZREM', K('running'), ref)
   local skey = K('schedule:' .. sid)
   if redis.call('SCARD', K('batches:' .. sid)) == 0 and redis.call('HGET', skey, 'fixed') ~= '1' then
     redis.call('DEL', skey, K('batches:' .. sid))
@@ -87,6 +97,28 @@ local function drop_batch(sid, ref)
 end
 
 local function sid_of(ref) return string.match(ref, '^(.*)#%d+$') end
+
+-- The tenant's state as a TenantChange (schemas/messages.py) on the changes stream.
+-- A deleted tenant's change names the plan it had (`gone_plan`).
+local function tenant_change(tenant, action, gone_plan)
+  local c = {kind = 'tenant', tenant_id = tenant, action = action,
+    version = redis.call('INCR', K('change_version')), at_ms = now}
+  if action == 'deleted' then
+    c.status, c.plan = 'deleted', gone_plan or nil
+  else
+    local h = redis.call('HMGET', K('tenant:' .. tenant), 'plan', 'override_ms',
+      'override_until_ms', 'created_ms')
+    c.status = 'active'
+    c.plan = h[1] or nil
+    if h[2] and h[2] ~= '' and num(h[3]) > now then
+      c.override_ms, c.override_until_ms = tonumber(h[2]), tonumber(h[3])
+    end
+    if h[4] then c.created_at_ms = tonumber(h[4]) end
+  end
+  local ev = redis.call('HGET', K('versions'), tenant)
+  if ev then c.event_version = tonumber(ev) end
+  redis.call('XADD', KEY.changes, '*', 'd', cjson.encode(c))
+end
 
 local function add_to(ref, sid, tenant, kind)
   redis.call('SADD', K('members:' .. ref), tenant)
@@ -159,13 +191,16 @@ end
 for _, tenant in ipairs(redis.call('ZRANGEBYSCORE', K('overrides'), '-inf', now)) do
   redis.call('ZREM', K('overrides'), tenant)
   redis.call('HDEL', K('tenant:' .. tenant), 'override_ms', 'override_until_ms')
-  if redis.call('HEXISTS', KEY.tenants, tenant) == 1 then settle(tenant) end
+  if redis.call('HEXISTS', KEY.tenants, tenant) == 1 then
+    settle(tenant)
+    tenant_change(tenant, 'override_expired')
+  end
 end
 
 if CALL.tenants then
   local out = {}
   for _, op in ipairs(CALL.tenants) do
-    local status
+    local status, gone_plan
     local tenant = op.tenant_id
     local last = tonumber(redis.call('HGET', K('versions'), tenant) or '-1')
     if op.event_id and redis.call('EXISTS', K('event:' .. op.event_id)) == 1 then
@@ -173,7 +208,8 @@ if CALL.tenants then
     elseif op.version and op.version <= last then
       status = 'stale'
     elseif op.action == 'delete' then
-      if redis.call('HEXISTS', KEY.tenants, tenant) == 1 then
+      gone_plan = redis.call('HGET', KEY.tenants, tenant)
+      if gone_plan then
         remove_tenant(tenant); status = 'deleted'
       else
         status = 'not_found'
@@ -198,6 +234,11 @@ if CALL.tenants then
         redis.call('HSET', K('versions'), tenant, int(op.version))
       end
     end
+    if status == 'created' or status == 'plan_changed' or status == 'deleted' then
+      tenant_change(tenant, status, gone_plan)
+    elseif status == 'unchanged' and op.event_id and op.version then
+      tenant_change(tenant, 'event_version')
+    end
     if op.entry_id then redis.call('XACK', KEY.events, CALL.group, op.entry_id) end
     out[#out + 1] = {tenant, status}
   end
@@ -216,64 +257,41 @@ if CALL.override then
     redis.call('ZREM', K('overrides'), o.tenant_id)
   end
   settle(o.tenant_id)
+  tenant_change(o.tenant_id, o.every_ms and 'override_set' or 'override_cleared')
   return {'ok'}
 end
 
-local function take(ref, eid, timeout, manual)
-  redis.call('HSET', K('batch:' .. ref), 'running', eid, 'started_ms', int(now),
-    'deadline_ms', int(now + timeout), 'manual', manual and '1' or '0')
-end
-
-local function claimed(ref, eid, period_end, stale, stale_started)
-  local sid = sid_of(ref)
-  local s = redis.call('HMGET', K('schedule:' .. sid), 'kind', 'interval_ms')
-  return {ref, sid, s[1], s[2], int(period_end), eid, stale, stale_started,
-    redis.call('SMEMBERS', K('members:' .. ref))}
-end
-
-if CALL.claim then
-  local c = CALL.claim
-  local out, seq = {}, 0
-  local refs
-  if c.schedule then
-    refs = {}
-    for _, n in ipairs(batch_numbers(c.schedule)) do refs[#refs + 1] = c.schedule .. '#' .. int(n) end
-  else
-    refs = redis.call('ZRANGEBYSCORE', K('due'), '-inf', now, 'LIMIT', 0, c.limit)
-  end
-  for _, ref in ipairs(refs) do
-    local bkey = K('batch:' .. ref)
-    local b = redis.call('HMGET', bkey, 'running', 'deadline_ms', 'started_ms', 'next_run_ms',
-      'offset_ms')
-    local sid = sid_of(ref)
-    local skey = K('schedule:' .. sid)
-    local running, stale, stale_started = b[1] or '', '', '0'
-    if running ~= '' and now > num(b[2]) then
-      stale, stale_started, running = running, b[3] or '0', ''
-      redis.call('HSET', bkey, 'running', '', 'last_status', 'failed')
-    end
-    if running ~= '' then
-      if c.schedule then out[#out + 1] = {ref, sid, '', '', '0', '', stale, stale_started, {}} end
-    elseif c.schedule then
-      seq = seq + 1
-      local eid = c.execution_prefix .. int(seq)
-      take(ref, eid, c.timeout_ms, true)
-      out[#out + 1] = claimed(ref, eid, now, stale, stale_started)
-    elseif redis.call('HGET', skey, 'paused') ~= '1' then
-      local iv = num(redis.call('HGET', skey, 'interval_ms'))
-      local due = num(b[4])
-      local nr = next_run(iv, num(b[5]))
-      redis.call('HSET', bkey, 'next_run_ms', int(nr))
-      redis.call('ZADD', K('due'), nr, ref)
-      seq = seq + 1
-      local eid = c.execution_prefix .. int(seq)
-      take(ref, eid, c.timeout_ms, false)
-      out[#out + 1] = claimed(ref, eid, due, stale, stale_started)
-    elseif stale ~= '' then
-      out[#out + 1] = {ref, sid, '', '', '0', '', stale, stale_started, {}}
+if CALL.restore then
+  local r = CALL.restore
+  local tenants, paused = 0, 0
+  for _, t in ipairs(r.tenants or {}) do
+    if tier_of[t.plan] then  -- a plan no longer configured is left out (reported)
+      local tkey = K('tenant:' .. t.tenant_id)
+      redis.call('HSET', KEY.tenants, t.tenant_id, t.plan)
+      redis.call('HSET', tkey, 'plan', t.plan, 'updated_ms', int(now),
+        'created_ms', int(t.created_at_ms or now))
+      if t.override_ms and t.override_until_ms and t.override_until_ms > now then
+        redis.call('HSET', tkey, 'override_ms', int(t.override_ms),
+          'override_until_ms', int(t.override_until_ms))
+        redis.call('ZADD', K('overrides'), t.override_until_ms, t.tenant_id)
+      end
+      if t.event_version then
+        redis.call('HSET', K('versions'), t.tenant_id, int(t.event_version))
+      end
+      settle(t.tenant_id)
+      tenants = tenants + 1
     end
   end
-  return out
+  for _, sid in ipairs(r.paused or {}) do
+    if redis.call('EXISTS', K('schedule:' .. sid)) == 1 then
+      redis.call('HSET', K('schedule:' .. sid), 'paused', '1')
+      paused = paused + 1
+    end
+  end
+  if num(redis.call('GET', K('change_version'))) < r.version then
+    redis.call('SET', K('change_version'), int(r.version))
+  end
+  return {tenants, paused}
 end
 
 local function retry_due(tries)
@@ -291,10 +309,100 @@ local function to_retry(kind, tenant, err, period_end)
   redis.call('ZADD', K('retry'), retry_due(0), item)
 end
 
+-- Claim the batch for the run `eid` covering the period that ends at `period_end`.
+local function take(ref, eid, timeout, manual, period_end, rerun)
+  redis.call('HSET', K('batch:' .. ref), 'running', eid, 'started_ms', int(now),
+    'deadline_ms', int(now + timeout), 'manual', manual and '1' or '0',
+    'period_end_ms', int(period_end), 'rerun', rerun and '1' or '0')
+  redis.call('ZADD', K('running'), now + timeout, ref)
+end
+
+local KILLED = 'worker died: the batch run and its re-run outlived their timeout'
+
+local function claimed(ref, eid, period_end, stale, stale_started)
+  local sid = sid_of(ref)
+  local s = redis.call('HMGET', K('schedule:' .. sid), 'kind', 'interval_ms')
+  return {ref, sid, s[1], s[2], int(period_end), eid, stale, stale_started,
+    redis.call('SMEMBERS', K('members:' .. ref))}
+end
+
+if CALL.claim then
+  local c = CALL.claim
+  local out, seq = {}, 0
+  local refs
+  if not c.schedule then
+    -- claims past their deadline: re-run once for the same period, then the retry queue
+    for _, ref in ipairs(redis.call('ZRANGEBYSCORE', K('running'), '-inf', '(' .. int(now),
+        'LIMIT', 0, c.limit)) do
+      local bkey = K('batch:' .. ref)
+      local b = redis.call('HMGET', bkey, 'running', 'deadline_ms', 'started_ms',
+        'period_end_ms', 'rerun', 'manual')
+      local sid = sid_of(ref)
+      if not b[1] or b[1] == '' or now <= num(b[2]) then
+        redis.call('ZREM', K('running'), ref)  -- ended meanwhile (or claimed anew)
+      elseif b[5] ~= '1' then
+        seq = seq + 1
+        local eid = c.execution_prefix .. int(seq)
+        take(ref, eid, c.timeout_ms, b[6] == '1', num(b[4]), true)
+        out[#out + 1] = claimed(ref, eid, num(b[4]), b[1], b[3] or '0')
+      else
+        redis.call('HSET', bkey, 'running', '', 'last_status', 'failed')
+        redis.call('ZREM', K('running'), ref)
+        local kind = redis.call('HGET', K('schedule:' .. sid), 'kind')
+        for _, t in ipairs(redis.call('SMEMBERS', K('members:' .. ref))) do
+          to_retry(kind, t, KILLED, num(b[4]))
+        end
+        out[#out + 1] = {ref, sid, '', '', '0', '', b[1], b[3] or '0', {}}
+      end
+    end
+  end
+  if c.schedule then
+    refs = {}
+    for _, n in ipairs(batch_numbers(c.schedule)) do refs[#refs + 1] = c.schedule .. '#' .. int(n) end
+  else
+    refs = redis.call('ZRANGEBYSCORE', K('due'), '-inf', now, 'LIMIT', 0, c.limit)
+  end
+  for _, ref in ipairs(refs) do
+    local bkey = K('batch:' .. ref)
+    local b = redis.call('HMGET', bkey, 'running', 'deadline_ms', 'started_ms', 'next_run_ms',
+      'offset_ms')
+    local sid = sid_of(ref)
+    local skey = K('schedule:' .. sid)
+    local running, stale, stale_started = b[1] or '', '', '0'
+    if running ~= '' and now > num(b[2]) then
+      stale, stale_started, running = running, b[3] or '0', ''
+      redis.call('HSET', bkey, 'running', '', 'last_status', 'failed')
+      redis.call('ZREM', K('running'), ref)
+    end
+    if running ~= '' then
+      if c.schedule then out[#out + 1] = {ref, sid, '', '', '0', '', stale, stale_started, {}} end
+    elseif c.schedule then
+      seq = seq + 1
+      local eid = c.execution_prefix .. int(seq)
+      take(ref, eid, c.timeout_ms, true, now, false)
+      out[#out + 1] = claimed(ref, eid, now, stale, stale_started)
+    elseif redis.call('HGET', skey, 'paused') ~= '1' then
+      local iv = num(redis.call('HGET', skey, 'interval_ms'))
+      local due = num(b[4])
+      local nr = next_run(iv, num(b[5]))
+      redis.call('HSET', bkey, 'next_run_ms', int(nr))
+      redis.call('ZADD', K('due'), nr, ref)
+      seq = seq + 1
+      local eid = c.execution_prefix .. int(seq)
+      take(ref, eid, c.timeout_ms, false, due, false)
+      out[#out + 1] = claimed(ref, eid, due, stale, stale_started)
+    elseif stale ~= '' then
+      out[#out + 1] = {ref, sid, '', '', '0', '', stale, stale_started, {}}
+    end
+  end
+  return out
+end
+
 if CALL.finish then
   local f = CALL.finish
   local bkey = K('batch:' .. f.batch)
   if redis.call('HGET', bkey, 'running') ~= f.execution_id then return {'lost'} end
+  redis.call('ZREM', K('running'), f.batch)
   redis.call('HSET', bkey, 'running', '', 'last_status', f.status, 'last_run_ms',
     redis.call('HGET', bkey, 'started_ms') or int(now))
   redis.call('HSET', K('schedule:' .. sid_of(f.batch)), 'last_run_ms', int(now))
@@ -418,6 +526,9 @@ if CALL.control then
   if c.action == 'pause' then redis.call('HSET', skey, 'paused', '1')
   elseif c.action == 'resume' then redis.call('HSET', skey, 'paused', '0')
   else error('unknown schedules control action ' .. tostring(c.action)) end
+  redis.call('XADD', KEY.changes, '*', 'd', cjson.encode({kind = 'schedule',
+    schedule_id = c.schedule, paused = c.action == 'pause',
+    version = redis.call('INCR', K('change_version')), at_ms = now}))
   return {'ok'}
 end
 
@@ -455,4 +566,4 @@ if CALL.dump then
   for i = 1, #failed, 2 do state.failed[#state.failed + 1] = cjson.decode(failed[i + 1]) end
   return cjson.encode(state)
 end
-error('schedules: a call needs tenants, override, claim, finish, retry_claim, retry_finish, control or dump')
+error('schedules: a call needs tenants, override, claim, finish, retry_claim, retry_finish, control, restore or dump')

@@ -92,7 +92,8 @@ async def held_in_database(
 
 
 TABLES = ("device_allocations, devices, user_quotas, billing_ledger, job_info, job_executions,"
-          " stats_snapshots, waiting_requests, reservations, usage_reports")
+          " stats_snapshots, waiting_requests, reservations, usage_reports, tenants,"
+          " schedule_state")
 """Every table the write-behind and the tracked jobs fill."""
 
 

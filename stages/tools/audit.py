@@ -20,6 +20,13 @@ values):
   status, expires-at, version, and the billed duration of a closed one); every
   active row against Redis; the expiry schedule (members and times) against the
   active rows.
+- ``reservation``: every reservation booked or active on either side (Redis's
+  ``rsv:<id>`` hashes, PostgreSQL's ``reservations`` rows) present on both, with its
+  status, device, user, interval, allocation and version; in Redis, each one in its
+  device's bookings.
+- ``tenant``: the tenant registry of the global schedules (``{sched}``) against the
+  active ``tenants`` rows: present, plan, the override in force (interval and until);
+  ``schedule``: a schedule paused in Redis exactly when ``schedule_state`` says so.
 
 Changes still on their way are not differences: the write-behind is behind Redis by
 design. Every entity touched by a change that persist had not committed when the
@@ -36,6 +43,7 @@ seconds and removes only whole old blocks, and a second audit tells.)
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable
@@ -54,6 +62,9 @@ from schemas.messages import (
     AllocationReplaced,
     DeviceUpserted,
     QuotaSet,
+    ReservationChange,
+    ScheduleChange,
+    TenantChange,
     change_decoder,
 )
 from stages.tools.admin import USAGE_FIELDS, parse_user_state
@@ -90,6 +101,14 @@ class _RedisState:
     schedule: dict[str, int] = field(default_factory=dict)
     host_active: dict[str, int] = field(default_factory=dict)
     """host -> active allocations, as the scripts count them (``Keys.host_active``)."""
+    reservations: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Every reservation hash Redis holds (live ones, and ended ones until they expire)."""
+    booked: dict[str, set[str]] = field(default_factory=dict)
+    """device -> the reservations in its bookings."""
+    tenants: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Registered tenants: their ``tenant:<id>`` hash (plan, override)."""
+    paused: set[str] = field(default_factory=set)
+    """Schedules paused in Redis."""
 
 
 @dataclass
@@ -100,6 +119,11 @@ class _PgState:
     """The active rows and the rows of the allocations Redis holds."""
     total: int = 0
     active: int = 0
+    reservations: dict[str, asyncpg.Record] = field(default_factory=dict)
+    """The booked or active rows and the rows of the reservations Redis holds."""
+    tenants: dict[str, asyncpg.Record] = field(default_factory=dict)
+    """The active tenants."""
+    paused: set[str] = field(default_factory=set)
 
 
 def _ms(column: str) -> str:
@@ -118,6 +142,19 @@ SELECT id::text AS id, device_id, user_id, status, {_ms("expires_at")} AS expire
        (metadata->>'memory_mb')::int AS memory_mb, (metadata->>'storage_mb')::int AS storage_mb
 FROM device_allocations WHERE status = 'allocated' OR id = ANY($1::uuid[])
 """
+PG_RESERVATIONS = f"""
+SELECT id::text AS id, device_id, user_id, status, {_ms("start_at")} AS start_ms,
+       {_ms("end_at")} AS end_ms, allocation_id::text AS allocation_id, version
+FROM reservations WHERE status IN ('booked', 'active') OR id = ANY($1::uuid[])
+"""
+PG_TENANTS = f"""
+SELECT tenant_id, plan, override_ms, {_ms("override_until")} AS override_until_ms
+FROM tenants WHERE status = 'active'
+"""
+PG_PAUSED = "SELECT schedule_id FROM schedule_state WHERE paused"
+RESERVATION_FIELDS = ("status", "device_id", "user_id", "start_ms", "end_ms", "allocation_id",
+                      "version")
+LIVE_RESERVATION = ("booked", "active")
 PG_COUNTS = """
 SELECT count(*) AS total, count(*) FILTER (WHERE status = 'allocated') AS active
 FROM device_allocations
@@ -153,6 +190,20 @@ async def _read_redis(redis: Redis, keys: Keys) -> _RedisState:
         keys.expiry, 0, -1, withscores=True)
     state.schedule = {text(member): int(at) for member, at in scheduled}
     state.host_active = {text(h): int(n) for h, n in (await redis.hgetall(keys.host_active)).items()}
+    rsv_keys = [text(k) async for k in redis.scan_iter(match=keys.reservation("*"), count=1000)]
+    for key, fields in zip(rsv_keys, await _hgetall_many(redis, rsv_keys)):
+        if fields:
+            state.reservations[key.rsplit(":", 1)[1]] = fields
+    for device_id in sorted({r.get("device_id", "") for r in state.reservations.values()}):
+        state.booked[device_id] = {text(m) for m in
+                                   await redis.zrange(keys.bookings(device_id), 0, -1)}
+    tenant_ids = sorted(text(t) for t in await redis.hkeys(keys.sched_tenants))
+    for tid, fields in zip(tenant_ids, await _hgetall_many(
+            redis, [keys.sched(f"tenant:{t}") for t in tenant_ids])):
+        state.tenants[tid] = fields
+    for sid in sorted(text(m) for m in await redis.smembers(keys.sched("schedules"))):
+        if await redis.hget(keys.sched(f"schedule:{sid}"), "paused") == b"1":
+            state.paused.add(sid)
     return state
 
 
@@ -167,13 +218,19 @@ async def _read_users(redis: Redis, keys: Keys, user_ids: Iterable[str]) -> dict
     return {uid: parse_user_state(r) for uid, r in zip(ids, raw) if r}
 
 
-async def _read_pg(pg: asyncpg.Pool, allocation_ids: Iterable[str]) -> _PgState:
-    ids = []
-    for aid in allocation_ids:
+def _uuids(ids: Iterable[str]) -> list[uuid.UUID]:
+    out = []
+    for ident in ids:
         try:
-            ids.append(uuid.UUID(aid))
+            out.append(uuid.UUID(ident))
         except ValueError:
             continue  # not an id PostgreSQL could hold: reported as absent there
+    return out
+
+
+async def _read_pg(pg: asyncpg.Pool, allocation_ids: Iterable[str],
+                   reservation_ids: Iterable[str] = ()) -> _PgState:
+    ids = _uuids(allocation_ids)
     state = _PgState()
     async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                       readonly=True):
@@ -181,6 +238,10 @@ async def _read_pg(pg: asyncpg.Pool, allocation_ids: Iterable[str]) -> _PgState:
         state.quotas = {r["user_id"]: r for r in await conn.fetch(PG_QUOTAS)}
         state.allocations = {r["id"]: r for r in await conn.fetch(PG_ALLOCATIONS, ids)}
         counts = await conn.fetchrow(PG_COUNTS)
+        state.reservations = {r["id"]: r for r in await conn.fetch(
+            PG_RESERVATIONS, _uuids(reservation_ids))}
+        state.tenants = {r["tenant_id"]: r for r in await conn.fetch(PG_TENANTS)}
+        state.paused = {r[0] for r in await conn.fetch(PG_PAUSED)}
     state.total, state.active = counts["total"], counts["active"]
     return state
 
@@ -259,6 +320,12 @@ async def _in_flight(redis: Redis, keys: Keys, mark: str, position: str) -> _InF
                 touched.add(("device", change.device_id))
             elif isinstance(change, QuotaSet):
                 touched.add(("user", change.user_id))
+            elif isinstance(change, ReservationChange):
+                touched.add(("reservation", change.reservation_id))
+            elif isinstance(change, TenantChange):
+                touched.add(("tenant", change.tenant_id))
+            elif isinstance(change, ScheduleChange):
+                touched.add(("schedule", change.schedule_id))
         if len(batch) < READ_CHUNK:
             break
     return _InFlight(touched, backlog)
@@ -413,14 +480,56 @@ def _compare_allocations(out: _Differences, r: _RedisState, p: _PgState) -> None
                     None if row is None else row["expires_at_ms"])
 
 
-async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
+def _compare_reservations(out: _Differences, r: _RedisState, p: _PgState) -> None:
+    live = {rid for rid, rec in r.reservations.items() if rec.get("status") in LIVE_RESERVATION}
+    live |= {rid for rid, row in p.reservations.items() if row["status"] in LIVE_RESERVATION}
+    for rid in sorted(live):
+        rec, row = r.reservations.get(rid), p.reservations.get(rid)
+        if rec is None or row is None:
+            out.add("reservation", "reservation", rid, "present", rec is not None,
+                    row is not None)
+            continue
+        for name in RESERVATION_FIELDS:
+            mine = rec.get(name) or None
+            theirs = None if row[name] is None else str(row[name])
+            if mine != theirs:
+                out.add("reservation", "reservation", rid, name, mine, theirs)
+        in_bookings = rid in r.booked.get(rec.get("device_id", ""), set())
+        if in_bookings != (rec.get("status") in LIVE_RESERVATION):
+            out.add("reservation", "reservation", rid, "booking", in_bookings,
+                    rec.get("status") in LIVE_RESERVATION)
+
+
+def _compare_tenants(out: _Differences, r: _RedisState, p: _PgState, now_ms: int) -> None:
+    for tid in sorted(set(r.tenants) | set(p.tenants)):
+        h, row = r.tenants.get(tid), p.tenants.get(tid)
+        if h is None or row is None:
+            out.add("tenant", "tenant", tid, "present", h is not None, row is not None)
+            continue
+        until = _num(h.get("override_until_ms"))
+        lasting = until is not None and until > now_ms
+        pairs = [("plan", h.get("plan"), row["plan"]),
+                 ("override_ms", _num(h.get("override_ms")) if lasting else None,
+                  row["override_ms"] if (row["override_until_ms"] or 0) > now_ms else None),
+                 ("override_until_ms", until if lasting else None,
+                  row["override_until_ms"] if (row["override_until_ms"] or 0) > now_ms
+                  else None)]
+        for name, mine, theirs in pairs:
+            if mine != theirs:
+                out.add("tenant", "tenant", tid, name, mine, theirs)
+    for sid in sorted(r.paused ^ p.paused):
+        out.add("schedule", "schedule", sid, "paused", sid in r.paused, sid in p.paused)
+
+
+async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool,
+                now_ms: int | None = None) -> dict[str, Any]:
     """Compare Redis with PostgreSQL; the JSON report (see the module's docstring and the
     README). ``consistent`` is true when nothing differs outside what is in flight."""
     mark = await _last_change_id(redis, keys)
     r = await _read_redis(redis, keys)
     redis_user_ids = {text(u) for u in await redis.smembers(keys.users)}
     position = await _persist_position(redis, keys)
-    p = await _read_pg(pg, r.allocations)
+    p = await _read_pg(pg, r.allocations, r.reservations)
     user_ids = redis_user_ids | set(p.quotas)
     user_ids |= {rec["user_id"] for rec in r.allocations.values() if rec.get("user_id")}
     user_ids |= {row["user_id"] for row in p.allocations.values()}
@@ -435,6 +544,8 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
     _compare_quotas(out, users, p)
     _compare_usage(out, users, p)
     _compare_allocations(out, r, p)
+    _compare_reservations(out, r, p)
+    _compare_tenants(out, r, p, int(time.time() * 1000) if now_ms is None else now_ms)
     mismatched = sorted({d.id for d in out.found if d.kind == "allocation"})
     by_kind = Counter(d.kind for d in out.found)
     return {
@@ -452,7 +563,14 @@ async def audit(redis: Redis, keys: Keys, pg: asyncpg.Pool) -> dict[str, Any]:
         "differences": [asdict(d) for d in out.found[:LISTED]],
         "difference_count": len(out.found),
         "differences_by_kind": {k: by_kind.get(k, 0)
-                                for k in ("device", "quota", "usage", "allocation", "host")},
+                                for k in ("device", "quota", "usage", "allocation", "host",
+                                          "reservation", "tenant", "schedule")},
+        "redis_reservations": sum(1 for rec in r.reservations.values()
+                                  if rec.get("status") in LIVE_RESERVATION),
+        "pg_reservations": sum(1 for row in p.reservations.values()
+                               if row["status"] in LIVE_RESERVATION),
+        "redis_tenants": len(r.tenants),
+        "pg_tenants": len(p.tenants),
         "backlog": flight.backlog,
         "in_flight": len(flight.entities),
         "in_flight_skipped": len(out.skipped),

@@ -36,7 +36,16 @@ What it restores, from the write-behind tables:
 - reservations booked or active (``reservations``): each one's record, its booking of
   the device and its place in the timers' schedules (start, claim deadline, end), and
   the stored answer of each booked inside ``DEVSCHED_IDEMPOTENCY_TTL_S`` (a retried
-  reserve request gets its first answer, never a second booking).
+  reserve request gets its first answer, never a second booking);
+- the tenant registry of the global schedules (``tenants``, written behind from each
+  TenantChange): each active tenant with its plan, its override while it lasts and the
+  version of its last tenant event, placed anew in one batch of each kind's schedule of
+  its interval as a new tenant is (batch numbers, offsets and next runs are made anew,
+  not restored as they were); the schedules paused (``schedule_state``); the counter of
+  their changes' versions above PostgreSQL's. Not restored: the retry queue and the
+  permanently failed tenant runs (a retry's tries and back-off are not written behind;
+  each failed batch run keeps its execution record with its error in
+  ``job_executions``), and the event versions of deleted tenants.
 
 It also bills what PostgreSQL shows closed but the ledger lacks: persist and bill
 read the changes stream in groups of their own, so a change persist had committed may
@@ -93,7 +102,9 @@ from schemas.rows import (
     RebuildStats,
     RebuildUser,
     RebuildWaiter,
+    TenantRecord,
 )
+from stages.schedules import restore as restore_schedules
 from stages.scripts import REBUILD
 from stages.settings import Settings
 from stages.state import mark_rebuilding, mark_state, read_marker
@@ -140,6 +151,12 @@ class RebuildReport:
     expired_total: int = 0
     reservations: int = 0
     """Reservations booked or active, written with their bookings."""
+    tenants: int = 0
+    """Tenants of the global schedules registered again and placed in their batches."""
+    tenants_skipped: int = 0
+    """Active tenants whose plan DEVSCHED_PLAN_INTERVALS no longer names: left out."""
+    paused_schedules: int = 0
+    """Global schedules written paused again."""
 
 
 def _glob_escape(pattern: str) -> str:
@@ -169,14 +186,15 @@ async def persist_behind(redis: Redis, keys: Keys) -> bool:
 
 
 async def clear_live_state(redis: Redis, keys: Keys) -> int:
-    """Delete every key of the live state (``{pool}`` and ``{u:ID}`` keys, the user set),
-    never the streams, the strategy setting, the state marker, the replies waiting for
-    WAIT (DEVSCHED_REPLICAS_TO_ACK) nor the global schedules' ``{sched}`` keys (the tenant
-    registry, which PostgreSQL does not hold); returns how many."""
+    """Delete every key of the live state (``{pool}``, ``{u:ID}``, ``{jobs}`` and the global
+    schedules' ``{sched}`` keys, the user set), never the streams, the strategy setting,
+    the state marker nor the replies waiting for WAIT (DEVSCHED_REPLICAS_TO_ACK); returns
+    how many. Everything cleared is restored from PostgreSQL, except what the module's
+    docstring lists."""
     kept = {keys.strategy.encode(), keys.state.encode(), keys.replies_held.encode()}
     found = [k async for k in redis.scan_iter(match=_glob_escape(keys.prefix) + ":{*",
                                               count=1000)
-             if k not in kept and b":{sched}:" not in k]
+             if k not in kept]
     found.append(keys.users.encode())
     removed = 0
     for i in range(0, len(found), DELETE_CHUNK):
@@ -258,6 +276,7 @@ ON CONFLICT (allocation_id) WHERE kind = 'final' DO NOTHING
 HAS_STATE_SQL = """
 SELECT EXISTS (SELECT 1 FROM devices) OR EXISTS (SELECT 1 FROM user_quotas)
     OR EXISTS (SELECT 1 FROM device_allocations WHERE status = 'allocated')
+    OR EXISTS (SELECT 1 FROM tenants WHERE status = 'active')
 """
 
 
@@ -481,6 +500,32 @@ async def load_reservations(pg: asyncpg.Pool, settings: Settings,
     return items, answers
 
 
+TENANTS_SQL = f"""
+SELECT tenant_id, plan, override_ms, {_ms("override_until")} AS override_until_ms,
+       event_version, {_ms("created_at")} AS created_at_ms
+FROM tenants WHERE status = 'active' ORDER BY tenant_id
+"""
+PAUSED_SQL = "SELECT schedule_id FROM schedule_state WHERE paused ORDER BY schedule_id"
+SCHEDULE_VERSION_SQL = """
+SELECT greatest((SELECT max(version) FROM tenants), (SELECT max(version) FROM schedule_state))
+"""
+
+
+async def load_schedules(pg: asyncpg.Pool) -> tuple[list[TenantRecord], list[str], int]:
+    """The active tenants, the paused schedules and the highest version of their changes."""
+    async with pg.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                      readonly=True):
+        tenants = await conn.fetch(TENANTS_SQL)
+        paused = [r[0] for r in await conn.fetch(PAUSED_SQL)]
+        version = await conn.fetchval(SCHEDULE_VERSION_SQL)
+    return ([TenantRecord(tenant_id=t["tenant_id"], plan=t["plan"],
+                          override_ms=t["override_ms"],
+                          override_until_ms=t["override_until_ms"],
+                          event_version=t["event_version"],
+                          created_at_ms=t["created_at_ms"]) for t in tenants],
+            paused, int(version or 0))
+
+
 async def rebuild(
     redis: Redis, keys: Keys, pg: asyncpg.Pool, settings: Settings, clock: Clock, *,
     force: bool = False, progress: Progress | None = None,
@@ -499,6 +544,7 @@ async def rebuild(
                 "`devsched worker persist`) and try again")
     loaded = await load(pg, settings, clock.now_ms())
     reservations, reservation_answers = await load_reservations(pg, settings, clock.now_ms())
+    tenants, paused, schedule_version = await load_schedules(pg)
     report = loaded.report
     report.reservations = len(reservations)
     say(f"loaded from PostgreSQL: {report.devices} devices, {report.quotas} quotas, "
@@ -539,6 +585,16 @@ async def rebuild(
             bar.add(min(CHUNK, count - i), f"{kind} {done:,}/{count:,}")
         bar.clear()
         say(f"wrote {done} {kind}")
+    for i in range(0, max(len(tenants), 1), CHUNK):
+        done, held = await restore_schedules(
+            redis, settings, now(), tenants=tenants[i:i + CHUNK],
+            paused=paused if i + CHUNK >= len(tenants) else (), version=schedule_version)
+        report.tenants += done
+        report.paused_schedules += held
+    report.tenants_skipped = len(tenants) - report.tenants
+    say(f"wrote {report.tenants} tenants, {report.paused_schedules} paused schedules"
+        + (f" ({report.tenants_skipped} tenants left out: plan no longer configured)"
+           if report.tenants_skipped else ""))
     async with pg.acquire() as conn:
         report.billed = int((await conn.execute(BILL_MISSING_SQL)).split()[-1])
     if report.billed:
