@@ -58,6 +58,14 @@ class StageSpec(Generic[C]):
     """Niceness of its process under `run` (stages off the latency path yield the CPU)."""
     background: StageTask[C] | None = None
     """Runs in every process that serves this stage (e.g. a ticker)."""
+    off: Callable[[Any], str] | None = None
+    """Given the settings, why the stage has nothing to do ('' when it has): an off stage
+    is not started (`run` leaves it out, `worker` serves the others, or waits for its
+    signal when none is left), so it creates no consumer group and reads nothing."""
+
+    def off_reason(self, settings: Any) -> str:
+        """Why this stage is off under ``settings`` ('' when it runs)."""
+        return self.off(settings) if self.off is not None else ""
 
 
 @dataclass(frozen=True)
@@ -85,6 +93,10 @@ class Application(Generic[C, S]):
     @property
     def stage_names(self) -> list[str]:
         return [s.name for s in self.stages]
+
+    def running_stages(self, names: Sequence[str], settings: S) -> list[str]:
+        """``names`` without the stages that are off under ``settings``."""
+        return [n for n in names if not self.stage(n).off_reason(settings)]
 
     def stage(self, name: str) -> StageSpec[C]:
         for spec in self.stages:

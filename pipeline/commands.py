@@ -207,7 +207,7 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
         run_coroutine(migrate_database(app, settings.database_url), settings)
         if app.recover is not None:
             run_coroutine(app.recover(settings), settings)
-        names = args.stages or app.stage_names
+        names = app.running_stages(args.stages or app.stage_names, settings)
         if args.in_process:
             run_coroutine(serve(app, names, settings), settings)
             return 0

@@ -62,6 +62,10 @@ async def run_workers(
 
     tasks = [asyncio.create_task(w.run()) for w in workers]
     tasks += [asyncio.create_task(job(stop)) for job in background]
+    if not tasks:  # every stage of this process is off: stay until told to stop
+        async def idle() -> None:
+            await stop.wait()
+        tasks.append(asyncio.create_task(idle()))
     watcher = asyncio.create_task(watch())
     try:
         await asyncio.gather(*tasks)

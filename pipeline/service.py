@@ -6,7 +6,8 @@ the process. Before anything else the Redis server is checked (``pipeline.durabi
 a server that may evict keys is refused with ``UnsafeRedisError``); the
 application's scripts are loaded next (a worker never starts on a Redis that lacks
 them); every stage's background task (a ticker) runs beside
-the workers. SIGTERM or SIGINT (or ``stop``) ends it after each worker has
+the workers. A stage that is off under the settings (``StageSpec.off``) is left out,
+with a log line saying why. SIGTERM or SIGINT (or ``stop``) ends it after each worker has
 finished the batch in hand; the connections are closed on the way out.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,12 +26,21 @@ from pipeline.connections import pg_pool, redis_client
 from pipeline.durability import check_redis
 from pipeline.runner import Background, run_workers
 
+log = logging.getLogger("devsched.service")
+
 
 async def serve(
     app: Application[Any, S], names: Sequence[str], settings: S, clock: Clock | None = None, *,
     stop: asyncio.Event | None = None, install_signals: bool = True,
 ) -> None:
-    specs = [app.stage(n) for n in names]
+    specs = []
+    for name in names:
+        spec = app.stage(name)
+        reason = spec.off_reason(settings)
+        if reason:
+            log.info("stage %s is off: %s", name, reason, extra={"stage": name})
+        else:
+            specs.append(spec)
     clock = clock or SystemClock()
     redis = redis_client(settings)
     pg = None

@@ -73,6 +73,7 @@ from stages.app import APP
 from stages.settings import Settings
 from stages.tools.admin import add_devices, set_quotas, write_behind_drained
 from stages.tools.audit import audit
+from stages.tools.receiver import Receiver
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.faults
@@ -259,9 +260,16 @@ async def test_faults_under_load_lose_and_double_nothing(
 ) -> None:
     data = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    # the HTTP sinks on (a real loopback receiver), so that every stage runs and is killed
+    receiver = Receiver(token="faults-token", secret="faults-secret")
+    await receiver.start()
     env.update(DEVSCHED_DATA_DIR=str(data), DEVSCHED_REDIS_FSYNC="always",
                DEVSCHED_PREFIX="faults", DEVSCHED_CLAIM_IDLE_MS="2000",
-               DEVSCHED_CLAIM_EVERY_MS="500", DEVSCHED_LOG_FORMAT="text")
+               DEVSCHED_CLAIM_EVERY_MS="500", DEVSCHED_LOG_FORMAT="text",
+               DEVSCHED_BILLING_URL=receiver.url, DEVSCHED_BILLING_TOKEN="faults-token",
+               DEVSCHED_WEBHOOK_URL=receiver.webhook_url, DEVSCHED_WEBHOOK_SECRET="faults-secret",
+               DEVSCHED_BILLING_BACKFILL_EVERY_S="2", DEVSCHED_BILLING_BACKFILL_GRACE_S="2",
+               DEVSCHED_HTTP_BREAKER_OPEN_MS="1000", DEVSCHED_HTTP_BACKOFF_MAX_MS="2000")
     up = await asyncio.to_thread(_cli, env, "up")
     assert up.returncode == 0, up.stderr
     urls = dict(line.split("=", 1) for line in up.stdout.splitlines() if "_URL=" in line)
@@ -337,6 +345,15 @@ async def test_faults_under_load_lose_and_double_nothing(
             return (int(await redis.zcard(keys.expiry)) == 0
                     and await write_behind_drained(redis, keys))
         await wait_until(settled, FINAL_TIMEOUT_S)
+
+        async def exported_all() -> bool:  # the billing export caught up (backfill included)
+            conn = await asyncpg.connect(own.database_url)
+            try:
+                return int(await conn.fetchval(
+                    "SELECT count(*) FROM billing_ledger WHERE exported_at IS NULL")) == 0
+            finally:
+                await conn.close()
+        await wait_until(exported_all, FINAL_TIMEOUT_S)
         load.reading = False  # a reply still missing now never comes: that request is lost
         await asyncio.wait_for(reader, 10)
 
@@ -406,6 +423,13 @@ async def test_faults_under_load_lose_and_double_nothing(
         closed = {aid for aid, r in rows.items() if r["status"] != "allocated"}
         assert closed == set(rows)  # every allocation is over
         assert set(ledger) == closed and max(ledger.values()) == 1
+        # every closed allocation reached the billing service (its dedupe view: once each)
+        assert set(receiver.received.usage) == set(ledger), \
+            (len(receiver.received.usage), len(ledger))
+        print(f"billing export: {len(receiver.received.usage)} entries received for "
+              f"{len(ledger)} ledger rows ({receiver.received.duplicates['usage']} sent again "
+              f"and deduplicated), {len(receiver.received.notifications)} notifications by "
+              "webhook", flush=True)
         assert report["consistent"], json.dumps(report["differences"][:5], default=str)
     finally:
         if run is not None and run.poll() is None:
@@ -415,5 +439,6 @@ async def test_faults_under_load_lose_and_double_nothing(
             except subprocess.TimeoutExpired:
                 run.kill()
         await redis.aclose()
+        await receiver.stop()
         await asyncio.to_thread(_cli, env, "down")
         del table

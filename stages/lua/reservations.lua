@@ -22,6 +22,9 @@
 -- handles it, and is handled only in the status the op expects. Returns {handled, seen}:
 -- seen = limit means call again.
 local P, now, changes = CALL.prefix, CALL.now_ms, KEY.changes
+local B = bookings()
+local read_reservation, save_reservation, reservation_change, end_reservation, uuid_of =
+  B.read_reservation, B.save_reservation, B.reservation_change, B.end_reservation, B.uuid_of
 local released_ttl, limit = CALL.released_ttl_s, CALL.limit
 
 -- What activation reads of the device: 1 status, 2 allocation, 3 pool, 4 cpu, 5 memory,

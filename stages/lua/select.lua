@@ -714,15 +714,15 @@ local function renew(row)
   rec.extended_seconds = row.extend_seconds
   rec.renew_request_id = rid
   emit_change(changes, rec)
-  claim_by_use(P, changes, now, aid)  -- renewing a reservation's allocation claims it
+  bookings().claim_by_use(P, changes, now, aid)  -- renewing a reservation's allocation claims it
 end
 
 -- The reservation rows (bookings.lua), with what they need of this call.
 local RSV = {P = P, now = now, changes = changes, idem_ttl = idem_ttl, reply_ttl = reply_ttl,
   released_ttl = released_ttl, epoch = epoch}
-local function counted(handler)
+local function counted(name)
   return function(row)
-    if handler(RSV, row) then n_failed = n_failed + 1 end
+    if bookings()[name](RSV, row) then n_failed = n_failed + 1 end
   end
 end
 
@@ -734,9 +734,9 @@ local acks = each_row(CALL.items, {
   release_batch = release_batch,
   renew = renew,
   cancel = cancel,
-  reserve = counted(reserve),
-  cancel_reservation = counted(cancel_reservation),
-  claim_reservation = counted(claim_reservation),
+  reserve = counted('reserve'),
+  cancel_reservation = counted('cancel_reservation'),
+  claim_reservation = counted('claim_reservation'),
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1
