@@ -1,6 +1,6 @@
 """Events from other systems: the inbound stream ``<prefix>:events``.
 
-Each entry has one field, ``d``: a JSON object tagged by ``type``, one of the 18
+Each entry has one field, ``d``: a JSON object tagged by ``type``, one of the 19
 names in :data:`EVENT_TYPES` (device, user, billing and tenant events). Every event
 carries ``event_id`` (its idempotency key: the same id is applied once),
 ``occurred_at_ms``, an optional ``version`` and its entity's id, ``device_id``
@@ -197,6 +197,22 @@ class Recharged(_UserEvent, tag="billing.recharged", kw_only=True):
     balance: Balance | None = None
 
 
+class Standing(_UserEvent, tag="billing.standing", kw_only=True):
+    """The billing service's answer about the account (GET <base>/accounts/<user_id>),
+    observed at ``observed_at_ms``: the ok/overdue part of the billing status becomes
+    ``status``. The export stage's refresher sends it when the answer differs from that
+    part; the billing service may send it too. It is in the user's billing.* sequence
+    (``version``, when given) and applied only when no billing event or standing observed
+    later was applied before (its ``observed_at_ms`` against their ``occurred_at_ms`` /
+    ``observed_at_ms``): the newest observation wins. A ``suspended`` set by failed
+    payments is kept (payment events own it). It ends no allocation: ``overdue`` refuses
+    new allocations and renewals (``billing_overdue``), ``ok`` admits them again."""
+
+    status: Literal["ok", "overdue"]
+    balance: Balance | None = None
+    observed_at_ms: Millis
+
+
 # --- tenant events -------------------------------------------------------------------
 
 
@@ -228,7 +244,7 @@ class TenantDeleted(_TenantEvent, tag="tenant.deleted", kw_only=True):
 
 DeviceEvent = DeviceFailed | DeviceDeleted | DeviceStatusChanged | DeviceMaintenance | DeviceCreated
 UserEvent = (UserDeleted | UserSuspended | UserActivated | UserQuotaUpdated | UserQuotaExceeded
-             | PaymentFailed | BalanceLow | Overdue | PaymentSucceeded | Recharged)
+             | PaymentFailed | BalanceLow | Overdue | PaymentSucceeded | Recharged | Standing)
 TenantEvent = TenantCreated | TenantPlanChanged | TenantDeleted
 Event = DeviceEvent | UserEvent | TenantEvent
 """Every inbound event, tagged by ``type``."""
@@ -236,7 +252,7 @@ Event = DeviceEvent | UserEvent | TenantEvent
 EVENT_CLASSES: tuple[type[_Event], ...] = (
     DeviceFailed, DeviceDeleted, DeviceStatusChanged, DeviceMaintenance, DeviceCreated,
     UserDeleted, UserSuspended, UserActivated, UserQuotaUpdated, UserQuotaExceeded,
-    PaymentFailed, BalanceLow, Overdue, PaymentSucceeded, Recharged,
+    PaymentFailed, BalanceLow, Overdue, PaymentSucceeded, Recharged, Standing,
     TenantCreated, TenantPlanChanged, TenantDeleted,
 )
 
@@ -248,7 +264,7 @@ def event_type(cls: type[Struct] | Struct) -> str:
 
 
 EVENT_TYPES: tuple[str, ...] = tuple(event_type(c) for c in EVENT_CLASSES)
-"""The 18 names, in the order above."""
+"""The 19 names, in the order above."""
 
 CRITICAL: frozenset[str] = frozenset({
     "device.failed", "device.deleted", "user.deleted", "user.suspended", "billing.overdue",

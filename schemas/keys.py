@@ -279,8 +279,10 @@ class Keys:
         affinity strategy's memory). Events add
         ``user_status`` (active/suspended/deleted, from user.* events) and
         ``billing_status`` (ok/overdue/suspended, from billing.* events), of which
-        ``status`` is the effect, and the last applied ``user_event_version`` and
-        ``billing_event_version``."""
+        ``status`` is the effect, the last applied ``user_event_version`` and
+        ``billing_event_version``, and ``billing_observed_ms`` (the newest observation
+        of the ok/overdue part: docs/wire-format.md, "Which billing source wins"); the
+        export stage adds ``billing_balance`` and ``billing_checked_ms``."""
         return f"{self.prefix}:{{u:{user_id}}}:user"
 
     def user_event(self, user_id: str, event_id: str) -> str:

@@ -586,6 +586,10 @@ class UserEventRow(Row, tag="user", kw_only=True):
     amount: float | None = None
     days: int | None = None
     balance: float | None = None
+    status: str | None = None
+    """billing.standing: ok or overdue."""
+    observed_at_ms: int | None = None
+    """billing.standing: when the service was asked; the others: ``occurred_at_ms``."""
     max_devices: int | None = None
     max_cpu_per_device: int | None = None
     max_memory_mb_per_device: int | None = None

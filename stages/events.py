@@ -46,6 +46,7 @@ from schemas.events import (
     DeviceEvent,
     DeviceMaintenance,
     DeviceStatusChanged,
+    Standing,
     TenantDeleted,
     TenantEvent,
     UserEvent,
@@ -85,7 +86,7 @@ _type_only = msgspec.json.Decoder(_TypeOnly)
 
 
 def type_label(raw: bytes) -> str:
-    """The ``type`` of an event that did not decode, as a metric label: one of the 15
+    """The ``type`` of an event that did not decode, as a metric label: one of the 19
     names, else ``unknown`` (labels stay a bounded set)."""
     try:
         value = _type_only.decode(raw).type
@@ -116,6 +117,10 @@ def event_row(entry_id: str, event: DeviceEvent | UserEvent) -> EventsRow:
                          reason=getattr(event, "reason", None),
                          amount=getattr(event, "amount", None), days=getattr(event, "days", None),
                          balance=getattr(event, "balance", None))
+    if isinstance(event, Standing):
+        row_u.status, row_u.observed_at_ms = event.status, event.observed_at_ms
+    elif row_u.type.startswith("billing."):
+        row_u.observed_at_ms = event.occurred_at_ms
     if isinstance(event, UserQuotaUpdated):
         row_u.max_devices = event.max_devices
         row_u.max_cpu_per_device = event.max_cpu_per_device

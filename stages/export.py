@@ -38,9 +38,13 @@ by ``allocation_id`` and ``exported_at`` keeps the first acceptance.
 sees on the changes stream (allocated, refused) in ``<prefix>:billing:seen``; its
 background task keeps the standing of those seen within the last hour fresh: every
 DEVSCHED_BILLING_STANDING_TTL_S it GETs ``<base>/accounts/<user_id>`` and writes the
-answer into the user's hash: ``billing_status`` (the field billing events set: ``ok`` or
-``overdue``; a ``suspended`` set by failed payments is kept), ``billing_balance`` and
-``billing_checked_ms``. quota.lua refuses an allocation of a user whose
+answer down: ``billing_balance`` and ``billing_checked_ms`` into the user's hash and,
+only when the answer (``ok`` or ``overdue``) differs from the ok/overdue part of
+``billing_status`` (a ``suspended`` set by failed payments is kept), a
+``billing.standing`` event onto ``<prefix>:events`` in the same MULTI. The events stage
+applies it as it applies the other billing events (events.lua: the newest observation
+wins, ``status`` follows), so the user's ``status`` changes through the changes stream,
+persisted and audited like any event's effect. quota.lua refuses an allocation of a user whose
 ``billing_status`` is ``overdue`` (``billing_overdue``) and, when failing closed
 (DEVSCHED_BILLING_FAIL_OPEN=false), one whose standing is missing or older than
 DEVSCHED_BILLING_STANDING_MAX_AGE_S (``billing_unavailable``). A user's standing is thus
@@ -64,6 +68,7 @@ from redis.exceptions import WatchError
 from pipeline.connections import text
 from pipeline.http_sink import HttpSender, SenderConfig, SinkItem, SinkStage
 from pipeline.worker import Entry
+from schemas.events import Standing
 from schemas.keys import GROUP_EXPORT, Keys
 from schemas.messages import (
     AccountStanding,
@@ -215,20 +220,23 @@ def export_stage(ctx: StageContext) -> SinkStage:
     return stage
 
 
-def effective_status(user_status: str, billing_status: str) -> str:
-    """The user's status from its two parts, as events.lua computes it."""
-    if user_status != "active":
-        return user_status
-    if billing_status in ("overdue", "suspended"):
-        return billing_status
-    return "active"
+def standing_event(user_id: str, standing: AccountStanding, now_ms: int) -> bytes:
+    """The ``billing.standing`` event a fetched standing becomes (schemas/events.py): its
+    ``event_id`` names the user and the time it was observed."""
+    return msgspec.json.encode(Standing(
+        event_id=f"standing-{user_id}-{now_ms}", occurred_at_ms=now_ms, user_id=user_id,
+        status=standing.status, balance=standing.balance, observed_at_ms=now_ms))
 
 
 async def apply_standing(redis: Redis, keys: Keys, user_id: str, standing: AccountStanding,
-                         now_ms: int) -> bool:
-    """Write a fetched standing into the user's hash (billing_status, billing_balance,
-    billing_checked_ms), atomically with its read (WATCH); a ``suspended`` billing status
-    (failed payments) is kept. A user without a quota record is left alone (False)."""
+                         now_ms: int) -> bool | None:
+    """Record a fetched standing, atomically with its read (WATCH): ``billing_balance``
+    and ``billing_checked_ms`` in the user's hash and, only when the answer differs from
+    the ok/overdue part of ``billing_status`` (a ``suspended`` one, from failed payments,
+    is the payment events' and left alone), a ``billing.standing`` event on the events
+    stream: events.lua applies it like the other billing events, so ``status`` changes
+    through the changes stream (persisted, audited, rebuilt). Returns None for a user
+    without a quota record (left alone), True when an event was sent, else False."""
     key = keys.user(user_id)
     while True:
         async with redis.pipeline(transaction=True) as pipe:
@@ -237,19 +245,21 @@ async def apply_standing(redis: Redis, keys: Keys, user_id: str, standing: Accou
                 status, billing = await pipe.hmget(key, "status", "billing_status")
                 if status is None:
                     await pipe.reset()  # type: ignore[no-untyped-call]
-                    return False
+                    return None
                 current = text(billing) if billing is not None else (
                     "overdue" if text(status) == "overdue" else "ok")
-                new = current if current == "suspended" else standing.status
                 fields: dict[bytes | bytearray | memoryview | str | int | float,
                              bytes | bytearray | memoryview | str | int | float] = {
-                    "billing_status": new, "billing_checked_ms": now_ms}
+                    "billing_checked_ms": now_ms}
                 if standing.balance is not None:
                     fields["billing_balance"] = standing.balance
+                send = current in ("ok", "overdue") and current != standing.status
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.hset(key, mapping=fields)
+                if send:
+                    pipe.xadd(keys.events, {"d": standing_event(user_id, standing, now_ms)})
                 await pipe.execute()
-                return True
+                return send
             except WatchError:
                 continue
 
@@ -282,7 +292,7 @@ async def refresh_standings(ctx: StageContext, accounts: HttpSender) -> int:
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             log.warning("bad standing answer: %s", exc, extra={"user_id": uid})
             continue
-        if await apply_standing(redis, keys, uid, standing, ctx.clock.now_ms()):
+        if await apply_standing(redis, keys, uid, standing, ctx.clock.now_ms()) is not None:
             written += 1
     return written
 

@@ -136,7 +136,8 @@ def user_event_notification(change: UserEventApplied) -> Notification:
     """The user or billing event, for the user: suspended, deleted, activated, quota
     updated or exceeded (with the allocations it released), payment warnings (1 and 2
     of 3) and the suspension at the threshold, low balance, overdue (amount and days),
-    payment succeeded, recharged."""
+    payment succeeded, recharged, and the billing service's standing (overdue: new
+    allocations refused; ok again: admitted)."""
     uid, n, ev = change.user_id, change.released_allocations, change.event
     released = f"; {_plural(n, 'allocation')} released" if n else ""
     channels = WEB
@@ -166,6 +167,15 @@ def user_event_notification(change: UserEventApplied) -> Notification:
         message = (f"Account overdue: {_money(change.amount)} for "
                    f"{_plural(change.days or 0, 'day')}{released}")
         channels = URGENT
+    elif ev == "billing.standing":
+        balance = f" (balance {_money(change.balance)})" if change.balance is not None else ""
+        if change.billing_status == "overdue":
+            message = f"Account overdue{balance}: new allocations are refused until it is paid"
+            channels = MAIL
+        elif change.billing_status == "suspended":
+            message = f"Account standing{balance}; still suspended for failed payments"
+        else:
+            message = f"Account in good standing again{balance}: allocations are admitted"
     elif ev == "billing.payment_success":
         message = f"Payment of {_money(change.amount)} succeeded" + (
             f", balance {_money(change.balance)}" if change.balance is not None else "")

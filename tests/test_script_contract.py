@@ -506,6 +506,11 @@ async def every_event_path(d: Driver) -> None:
         {"type": "billing.payment_success", "user_id": "u-pay", "amount": 9.5, "balance": 1.0},
         {"type": "billing.overdue", "user_id": "u-over", "amount": 12.25, "days": 3},
         {"type": "billing.recharged", "user_id": "u-over", "amount": 20.0},
+        # the service's standing: overdue again (no older than the recharge), then an
+        # answer observed before it all (stale)
+        {"type": "billing.standing", "user_id": "u-over", "status": "overdue",
+         "balance": -3.0, "observed_at_ms": clock.now_ms()},
+        {"type": "billing.standing", "user_id": "u-over", "status": "ok", "observed_at_ms": 0},
         {"type": "user.suspended", "user_id": "nobody-known"},  # ignored
         b'{"type": "user.suspended"}',  # invalid: dead
     )
@@ -645,7 +650,8 @@ EXPECTED = {
     *(f"change user_event {kind}" for kind in (
         "user.deleted", "user.suspended", "user.activated", "user.quota_updated",
         "user.quota_exceeded", "billing.payment_failed", "billing.balance_low",
-        "billing.overdue", "billing.payment_success", "billing.recharged")),
+        "billing.overdue", "billing.payment_success", "billing.recharged",
+        "billing.standing")),
     # reservations
     "reply reserved",
     "reply reservation_cancelled booked",

@@ -18,6 +18,12 @@
 -- * In order: a version not above the last applied one of its sequence (the device's
 --   event_version; the user's user_event_version for user.*, billing_event_version for
 --   billing.*) changes nothing ('stale'); an event without a version is not ordered.
+-- * Newest observation wins for billing's ok/overdue part: billing.overdue,
+--   billing.payment_success, billing.recharged (their occurred_at_ms) and billing.standing
+--   (its observed_at_ms) keep the newest such time in the user's billing_observed_ms; a
+--   billing.standing older than it changes nothing ('stale'). A standing sets the part
+--   to ok or overdue, keeps a 'suspended' (failed payments: only payment events lift it)
+--   and ends no allocation.
 -- * An event for a device or user the scheduler does not know changes nothing
 --   ('ignored'); user.quota_updated and device.created create what they name.
 -- * Every allocation it ends is closed by close_allocation, exactly as a release closes
@@ -305,15 +311,27 @@ local function user_event_change(row, uid, previous, version, released, count)
     failure_threshold = failures and CALL.payment_failure_threshold or cjson.null}
 end
 
+-- The events that speak about the ok/overdue part, with the time they observed it
+-- (row.observed_at_ms: a standing's observed_at_ms, the others' occurred_at_ms), kept as
+-- billing_observed_ms (the newest).
+local OBSERVES = {['billing.overdue'] = true, ['billing.payment_success'] = true,
+  ['billing.recharged'] = true, ['billing.standing'] = true}
+
 local function apply_user(row)
   local uid, t = row.user_id, row.type
   local skey = k_state(P, uid)
   local family = string.sub(t, 1, 5) == 'user.' and 'user' or 'billing'
   local u = redis.call('HMGET', skey, 'status', family .. '_event_version', 'user_status',
-    'billing_status')
+    'billing_status', 'billing_observed_ms')
   local status = u[1]
   if not status and t ~= 'user.quota_updated' then return 'ignored' end
   if row.version and u[2] and row.version <= tonumber(u[2]) then return 'stale' end
+  -- the ok/overdue part: the newest observation wins (a standing observed before the
+  -- last billing event or standing applied changes nothing)
+  local observed = tonumber(u[5])
+  if t == 'billing.standing' and observed and row.observed_at_ms < observed then
+    return 'stale'
+  end
   -- the two parts of the status, read from the status itself when no event set them yet
   local user_status = u[3] or ((status and status ~= 'overdue') and status or 'active')
   local billing_status = u[4] or (status == 'overdue' and 'overdue' or 'ok')
@@ -354,10 +372,17 @@ local function apply_user(row)
   elseif t == 'billing.payment_success' or t == 'billing.recharged' then
     redis.call('DEL', k_user(P, uid, 'payfail'))
     billing_status = 'ok'
+  elseif t == 'billing.standing' then
+    -- the service's answer: ok or overdue; ends nothing; a suspension (failed payments)
+    -- is the payment events' to lift
+    if billing_status ~= 'suspended' then billing_status = row.status end
   end
   -- billing.balance_low: nothing but the notice
   local fields = {'user_status', user_status, 'billing_status', billing_status,
     'status', effective_status(user_status, billing_status)}
+  if OBSERVES[t] and (not observed or row.observed_at_ms > observed) then
+    fields[#fields + 1] = 'billing_observed_ms'; fields[#fields + 1] = row.observed_at_ms
+  end
   if row.version then
     fields[#fields + 1] = family .. '_event_version'; fields[#fields + 1] = row.version
   end
