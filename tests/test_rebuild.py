@@ -163,8 +163,10 @@ async def test_rebuild_restores_the_live_state_after_redis_is_emptied(
             twice = await client.release(allocation_id=got["short"].allocation_id)
             assert isinstance(twice, Released) and twice.already_released
             assert twice.duration_seconds == 45
+            # bob's 60 s allocation, 90 s ago: expired here, or by the running timers stage
+            # on a tick of the advanced clock first (the ledger below shows it either way)
             expired = await expire_due(StageContext(redis=redis, settings=settings, clock=clock))
-            assert expired == 1  # bob's 60 s allocation, 90 s ago
+            assert expired in (0, 1)
         await wait_until(lambda: write_behind_drained(redis, keys))
     finally:
         await again.close()
