@@ -140,6 +140,15 @@ MODELS = (("pixel", 0.45), ("galaxy", 0.4), ("tablet", 0.15))
 """Device models and their share: ``tablet`` is the rare one some users need."""
 
 
+RESERVATIONS_PER_DAY = 6
+NO_SHOW_SHARE = 0.15
+"""Of the generated reservations: never claimed (they end ``no_show``) ..."""
+CANCEL_SHARE = 0.1
+"""... cancelled before their start ..."""
+EARLY_RELEASE_SHARE = 0.3
+"""... and released before their end; the others run to their end."""
+
+
 def _choice(rng: random.Random, weighted: tuple[tuple[Any, float], ...]) -> Any:
     x, acc = rng.random(), 0.0
     for value, weight in weighted:
@@ -238,14 +247,23 @@ def generate(o: GenerateOptions) -> Trace:
                 records.append(TraceDeviceEvent(at_ms=int(t) + down, device_id=d.id,
                                                 event="recovered"))
             t += down
-    for k in range(int(o.days * 2)):
+    for k in range(int(o.days * RESERVATIONS_PER_DAY)):
         user = rng.choice(users)
         at = start + int(rng.random() * (end - start))
         begin = at + int(rng.uniform(1, 24) * HOUR_MS)
+        length = int(rng.uniform(1, 3) * HOUR_MS)
+        fate = rng.random()
+        early = rng.uniform(0.3, 0.9)
         records.append(TraceReservation(
             at_ms=at, reservation_id=f"b{k:04d}", user_id=user.id, start_ms=begin,
-            end_ms=begin + int(rng.uniform(1, 3) * HOUR_MS), min_cpu_cores=user.cpu,
-            min_memory_mb=user.cpu * 1024, model=user.model))
+            end_ms=begin + length, min_cpu_cores=user.cpu,
+            min_memory_mb=user.cpu * 1024, model=user.model,
+            showed_up=fate >= NO_SHOW_SHARE,
+            cancelled_at_ms=(at + int((begin - at) * early)
+                             if NO_SHOW_SHARE <= fate < NO_SHOW_SHARE + CANCEL_SHARE
+                             else None),
+            released_at_ms=(begin + int(length * early)
+                            if fate >= 1 - EARLY_RELEASE_SHARE else None)))
     header = TraceHeader(source="generated", start_ms=start, end_ms=end, seed=o.seed,
                          description=f"devsched trace generate: {o.days:g} days, "
                                      f"{len(devices)} devices, {o.users} users, load {o.load:g}")
