@@ -33,7 +33,14 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, QuotaSpec
+from schemas.messages import (
+    Allocated,
+    Claimed,
+    DeviceSpec,
+    QuotaSpec,
+    ReservationCancelled,
+    Reserved,
+)
 from schemas.trace import (
     TraceDevice,
     TraceDeviceEvent,
@@ -57,7 +64,13 @@ from stages.tools.trace import (
     record,
     write_trace,
 )
-from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
+from tests.conftest import (
+    EVENT_TIMEOUT_S,
+    RunningPipeline,
+    seed,
+    tick_through_timers,
+    wait_until,
+)
 
 S = 1_700_000_000_000
 
@@ -313,3 +326,60 @@ async def test_a_trace_recorded_from_a_run_replays(
     [result] = await simulate(redis, settings, trace, ["resource_based"])
     assert result.served == 3 and result.refused == 0 and result.queued == 1
     assert result.wait_p99_ms == 60_000
+
+
+async def test_reservations_recorded_from_a_run_replay_as_they_went(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    pg: asyncpg.Pool,
+) -> None:
+    """u1 books a device for [5, 65) min, shows up and releases at 15 min; u2 books the other
+    device for the same hours and never shows up (no_show at 5 + the 10 min grace); u3
+    books [120, 180) min and cancels at 15 min. The recorded trace holds the three
+    reservations as they went and no request for their allocations; replayed, the same
+    three fates, and the 10 min u1 held in the figures."""
+    minute = 60_000
+    await seed(redis, keys, clock, devices=[
+        DeviceSpec(id="d1", host="h1", cpu_cores=2, memory_mb=2048),
+        DeviceSpec(id="d2", host="h2", cpu_cores=2, memory_mb=2048)],
+        quotas=[QuotaSpec(user_id=u) for u in ("u1", "u2", "u3")])
+    t0 = clock.now_ms()
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        r1 = await client.reserve("u1", t0 + 5 * minute, t0 + 65 * minute, min_cpu_cores=2)
+        r2 = await client.reserve("u2", t0 + 5 * minute, t0 + 65 * minute, min_cpu_cores=2)
+        r3 = await client.reserve("u3", t0 + 120 * minute, t0 + 180 * minute,
+                                  min_cpu_cores=2)
+        assert isinstance(r1, Reserved) and isinstance(r2, Reserved)
+        assert isinstance(r3, Reserved)
+        clock.advance(5 * minute)
+        await tick_through_timers(redis, settings, clock)
+        claimed = await client.claim_reservation(r1.reservation_id, "u1")
+        assert isinstance(claimed, Claimed), claimed
+        clock.advance(10 * minute)
+        await client.release(allocation_id=claimed.allocation_id, user_id="u1")
+        assert isinstance(await client.cancel_reservation(r3.reservation_id, "u3"),
+                          ReservationCancelled)
+        await tick_through_timers(redis, settings, clock)
+    for rid, status in ((r1, b"completed"), (r2, b"no_show"), (r3, b"cancelled")):
+        assert await redis.hget(keys.reservation(rid.reservation_id), "status") == status
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    trace = await record(pg, since_ms=t0, until_ms=clock.now_ms() + minute)
+    assert not [r for r in trace.records if isinstance(r, TraceRequest)]
+    got = {r.reservation_id: r for r in trace.records if isinstance(r, TraceReservation)}
+    assert got == {
+        r1.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r1.reservation_id, user_id="u1",
+            start_ms=t0 + 5 * minute, end_ms=t0 + 65 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", released_at_ms=t0 + 15 * minute),
+        r2.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r2.reservation_id, user_id="u2",
+            start_ms=t0 + 5 * minute, end_ms=t0 + 65 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", showed_up=False),
+        r3.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r3.reservation_id, user_id="u3",
+            start_ms=t0 + 120 * minute, end_ms=t0 + 180 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", cancelled_at_ms=t0 + 15 * minute)}
+    [result] = await simulate(redis, settings, trace, ["resource_based"])
+    assert result.reservations == {
+        "trace": 3, "booked": 3, "refused": 0, "refused_by_reason": {}, "activated": 2,
+        "claimed": 1, "no_show": 1, "completed": 1, "cancelled": 1, "cancelled_at_start": 0,
+        "refused_for_bookings": 0, "device_s": 600.0}
