@@ -42,7 +42,9 @@
 --                   as resource_based (the user's last_device / last_host).
 --   smart:          learnt from history (P:{pool}:smart, stages/smart.py): avoids devices
 --                   likely to fail within the user's typical session, leaves the models
---                   others ask for by name to them, else as resource_based.
+--                   others ask for by name to them, puts short sessions in the gaps
+--                   before bookings and long ones on unbooked devices, else as
+--                   resource_based.
 -- Ties go to the best fit, then the smaller id. Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
