@@ -89,8 +89,11 @@ class TraceDeviceEvent(Struct, tag_field="kind", tag="device_event", kw_only=Tru
 class TraceReservation(Struct, tag_field="kind", tag="reservation", kw_only=True,
                        forbid_unknown_fields=True):
     """A booking made at ``at_ms`` for ``[start_ms, end_ms)``: one device of the size
-    (and model) for the user. The scheduler has no reservations yet: the simulator
-    counts these as ``unsupported`` and replays nothing for them."""
+    (and model) for the user, replayed as a ``reserve`` request at ``at_ms``. At its
+    start the reservations jobs make it an allocation; the user claims it then when
+    ``showed_up`` (else it ends ``no_show`` after DEVSCHED_RESERVATION_GRACE_S), lets it
+    go at ``released_at_ms`` (absent: it runs to ``end_ms``); ``cancelled_at_ms``: the
+    user cancels it then (a ``cancel_reservation`` request)."""
 
     at_ms: Millis
     reservation_id: Id
@@ -101,6 +104,12 @@ class TraceReservation(Struct, tag_field="kind", tag="reservation", kw_only=True
     min_memory_mb: Annotated[int, Meta(ge=0)] = 0
     model: Name | None = None
     pool: Id | None = None
+    showed_up: bool = True
+    """The user claimed the reservation at its start (False: a no-show)."""
+    released_at_ms: Millis | None = None
+    """The user released the reservation's allocation then, before its end."""
+    cancelled_at_ms: Millis | None = None
+    """The user cancelled the reservation then (before or after its start)."""
 
 
 TraceRecord = (TraceHeader | TraceDevice | TraceRequest | TraceRelease | TraceDeviceEvent

@@ -12,8 +12,9 @@ The hand-made trace (3 devices, 2 hosts, 1000 s) under resource_based, step by s
          counted in fragmentation
   t=700  r6 a cpu8, wait 600 s -> queued; at 900 r3 lets d-big go and r6 gets it (wait
          200 s), kept 50 s: 900..950
-  t=800  a reservation: unsupported
-Served device-seconds 600 + 200 + 700 + 50 = 1550 of 3 x 1000: utilisation 0.5167;
+  t=800  c books a cpu2 device for [900, 990): d-s1 (best fit, free then); at 900 it
+         becomes an allocation, c claims it, it runs to its end: 90 s, completed
+Served device-seconds 600 + 200 + 700 + 50 + 90 = 1640 of 3 x 1000: utilisation 0.5467;
 refused 2; fragmentation 1; queued 1 with p50 = p99 = 200 000 ms. Asked per user (the
 releases' lengths): a 600 + 100 + 50 = 750, served 650; b 200 + 100 = 300, served 200;
 c 700, served 700.
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
@@ -31,7 +33,14 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, QuotaSpec
+from schemas.messages import (
+    Allocated,
+    Claimed,
+    DeviceSpec,
+    QuotaSpec,
+    ReservationCancelled,
+    Reserved,
+)
 from schemas.trace import (
     TraceDevice,
     TraceDeviceEvent,
@@ -55,7 +64,13 @@ from stages.tools.trace import (
     record,
     write_trace,
 )
-from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
+from tests.conftest import (
+    EVENT_TIMEOUT_S,
+    RunningPipeline,
+    seed,
+    tick_through_timers,
+    wait_until,
+)
 
 S = 1_700_000_000_000
 
@@ -97,7 +112,7 @@ async def test_a_hand_made_trace_replays_to_the_hand_computed_figures(
     trace = read_trace(path)  # through the file format
     # smart without a model chooses as resource_based: the same figures
     for result in await simulate(redis, settings, trace, ["resource_based", "smart"]):
-        assert result.utilisation == round(1550 / 3000, 4) == 0.5167
+        assert result.utilisation == round(1640 / 3000, 4) == 0.5467
         assert result.refused == 2
         assert result.refused_by_reason == {"no_available_devices": 2}
         assert result.fragmentation == 1
@@ -105,7 +120,11 @@ async def test_a_hand_made_trace_replays_to_the_hand_computed_figures(
         assert result.queued == 1
         assert result.wait_p50_ms == result.wait_p99_ms == 200_000
         assert result.fairness == round(jain([650 / 750, 200 / 300, 1.0]), 4)
-        assert result.unsupported == 1
+        assert result.unsupported == 0
+        assert result.reservations == {
+            "trace": 1, "booked": 1, "refused": 0, "refused_by_reason": {}, "activated": 1,
+            "claimed": 1, "no_show": 0, "completed": 1, "cancelled": 0,
+            "cancelled_at_start": 0, "refused_for_bookings": 0, "device_s": 90.0}
         assert result.interrupted == 0
         assert 0 < result.spread <= 1 and 0 <= result.hosts_whole <= 1
     # the replay left nothing behind in Redis
@@ -128,6 +147,68 @@ async def test_a_device_failure_under_use_ends_the_session_as_interrupted(
     assert result.utilisation == 0.1
     assert result.refused_by_reason == {"no_available_devices": 1}
     assert result.fragmentation == 0
+
+
+async def test_reservations_replay_to_the_hand_computed_figures(
+    redis: Redis, settings: Settings,
+) -> None:
+    """Two cpu2 devices d1 (h1), d2 (h2), 2000 s, DEVSCHED_RESERVATION_GRACE_S 100:
+      t=0    A (u1) books [500, 800): d1 (best fit, then the smaller id); shows up,
+             releases at 700
+      t=10   B (u2) books [500, 900): d2 (d1 is booked then); never shows up
+      t=20   C (u3) asks [600, 700): both devices booked then -> refused ``overlaps``
+      t=30   D (u3) books [1500, 1600): d1; cancelled at 1000
+      t=100  r1 (u4) cpu2 for 600 s: both free devices are booked from 500 -> refused
+             no_available_devices, counted in refused_for_bookings (not fragmentation)
+      t=200  r2 (u4) cpu2 for 200 s: d1 (free of bookings until 500), released at 350
+      t=500  A and B become allocations; A is claimed at once
+      t=600  B's grace is over: no_show, d2 freed
+      t=700  A released: completed at the next tick (800); 200 s held
+      t=1000 D cancelled
+      t=1100 r3 (u4) cpu2 for 600 s: d1 (D's booking is gone), released at 1200
+    Served 150 + 100 + 200 (A; B's unclaimed 100 s do not count) = 450 of 2 x 2000."""
+    def at(t: int) -> int:
+        return S + t * 1000
+
+    def rsv(t: int, name: str, user: str, begin: int, end: int,
+            **kw: object) -> TraceReservation:
+        return TraceReservation(at_ms=at(t), reservation_id=name, user_id=user,
+                                start_ms=at(begin), end_ms=at(end), min_cpu_cores=2,
+                                **kw)  # type: ignore[arg-type]
+
+    def req(t: int, rid: str, seconds: int) -> TraceRequest:
+        return TraceRequest(at_ms=at(t), request_id=rid, user_id="u4", min_cpu_cores=2,
+                            duration_seconds=seconds)
+
+    trace = parse_trace(_lines(Trace(
+        TraceHeader(source="hand", start_ms=S, end_ms=at(2000)),
+        [TraceDevice(id="d1", host="h1", cpu_cores=2, memory_mb=2048),
+         TraceDevice(id="d2", host="h2", cpu_cores=2, memory_mb=2048)],
+        [rsv(0, "A", "u1", 500, 800, released_at_ms=at(700)),
+         rsv(10, "B", "u2", 500, 900, showed_up=False),
+         rsv(20, "C", "u3", 600, 700),
+         rsv(30, "D", "u3", 1500, 1600, cancelled_at_ms=at(1000)),
+         req(100, "r1", 600), req(200, "r2", 200),
+         TraceRelease(at_ms=at(350), request_id="r2"),
+         req(1100, "r3", 600), TraceRelease(at_ms=at(1200), request_id="r3")])))
+    grace = replace(settings, reservation_grace_s=100)
+    for result in await simulate(redis, grace, trace, ["resource_based", "smart"]):
+        assert result.reservations == {
+            "trace": 4, "booked": 3, "refused": 1, "refused_by_reason": {"overlaps": 1},
+            "activated": 2, "claimed": 1, "no_show": 1, "completed": 1, "cancelled": 1,
+            "cancelled_at_start": 0, "refused_for_bookings": 1, "device_s": 200.0}
+        assert result.requests == 3 and result.served == 2
+        assert result.refused_by_reason == {"no_available_devices": 1}
+        assert result.fragmentation == 0
+        assert result.unsupported == 0
+        assert result.utilisation == round(450 / 4000, 4)
+    assert not [k async for k in redis.scan_iter(match=f"{settings.prefix}-sim-*")]
+
+
+def _lines(trace: Trace) -> list[bytes]:
+    from stages.tools.trace import iter_lines
+
+    return list(iter_lines(trace))
 
 
 def test_statistics_helpers() -> None:
@@ -245,3 +326,60 @@ async def test_a_trace_recorded_from_a_run_replays(
     [result] = await simulate(redis, settings, trace, ["resource_based"])
     assert result.served == 3 and result.refused == 0 and result.queued == 1
     assert result.wait_p99_ms == 60_000
+
+
+async def test_reservations_recorded_from_a_run_replay_as_they_went(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+    pg: asyncpg.Pool,
+) -> None:
+    """u1 books a device for [5, 65) min, shows up and releases at 15 min; u2 books the other
+    device for the same hours and never shows up (no_show at 5 + the 10 min grace); u3
+    books [120, 180) min and cancels at 15 min. The recorded trace holds the three
+    reservations as they went and no request for their allocations; replayed, the same
+    three fates, and the 10 min u1 held in the figures."""
+    minute = 60_000
+    await seed(redis, keys, clock, devices=[
+        DeviceSpec(id="d1", host="h1", cpu_cores=2, memory_mb=2048),
+        DeviceSpec(id="d2", host="h2", cpu_cores=2, memory_mb=2048)],
+        quotas=[QuotaSpec(user_id=u) for u in ("u1", "u2", "u3")])
+    t0 = clock.now_ms()
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        r1 = await client.reserve("u1", t0 + 5 * minute, t0 + 65 * minute, min_cpu_cores=2)
+        r2 = await client.reserve("u2", t0 + 5 * minute, t0 + 65 * minute, min_cpu_cores=2)
+        r3 = await client.reserve("u3", t0 + 120 * minute, t0 + 180 * minute,
+                                  min_cpu_cores=2)
+        assert isinstance(r1, Reserved) and isinstance(r2, Reserved)
+        assert isinstance(r3, Reserved)
+        clock.advance(5 * minute)
+        await tick_through_timers(redis, settings, clock)
+        claimed = await client.claim_reservation(r1.reservation_id, "u1")
+        assert isinstance(claimed, Claimed), claimed
+        clock.advance(10 * minute)
+        await client.release(allocation_id=claimed.allocation_id, user_id="u1")
+        assert isinstance(await client.cancel_reservation(r3.reservation_id, "u3"),
+                          ReservationCancelled)
+        await tick_through_timers(redis, settings, clock)
+    for rid, status in ((r1, b"completed"), (r2, b"no_show"), (r3, b"cancelled")):
+        assert await redis.hget(keys.reservation(rid.reservation_id), "status") == status
+    await wait_until(lambda: write_behind_drained(redis, keys))
+    trace = await record(pg, since_ms=t0, until_ms=clock.now_ms() + minute)
+    assert not [r for r in trace.records if isinstance(r, TraceRequest)]
+    got = {r.reservation_id: r for r in trace.records if isinstance(r, TraceReservation)}
+    assert got == {
+        r1.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r1.reservation_id, user_id="u1",
+            start_ms=t0 + 5 * minute, end_ms=t0 + 65 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", released_at_ms=t0 + 15 * minute),
+        r2.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r2.reservation_id, user_id="u2",
+            start_ms=t0 + 5 * minute, end_ms=t0 + 65 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", showed_up=False),
+        r3.reservation_id: TraceReservation(
+            at_ms=t0, reservation_id=r3.reservation_id, user_id="u3",
+            start_ms=t0 + 120 * minute, end_ms=t0 + 180 * minute, min_cpu_cores=2,
+            min_memory_mb=2048, pool="default", cancelled_at_ms=t0 + 15 * minute)}
+    [result] = await simulate(redis, settings, trace, ["resource_based"])
+    assert result.reservations == {
+        "trace": 3, "booked": 3, "refused": 0, "refused_by_reason": {}, "activated": 2,
+        "claimed": 1, "no_show": 1, "completed": 1, "cancelled": 1, "cancelled_at_start": 0,
+        "refused_for_bookings": 0, "device_s": 600.0}

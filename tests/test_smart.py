@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from pipeline.clock import ManualClock
 from pipeline.connections import text
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, QuotaSpec
+from schemas.messages import Allocated, DeviceSpec, QuotaSpec, Reserved
 from stages.context import StageContext
 from stages.jobs import JOBS, run_now
 from stages.settings import Settings
@@ -114,3 +114,38 @@ async def test_refresh_model_job_learns_from_postgresql(
         "m:tablet": f"{1800 / window:.4f}",
     }
     assert result.processed_count == 3
+
+
+async def test_smart_fills_the_gap_before_a_booking_with_short_sessions_only(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    """Three equal devices; b-booked is booked 3 h from now, c-soon 30 min from now.
+    resource_based gives a-free (the smaller id). With smart, a user whose typical session
+    is 10 min takes the device booked soonest with twice that to spare (c-soon, then
+    b-booked); a user with a typical 2 h session takes a-free (both bookings would cut a
+    session like its usual one short)."""
+    await seed(redis, keys, clock, devices=[
+        dev("a-free", 2, "pixel"), dev("b-booked", 2, "pixel"), dev("c-soon", 2, "pixel")],
+        quotas=[QuotaSpec(user_id=u) for u in ("s", "l", "r")])
+    now = clock.now_ms()
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        for device, start in (("b-booked", now + 3 * 3_600_000), ("c-soon", now + 1_800_000)):
+            got = await client.reserve("r", start, start + 3_600_000, device_id=device)
+            assert isinstance(got, Reserved), got
+        await write_model(redis, keys, SmartModel(user_hold_s={"s": 600, "l": 7200}))
+        # resource_based ignores the bookings it does not run into
+        assert await device_of(client, "s", min_cpu_cores=2, duration_seconds=600) == "a-free"
+        await client.release(device_id="a-free")
+        await set_strategy(redis, keys, "smart")
+        # the short session fills the tightest gap it fits with room to spare
+        assert await device_of(client, "s", min_cpu_cores=2, duration_seconds=600) == "c-soon"
+        # another short one: c-soon is taken; b-booked's gap is next
+        assert await device_of(client, "s", min_cpu_cores=2, duration_seconds=600) == "b-booked"
+        await client.release(device_id="c-soon")
+        await client.release(device_id="b-booked")
+        # a long typical session (2 h) asking 20 min: both booked devices would cut a
+        # session like its usual one short, so the unbooked device
+        assert await device_of(client, "l", min_cpu_cores=2, duration_seconds=1200) == "a-free"
+        # once a-free is taken, it falls back to a booked device that fits what it asked
+        assert await device_of(client, "l", min_cpu_cores=2, duration_seconds=1200) in (
+            "b-booked", "c-soon")

@@ -42,7 +42,9 @@
 --                   as resource_based (the user's last_device / last_host).
 --   smart:          learnt from history (P:{pool}:smart, stages/smart.py): avoids devices
 --                   likely to fail within the user's typical session, leaves the models
---                   others ask for by name to them, else as resource_based.
+--                   others ask for by name to them, puts short sessions in the gaps
+--                   before bookings and long ones on unbooked devices, else as
+--                   resource_based.
 -- Ties go to the best fit, then the smaller id. Device and allocation keys are
 -- under {pool}; the hold is settled in the user's {u:ID} keys in the same step, so a
 -- device is never given twice and usage always equals holds plus active allocations.
@@ -248,25 +250,53 @@ end
 -- day held, m:<model> how much of the model is wanted by name. A device whose risk (its
 -- rate times the user's typical session) passes SMART_RISK comes last; then the model
 -- least wanted by name (in steps of SMART_DEMAND_STEP, so that noise does not decide);
--- then the best fit. No model: as resource_based.
-local SMART_RISK, SMART_DEMAND_STEP, SMART_HOLD_S = 0.01, 0.05, 3600
+-- then, while some device has a booking (booked_n, read by booking_in), the upcoming
+-- reservations: a user whose typical session ends before a device's next booking with
+-- room to spare (SMART_BOOKED_MARGIN times it) takes the device booked soonest, filling the
+-- gap before the booking and keeping the unbooked devices whole for long sessions; a user
+-- whose typical session would run into the booking (it would have to end early, or could
+-- not renew) takes an unbooked device first. Then the best fit. No model: as
+-- resource_based but for the booking term (the typical session taken as SMART_HOLD_S).
+-- Without bookings this costs nothing more.
+local SMART_RISK, SMART_DEMAND_STEP, SMART_HOLD_S, SMART_BOOKED_MARGIN = 0.01, 0.05, 3600, 2
 STRATEGY_PICKS.smart = function(list, uid)
   local fields = {'u:' .. uid}
   for i, c in ipairs(list) do
     fields[2 * i], fields[2 * i + 1] = 'd:' .. c[1], 'm:' .. (c[4][2] or '')
   end
   local m = redis.call('HMGET', k_pool(P, 'smart'), unpack(fields))
-  local hold = (tonumber(m[1]) or SMART_HOLD_S) / 86400
+  local hold_s = tonumber(m[1]) or SMART_HOLD_S
+  local hold = hold_s / 86400
+  -- the next booking's start of each candidate with bookings (all start after book_until)
+  local next_at = nil
+  if booked_n and booked_n > 0 then
+    local ids = {}
+    for i, c in ipairs(list) do ids[i] = c[1] end
+    local n = redis.call('HMGET', k_pool(P, 'booked'), unpack(ids))
+    next_at = {}
+    for i, c in ipairs(list) do
+      if n[i] then
+        local b = redis.call('ZRANGEBYSCORE', k_pool(P, 'bookings:' .. c[1]), book_until,
+          '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+        next_at[i] = tonumber(b[2])
+      end
+    end
+  end
+  local short_until = now + SMART_BOOKED_MARGIN * hold_s * 1000
   local best, bk = nil, nil
   for i, c in ipairs(list) do
+    local b = next_at and next_at[i]
     local k = {math.floor(c[2] / CPU_SCALE),
       ((tonumber(m[2 * i]) or 0) * hold > SMART_RISK) and 1 or 0,
-      math.floor((tonumber(m[2 * i + 1]) or 0) / SMART_DEMAND_STEP)}
+      math.floor((tonumber(m[2 * i + 1]) or 0) / SMART_DEMAND_STEP),
+      -- booked, a short session: the soonest booking first; then unbooked (2^52); last,
+      -- booked where the session would run into its booking (2^53)
+      not b and 2 ^ 52 or (b >= short_until and b or 2 ^ 53)}
     local better = not best
     if not better then
-      for j = 1, 3 do
+      for j = 1, 4 do
         if k[j] ~= bk[j] then better = k[j] < bk[j] break end
-        if j == 3 then better = fits_better(c, best) end
+        if j == 4 then better = fits_better(c, best) end
       end
     end
     if better then best, bk = c, k end

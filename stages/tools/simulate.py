@@ -16,9 +16,15 @@ minutes from the replay's own closed allocations (:func:`stages.smart.build_mode
 ``refresh_model`` job does from PostgreSQL).
 
 Semantics (docs/trace-format.md): a request served late (it waited) keeps its device as
-long as the trace's release says, from when it was served; a reservation record is
-counted ``unsupported`` (the scheduler has no reservations yet); every user of the trace
+long as the trace's release says, from when it was served; every user of the trace
 gets a quota large enough never to refuse (the replay compares placement, not quotas).
+A reservation record is a ``reserve`` request through quota and select at its booking
+time; the reservations jobs (:mod:`stages.reservations`: activate_reservations,
+cancel_no_shows, complete_reservations) run on every tick after expire, as the timers run
+them, with a tick forced at each reservation's start, claim deadline and end; when the
+reservation becomes active its user claims it at once (``claim_reservation``) if the
+trace says ``showed_up`` (else it ends ``no_show`` after DEVSCHED_RESERVATION_GRACE_S),
+releases its allocation at ``released_at_ms`` and cancels it at ``cancelled_at_ms``.
 
 Figures per strategy (:class:`Result`): ``utilisation`` = device-seconds served / (devices x
 the trace's length); ``refused`` (and ``refused_by_reason``) = trace requests that got a
@@ -29,7 +35,12 @@ their pool and model had together at least the CPU and memory asked; ``spread`` 
 of hosts with an allocation; ``hosts_whole`` = mean share of hosts with every device free
 and up; ``fairness`` = Jain's index over users of the share of the device-seconds each
 asked for (its releases' lengths) that was served; ``interrupted`` = allocations a device
-failure ended; ``unsupported`` = records not replayed. The means are over samples every
+failure ended; ``unsupported`` = records not replayed (none of the kinds the format
+has today); ``reservations`` = booked, refused (by reason), activated, claimed, no_show,
+completed, cancelled, cancelled_at_start and ``refused_for_bookings``: plain requests
+refused ``no_available_devices`` while a free device that fit them was kept for a booking
+within their duration (those are not counted in ``fragmentation``). The claimed
+reservations' device-seconds count in ``utilisation``. The means are over samples every
 ``SAMPLES``-th of the trace.
 """
 
@@ -58,10 +69,14 @@ from schemas.keys import Keys
 from schemas.messages import (
     AllocateRequest,
     AllocationChange,
+    CancelReservationRequest,
+    ClaimReservationRequest,
     DeviceSpec,
     QuotaSpec,
     ReleaseRequest,
     RequestRejected,
+    ReservationChange,
+    ReserveRequest,
     WaiterChange,
     change_decoder,
     encoder,
@@ -71,6 +86,7 @@ from stages.context import StageContext
 from stages.events import EventsStage
 from stages.jobs import expire_due
 from stages.quota import QuotaStage
+from stages.reservations import activate_reservations, cancel_no_shows, complete_reservations
 from stages.select import SelectStage
 from stages.settings import Settings
 from stages.smart import HistoryRow, build_model, write_model
@@ -122,6 +138,25 @@ class _Req:
 
 
 @dataclass
+class _Rsv:
+    rec: TraceReservation
+    reservation_id: str | None = None
+    device_id: str | None = None
+    status: str | None = None
+    reason: str | None = None
+    refused: str | None = None
+    allocation_id: str | None = None
+    served_ms: int | None = None
+    end_ms: int | None = None
+    activated: bool = False
+    claimed: bool = False
+
+
+RSV_PREFIX = "rsv."
+"""The request ids of a trace reservation's requests: rsv.<reservation_id>[.claim|...]."""
+
+
+@dataclass
 class Result:
     strategy: str
     utilisation: float
@@ -139,6 +174,12 @@ class Result:
     interrupted: int
     unsupported: int
     replay_s: float
+    reservations: dict[str, Any] = field(default_factory=dict)
+    """booked, refused, refused_by_reason, activated, claimed, no_show, completed,
+    cancelled (by their users), cancelled_at_start (device_unavailable, missed, ...),
+    refused_for_bookings (plain requests refused no_available_devices while a free device
+    that fit them was kept for a booking), device_s (device-seconds the claimed ones
+    held, in ``utilisation``)."""
     series: dict[str, list[float]] = field(default_factory=dict)
     """Per sample: t_h (hours from the start), busy (devices allocated), refused (so far)."""
 
@@ -170,6 +211,10 @@ class Replay:
         self.hosts = sorted({d.host for d in trace.devices})
         self.pools = sorted({d.pool for d in trace.devices})
         self.reqs: dict[str, _Req] = {}
+        self.rsvs: dict[str, _Rsv] = {}  # by the reserve request id
+        self.rsv_by_alloc: dict[str, _Rsv] = {}
+        self.bookings: dict[str, dict[str, tuple[int, int]]] = {}  # device -> rid -> interval
+        self.refused_for_bookings = 0
         self.by_alloc: dict[str, _Req] = {}
         self.held: dict[str, str] = {}  # device -> allocation
         self.down: set[str] = set()
@@ -203,10 +248,17 @@ class Replay:
         await self._read_changes()
 
     async def _expire(self) -> None:
+        """The tick's jobs, in the registry's order (stages/jobs.py): expire, then (with
+        reservations in the trace) activate_reservations, cancel_no_shows,
+        complete_reservations, as the timers run them."""
         now = self.clock.now_ms()
         if now - self.last_expire_ms >= self.settings.tick_ms:
             self.last_expire_ms = now
             await expire_due(self.ctx)
+            if self.rsvs:
+                await activate_reservations(self.ctx)
+                await cancel_no_shows(self.ctx)
+                await complete_reservations(self.ctx)
             await self._read_changes()
 
     # --- what happened (the changes stream) -----------------------------------------
@@ -222,6 +274,8 @@ class Replay:
                 await self._allocation(change)
             elif isinstance(change, RequestRejected):
                 await self._rejected(change)
+            elif isinstance(change, ReservationChange):
+                self._reservation(change)
             elif isinstance(change, WaiterChange) and change.status == "waiting":
                 r = self.reqs.get(change.request_id)
                 if r is not None:
@@ -230,7 +284,41 @@ class Replay:
             await self.redis.xtrim(self.keys.changes, maxlen=0)
             await self.redis.xtrim(self.keys.admitted, maxlen=0)
 
+    def _reservation(self, c: ReservationChange) -> None:
+        v = self.rsvs.get(c.request_id)
+        if v is None:
+            return
+        v.reservation_id, v.device_id, v.status, v.reason = (
+            c.reservation_id, c.device_id, c.status, c.reason)
+        if c.status in ("booked", "active"):
+            self.bookings.setdefault(c.device_id, {})[c.reservation_id] = (c.start_ms, c.end_ms)
+        else:
+            self.bookings.get(c.device_id, {}).pop(c.reservation_id, None)
+        if c.status == "active" and not v.activated:
+            v.activated = True
+            v.allocation_id = c.allocation_id
+            rec = v.rec
+            now = self.clock.now_ms()
+            if rec.showed_up and (rec.cancelled_at_ms is None or rec.cancelled_at_ms > now):
+                self._push(now, "rsv_claim", c.request_id)
+                if rec.released_at_ms is not None:
+                    self._push(max(now, rec.released_at_ms), "rsv_release", c.request_id)
+        if c.claimed_at_ms is not None:
+            v.claimed = True
+
     async def _allocation(self, c: AllocationChange) -> None:
+        v = self.rsvs.get(c.request_id)
+        if v is not None:  # the allocation a reservation became
+            if c.status == "allocated":
+                if v.served_ms is None:
+                    v.served_ms, v.allocation_id = c.allocated_at_ms, c.allocation_id
+                    self.rsv_by_alloc[c.allocation_id] = v
+                    self.held[c.device_id] = c.allocation_id
+            elif v.end_ms is None and c.allocation_id == v.allocation_id:
+                v.end_ms = c.released_at_ms if c.released_at_ms is not None else c.at_ms
+                if self.held.get(c.device_id) == c.allocation_id:
+                    del self.held[c.device_id]
+            return
         r = self.reqs.get(c.request_id)
         if c.status == "allocated":
             if r is None or r.served_ms is not None:
@@ -251,11 +339,19 @@ class Replay:
             del self.held[c.device_id]
 
     async def _rejected(self, c: RequestRejected) -> None:
+        v = self.rsvs.get(c.request_id)
+        if v is not None:
+            if v.refused is None and v.status is None:
+                v.refused = c.reason
+            return
         r = self.reqs.get(c.request_id)
         if r is None or r.refused is not None or r.served_ms is not None:
             return
         r.refused, r.answered_ms = c.reason, c.at_ms
-        if c.reason == "no_available_devices" and await self._capacity_was_free(r.rec):
+        if c.reason == "no_available_devices" and self.bookings and \
+                await self._kept_for_booking(r.rec):
+            self.refused_for_bookings += 1
+        elif c.reason == "no_available_devices" and await self._capacity_was_free(r.rec):
             self.fragmentation += 1
 
     async def _capacity_was_free(self, rec: TraceRequest) -> bool:
@@ -269,6 +365,22 @@ class Replay:
                     cpu, mem = cpu + d.cpu_cores, mem + d.memory_mb
         return cpu >= max(rec.min_cpu_cores, 1) and mem >= rec.min_memory_mb
 
+    async def _kept_for_booking(self, rec: TraceRequest) -> bool:
+        """A free device of the request's pool and model, large enough, was passed over
+        for a booking within ``[now, now + duration)`` (select.lua's unbooked)."""
+        now = self.clock.now_ms()
+        until = now + rec.duration_seconds * 1000
+        for pool in ([rec.pool] if rec.pool else self.pools):
+            for raw in await self.redis.zrange(self.keys.free(pool), 0, -1):
+                d = self.devices.get(text(raw))
+                if (d is not None and (rec.model is None or d.model == rec.model)
+                        and d.cpu_cores >= rec.min_cpu_cores
+                        and d.memory_mb >= rec.min_memory_mb
+                        and any(s < until and e > now
+                                for s, e in self.bookings.get(d.id, {}).values())):
+                    return True
+        return False
+
     # --- the replay -------------------------------------------------------------------
 
     def _push(self, at_ms: int, kind: str, payload: Any) -> None:
@@ -281,7 +393,8 @@ class Replay:
             DeviceSpec(id=d.id, name=d.id, host=d.host, pool=d.pool, model=d.model,
                        cpu_cores=d.cpu_cores, memory_mb=d.memory_mb, storage_mb=d.storage_mb)
             for d in self.trace.devices])
-        users = sorted({r.user_id for r in self.trace.records if isinstance(r, TraceRequest)})
+        users = sorted({r.user_id for r in self.trace.records
+                        if isinstance(r, TraceRequest | TraceReservation)})
         await set_quotas(self.redis, self.keys, self.clock,
                          [msgspec.structs.replace(BIG_QUOTA, user_id=u) for u in users])
         await set_strategy(self.redis, self.keys, self.strategy)
@@ -320,9 +433,17 @@ class Replay:
                 holds[rec.request_id] = rec.at_ms - asks[rec.request_id]
         self.heap: list[tuple[int, int, str, Any]] = []
         self.seq = 0
+        grace_ms = self.settings.reservation_grace_s * 1000
         for rec in trace.records:
             if not isinstance(rec, TraceRelease):
                 self._push(rec.at_ms, "record", rec)
+            if isinstance(rec, TraceReservation):
+                # the ticks that move it along: its start, its claim deadline, its end
+                self.rsvs[RSV_PREFIX + rec.reservation_id] = _Rsv(rec)
+                for t in (rec.start_ms, rec.start_ms + grace_ms, rec.end_ms):
+                    self._push(t, "tick", None)
+                if rec.cancelled_at_ms is not None:
+                    self._push(rec.cancelled_at_ms, "rsv_cancel", RSV_PREFIX + rec.reservation_id)
         step = max(1, (end - start) // SAMPLES)
         for k in range(1, SAMPLES + 1):
             self._push(start + k * step, "sample", None)
@@ -343,6 +464,8 @@ class Replay:
             if at > end:
                 break
             self.clock.set(at)
+            if kind == "tick":
+                self.last_expire_ms = -1
             await self._expire()
             if kind == "record":
                 await self._record(payload, holds)
@@ -354,6 +477,8 @@ class Replay:
                         allocation_id=r.allocation_id, user_id=r.rec.user_id)))
             elif kind == "model":
                 await self.refresh_model()
+            elif kind.startswith("rsv_"):
+                await self._rsv_step(kind, payload)
             else:
                 busy, s, w = self.sample(at)
                 spread.append(s)
@@ -388,7 +513,35 @@ class Replay:
                     status="running"))
             await self._event(payload)
         elif isinstance(rec, TraceReservation):
+            await self._request(encoder.encode(ReserveRequest(
+                request_id=RSV_PREFIX + rec.reservation_id, user_id=rec.user_id,
+                reply_to=self.reply_to, start_ms=rec.start_ms, end_ms=rec.end_ms,
+                min_cpu_cores=rec.min_cpu_cores, min_memory_mb=rec.min_memory_mb,
+                pool=rec.pool, model=rec.model)))
+        else:
             self.unsupported += 1
+
+    async def _rsv_step(self, kind: str, rid: str) -> None:
+        """The user's side of a reservation: claim it (showed up), release its allocation,
+        cancel it; each a request through quota and select."""
+        v = self.rsvs[rid]
+        if v.reservation_id is None or v.status not in ("booked", "active"):
+            return
+        if kind == "rsv_claim":
+            payload = encoder.encode(ClaimReservationRequest(
+                request_id=f"{rid}.claim", reply_to=self.reply_to,
+                reservation_id=v.reservation_id, user_id=v.rec.user_id))
+        elif kind == "rsv_release":
+            if v.allocation_id is None or v.end_ms is not None:
+                return
+            payload = encoder.encode(ReleaseRequest(
+                request_id=f"{rid}.release", reply_to=self.reply_to,
+                allocation_id=v.allocation_id, user_id=v.rec.user_id))
+        else:
+            payload = encoder.encode(CancelReservationRequest(
+                request_id=f"{rid}.cancel", reply_to=self.reply_to,
+                reservation_id=v.reservation_id, user_id=v.rec.user_id))
+        await self._request(payload)
 
     def _result(self, start: int, end: int, spread: list[float], whole: list[float],
                 series: dict[str, list[float]], replay_s: float) -> Result:
@@ -412,6 +565,12 @@ class Replay:
                 by_reason[r.refused] = by_reason.get(r.refused, 0) + 1
             if r.queued:
                 waits.append((r.answered_ms if r.answered_ms is not None else end) - r.rec.at_ms)
+        rsv_ms = 0
+        for v in self.rsvs.values():
+            if v.claimed and v.served_ms is not None:
+                rsv_ms += max(0, min(v.end_ms if v.end_ms is not None else end, end)
+                              - v.served_ms)
+        served_ms += rsv_ms
         shares = [min(1.0, got.get(u, 0.0) / a) for u, a in asked.items() if a > 0]
         capacity = len(self.trace.devices) * max(1, end - start)
         return Result(
@@ -424,7 +583,31 @@ class Replay:
             spread=round(sum(spread) / len(spread), 4) if spread else 0.0,
             hosts_whole=round(sum(whole) / len(whole), 4) if whole else 0.0,
             fairness=round(jain(shares), 4) if shares else 1.0, interrupted=interrupted,
-            unsupported=self.unsupported, replay_s=round(replay_s, 2), series=series)
+            unsupported=self.unsupported, replay_s=round(replay_s, 2), series=series,
+            reservations=self._reservation_figures(rsv_ms))
+
+    def _reservation_figures(self, rsv_ms: int) -> dict[str, Any]:
+        vs = list(self.rsvs.values())
+        refused: dict[str, int] = {}
+        for v in vs:
+            if v.refused:
+                refused[v.refused] = refused.get(v.refused, 0) + 1
+        return {
+            "trace": len(vs),
+            "booked": sum(1 for v in vs if v.reservation_id is not None),
+            "refused": sum(refused.values()),
+            "refused_by_reason": dict(sorted(refused.items())),
+            "activated": sum(1 for v in vs if v.activated),
+            "claimed": sum(1 for v in vs if v.claimed),
+            "no_show": sum(1 for v in vs if v.status == "no_show"),
+            "completed": sum(1 for v in vs if v.status == "completed"),
+            "cancelled": sum(1 for v in vs if v.status == "cancelled"
+                             and v.reason == "cancelled"),
+            "cancelled_at_start": sum(1 for v in vs if v.status == "cancelled"
+                                      and v.reason != "cancelled"),
+            "refused_for_bookings": self.refused_for_bookings,
+            "device_s": round(rsv_ms / 1000, 3),
+        }
 
 
 async def simulate(redis: Redis, settings: Settings, trace: Trace,
@@ -464,6 +647,16 @@ def table(results: Sequence[Result]) -> str:
         lines.append("refused by reason: " + "; ".join(
             f"{r.strategy} " + ", ".join(f"{k} {r.refused_by_reason.get(k, 0)}" for k in reasons)
             for r in results))
+    for r in results:
+        v = r.reservations
+        if v.get("trace"):
+            lines.append(
+                f"reservations {r.strategy}: {v['booked']} booked of {v['trace']}, refused "
+                + (", ".join(f"{k} {n}" for k, n in v["refused_by_reason"].items()) or "0")
+                + f"; activated {v['activated']}, claimed {v['claimed']}, no_show "
+                f"{v['no_show']}, completed {v['completed']}, cancelled {v['cancelled']}, "
+                f"cancelled at start {v['cancelled_at_start']}; plain requests refused for "
+                f"bookings {v['refused_for_bookings']}")
     return "\n".join(lines)
 
 

@@ -16,9 +16,15 @@ as a request at its allocation time (or at the time it joined the wait queue, fr
 ``waiting_requests``) with the size and model it asked for (the allocation's metadata;
 without it the size of the device it got) and the length asked, its release at the time
 its user released it (none when it expired), a device event for an allocation a device
-failure ended (failed then, recovered before its next allocation), and the requests that
-waited in the queue and timed out. Requests refused at once leave no row in PostgreSQL and
-are not in a recorded trace; nor are reservations, which the scheduler does not keep yet.
+failure ended (failed then, recovered before its next allocation), the requests that
+waited in the queue and timed out, and the reservations (the ``reservations`` table): each
+booked at its ``created_at`` for its interval, of its device's size (the specs asked are
+not kept: the size of the device booked, which the booking's best fit chose, stands for
+them), ``showed_up`` unless it ended ``no_show``, ``cancelled_at_ms`` when its user
+cancelled it, ``released_at_ms`` when its allocation was released before the end; the
+allocations reservations became are not requests. Refused requests (allocate or reserve)
+leave no row in PostgreSQL (a refusal is a RequestRejected change that only notify reads,
+for the web notification and the outbound events) and are not in a recorded trace.
 """
 
 from __future__ import annotations
@@ -140,6 +146,15 @@ MODELS = (("pixel", 0.45), ("galaxy", 0.4), ("tablet", 0.15))
 """Device models and their share: ``tablet`` is the rare one some users need."""
 
 
+RESERVATIONS_PER_DAY = 6
+NO_SHOW_SHARE = 0.15
+"""Of the generated reservations: never claimed (they end ``no_show``) ..."""
+CANCEL_SHARE = 0.1
+"""... cancelled before their start ..."""
+EARLY_RELEASE_SHARE = 0.3
+"""... and released before their end; the others run to their end."""
+
+
 def _choice(rng: random.Random, weighted: tuple[tuple[Any, float], ...]) -> Any:
     x, acc = rng.random(), 0.0
     for value, weight in weighted:
@@ -238,14 +253,23 @@ def generate(o: GenerateOptions) -> Trace:
                 records.append(TraceDeviceEvent(at_ms=int(t) + down, device_id=d.id,
                                                 event="recovered"))
             t += down
-    for k in range(int(o.days * 2)):
+    for k in range(int(o.days * RESERVATIONS_PER_DAY)):
         user = rng.choice(users)
         at = start + int(rng.random() * (end - start))
         begin = at + int(rng.uniform(1, 24) * HOUR_MS)
+        length = int(rng.uniform(1, 3) * HOUR_MS)
+        fate = rng.random()
+        early = rng.uniform(0.3, 0.9)
         records.append(TraceReservation(
             at_ms=at, reservation_id=f"b{k:04d}", user_id=user.id, start_ms=begin,
-            end_ms=begin + int(rng.uniform(1, 3) * HOUR_MS), min_cpu_cores=user.cpu,
-            min_memory_mb=user.cpu * 1024, model=user.model))
+            end_ms=begin + length, min_cpu_cores=user.cpu,
+            min_memory_mb=user.cpu * 1024, model=user.model,
+            showed_up=fate >= NO_SHOW_SHARE,
+            cancelled_at_ms=(at + int((begin - at) * early)
+                             if NO_SHOW_SHARE <= fate < NO_SHOW_SHARE + CANCEL_SHARE
+                             else None),
+            released_at_ms=(begin + int(length * early)
+                            if fate >= 1 - EARLY_RELEASE_SHARE else None)))
     header = TraceHeader(source="generated", start_ms=start, end_ms=end, seed=o.seed,
                          description=f"devsched trace generate: {o.days:g} days, "
                                      f"{len(devices)} devices, {o.users} users, load {o.load:g}")
@@ -266,7 +290,15 @@ FROM device_allocations a
 LEFT JOIN waiting_requests w
   ON w.user_id = a.user_id AND w.request_id = a.metadata->>'request_id'
 WHERE a.allocated_at >= $1 AND a.allocated_at < $2
+  AND NOT EXISTS (SELECT 1 FROM reservations r WHERE r.allocation_id = a.id)
 ORDER BY a.allocated_at, a.id
+"""
+RESERVATIONS_SQL = """
+SELECT r.id, r.user_id, r.device_id, r.pool, r.start_at, r.end_at, r.status, r.reason,
+       r.created_at, r.ended_at, a.released_at, a.end_reason
+FROM reservations r LEFT JOIN device_allocations a ON a.id = r.allocation_id
+WHERE r.created_at >= $1 AND r.created_at < $2
+ORDER BY r.created_at, r.id
 """
 TIMED_OUT_SQL = """
 SELECT user_id, request_id, queued_at, request FROM waiting_requests
@@ -295,15 +327,19 @@ async def record(pg: asyncpg.Pool, *, since_ms: int | None = None,
     async with pg.acquire() as conn:
         devs = await conn.fetch("SELECT id, host, pool, model, cpu_cores, memory_mb,"
                                 " storage_mb FROM devices ORDER BY id")
-        bounds = await conn.fetchrow("SELECT min(allocated_at) AS lo,"
-                                     " max(greatest(allocated_at, released_at)) AS hi"
-                                     " FROM device_allocations")
+        bounds = await conn.fetchrow(
+            "SELECT least(min(a.lo), min(r.lo)) AS lo, greatest(max(a.hi), max(r.hi)) AS hi"
+            " FROM (SELECT min(allocated_at) AS lo,"
+            "       max(greatest(allocated_at, released_at)) AS hi FROM device_allocations) a,"
+            " (SELECT min(created_at) AS lo, max(greatest(created_at, ended_at)) AS hi"
+            "  FROM reservations) r")
         lo = since_ms if since_ms is not None else (
             _ms(bounds["lo"]) if bounds and bounds["lo"] else 0)
         hi = until_ms if until_ms is not None else (
             _ms(bounds["hi"]) + 1 if bounds and bounds["hi"] else lo + 1)
         rows = await conn.fetch(ALLOCATIONS_SQL, ts(lo), ts(hi))
         timed_out = await conn.fetch(TIMED_OUT_SQL, ts(lo), ts(hi))
+        booked = await conn.fetch(RESERVATIONS_SQL, ts(lo), ts(hi))
     devices = [TraceDevice(id=r["id"], host=r["host"], pool=r["pool"], model=r["model"],
                            cpu_cores=r["cpu_cores"], memory_mb=r["memory_mb"],
                            storage_mb=r["storage_mb"]) for r in devs]
@@ -349,10 +385,26 @@ async def record(pg: asyncpg.Pool, *, since_ms: int | None = None,
             min_memory_mb=int(req.get("min_memory_mb") or 0), model=req.get("model"),
             pool=req.get("pool"), duration_seconds=max(1, int(req.get("duration_seconds") or 60)),
             wait_seconds=req.get("wait_seconds"), priority=req.get("priority") or None))
+    for b in booked:
+        got = sizes.get(b["device_id"])
+        end_at = _ms(b["end_at"])
+        let_go = _ms(b["released_at"]) if b["released_at"] is not None else None
+        records.append(TraceReservation(
+            at_ms=_ms(b["created_at"]), reservation_id=str(b["id"]), user_id=b["user_id"],
+            start_ms=_ms(b["start_at"]), end_ms=end_at,
+            min_cpu_cores=got.cpu_cores if got else 0,
+            min_memory_mb=got.memory_mb if got else 0, pool=b["pool"],
+            showed_up=b["status"] != "no_show",
+            cancelled_at_ms=(_ms(b["ended_at"]) if b["status"] == "cancelled"
+                             and b["reason"] == "cancelled" and b["ended_at"] is not None
+                             else None),
+            released_at_ms=(let_go if let_go is not None and let_go < end_at
+                            and b["end_reason"] == "released" else None)))
     records = [r for r in _sorted(records) if lo <= r.at_ms < hi]
     header = TraceHeader(source="recorded", start_ms=lo, end_ms=hi,
                          description=f"devsched trace record: {len(rows)} allocations, "
-                                     f"{len(timed_out)} timed-out waits")
+                                     f"{len(timed_out)} timed-out waits, "
+                                     f"{len(booked)} reservations")
     return Trace(header, devices, records)
 
 
