@@ -81,6 +81,7 @@ async def test_memory_is_flat_after_the_retention_window(
             await cycle(0)  # warm: every stage up
             await asyncio.sleep(WINDOW_S + 1)  # what the warm-up left has expired
             base_keys = int(await redis.dbsize())
+            base_names = {k async for k in redis.scan_iter(count=1000)}
             base_memory = int((await redis.info("memory"))["used_memory"])
             started = time.monotonic()
             for r in range(ROUNDS):
