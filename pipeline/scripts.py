@@ -47,7 +47,8 @@ to asking when the server answers otherwise. On ``Function not found`` / NOSCRIP
 (a restarted or failed-over Redis that lost them) it loads the library or the
 source and retries once. Both the plain client and a
 pipeline can be the target, so a script can join a batch that goes out in one
-round trip. Sources are package data, read with :func:`lua_source`.
+round trip (queued in a pipeline, a script is an FCALL once the Script knows the
+server has Functions, else an EVALSHA: load it before the pipeline executes). Sources are package data, read with :func:`lua_source`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 import msgspec
 from msgspec import inspect
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
 from redis.exceptions import NoScriptError, ResponseError
 
 
@@ -114,6 +116,13 @@ class Script(Generic[KeysT, CallT]):
 
     async def __call__(self, redis: Redis | ScriptTarget, keys: KeysT, call: CallT) -> Any:
         packed = _encoder.encode(call)
+        if isinstance(redis, Pipeline):
+            # queued: an error shows only at execute, so no learning here; FCALL once the
+            # server is known to have Functions, else EVALSHA (load() also SCRIPT LOADs)
+            if self.functions:
+                return await redis.execute_command(
+                    "FCALL", self.function, len(keys), *keys, packed)
+            return await redis.evalsha(self.sha, len(keys), *keys, packed)
         if self.functions is not False:
             try:
                 return await redis.execute_command(
