@@ -125,7 +125,7 @@ class Script(Generic[KeysT, CallT]):
             return await redis.evalsha(self.sha, len(keys), *keys, packed)
         if self.functions is not False:
             try:
-                return await redis.execute_command(
+                reply = await redis.execute_command(
                     "FCALL", self.function, len(keys), *keys, packed)
             except ResponseError as exc:
                 if _no_functions(exc):
@@ -138,6 +138,7 @@ class Script(Generic[KeysT, CallT]):
                     raise
             else:
                 self.functions = True
+                return reply
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, packed)
         except NoScriptError:
