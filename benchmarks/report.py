@@ -122,6 +122,27 @@ def render_table(doc: dict[str, Any]) -> str:
             lines.append(f"  the bare 3-hop chain at the same rate (no logic): p50 "
                          f"{_fmt(lat['bare_chain_p50_ms'], 2)} ms, p99 "
                          f"{_fmt(lat['bare_chain_p99_ms'], 2)} ms")
+    table = (doc.get("targets") or {}).get("allocate_by_rate") or []
+    if table:
+        lines.append("allocate, per request (ms), pipeline vs baseline at the same rate "
+                     "(ratio < 1: the pipeline answers faster; floor: pipeline p99 over the "
+                     "bare chain's p99):")
+        for entry in table:
+            floor = (f", floor {_fmt(entry['floor_ratio'], 2)}"
+                     if entry.get("floor_ratio") is not None else "")
+            lines.append(
+                f"  {_fmt(entry['offered_per_s'], 0):>6}/s  p50 "
+                f"{_fmt(entry.get('pipeline_allocate_p50_ms'), 2)} vs "
+                f"{_fmt(entry.get('baseline_allocate_p50_ms'), 2)} "
+                f"({_fmt(entry.get('allocate_p50_vs_baseline'), 2)}x), p99 "
+                f"{_fmt(entry.get('pipeline_allocate_p99_ms'), 2)} vs "
+                f"{_fmt(entry.get('baseline_allocate_p99_ms'), 2)} "
+                f"({_fmt(entry.get('allocate_p99_vs_baseline'), 2)}x){floor}")
+    goals = [(key, value) for key, value in (doc.get("targets") or {}).items()
+             if isinstance(value, dict) and "met" in value and "target" in value]
+    if goals:
+        lines.append("targets: " + ", ".join(
+            f"{key} {'met' if value['met'] else 'NOT met'}" for key, value in goals))
     batch = (doc.get("pipeline") or {}).get("batch_allocate")
     if batch:
         lines.append(f"pipeline batch of {batch['devices_per_request']} devices at "

@@ -324,6 +324,10 @@ class RawChannel:
     async def script_load(self, source: str) -> Any:
         return await self.call("SCRIPT", "LOAD", source)
 
+    async def execute_command(self, *args: Any) -> Any:
+        """Any command, raw (FCALL and FUNCTION LOAD for a Script)."""
+        return await self.call(*args)
+
     async def close(self) -> None:
         """Give the connection back to the pool."""
         if self._watchdog is not None:

@@ -31,22 +31,38 @@ one field and its members hold no Struct themselves; and no field carries
 (doubles: integers are exact to 2^53), None as an absent field (read as
 false), booleans as booleans.
 
-The script is called with EVALSHA; on NOSCRIPT (a restarted or failed-over
-Redis) it loads the source and retries once. Both the plain client and a
+On Redis 7 and later the script is a Redis Function (FUNCTION LOAD once, FCALL per
+call): a library named ``<name>_<first 16 hex of the source's sha1>`` (so versions
+of one script coexist during a deployment) whose top level runs once, at load,
+and holds the preamble's strict metatables (made once, not per call) and every
+line of the source above the marker line :data:`PER_CALL` (shared helpers:
+closures and constant tables); the function runs the rest, from the marker on,
+with ``KEYS`` and ``ARGV`` as its arguments. What sits above the marker must
+therefore hold no state of one call, or reset it below the marker. A source
+without the marker runs whole at every call (only the preamble's metatables are
+made once). On a Redis without Functions (6.2: ``unknown command``) the script
+is called with EVALSHA, preamble and whole source at every call, as before; a
+Script learns which on its first call (or at :meth:`Script.load`) and goes back
+to asking when the server answers otherwise. On ``Function not found`` / NOSCRIPT
+(a restarted or failed-over Redis that lost them) it loads the library or the
+source and retries once. Both the plain client and a
 pipeline can be the target, so a script can join a batch that goes out in one
-round trip. Sources are package data, read with :func:`lua_source`.
+round trip (queued in a pipeline, a script is an FCALL once the Script knows the
+server has Functions, else an EVALSHA: load it before the pipeline executes). Sources are package data, read with :func:`lua_source`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from importlib.resources import files
 from typing import Any, Generic, NamedTuple, Protocol, TypeVar
 
 import msgspec
 from msgspec import inspect
 from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
+from redis.asyncio.client import Pipeline
+from redis.exceptions import NoScriptError, ResponseError
 
 
 class ScriptTarget(Protocol):
@@ -55,6 +71,13 @@ class ScriptTarget(Protocol):
     async def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any: ...
 
     async def script_load(self, source: str) -> Any: ...
+
+    async def execute_command(self, *args: Any) -> Any: ...
+
+
+PER_CALL = "-- @per-call"
+"""A line starting with this splits a script's source: above, what a Redis Function
+library runs once at load (helpers); from it on, what runs at every call."""
 
 
 KeysT = TypeVar("KeysT", bound=tuple[str, ...])
@@ -85,17 +108,72 @@ class Script(Generic[KeysT, CallT]):
         self.body = body
         self.source = lua_preamble(keys, call) + body
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
+        self.function = re.sub(r"[^A-Za-z0-9_]", "_", name) + "_" + self.sha[:16]
+        """The Redis Function (and its library's) name."""
+        self.library = lua_library(self.function, keys, call, body)
+        self.functions: bool | None = None
+        """Whether the server has Functions (None: not known yet; found on first use)."""
 
     async def __call__(self, redis: Redis | ScriptTarget, keys: KeysT, call: CallT) -> Any:
         packed = _encoder.encode(call)
+        if isinstance(redis, Pipeline):
+            # queued: an error shows only at execute, so no learning here; FCALL once the
+            # server is known to have Functions, else EVALSHA (load() also SCRIPT LOADs)
+            if self.functions:
+                return await redis.execute_command(
+                    "FCALL", self.function, len(keys), *keys, packed)
+            return await redis.evalsha(self.sha, len(keys), *keys, packed)
+        if self.functions is not False:
+            try:
+                reply = await redis.execute_command(
+                    "FCALL", self.function, len(keys), *keys, packed)
+            except ResponseError as exc:
+                if _no_functions(exc):
+                    self.functions = False
+                elif _function_missing(exc):
+                    await self._load_library(redis)
+                    return await redis.execute_command(
+                        "FCALL", self.function, len(keys), *keys, packed)
+                else:
+                    raise
+            else:
+                self.functions = True
+                return reply
         try:
             return await redis.evalsha(self.sha, len(keys), *keys, packed)
         except NoScriptError:
             await redis.script_load(self.source)
             return await redis.evalsha(self.sha, len(keys), *keys, packed)
 
+    async def _load_library(self, redis: Redis | ScriptTarget) -> None:
+        try:
+            await redis.execute_command("FUNCTION", "LOAD", self.library)
+        except ResponseError as exc:
+            if "already exists" not in str(exc):  # loaded meanwhile: the same source
+                raise
+        self.functions = True
+
     async def load(self, redis: Redis) -> None:
+        """Load the script: as a Function library where the server has Functions (and
+        remember that); by SCRIPT LOAD too, so EVALSHA of ``sha`` works on any server."""
+        try:
+            await self._load_library(redis)
+        except ResponseError as exc:
+            if not _no_functions(exc):
+                raise
+            self.functions = False
         await redis.script_load(self.source)
+
+
+def _no_functions(exc: ResponseError) -> bool:
+    """The server has no Functions (Redis before 7)."""
+    text = str(exc).lower()
+    return text.startswith(("unknown command", "err unknown command"))
+
+
+def _function_missing(exc: ResponseError) -> bool:
+    """FCALL of a function the server does not hold (restarted, flushed, failed over)."""
+    return str(exc).lower().startswith(("function not found", "err function not found"))
 
 
 # --- the generated preamble ---------------------------------------------------------
@@ -276,9 +354,10 @@ def _check_field(where: str, t: inspect.Type) -> None:
                 raise TypeError(f"{where}: a Struct inside {type(k).__name__} is not read")
 
 
-def lua_preamble(keys: type[tuple[str, ...]], call: type[msgspec.Struct]) -> str:
-    """The Lua put before a script's source: ``KEY`` (the keys by name) and ``CALL`` (the
-    call, decoded from ``ARGV[1]``, every table of it strict by its Struct)."""
+def _preamble_parts(keys: type[tuple[str, ...]],
+                    call: type[msgspec.Struct]) -> tuple[str, str, str]:
+    """The metatable locals, the lines that decode and bless the call, and the keys
+    table's constructor."""
     key_names: tuple[str, ...] = getattr(keys, "_fields", ())
     if not key_names:
         raise TypeError(f"{keys.__qualname__}: the keys of a script are a NamedTuple")
@@ -288,15 +367,60 @@ def lua_preamble(keys: type[tuple[str, ...]], call: type[msgspec.Struct]) -> str
     builder = _Preamble()
     builder.bless("call", info, call.__name__, "  ", 1)
     key_table = ", ".join(f"[{_lua_str(k)}] = KEYS[{i}]" for i, k in enumerate(key_names, 1))
+    metas = ", ".join(name for name, _ in builder.meta.values())
+    blessing = "  local call = cmsgpack.unpack(ARGV[1])\n" + "\n".join(builder.body) + "\n"
+    return metas, blessing, "{" + key_table + "}"
+
+
+def lua_preamble(keys: type[tuple[str, ...]], call: type[msgspec.Struct]) -> str:
+    """The Lua put before a script's source: ``KEY`` (the keys by name) and ``CALL`` (the
+    call, decoded from ``ARGV[1]``, every table of it strict by its Struct)."""
+    metas, blessing, key_table = _preamble_parts(keys, call)
     return (
         _PREAMBLE_HEAD.format(keys=keys.__qualname__, call=call.__qualname__)
-        + f"  local {', '.join(name for name, _ in builder.meta.values())}\n"
-        + "  local call = cmsgpack.unpack(ARGV[1])\n"
-        + "\n".join(builder.body) + "\n"
+        + f"  local {metas}\n"
+        + blessing
         + "  CALL = call\n"
-        + f"  KEY = setmetatable({{{key_table}}}, "
+        + f"  KEY = setmetatable({key_table}, "
         + "strict('keys', {}))\n"
         + "end\n"
+    )
+
+
+def lua_library(function: str, keys: type[tuple[str, ...]], call: type[msgspec.Struct],
+                body: str) -> str:
+    """The Redis Function library of a script (see the module docstring): the preamble's
+    helpers and metatables and the source above the :data:`PER_CALL` line at its top
+    level (run once, at FUNCTION LOAD), one function ``function`` that gives ``KEY`` and
+    ``CALL`` for the call and runs the rest."""
+    metas, blessing, key_table = _preamble_parts(keys, call)
+    helpers, per_call = "", body
+    at = body.find("\n" + PER_CALL)
+    if body.startswith(PER_CALL):
+        at = 0
+    elif at >= 0:
+        at += 1
+    if at >= 0:
+        helpers, per_call = body[:at], body[at:]
+    head = _PREAMBLE_HEAD.format(keys=keys.__qualname__, call=call.__qualname__)
+    head = head.replace("local KEY, CALL\ndo\n", "local KEY, CALL\n")
+    return (
+        f"#!lua name={function}\n"
+        + head
+        + f"  local {metas}\n"
+        + "  local keys_meta  -- made at the first call: a load runs with no globals\n"
+        + "  local function _call_begins(KEYS, ARGV)\n"
+        + blessing.replace("\n  ", "\n    ").replace("  local call", "    local call", 1)
+        + "    CALL = call\n"
+        + "    if keys_meta == nil then keys_meta = strict('keys', {}) end\n"
+        + f"    KEY = setmetatable({key_table}, keys_meta)\n"
+        + "  end\n"
+        + helpers + "\n"
+        + f"redis.register_function{{function_name = '{function}', "
+        + "callback = function(KEYS, ARGV)\n"
+        + "_call_begins(KEYS, ARGV)\n"
+        + per_call + "\n"
+        + "end}\n"
     )
 
 

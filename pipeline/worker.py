@@ -28,7 +28,8 @@ What it promises:
   between reads, never by cancelling a read in flight. On stop the current batch
   finishes, then the loop exits.
 * **A lost group is made again, not a crash.** When Redis lost its streams (it came
-  back empty, or was emptied), a read or a claim answers NOGROUP: the worker logs
+  back empty, or was emptied), a read or a claim answers NOGROUP (Redis 7: a read
+  blocked at that moment answers UNBLOCKED): the worker logs
   it, creates its groups again (at the start of each stream: whatever producers
   added since is read) and goes on; a batch in hand is kept and handled as usual.
 * **Batches are as large as the stage wants.** A stage off the request path
@@ -143,8 +144,10 @@ class Stage(Protocol):
 
 
 def is_nogroup(exc: BaseException) -> bool:
-    """True for Redis's answer about a stream or group that does not exist (NOGROUP)."""
-    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
+    """True for Redis's answer about a stream or group that does not exist (NOGROUP), or
+    (Redis 7) a blocked read ended because its stream was deleted meanwhile (UNBLOCKED
+    the stream key no longer exists): the group is gone with it either way."""
+    return isinstance(exc, ResponseError) and str(exc).startswith(("NOGROUP", "UNBLOCKED"))
 
 
 def consumer_name() -> str:

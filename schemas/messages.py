@@ -706,10 +706,13 @@ holds nothing."""
 class AdmittedEntry(Struct, kw_only=True, forbid_unknown_fields=True):
     """One entry of the admitted stream (quota -> select), field by field. Unlike the other
     streams its entry has two fields: ``d``, the request as the producer sent it
-    (:data:`Request`, JSON, passed on byte for byte), and ``c``, its :data:`Hold`."""
+    (:data:`Request`, JSON, passed on byte for byte), and ``c``, its :data:`Hold`. An
+    entry of ``d`` alone is a release (:class:`ReleaseRequest`, one or a batch) that a
+    producer added here itself, skipping quota (docs/wire-format.md); select validates it
+    as quota would and answers anything else ``invalid_request``."""
 
     d: Request
-    c: Hold
+    c: Hold | None = None
 
 
 class Tick(Struct, kw_only=True):

@@ -280,7 +280,9 @@ class ClaimReservationRow(Row, tag="claim_reservation", kw_only=True):
 
 
 SelectRow = (AllocateRow | ReleaseRow | AllocateBatchRow | ReleaseBatchRow | RenewRow | CancelRow
-             | ReserveRow | CancelReservationRow | ClaimReservationRow | DeadRow)
+             | ReserveRow | CancelReservationRow | ClaimReservationRow | RefuseRow | DeadRow)
+"""A select row. ``refuse``: a release a producer sent straight to the admitted stream
+that did not validate (stages/select.py direct_item), answered ``invalid_request``."""
 
 
 class SelectCall(Struct, kw_only=True):

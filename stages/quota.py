@@ -115,6 +115,43 @@ def rate_limits(settings: Settings) -> RateLimits | None:
     )
 
 
+def release_problem(request: ReleaseRequest) -> str | None:
+    """Why a release request cannot be done as sent (None: it can). Quota and select
+    (for a release a producer sent straight to the admitted stream) check the same."""
+    if request.allocation_ids and (request.allocation_id or request.device_id):
+        return "allocation_ids excludes allocation_id and device_id"
+    if not request.allocation_id and not request.device_id and not request.allocation_ids:
+        return "release needs allocation_id, device_id or allocation_ids"
+    return None
+
+
+def invalid_row(entry: Entry, raw: bytes, reason: str, *, prefix: str, stage: str,
+                now_ms: int) -> RefuseRow | DeadRow:
+    """A request that did not validate: an ``invalid_request`` refusal when it names a
+    reply stream of ours, else a dead letter with the reason (never a silent drop)."""
+    try:
+        env = _envelope.decode(raw)
+    except RecursionError:
+        env = _shallow_envelope(raw)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        env = _Envelope()
+    reply_to = _text(env.reply_to)
+    answerable = len(reply_to) <= 200 and reply_to.startswith(f"{prefix}:reply:")
+    log.warning("request refused as invalid: %s", reason[:200], extra={
+        "request_id": _text(env.request_id)[:128], "user_id": _text(env.user_id)[:128],
+        "entry": entry.id, "outcome": "reply" if answerable else "dead_letter"})
+    if answerable:
+        return RefuseRow(
+            entry_id=entry.id, request_id=_text(env.request_id)[:128],
+            user_id=_text(env.user_id)[:128] or None,
+            tenant_id=_text(env.tenant_id)[:128] or None, reply_to=reply_to,
+            reason="invalid_request", message=f"Invalid request: {reason}"[:1000],
+        )
+    letter = dead_letter_of(entry, stage=stage, error=f"invalid_request: {reason}",
+                            at_ms=now_ms, refused=True)
+    return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+
+
 class QuotaStage:
     group = GROUP_QUOTA
 
@@ -171,11 +208,9 @@ class QuotaStage:
                                  user_id=request.user_id, reply_to=request.reply_to,
                                  payload=raw.decode())
         assert isinstance(request, ReleaseRequest)
-        if request.allocation_ids and (request.allocation_id or request.device_id):
-            return self._invalid(entry, raw, "allocation_ids excludes allocation_id and device_id")
-        if not request.allocation_id and not request.device_id and not request.allocation_ids:
-            return self._invalid(entry, raw,
-                                 "release needs allocation_id, device_id or allocation_ids")
+        problem = release_problem(request)
+        if problem:
+            return self._invalid(entry, raw, problem)
         return ForwardRow(entry_id=entry.id, payload=raw.decode())
 
     def _reserve(self, entry: Entry, raw: bytes, request: ReserveRequest) -> QuotaRow:
@@ -196,27 +231,8 @@ class QuotaStage:
                                payload=raw.decode())
 
     def _invalid(self, entry: Entry, raw: bytes, reason: str) -> QuotaRow:
-        try:
-            env = _envelope.decode(raw)
-        except RecursionError:
-            env = _shallow_envelope(raw)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            env = _Envelope()
-        reply_to = _text(env.reply_to)
-        answerable = len(reply_to) <= 200 and reply_to.startswith(f"{self.keys.prefix}:reply:")
-        log.warning("request refused as invalid: %s", reason[:200], extra={
-            "request_id": _text(env.request_id)[:128], "user_id": _text(env.user_id)[:128],
-            "entry": entry.id, "outcome": "reply" if answerable else "dead_letter"})
-        if answerable:
-            return RefuseRow(
-                entry_id=entry.id, request_id=_text(env.request_id)[:128],
-                user_id=_text(env.user_id)[:128] or None,
-                tenant_id=_text(env.tenant_id)[:128] or None, reply_to=reply_to,
-                reason="invalid_request", message=f"Invalid request: {reason}"[:1000],
-            )
-        letter = dead_letter_of(entry, stage=self.group, error=f"invalid_request: {reason}",
-                                at_ms=self.ctx.clock.now_ms(), refused=True)
-        return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+        return invalid_row(entry, raw, reason, prefix=self.keys.prefix, stage=self.group,
+                           now_ms=self.ctx.clock.now_ms())
 
     async def handle(self, entries: Sequence[Entry]) -> None:
         s = self.ctx.settings

@@ -55,7 +55,9 @@ from schemas.messages import (
     CancelRequest,
     CancelReservationRequest,
     ClaimReservationRequest,
+    ReleaseRequest,
     RenewRequest,
+    Request,
     ReserveRequest,
     request_decoder,
 )
@@ -66,6 +68,7 @@ from schemas.rows import (
     CancelRow,
     ClaimReservationRow,
     DeadRow,
+    RefuseRow,
     ReleaseBatchRow,
     ReleaseRow,
     RenewRow,
@@ -76,6 +79,7 @@ from schemas.rows import (
 )
 from schemas.runtime import dead_encoder
 from stages.context import StageContext
+from stages.quota import invalid_row, release_problem
 from stages.scripts import SELECT
 from stages.state import StateMissing
 
@@ -115,7 +119,9 @@ class SelectStage:
 
     def item(self, entry: Entry) -> SelectRow:
         """The row for one admitted entry (schemas.messages.AdmittedEntry: the request in
-        ``d``, the quota hold in ``c``)."""
+        ``d``, the quota hold in ``c``; ``d`` alone: a release a producer sent here)."""
+        if len(entry.fields) == 1 and b"d" in entry.fields:
+            return self.direct_item(entry)
         try:
             request = request_decoder.decode(entry.data)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
@@ -123,6 +129,39 @@ class SelectStage:
                                     error=f"undecodable admitted entry: {exc}",
                                     at_ms=self.ctx.clock.now_ms(), refused=True)
             return DeadRow(entry_id=entry.id, letter=dead_encoder.encode(letter).decode())
+        return self.request_item(entry, request)
+
+    def direct_item(self, entry: Entry) -> SelectRow:
+        """An entry a producer added to the admitted stream itself (``d`` alone, no ``c``): only a
+        release (one or a batch) may come this way, skipping quota, which has nothing to
+        check for it; it is validated as quota validates it (size, schema, reply stream,
+        fields), and what fails gets quota's answer: an ``invalid_request`` reply, or a
+        dead letter when it names no reply stream of ours."""
+        raw = entry.data
+        s = self.ctx.settings
+
+        def invalid(reason: str) -> RefuseRow | DeadRow:
+            return invalid_row(entry, raw, reason, prefix=self.keys.prefix, stage=self.group,
+                               now_ms=self.ctx.clock.now_ms())
+
+        if len(raw) > s.max_message_bytes:
+            return invalid(f"message of {len(raw)} bytes exceeds {s.max_message_bytes} bytes")
+        try:
+            request = request_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError) as exc:
+            return invalid(str(exc) or type(exc).__name__)
+        if not request.reply_to.startswith(f"{self.keys.prefix}:reply:"):
+            return invalid(f"reply_to must start with {self.keys.prefix}:reply:")
+        if not isinstance(request, ReleaseRequest):
+            return invalid(f"only a release may be sent to {self.keys.admitted}; send this "
+                           f"request to {self.keys.requests}")
+        problem = release_problem(request)
+        if problem:
+            return invalid(problem)
+        return self.request_item(entry, request)
+
+    def request_item(self, entry: Entry, request: Request) -> SelectRow:
+        """The row of a decoded request."""
         if isinstance(request, AllocateRequest) and request.count > 1:
             return AllocateBatchRow(
                 entry_id=entry.id, request_id=request.request_id, user_id=request.user_id,

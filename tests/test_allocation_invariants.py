@@ -278,18 +278,26 @@ class Model:
         return len(due)
 
 
-def burst_outcomes(model: Model, ops: list[Op], now: int) -> dict[tuple[Outcome, ...], Model]:
-    """Every outcome of ``ops`` (in request-stream order) the pipeline may produce.
+def burst_outcomes(model: Model, ops: list[Op], now: int,
+                   selected_order: list[str]) -> dict[tuple[Outcome, ...], Model]:
+    """Every outcome of ``ops`` (allocations in request-stream order: the order quota
+    admits them) the pipeline may produce, given ``selected_order``: the request ids in
+    the order select read them on the admitted stream (the allocations quota admitted,
+    and every release: a release goes straight there, or through quota unchanged).
 
-    Quota admits the allocations in order, select decides every request in order,
-    and each allocation is selected after it is admitted; a refused one never gets
-    to select. Any interleaving of the two sequences is possible.
-    """
+    Each allocation is selected after it is admitted; one quota refuses never gets to
+    select. Any interleaving of the two sequences that agrees with what reached the
+    admitted stream is possible (a branch where the model refuses an allocation that
+    reached it, or admits one that did not, is not what happened). Outcomes are in the
+    order of ``ops``."""
+    position = {op.rid: i for i, op in enumerate(ops)}
     allocs = [i for i, op in enumerate(ops) if isinstance(op, AllocOp)]
+    reached = set(selected_order)
+    sel = [position[rid] for rid in selected_order]
     found: dict[tuple[Outcome, ...], Model] = {}
 
     def walk(m: Model, admitted: int, selected: int, out: tuple[Outcome | None, ...]) -> None:
-        if selected == len(ops):
+        if admitted == len(allocs) and selected == len(sel):
             found.setdefault(tuple(o for o in out if o is not None), m)
             return
         if admitted < len(allocs):
@@ -298,20 +306,20 @@ def burst_outcomes(model: Model, ops: list[Op], now: int) -> dict[tuple[Outcome,
             assert isinstance(op, AllocOp)
             m2 = m.copy()
             refused = m2.admit(op, now)
-            out2 = out[:i] + (refused,) + out[i + 1:]
-            walk(m2, admitted + 1, selected, out2)
-        op = ops[selected]
+            if (refused is None) == (op.rid in reached):  # agrees with the admitted stream
+                walk(m2, admitted + 1, selected, out[:i] + (refused,) + out[i + 1:])
+        if selected == len(sel):
+            return
+        i = sel[selected]
+        op = ops[i]
         if isinstance(op, ReleaseOp):
             m2 = m.copy()
             result = m2.release(op, now)
-            walk(m2, admitted, selected + 1, out[:selected] + (result,) + out[selected + 1:])
-        elif allocs.index(selected) < admitted:
-            if out[selected] is not None:  # refused by quota: never reaches select
-                walk(m, admitted, selected + 1, out)
-            else:
-                m2 = m.copy()
-                result = m2.select(op, now)
-                walk(m2, admitted, selected + 1, out[:selected] + (result,) + out[selected + 1:])
+            walk(m2, admitted, selected + 1, out[:i] + (result,) + out[i + 1:])
+        elif allocs.index(i) < admitted:
+            m2 = m.copy()
+            result = m2.select(op, now)
+            walk(m2, admitted, selected + 1, out[:i] + (result,) + out[i + 1:])
 
     walk(model, 0, 0, (None,) * len(ops))
     return found
@@ -380,6 +388,7 @@ class AllocationMachine(RuleBasedStateMachine):
         self.replies.counts.clear()
         self.first_replies: dict[str, tuple[Op, Reply]] = {}
         self.stream_cursor = "0-0"
+        self.admitted_cursor = "0-0"
         self.rids = 0
         self.sentinels = 0
         self.stop = asyncio.Event()
@@ -572,10 +581,10 @@ class AllocationMachine(RuleBasedStateMachine):
                 assert reply.allocated_at_ms == now
                 assert reply.expires_at_ms == now + op.seconds * 1000
                 assert reply.device.status == "allocated"
-        order = self.runner.run(self._stream_order({op.rid for op in ops}))
+        order, selected_order = self.runner.run(self._stream_order({op.rid for op in ops}))
         by_order = sorted(ops, key=lambda op: order[op.rid])
         got = tuple(observed(by_rid[op.rid]) for op in by_order)
-        allowed = burst_outcomes(self.model, by_order, now)
+        allowed = burst_outcomes(self.model, by_order, now, selected_order)
         note(f"burst at {now}: {by_order}\n  got {got}\n  allowed {list(allowed)[:8]}")
         assert got in allowed, (
             f"burst {by_order} at {now} gave {got}; the model allows {sorted(allowed, key=str)}"
@@ -638,19 +647,31 @@ class AllocationMachine(RuleBasedStateMachine):
                 return False
         return True
 
-    async def _stream_order(self, rids: set[str]) -> dict[str, int]:
-        """Position of each new request on the request stream: the order the stages saw."""
+    async def _stream_order(self, rids: set[str]) -> tuple[dict[str, int], list[str]]:
+        """Position of each new request in the order the producers sent it (the request
+        stream, then the releases added straight to the admitted stream), and the request
+        ids in the order select read them (the admitted stream: what quota admitted or
+        forwarded, and the releases sent there)."""
         assert self.redis is not None
         order: dict[str, int] = {}
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
-                       await self.redis.xrange(self.keys.requests, min=f"({self.stream_cursor}"))
-        for entry_id, fields in entries:
-            self.stream_cursor = entry_id.decode()
-            rid = msgspec.json.decode(fields[b"d"])["request_id"]
-            if rid in rids:
+        selected: list[str] = []
+        for stream, cursor in ((self.keys.requests, "stream_cursor"),
+                               (self.keys.admitted, "admitted_cursor")):
+            entries = cast(list[tuple[bytes, dict[bytes, bytes]]],
+                           await self.redis.xrange(stream, min=f"({getattr(self, cursor)}"))
+            for entry_id, fields in entries:
+                setattr(self, cursor, entry_id.decode())
+                rid = msgspec.json.decode(fields[b"d"])["request_id"]
+                if rid not in rids:
+                    continue
+                if stream == self.keys.admitted:
+                    if rid not in selected:
+                        selected.append(rid)
+                    if b"c" in fields:
+                        continue  # quota's: sent on the request stream, ordered there
                 order[rid] = len(order)
         assert set(order) == rids
-        return order
+        return order, selected
 
     # -- invariants -------------------------------------------------------------------------
 

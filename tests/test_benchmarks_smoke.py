@@ -226,6 +226,32 @@ def test_targets_put_the_bare_chain_floor_beside_the_latency_target() -> None:
     assert "bare_chain_p50_ms" not in run.targets(doc)["latency_at_1000_per_s"]
 
 
+def test_targets_compare_allocate_per_request_with_the_baseline_at_the_same_rate() -> None:
+    def row(rate: float, p50: float, p99: float) -> dict[str, float]:
+        return {"offered_per_s": rate, "p50_ms": 9.0, "p99_ms": 30.0,
+                "allocate_p50_ms": p50, "allocate_p99_ms": p99}
+
+    doc = {
+        "pipeline": {"latency": [row(250, 0.5, 1.0), row(500, 0.6, 3.0), row(1000, 0.8, 4.0)]},
+        "baseline": {"latency": [row(250, 0.7, 2.0), row(500, 0.7, 1.5)]},
+        "ceiling": {"latency": [{"offered_per_s": 1000, "p50_ms": 0.5, "p99_ms": 2.0}]},
+        "ratios": {"pipeline_vs_baseline": 4.5, "pipeline_vs_ceiling": 0.6},
+    }
+    got = run.targets(doc)
+    low = got["allocate_vs_baseline_at_250_per_s"]
+    assert (low["p50_ratio"], low["p99_ratio"], low["met"]) == (0.7143, 0.5, True)
+    mid = got["allocate_vs_baseline_at_500_per_s"]
+    assert (mid["p99_ratio"], mid["met"]) == (2.0, False)  # p99 3.0 against 1.5
+    assert got["floor_ratio_at_1000_per_s"] == {"target": 1.5, "measured": 2.0, "met": False}
+    assert got["latency_at_1000_per_s"]["floor_ratio"] == 2.0
+    table = {e["offered_per_s"]: e for e in got["allocate_by_rate"]}
+    assert table[1000]["baseline_allocate_p50_ms"] is None  # not measured there: no ratio
+    assert table[1000]["allocate_p50_vs_baseline"] is None
+    assert "floor_ratio" not in table[250]
+    text = report.render_table({"ratios": doc["ratios"], "targets": got})
+    assert "floor_ratio_at_1000_per_s NOT met" in text and "(0.71x)" in text
+
+
 async def test_the_generator_never_sends_before_the_intended_instant() -> None:
     """The schedule's waker (a timerfd on Linux) returns at or after each instant asked
     for, never before: a request is never sent early (lateness is measured, earliness

@@ -35,7 +35,8 @@ def invalid_replies() -> float:
 
 
 async def sent(redis: Redis, keys: Keys, count: int) -> bool:
-    return int(await redis.xlen(keys.requests)) >= count
+    """``count`` requests sent: on the request stream, or (releases) the admitted one."""
+    return int(await redis.xlen(keys.requests)) + int(await redis.xlen(keys.admitted)) >= count
 
 
 async def test_an_undecodable_reply_is_counted_logged_and_answers_its_call_at_once(

@@ -238,6 +238,12 @@ async def every_path(redis: Redis, ctx: StageContext, clock: ManualClock) -> Run
                       "reply_to": d.reply_to}),
         b"{not json",
     )
+    # a release a producer sent straight to select (no `c`) that names nothing: select
+    # refuses it as quota would (a refuse row: failed reply, rejected change)
+    await d.admitted_directly({"d": orjson.dumps({"type": "release",
+                                                  "request_id": "r-direct-bad",
+                                                  "reply_to": d.reply_to})})
+    await d.through_select()
     # rate limits: a user's second request and a tenant's second (another user) at once
     await d.through_quota(d.allocate("other", "r-rate-1", pool="nowhere"),
                           d.allocate("other", "r-rate-2"),
@@ -693,6 +699,9 @@ async def test_every_message_every_script_emits_decodes_strictly(
                      "No available device", "Rate limit of user other",
                      "Rate limit of tenant acme", "Requested: 2"):
         assert any(expected in t for t in texts), expected
+    (direct_bad,) = [m for m in messages if m.request_id == "r-direct-bad"]
+    assert isinstance(direct_bad, Failed) and direct_bad.reason == "invalid_request"
+    assert "release needs allocation_id" in direct_bad.message
     # suspended between quota and select: refused by select, its hold given back
     (blocked,) = [m for m in messages if m.request_id == "r-blocked"]
     assert isinstance(blocked, Failed) and blocked.reason == "user_suspended"

@@ -254,3 +254,58 @@ async def test_a_header_or_record_field_renamed_in_python_only_fails_the_first_c
     with pytest.raises(ResponseError, match=re.escape(f"{what} has no field {field}")):
         await stale(redis, script.keys(*(getattr(keys, n) for n in script.keys._fields)), call)
 
+
+
+async def _has_functions(redis: Redis) -> bool:
+    info = await redis.info("server")
+    return int(str(info["redis_version"]).split(".")[0]) >= 7
+
+
+async def test_a_script_is_a_function_on_redis_7_and_evalsha_on_older(redis: Redis) -> None:
+    """How we know which path ran: ``functions`` is learned from the server's answer, and
+    on Redis 7 the library is listed by FUNCTION LIST under the script's function name."""
+    script = probe("-- a helper above the marker, run once at load\n"
+                   "local function twice(n) return n * 2 end\n"
+                   "-- @per-call\nreturn {CALL.name, twice(CALL.inner.size)}")
+    assert await script(redis, OneKey(stream="s"), CALL) == [b"n", 6]
+    functions = await _has_functions(redis)
+    assert script.functions is functions
+    if functions:
+        listed = await redis.execute_command("FUNCTION", "LIST", "LIBRARYNAME", script.function)
+        assert listed, "the library was loaded"
+    # the EVALSHA path answers the same on any server (what Redis 6.2 runs)
+    script.functions = False
+    assert await script(redis, OneKey(stream="s"), CALL) == [b"n", 6]
+
+
+async def test_a_lost_function_is_loaded_again(redis: Redis) -> None:
+    if not await _has_functions(redis):
+        pytest.skip("Redis before 7 has no Functions")
+    script = probe("return CALL.name")
+    assert await script(redis, OneKey(stream="s"), CALL) == b"n"
+    await redis.execute_command("FUNCTION", "DELETE", script.function)  # a server that lost it
+    assert await script(redis, OneKey(stream="s"), CALL) == b"n"
+    assert script.functions is True
+
+
+async def test_state_above_the_marker_is_the_library_s_and_outlives_a_call(
+        redis: Redis) -> None:
+    """Why common.lua resets its per-call state below the marker (begin_call): under
+    Functions a table above it is made once, at load, and kept between calls."""
+    script = probe("local seen = {}\n-- @per-call\n"
+                   "seen[#seen + 1] = CALL.name\nreturn #seen")
+    first = await script(redis, OneKey(stream="s"), CALL)
+    second = await script(redis, OneKey(stream="s"), CALL)
+    assert (first, second) == ((1, 2) if script.functions else (1, 1))
+
+
+async def test_the_stage_scripts_load_as_functions_and_reset_their_call_state(
+        redis: Redis) -> None:
+    """Every stage script loads (as a library on Redis 7: nothing above the marker may
+    call a global there), and common.lua's begin_call sits right below its marker."""
+    from stages.scripts import ALL
+
+    for script in ALL:
+        await script.load(redis)
+        assert script.functions is await _has_functions(redis)
+    assert "-- @per-call\nbegin_call()" in SELECT.body and QUOTA.body.count("-- @per-call") == 1

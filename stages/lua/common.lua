@@ -172,11 +172,11 @@ end
 
 -- What a user's state read gives select: the hold, the usage, then the quota's caps,
 -- then the status (at 11).
-local STATE_FIELDS = {'hold', unpack(USAGE_FIELDS)}
-for _, f in ipairs({'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores',
-                    'total_memory_gb', 'total_storage_gb', 'status'}) do
-  STATE_FIELDS[#STATE_FIELDS + 1] = f
-end
+-- (A literal: above the @per-call marker nothing may call a global, since a Redis
+-- Function library's top level runs at load, where Redis 7.0 gives it none.)
+local STATE_FIELDS = {'hold', 'used_devices', 'used_cpu', 'used_mem', 'used_sto',
+  'max_cpu_per_device', 'max_memory_mb_per_device', 'total_cpu_cores', 'total_memory_gb',
+  'total_storage_gb', 'status'}
 
 -- A status an event set after quota admitted the request (user.suspended, user.deleted,
 -- billing.overdue, payments failed): the request is refused, as quota would refuse it now,
@@ -521,3 +521,15 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   if freed then offer_device(P, changes, now, a[1]) end
   return rec
 end
+
+-- State of one script call, reset at its start: with Redis Functions (pipeline/scripts.py)
+-- everything above the marker line below is the library's top level, run once at load,
+-- so what a call changes up there must be set afresh here; what follows the marker (the
+-- script's own file) runs at every call, as all of it does under EVALSHA.
+local function begin_call()
+  reply_ttl_set, held_replies, held_list = {}, false, {}
+  host_counts, stat_counts = {}, {}
+  booked_n, queue_n = nil, nil
+end
+-- @per-call
+begin_call()

@@ -767,6 +767,15 @@ local acks = each_row(CALL.items, {
   reserve = counted('reserve'),
   cancel_reservation = counted('cancel_reservation'),
   claim_reservation = counted('claim_reservation'),
+  refuse = function(row)
+    -- a release sent straight here that did not validate (select.py direct_item): the
+    -- answer quota gives such a request (not kept as the request id's answer)
+    local json = failed_reply(row.request_id, row.reason, row.message, nil)
+    send_reply(row.reply_to, json, reply_ttl)
+    emit_change(changes, rejected_change(row.request_id, row.user_id, row.tenant_id,
+      row.reason, row.message, now))
+    n_failed = n_failed + 1
+  end,
   dead = function(row)
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1

@@ -123,6 +123,7 @@ class Client:
         self._task: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
         self._outbox: list[str] = []
+        self._direct: list[str] = []  # releases, for the admitted stream
         self._outbox_ready = asyncio.Event()
         self._closing = False
         self.queued: dict[str, Queued] = {}
@@ -232,7 +233,8 @@ class Client:
             request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
             allocation_ids=allocation_ids, user_id=user_id,
         )
-        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s,
+                                direct=True)
         assert isinstance(reply, ReleasedBatch | Failed)
         return reply
 
@@ -244,7 +246,8 @@ class Client:
             request_id=request_id or uuid.uuid4().hex, reply_to=self.reply_stream,
             allocation_id=allocation_id, device_id=device_id, user_id=user_id,
         )
-        reply = await self.send(request.request_id, encoder.encode(request), timeout_s)
+        reply = await self.send(request.request_id, encoder.encode(request), timeout_s,
+                                direct=True)
         assert isinstance(reply, Released | Failed)
         return reply
 
@@ -307,8 +310,11 @@ class Client:
         assert isinstance(reply, Claimed | Failed)
         return reply
 
-    async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None) -> Reply:
-        """Add a raw request (UTF-8 JSON) to the request stream and wait for its reply."""
+    async def send(self, request_id: str, payload: bytes, timeout_s: float | None = None, *,
+                   direct: bool = False) -> Reply:
+        """Add a raw request (UTF-8 JSON) to the request stream and wait for its reply.
+        ``direct``: a release, added to the admitted stream instead (select's input: it
+        needs no admission, so it skips the quota hop; see docs/wire-format.md)."""
         assert self._redis is not None, "call start() first"
         text = payload.decode()  # a script call carries text; raises here, not in the sender
         timeout = timeout_s or self.timeout_s
@@ -318,7 +324,7 @@ class Client:
         # one timer handle per call (cheaper than wait_for's task and callbacks)
         timer = loop.call_later(timeout, _time_out, future)
         try:
-            self._outbox.append(text)
+            (self._direct if direct else self._outbox).append(text)
             self._outbox_ready.set()
             reply = await future
         finally:
@@ -333,25 +339,33 @@ class Client:
     async def _send_requests(self) -> None:
         """Send what callers queued, all of it per round trip (one XADD or one script call)."""
         assert self._send_channel is not None
-        while not (self._closing and not self._outbox):
+        while not (self._closing and not self._outbox and not self._direct):
             await self._outbox_ready.wait()
             self._outbox_ready.clear()
             batch, self._outbox = self._outbox, []
-            if not batch:
-                continue
+            direct, self._direct = self._direct, []
             try:
-                if len(batch) == 1:  # a plain XADD costs Redis less than a script call
-                    await self._send_channel.call("XADD", self.keys.requests, "*", "d", batch[0])
-                else:
-                    for start in range(0, len(batch), SEND_BATCH):
-                        await APPEND(self._send_channel, AppendKeys(stream=self.keys.requests),
-                                     AppendCall(payloads=batch[start:start + SEND_BATCH]))
+                if batch:
+                    await self._add(self.keys.requests, batch)
+                if direct:
+                    await self._add(self.keys.admitted, direct)
             except REDIS_DOWN:
                 # not known to be sent: put them back in front and try again shortly (a
                 # request sent twice is answered once: request ids make it idempotent)
                 self._outbox[:0] = batch
+                self._direct[:0] = direct
                 await asyncio.sleep(0.1)
                 self._outbox_ready.set()
+
+    async def _add(self, stream: str, batch: list[str]) -> None:
+        """One entry per payload (field ``d``) on ``stream``, in order."""
+        assert self._send_channel is not None
+        if len(batch) == 1:  # a plain XADD costs Redis less than a script call
+            await self._send_channel.call("XADD", stream, "*", "d", batch[0])
+            return
+        for start in range(0, len(batch), SEND_BATCH):
+            await APPEND(self._send_channel, AppendKeys(stream=stream),
+                         AppendCall(payloads=batch[start:start + SEND_BATCH]))
 
     async def _read_replies(self) -> None:
         assert self._read_channel is not None
