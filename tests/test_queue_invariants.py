@@ -436,6 +436,8 @@ class RateMachine(RuleBasedStateMachine):
                 for b in self._buckets(user):
                     self.passed.setdefault(b, []).append(now)
             else:
+                # retry_after_ms is the bucket's arithmetic on the injected clock (no time is
+                # measured): a refusal must name a wait, which retry_after_the_refusal then replays
                 assert refusal.retry_after_ms is not None and refusal.retry_after_ms > 0, refusal
                 self.refused[user] = (now, refusal.retry_after_ms, self._taken(user))
         return refusals
