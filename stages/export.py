@@ -56,7 +56,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -66,7 +66,7 @@ from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
 from pipeline.connections import text
-from pipeline.http_sink import HttpSender, SenderConfig, SinkItem, SinkStage
+from pipeline.http_sink import HttpSender, SenderConfig, SinkItem, SinkKind, SinkStage
 from pipeline.worker import Entry
 from schemas.events import Standing
 from schemas.keys import GROUP_EXPORT, Keys
@@ -135,6 +135,24 @@ def sender_config(settings: Settings) -> SenderConfig:
         breaker_failures=settings.http_breaker_failures,
         breaker_open_ms=settings.http_breaker_open_ms, batch=settings.http_batch,
     )
+
+
+def shared_sink_stage(ctx: StageContext, name: str, kind: Callable[[StageContext], SinkKind],
+                      source: str, base_url: str) -> SinkStage:
+    """The sink stage ``name`` of this process: one per context, built on first use and
+    shared with its background task (the retry loop, the export's refresher)."""
+    stage = ctx.shared.get(name)
+    if stage is None:
+        keys = ctx.keys
+        stage = SinkStage(
+            kind(ctx), redis=ctx.redis, clock=ctx.clock, source=source,
+            replay=keys.sink_replay(name), retry_key=keys.sink_retry(name),
+            dead_stream=keys.dead, base_url=base_url, config=sender_config(ctx.settings),
+            states_key=keys.sink_states, batching=ctx.write_behind,
+        )
+        ctx.shared[name] = stage
+    assert isinstance(stage, SinkStage)
+    return stage
 
 
 def usage_entry(change: AllocationChange, row: asyncpg.Record | None = None) -> UsageEntry:
@@ -206,18 +224,8 @@ class UsageExport:
 
 def export_stage(ctx: StageContext) -> SinkStage:
     """The stage of this process (one per context, shared with its background task)."""
-    stage = ctx.shared.get(GROUP_EXPORT)
-    if stage is None:
-        s, keys = ctx.settings, ctx.keys
-        stage = SinkStage(
-            UsageExport(ctx), redis=ctx.redis, clock=ctx.clock, source=keys.changes,
-            replay=keys.sink_replay(GROUP_EXPORT), retry_key=keys.sink_retry(GROUP_EXPORT),
-            dead_stream=keys.dead, base_url=s.billing_url, config=sender_config(s),
-            states_key=keys.sink_states, batching=ctx.write_behind,
-        )
-        ctx.shared[GROUP_EXPORT] = stage
-    assert isinstance(stage, SinkStage)
-    return stage
+    return shared_sink_stage(ctx, GROUP_EXPORT, UsageExport, ctx.keys.changes,
+                             ctx.settings.billing_url)
 
 
 def standing_event(user_id: str, standing: AccountStanding, now_ms: int) -> bytes:

@@ -28,7 +28,7 @@ from pipeline.worker import Entry
 from schemas.keys import GROUP_WEBHOOK
 from schemas.messages import Notification, WebhookNotification
 from stages.context import StageContext
-from stages.export import sender_config
+from stages.export import shared_sink_stage
 
 SIGNATURE_HEADER = "X-Devsched-Signature"
 
@@ -83,18 +83,8 @@ class WebhookSink:
 
 def webhook_stage(ctx: StageContext) -> SinkStage:
     """The stage of this process (one per context, shared with its retry loop)."""
-    stage = ctx.shared.get(GROUP_WEBHOOK)
-    if stage is None:
-        s, keys = ctx.settings, ctx.keys
-        stage = SinkStage(
-            WebhookSink(ctx), redis=ctx.redis, clock=ctx.clock, source=keys.notifications,
-            replay=keys.sink_replay(GROUP_WEBHOOK), retry_key=keys.sink_retry(GROUP_WEBHOOK),
-            dead_stream=keys.dead, base_url=s.webhook_url, config=sender_config(s),
-            states_key=keys.sink_states, batching=ctx.write_behind,
-        )
-        ctx.shared[GROUP_WEBHOOK] = stage
-    assert isinstance(stage, SinkStage)
-    return stage
+    return shared_sink_stage(ctx, GROUP_WEBHOOK, WebhookSink, ctx.keys.notifications,
+                             ctx.settings.webhook_url)
 
 
 async def run_webhook_retries(ctx: StageContext, stop: asyncio.Event) -> None:

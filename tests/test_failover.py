@@ -69,20 +69,14 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from redis.asyncio import Redis
 
 from pipeline.clock import SystemClock
-from pipeline.connections import REDIS_DOWN, redis_client
+from pipeline.connections import redis_client
 from pipeline.embedded import sentinel
 from schemas.keys import Keys
 from schemas.messages import (
-    Allocated,
-    AllocateRequest,
     DeviceSpec,
     QuotaSpec,
-    Released,
-    ReleaseRequest,
-    Reply,
     encoder,
 )
 from stages.app import APP
@@ -90,7 +84,7 @@ from stages.settings import Settings
 from stages.tools.admin import add_devices, set_quotas, write_behind_drained
 from stages.tools.audit import audit
 from tests.conftest import wait_until
-from tests.test_faults import STAGES, Alloc, Load, Sent, _cli, _start_run, _workers, overlaps
+from tests.test_faults import STAGES, Alloc, Load, _cli, _start_run, _workers, overlaps
 
 pytestmark = pytest.mark.faults
 
@@ -116,54 +110,9 @@ USERS = 10
 
 
 class FailoverLoad(Load):
-    """The load of tests/test_faults.py with this test's timings, noting when each reply
-    came (for the time without service)."""
+    """The load of tests/test_faults.py with this test's timings."""
 
-    def __init__(self, redis: Redis, keys: Keys) -> None:
-        super().__init__(redis, keys)
-        self.answered_at: list[float] = []
-        self.released: set[str] = set()
-
-    async def send(self, rid: str, kind: str, payload: bytes) -> Reply | None:
-        sent = self.requests[rid] = Sent(self.phase, kind)
-        try:
-            await self.redis.xadd(self.keys.requests, {"d": payload})
-        except REDIS_DOWN:
-            return None
-        sent.sent = True
-        try:
-            await asyncio.wait_for(sent.done.wait(), TIMEOUT_S)
-        except TimeoutError:
-            sent.timed_out = True
-            return None
-        self.answered_at.append(time.monotonic())
-        return sent.replies[0]
-
-    async def cycle(self, n: int) -> None:
-        user = f"u{n % USERS}"
-        got = await self.send(f"a{n}", "allocate", encoder.encode(AllocateRequest(
-            request_id=f"a{n}", user_id=user, reply_to=self.reply_to,
-            duration_seconds=DURATION_S)))
-        if not isinstance(got, Allocated):
-            return
-        self.allocations[got.allocation_id] = Alloc(self.phase, got.allocation_id,
-                                                    got.device.id, got.allocated_at_ms)
-        await asyncio.sleep(HOLD_S)
-        done = await self.send(f"r{n}", "release", encoder.encode(ReleaseRequest(
-            request_id=f"r{n}", allocation_id=got.allocation_id, user_id=user,
-            reply_to=self.reply_to)))
-        if isinstance(done, Released):
-            self.allocations[got.allocation_id].end_ms = done.released_at_ms
-            self.released.add(got.allocation_id)
-
-    async def run(self) -> None:
-        started = time.monotonic()
-        while not self.stopping:
-            self.n += 1
-            task = asyncio.create_task(self.cycle(self.n))
-            self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
-            await asyncio.sleep(max(0.0, started + self.n / RATE - time.monotonic()))
+    rate, hold_s, duration_s, timeout_s = RATE, HOLD_S, DURATION_S, TIMEOUT_S
 
 
 def _longest_gap(times: list[float], since: float) -> float:

@@ -123,7 +123,12 @@ class Alloc:
 
 
 class Load:
-    """The open-loop load: raw requests in, every reply read and counted."""
+    """The open-loop load: raw requests in, every reply read and counted (when each came,
+    and which allocations were released by their reply)."""
+
+    rate, hold_s, duration_s, timeout_s = RATE, HOLD_S, DURATION_S, TIMEOUT_S
+    """Cycles per second, how long one holds its device, its allocation's duration, the
+    time-out per request (a subclass sets its own)."""
 
     def __init__(self, redis: Redis, keys: Keys) -> None:
         self.redis, self.keys = redis, keys
@@ -135,6 +140,8 @@ class Load:
         self.reading = True
         self.n = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.answered_at: list[float] = []
+        self.released: set[str] = set()
 
     async def read_replies(self) -> None:
         last = "0-0"
@@ -165,27 +172,29 @@ class Load:
             return None  # never reached Redis: not a request of the system's
         sent.sent = True
         try:
-            await asyncio.wait_for(sent.done.wait(), TIMEOUT_S)
+            await asyncio.wait_for(sent.done.wait(), self.timeout_s)
         except TimeoutError:
             sent.timed_out = True
             return None
+        self.answered_at.append(time.monotonic())
         return sent.replies[0]
 
     async def cycle(self, n: int) -> None:
         user = f"u{n % USERS}"
         got = await self.send(f"a{n}", "allocate", encoder.encode(AllocateRequest(
             request_id=f"a{n}", user_id=user, reply_to=self.reply_to,
-            duration_seconds=DURATION_S)))
+            duration_seconds=self.duration_s)))
         if not isinstance(got, Allocated):
             return
         self.allocations[got.allocation_id] = Alloc(self.phase, got.allocation_id,
                                                     got.device.id, got.allocated_at_ms)
-        await asyncio.sleep(HOLD_S)
+        await asyncio.sleep(self.hold_s)
         done = await self.send(f"r{n}", "release", encoder.encode(ReleaseRequest(
             request_id=f"r{n}", allocation_id=got.allocation_id, user_id=user,
             reply_to=self.reply_to)))
         if isinstance(done, Released):
             self.allocations[got.allocation_id].end_ms = done.released_at_ms
+            self.released.add(got.allocation_id)
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -194,7 +203,7 @@ class Load:
             task = asyncio.create_task(self.cycle(self.n))
             self.tasks.add(task)
             task.add_done_callback(self.tasks.discard)
-            await asyncio.sleep(max(0.0, started + self.n / RATE - time.monotonic()))
+            await asyncio.sleep(max(0.0, started + self.n / self.rate - time.monotonic()))
 
     async def finish(self) -> None:
         self.stopping = True

@@ -21,10 +21,12 @@ Redis and every reply, and checks:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any, ClassVar
 
@@ -301,14 +303,37 @@ class QueueMachine(RuleBasedStateMachine):
         return {"free": free, "devices": devices, "users": users}
 
 
-def test_batches_and_the_wait_queue_keep_their_invariants(servers: ServerUrls) -> None:
+@contextlib.contextmanager
+def bound(machine: Any, servers: ServerUrls) -> Iterator[None]:
+    """The machine's event loop and settings for this test."""
     with asyncio.Runner() as runner:
-        QueueMachine.runner = runner
-        QueueMachine.base = base_settings(servers)
-        run_state_machine_as_test(QueueMachine, settings=hsettings(
-            max_examples=60, stateful_step_count=40, deadline=None,
+        machine.runner = runner
+        machine.base = base_settings(servers)
+        yield
+
+
+def run_machine(machine: Any, servers: ServerUrls, examples: int, steps: int) -> None:
+    with bound(machine, servers):
+        run_state_machine_as_test(machine, settings=hsettings(
+            max_examples=examples, stateful_step_count=steps, deadline=None,
             suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         ))
+
+
+def break_script(monkeypatch: pytest.MonkeyPatch, module: Any, script: Any, old: str,
+                 new: str) -> None:
+    """The stage ``module`` runs ``script`` with ``old`` replaced by ``new`` (to show an
+    invariant bites); hypothesis' event() is off, as the machine runs outside it."""
+    from pipeline.scripts import Script
+
+    assert script.body.count(old) == 1
+    monkeypatch.setattr(module, script.name.upper(), Script(
+        script.name, script.keys, script.call, script.body.replace(old, new)))
+    monkeypatch.setattr(sys.modules[__name__], "event", lambda *_a: None)
+
+
+def test_batches_and_the_wait_queue_keep_their_invariants(servers: ServerUrls) -> None:
+    run_machine(QueueMachine, servers, examples=60, steps=40)
 
 
 def test_the_machine_would_see_a_device_left_idle(servers: ServerUrls,
@@ -316,18 +341,11 @@ def test_the_machine_would_see_a_device_left_idle(servers: ServerUrls,
     """The invariant bites: with offer_device turned off (a freed device goes back to the
     free pool), a release while a fitting waiter waits fails invariant 3."""
     import stages.select
-    from pipeline.scripts import Script
     from stages.scripts import SELECT
 
-    old = "  if queue_count(P) == 0 then return false end"
-    assert SELECT.body.count(old) == 1
-    broken = Script(SELECT.name, SELECT.keys, SELECT.call,
-                    SELECT.body.replace(old, "  if true then return false end"))
-    monkeypatch.setattr(stages.select, "SELECT", broken)
-    monkeypatch.setattr(sys.modules[__name__], "event", lambda *_a: None)  # outside hypothesis
-    with asyncio.Runner() as runner:
-        QueueMachine.runner = runner
-        QueueMachine.base = base_settings(servers)
+    break_script(monkeypatch, stages.select, SELECT,
+                 "  if queue_count(P) == 0 then return false end", "  if true then return false end")
+    with bound(QueueMachine, servers):
         m = QueueMachine()
         try:
             m.setup([("a", 2)])
@@ -479,13 +497,7 @@ class RateMachine(RuleBasedStateMachine):
 
 
 def test_rate_limits_keep_their_bound_and_their_retry_after(servers: ServerUrls) -> None:
-    with asyncio.Runner() as runner:
-        RateMachine.runner = runner
-        RateMachine.base = base_settings(servers)
-        run_state_machine_as_test(RateMachine, settings=hsettings(
-            max_examples=40, stateful_step_count=30, deadline=None,
-            suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        ))
+    run_machine(RateMachine, servers, examples=40, steps=30)
 
 
 def test_the_rate_machine_would_see_a_window_over_its_bound(servers: ServerUrls,
@@ -494,18 +506,11 @@ def test_the_rate_machine_would_see_a_window_over_its_bound(servers: ServerUrls,
     """The bound bites: with the buckets never emptied (the token taken is put back), a
     burst past it fails the window invariant."""
     import stages.quota
-    from pipeline.scripts import Script
     from stages.scripts import QUOTA
 
-    old = "bucket_keep(ukey, u - 1000,"
-    assert QUOTA.body.count(old) == 1
-    broken = Script(QUOTA.name, QUOTA.keys, QUOTA.call,
-                    QUOTA.body.replace(old, "bucket_keep(ukey, u,"))
-    monkeypatch.setattr(stages.quota, "QUOTA", broken)
-    monkeypatch.setattr(sys.modules[__name__], "event", lambda *_a: None)  # outside hypothesis
-    with asyncio.Runner() as runner:
-        RateMachine.runner = runner
-        RateMachine.base = base_settings(servers)
+    break_script(monkeypatch, stages.quota, QUOTA, "bucket_keep(ukey, u - 1000,",
+                 "bucket_keep(ukey, u,")
+    with bound(RateMachine, servers):
         m = RateMachine()
         try:
             m.setup((2.0, 3), (3.0, 2))
