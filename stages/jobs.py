@@ -57,6 +57,12 @@ PURGE_BATCH = 10_000
 ERROR_MAX = 2_000
 """Characters of a run's error kept."""
 KILLED = "worker died: still running past its timeout"
+END_RETRY_S = 60.0
+"""How long a run keeps trying to end its claim while Redis is away (a restart, a
+failover): a claim left behind holds the job off until its deadline (the job's timeout,
+300 s by default), and an expire held off that long leaves ended allocations open."""
+END_BACKOFF_S = (0.05, 2.0)
+"""The first and the longest pause between two tries to end a claim."""
 """The error of a run found holding its claim past the deadline."""
 
 
@@ -374,17 +380,32 @@ async def execute(ctx: StageContext, job: Job, execution_id: str, attempt: int,
     metrics.JOB_RUNS.labels(job.name, status).inc()
     await _record(ctx, f"end {job.name}", END, eid, job.name, ts(started),
                   ts(started + duration), duration, processed, status, error, attempt, manual)
-    try:
-        outcome, flat = await jobs_script(ctx, JobsCall(
-            prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
-            finish=JobFinish(name=job.name, execution_id=execution_id, status=status)))
-    except REDIS_DOWN as exc:
-        # the claim stays and runs out at its deadline: then the run is retried
-        log.warning("job claim not ended: %s", exc, extra={"job": job.name})
-    else:
-        if text(outcome) == "ok":
-            await record_info(ctx, job.name, hash_of(flat))
+    ended = await end_claim(ctx, JobFinish(name=job.name, execution_id=execution_id,
+                                           status=status))
+    if ended is not None and text(ended[0]) == "ok":
+        await record_info(ctx, job.name, hash_of(ended[1]))
     return RunOutcome(job.name, execution_id, started, status, processed, error, duration)
+
+
+async def end_claim(ctx: StageContext, finish: JobFinish) -> Any:
+    """End the run's claim (jobs.lua ``finish``), trying again while Redis is away for
+    up to ``END_RETRY_S``; jobs.lua's answer, or None when Redis stayed away (the claim
+    then runs out at its deadline and the run is retried). Ending is idempotent: a
+    claim already ended, or one a failover lost, is left as it is."""
+    pause, longest = END_BACKOFF_S
+    give_up = time.monotonic() + END_RETRY_S
+    while True:
+        try:
+            return await jobs_script(ctx, JobsCall(prefix=ctx.settings.prefix,
+                                                   now_ms=ctx.clock.now_ms(), finish=finish))
+        except REDIS_DOWN as exc:
+            if time.monotonic() + pause > give_up:
+                log.warning("job claim not ended: %s", exc, extra={"job": finish.name})
+                return None
+            log.warning("job claim not ended yet, trying again in %.2f s: %s", pause, exc,
+                        extra={"job": finish.name})
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
 
 
 async def jobs_script(ctx: StageContext, call: JobsCall) -> Any:

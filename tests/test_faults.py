@@ -124,7 +124,7 @@ class Alloc:
 
 class Load:
     """The open-loop load: raw requests in, every reply read and counted (when each came,
-    and which allocations were released by their reply)."""
+    and how each allocation ended by its release reply)."""
 
     rate, hold_s, duration_s, timeout_s = RATE, HOLD_S, DURATION_S, TIMEOUT_S
     """Cycles per second, how long one holds its device, its allocation's duration, the
@@ -141,7 +141,9 @@ class Load:
         self.n = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self.answered_at: list[float] = []
-        self.released: set[str] = set()
+        self.released: dict[str, str] = {}
+        """Allocation id -> how its release reply said it ended: ``released``, or
+        ``expired`` when the release came after its time ran out (already_released)."""
 
     async def read_replies(self) -> None:
         last = "0-0"
@@ -194,7 +196,7 @@ class Load:
             reply_to=self.reply_to)))
         if isinstance(done, Released):
             self.allocations[got.allocation_id].end_ms = done.released_at_ms
-            self.released.add(got.allocation_id)
+            self.released[got.allocation_id] = done.status
 
     async def run(self) -> None:
         started = time.monotonic()
@@ -221,6 +223,30 @@ def _start_run(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, "-m", "stages.tools.cli", "run", "--split"],
                                 env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+
+
+async def settle(redis: Redis, keys: Keys, timeout: float, log_path: Path) -> None:
+    """Wait until every allocation is over (those whose release Redis lost expire) and
+    the write-behind has drained; past ``timeout`` fail with what is left: the expiry
+    set, each group's state on the changes and ticks streams, the run's last lines."""
+    async def settled() -> bool:
+        return (int(await redis.zcard(keys.expiry)) == 0
+                and await write_behind_drained(redis, keys))
+    try:
+        await wait_until(settled, timeout)
+    except AssertionError:
+        left = await redis.zrange(keys.expiry, 0, 4, withscores=True)
+        groups = {}
+        for stream in (keys.changes, keys.ticks):
+            last = await redis.xrevrange(stream, count=1)
+            groups[stream] = {"last": text(last[0][0]) if last else None, "groups": [
+                {text(k): text(v) if isinstance(v, bytes) else v for k, v in g.items()}
+                for g in await redis.xinfo_groups(stream)]}
+        lines = log_path.read_text(errors="replace").splitlines()[-60:]
+        raise AssertionError(
+            f"not settled in {timeout:.0f} s: expiry {await redis.zcard(keys.expiry)} "
+            f"(first {left}, now {int(time.time() * 1000)}), streams {groups}; "
+            "the run's last lines:\n" + "\n".join(lines)) from None
 
 
 def _workers(run_pid: int) -> dict[str, int]:
@@ -350,10 +376,7 @@ async def test_faults_under_load_lose_and_double_nothing(
 
         # the end: every allocation over (those Redis lost the release of expire), all
         # of it in PostgreSQL
-        async def settled() -> bool:
-            return (int(await redis.zcard(keys.expiry)) == 0
-                    and await write_behind_drained(redis, keys))
-        await wait_until(settled, FINAL_TIMEOUT_S)
+        await settle(redis, keys, FINAL_TIMEOUT_S, tmp_path / "run.log")
 
         async def exported_all() -> bool:  # the billing export caught up (backfill included)
             conn = await asyncpg.connect(own.database_url)

@@ -19,9 +19,11 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from urllib.parse import urlsplit
 
 import asyncpg
 import orjson
+import pytest
 import pytest_asyncio
 from redis.asyncio import Redis
 
@@ -30,7 +32,18 @@ from pipeline.connections import redis_client
 from schemas.keys import Keys
 from schemas.messages import Allocated, DeviceSpec, JobRunResult, QuotaSpec
 from stages.context import StageContext
-from stages.jobs import JOBS, KILLED, START, RunOutcome, claim, claim_of, run_due, run_now, ts
+from stages.jobs import (
+    JOBS,
+    KILLED,
+    START,
+    RunOutcome,
+    claim,
+    claim_of,
+    execute,
+    run_due,
+    run_now,
+    ts,
+)
 from stages.settings import Settings
 from stages.tools.client import Client
 from stages.tools.jobs import control, history, job_state, run_job
@@ -337,3 +350,81 @@ async def test_a_job_request_that_does_not_decode_goes_to_the_dead_stream(
     [(_, fields)] = await redis.xrange(keys.dead)
     letter = orjson.loads(fields[b"d"])
     assert letter["stage"] == "timers" and "invalid job run" in letter["error"]
+
+
+class Gate:
+    """A TCP door in front of the test's Redis (its unix socket): shut, it drops every
+    connection through it and refuses new ones, as a Redis restarting or failing over
+    does; opened again, connections pass."""
+
+    def __init__(self, redis_url: str) -> None:
+        parts = urlsplit(redis_url)
+        self.socket_path, self.password = parts.path, parts.password or ""
+        self.port = 0
+        self.server: asyncio.Server | None = None
+        self.links: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    async def open(self) -> None:
+        self.server = await asyncio.start_server(self._link, "127.0.0.1", self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def shut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for w in list(self.links):
+            w.close()
+        await self.server.wait_closed()
+
+    async def _link(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_unix_connection(self.socket_path)
+        self.links |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+                self.links.discard(dst)
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+
+async def test_a_run_ends_its_claim_once_redis_is_back(
+    jctx: StageContext, settings: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis goes away while a run works (a restart, a failover) and comes back a second
+    later: the run ends its claim then, so the next period runs the job, instead of the
+    claim holding it off until its deadline (the job's timeout)."""
+    gate = Gate(settings.redis_url)
+    await gate.open()
+    client = redis_client(replace(settings, redis_url=gate.url))
+    ctx = replace(jctx, redis=client)
+
+    async def outage(_: StageContext) -> int:
+        await gate.shut()
+        asyncio.get_running_loop().call_later(1.0, lambda: asyncio.ensure_future(gate.open()))
+        return 7
+
+    job = replace(JOBS["expire"], run=outage)
+    try:
+        [(_, outcome, eid, attempt, _, _)] = await claim(ctx, [claim_of(
+            job, settings, jctx.clock.now_ms())])
+        assert outcome == "run"
+        done = await execute(ctx, job, eid, attempt, False)
+    finally:
+        await client.aclose()
+        if gate.server is not None:
+            gate.server.close()
+    assert (done.status, done.processed) == ("succeeded", 7)
+    assert "job claim not ended yet, trying again" in caplog.text
+    state = await job_state(jctx.redis, settings, "expire")
+    assert state["running"] is None and state["last_status"] == "succeeded"
+    jctx.clock.advance(settings.tick_ms)
+    assert ran(await run_due(jctx), "expire") == 1  # not held off by a claim left behind
