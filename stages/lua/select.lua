@@ -167,7 +167,6 @@ end
 
 -- --- the other strategies --------------------------------------------------------------
 
-local STRATEGY_PICKS = {}  -- name -> function(candidates, uid, scope): the chosen candidate
 local strategy_of = nil  -- field -> strategy, read once per call at its first allocation
 
 local function strategy_for(pool)
@@ -179,147 +178,182 @@ local function strategy_for(pool)
   return (pool and strategy_of[pool]) or strategy_of['*'] or 'resource_based'
 end
 
-local SCAN_PAGE = 64
--- Every fitting device of one free pool (scan_fits), as candidates {id, score, pool, d}.
--- It reads every device that passes CPU and memory: these strategies cost a read per
--- candidate.
-local function add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  scan_fits(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto,
-    SCAN_PAGE, SCAN_PAGE, function(id, score, d)
-      list[#list + 1] = {id, score, pl, d}
-      return false
-    end)
-end
-
--- a before b: the better fit (lower score), then the smaller id
-local function fits_better(a, b)
-  if a[2] ~= b[2] then return a[2] < b[2] end
-  return a[1] < b[1]
-end
-
-local function best_of(list, keep)
-  local best = nil
-  for _, c in ipairs(list) do
-    if (not keep or keep(c)) and (not best or fits_better(c, best)) then best = c end
+-- The strategies other than resource_based, built at the first allocation under one of
+-- them (a call that needs none does not pay for making their functions: under EVALSHA
+-- the whole script runs at every call). {picks = name -> function(candidates, uid,
+-- scope): the chosen candidate, pick = pick_by_strategy}.
+local strategies_lib = nil
+local function strategies()
+  if strategies_lib then return strategies_lib end
+  local STRATEGY_PICKS = {}
+  local SCAN_PAGE = 64
+  -- Every fitting device of one free pool (scan_fits), as candidates {id, score, pool, d}.
+  -- It reads every device that passes CPU and memory: these strategies cost a read per
+  -- candidate.
+  local function add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+    scan_fits(k_pool(P, 'free:' .. pl), model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto,
+      SCAN_PAGE, SCAN_PAGE, function(id, score, d)
+        list[#list + 1] = {id, score, pl, d}
+        return false
+      end)
   end
-  return best
-end
 
--- The candidate on the host whose active count `load` prefers (more_is_better: bin_pack).
-local function by_host_load(list, more_is_better)
-  local flat = redis.call('HGETALL', k_pool(P, 'host_active'))
-  local load = {}
-  for i = 1, #flat, 2 do load[flat[i]] = tonumber(flat[i + 1]) end
-  local best, best_load = nil, nil
-  for _, c in ipairs(list) do
-    local host = c[4][6] or ''
-    local l = (load[host] or 0) + host_pending(host)
-    if not best or (more_is_better and l > best_load) or (not more_is_better and l < best_load)
-        or (l == best_load and fits_better(c, best)) then
-      best, best_load = c, l
+  -- a before b: the better fit (lower score), then the smaller id
+  local function fits_better(a, b)
+    if a[2] ~= b[2] then return a[2] < b[2] end
+    return a[1] < b[1]
+  end
+
+  local function best_of(list, keep)
+    local best = nil
+    for _, c in ipairs(list) do
+      if (not keep or keep(c)) and (not best or fits_better(c, best)) then best = c end
     end
+    return best
   end
-  return best
-end
 
-STRATEGY_PICKS.least_loaded = function(list) return by_host_load(list, false) end
-STRATEGY_PICKS.bin_pack = function(list) return by_host_load(list, true) end
-
-STRATEGY_PICKS.round_robin = function(list, _uid, scope)
-  local key = k_pool(P, 'round_robin')
-  local last = redis.call('HGET', key, scope) or ''
-  local first, next_one = nil, nil
-  for _, c in ipairs(list) do
-    if not first or c[1] < first[1] then first = c end
-    if c[1] > last and (not next_one or c[1] < next_one[1]) then next_one = c end
+  -- The candidate on the host whose active count `load` prefers (more_is_better: bin_pack).
+  local function by_host_load(list, more_is_better)
+    local flat = redis.call('HGETALL', k_pool(P, 'host_active'))
+    local load = {}
+    for i = 1, #flat, 2 do load[flat[i]] = tonumber(flat[i + 1]) end
+    local best, best_load = nil, nil
+    for _, c in ipairs(list) do
+      local host = c[4][6] or ''
+      local l = (load[host] or 0) + host_pending(host)
+      if not best or (more_is_better and l > best_load) or (not more_is_better and l < best_load)
+          or (l == best_load and fits_better(c, best)) then
+        best, best_load = c, l
+      end
+    end
+    return best
   end
-  local chosen = next_one or first
-  redis.call('HSET', key, scope, chosen[1])
-  return chosen
-end
 
-STRATEGY_PICKS.affinity = function(list, uid)
-  local last = redis.call('HMGET', k_state(P, uid), 'last_device', 'last_host')
-  return (last[1] and best_of(list, function(c) return c[1] == last[1] end))
-    or (last[2] and best_of(list, function(c) return c[4][6] == last[2] end))
-    or best_of(list)
-end
+  STRATEGY_PICKS.least_loaded = function(list) return by_host_load(list, false) end
+  STRATEGY_PICKS.bin_pack = function(list) return by_host_load(list, true) end
 
--- smart: the model of stages/smart.py (P:{pool}:smart, refreshed by the refresh_model
--- job), one HMGET: u:<user> the user's typical seconds held, d:<device> its failures per
--- day held, m:<model> how much of the model is wanted by name. A device whose risk (its
--- rate times the user's typical session) passes SMART_RISK comes last; then the model
--- least wanted by name (in steps of SMART_DEMAND_STEP, so that noise does not decide);
--- then, while some device has a booking (booked_n, read by booking_in), the upcoming
--- reservations: a user whose typical session ends before a device's next booking with
--- room to spare (SMART_BOOKED_MARGIN times it) takes the device booked soonest, filling the
--- gap before the booking and keeping the unbooked devices whole for long sessions; a user
--- whose typical session would run into the booking (it would have to end early, or could
--- not renew) takes an unbooked device first. Then the best fit. No model: as
--- resource_based but for the booking term (the typical session taken as SMART_HOLD_S).
--- Without bookings this costs nothing more.
-local SMART_RISK, SMART_DEMAND_STEP, SMART_HOLD_S, SMART_BOOKED_MARGIN = 0.01, 0.05, 3600, 2
-STRATEGY_PICKS.smart = function(list, uid)
-  local fields = {'u:' .. uid}
-  for i, c in ipairs(list) do
-    fields[2 * i], fields[2 * i + 1] = 'd:' .. c[1], 'm:' .. (c[4][2] or '')
+  STRATEGY_PICKS.round_robin = function(list, _uid, scope)
+    local key = k_pool(P, 'round_robin')
+    local last = redis.call('HGET', key, scope) or ''
+    local first, next_one = nil, nil
+    for _, c in ipairs(list) do
+      if not first or c[1] < first[1] then first = c end
+      if c[1] > last and (not next_one or c[1] < next_one[1]) then next_one = c end
+    end
+    local chosen = next_one or first
+    redis.call('HSET', key, scope, chosen[1])
+    return chosen
   end
-  local m = redis.call('HMGET', k_pool(P, 'smart'), unpack(fields))
-  local hold_s = tonumber(m[1]) or SMART_HOLD_S
-  local hold = hold_s / 86400
-  -- the next booking's start of each candidate with bookings (all start after book_until)
-  local next_at = nil
-  if booked_n and booked_n > 0 then
-    local ids = {}
-    for i, c in ipairs(list) do ids[i] = c[1] end
-    local n = redis.call('HMGET', k_pool(P, 'booked'), unpack(ids))
-    next_at = {}
+
+  STRATEGY_PICKS.affinity = function(list, uid)
+    local last = redis.call('HMGET', k_state(P, uid), 'last_device', 'last_host')
+    return (last[1] and best_of(list, function(c) return c[1] == last[1] end))
+      or (last[2] and best_of(list, function(c) return c[4][6] == last[2] end))
+      or best_of(list)
+  end
+
+  -- smart: the model of stages/smart.py (P:{pool}:smart, refreshed by the refresh_model
+  -- job), one HMGET: u:<user> the user's typical seconds held, d:<device> its failures per
+  -- day held, m:<model> how much of the model is wanted by name. A device whose risk (its
+  -- rate times the user's typical session) passes SMART_RISK comes last; then the model
+  -- least wanted by name (in steps of SMART_DEMAND_STEP, so that noise does not decide);
+  -- then, while some device has a booking (booked_n, read by booking_in), the upcoming
+  -- reservations: a user whose typical session ends before a device's next booking with
+  -- room to spare (SMART_BOOKED_MARGIN times it) takes the device booked soonest, filling the
+  -- gap before the booking and keeping the unbooked devices whole for long sessions; a user
+  -- whose typical session would run into the booking (it would have to end early, or could
+  -- not renew) takes an unbooked device first. Then the best fit. No model: as
+  -- resource_based but for the booking term (the typical session taken as SMART_HOLD_S).
+  -- Without bookings this costs nothing more.
+  local SMART_RISK, SMART_DEMAND_STEP, SMART_HOLD_S, SMART_BOOKED_MARGIN = 0.01, 0.05, 3600, 2
+  STRATEGY_PICKS.smart = function(list, uid)
+    local fields = {'u:' .. uid}
     for i, c in ipairs(list) do
-      if n[i] then
-        local b = redis.call('ZRANGEBYSCORE', k_pool(P, 'bookings:' .. c[1]), book_until,
-          '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
-        next_at[i] = tonumber(b[2])
+      fields[2 * i], fields[2 * i + 1] = 'd:' .. c[1], 'm:' .. (c[4][2] or '')
+    end
+    local m = redis.call('HMGET', k_pool(P, 'smart'), unpack(fields))
+    local hold_s = tonumber(m[1]) or SMART_HOLD_S
+    local hold = hold_s / 86400
+    -- the next booking's start of each candidate with bookings (all start after book_until)
+    local next_at = nil
+    if booked_n and booked_n > 0 then
+      local ids = {}
+      for i, c in ipairs(list) do ids[i] = c[1] end
+      local n = redis.call('HMGET', k_pool(P, 'booked'), unpack(ids))
+      next_at = {}
+      for i, c in ipairs(list) do
+        if n[i] then
+          local b = redis.call('ZRANGEBYSCORE', k_pool(P, 'bookings:' .. c[1]), book_until,
+            '+inf', 'WITHSCORES', 'LIMIT', 0, 1)
+          next_at[i] = tonumber(b[2])
+        end
       end
     end
-  end
-  local short_until = now + SMART_BOOKED_MARGIN * hold_s * 1000
-  local best, bk = nil, nil
-  for i, c in ipairs(list) do
-    local b = next_at and next_at[i]
-    local k = {math.floor(c[2] / CPU_SCALE),
-      ((tonumber(m[2 * i]) or 0) * hold > SMART_RISK) and 1 or 0,
-      math.floor((tonumber(m[2 * i + 1]) or 0) / SMART_DEMAND_STEP),
-      -- booked, a short session: the soonest booking first; then unbooked (2^52); last,
-      -- booked where the session would run into its booking (2^53)
-      not b and 2 ^ 52 or (b >= short_until and b or 2 ^ 53)}
-    local better = not best
-    if not better then
-      for j = 1, 4 do
-        if k[j] ~= bk[j] then better = k[j] < bk[j] break end
-        if j == 4 then better = fits_better(c, best) end
+    local short_until = now + SMART_BOOKED_MARGIN * hold_s * 1000
+    local best, bk = nil, nil
+    for i, c in ipairs(list) do
+      local b = next_at and next_at[i]
+      local k = {math.floor(c[2] / CPU_SCALE),
+        ((tonumber(m[2 * i]) or 0) * hold > SMART_RISK) and 1 or 0,
+        math.floor((tonumber(m[2 * i + 1]) or 0) / SMART_DEMAND_STEP),
+        -- booked, a short session: the soonest booking first; then unbooked (2^52); last,
+        -- booked where the session would run into its booking (2^53)
+        not b and 2 ^ 52 or (b >= short_until and b or 2 ^ 53)}
+      local better = not best
+      if not better then
+        for j = 1, 4 do
+          if k[j] ~= bk[j] then better = k[j] < bk[j] break end
+          if j == 4 then better = fits_better(c, best) end
+        end
       end
+      if better then best, bk = c, k end
     end
-    if better then best, bk = c, k end
+    return best
   end
-  return best
+
+  -- pick_device's answer under a strategy other than resource_based.
+  local function pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
+                                  cap_sto)
+    local list, pools = {}, nil
+    if pool then
+      pools = {pool}
+    else
+      pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
+      pools = pool_names
+    end
+    for _, pl in ipairs(pools) do
+      add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+    end
+    if #list == 0 then return nil end
+    local c = choose(list, uid, pool or '*')
+    return c[1], c[3], c[2], c[4]
+  end
+
+  strategies_lib = {picks = STRATEGY_PICKS, pick = pick_by_strategy}
+  return strategies_lib
 end
 
--- pick_device's answer under a strategy other than resource_based.
-local function pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem,
-                                cap_sto)
-  local list, pools = {}, nil
-  if pool then
-    pools = {pool}
-  else
-    pool_names = pool_names or redis.call('SMEMBERS', k_pool(P, 'pools'))
-    pools = pool_names
+-- A device by the strategy in force (a single request and each device of a batch).
+local function pick(uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  local name = strategy_for(pool)
+  if name ~= 'resource_based' then
+    local lib = strategies()
+    local choose = lib.picks[name]
+    if choose then
+      return lib.pick(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+    end
+  end  -- resource_based (or a name this script does not know)
+  return pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+end
+
+-- Why no device was found: the quota's room, else the pool.
+local function no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+  if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
+    return 'quota_exceeded', 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, '
+      .. cap_mem .. ' MB memory, ' .. cap_sto .. ' MB storage'
   end
-  for _, pl in ipairs(pools) do
-    add_fits(list, pl, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  end
-  if #list == 0 then return nil end
-  local c = choose(list, uid, pool or '*')
-  return c[1], c[3], c[2], c[4]
+  return 'no_available_devices',
+    'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
 end
 
 -- Queued: the notice a waiting request gets (its final reply comes later).
@@ -388,23 +422,11 @@ local function allocate(row)
   end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
   book_until = now + row.duration_seconds * 1000
-  local dev, dev_pool, score, d
-  local choose = STRATEGY_PICKS[strategy_for(row.pool)]
-  if choose then
-    dev, dev_pool, score, d = pick_by_strategy(choose, uid, row.pool, row.model, min_cpu, min_mem,
-      cap_cpu, cap_mem, cap_sto)
-  else  -- resource_based (or a name this script does not know)
-    dev, dev_pool, score, d = pick_device(row.pool, row.model, min_cpu, min_mem, cap_cpu,
-      cap_mem, cap_sto)
-  end
+  local dev, dev_pool, score, d = pick(uid, row.pool, row.model, min_cpu, min_mem, cap_cpu,
+    cap_mem, cap_sto)
   if not dev then
-    local reason, msg = 'no_available_devices',
-      'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
-    if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
-      reason = 'quota_exceeded'
-      msg = 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, ' .. cap_mem .. ' MB memory, '
-        .. cap_sto .. ' MB storage'
-    elseif member then
+    local reason, msg = no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+    if reason == 'no_available_devices' and member then
       local waiting = tonumber(redis.call('HGET', k_state(P, uid), 'waiting')) or 0
       if waiting < CALL.queue_max_per_user then return enqueue(row, member) end
       reason = 'queue_full'
@@ -425,176 +447,6 @@ local function allocate(row)
   give_device(P, changes, now, row, dev, dev_pool, cpu, score - cpu * CPU_SCALE, tonumber(d[1]),
     d, used, idem_ttl, reply_ttl)
   n_alloc = n_alloc + 1
-end
-
--- A cancel request: the user's waiting request leaves the queue with `failed` reason
--- `cancelled` (its hold given back); this request is answered `cancelled`, or
--- `not_found` when that request is not waiting. Kept by request id, as a release.
-local function cancel(row)
-  local rid, reply_to = row.request_id, row.reply_to
-  local idem_key = k_pool(P, 'req:' .. rid)
-  local first = redis.call('GET', idem_key)
-  if first then send_reply(reply_to, first, reply_ttl) return end
-  local raw = redis.call('HGET', k_pool(P, 'waiters'),
-    queue_member(row.user_id, row.cancel_request_id))
-  local json
-  if raw then
-    fail_waiter(P, changes, now, cjson.decode(raw), 'cancelled',
-      'Cancelled by request ' .. rid)
-    json = cjson.encode({type = 'cancelled', request_id = rid,
-      cancel_request_id = row.cancel_request_id})
-  else
-    json = failed_reply(rid, 'not_found', 'Request ' .. row.cancel_request_id
-      .. ' of user ' .. row.user_id .. ' is not waiting', nil)
-    n_failed = n_failed + 1
-  end
-  send_reply(reply_to, json, reply_ttl)
-  redis.call('SET', idem_key, json, 'EX', idem_ttl)
-end
-
--- --- batches --------------------------------------------------------------------------
-
--- A device by the strategy in force (as allocate picks).
-local function pick(uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  local choose = STRATEGY_PICKS[strategy_for(pool)]
-  if choose then
-    return pick_by_strategy(choose, uid, pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  end
-  return pick_device(pool, model, min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-end
-
--- Why no device was found: the quota's room, else the pool.
-local function no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-  if cap_cpu < math.max(min_cpu, 1) or cap_mem < math.max(min_mem, 1) or cap_sto < 0 then
-    return 'quota_exceeded', 'Resource quota exceeded: room for ' .. cap_cpu .. ' CPU cores, '
-      .. cap_mem .. ' MB memory, ' .. cap_sto .. ' MB storage'
-  end
-  return 'no_available_devices',
-    'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
-end
-
-local function json_list(items) return '[' .. table.concat(items, ',') .. ']' end
-
--- AllocatedBatch / ReleasedBatch: item replies (JSON each) joined as they are.
-local function allocated_batch_reply(rid, mode, allocations, failures)
-  return '{"type":"allocated_batch","request_id":' .. cjson.encode(rid) .. ',"mode":"' .. mode
-    .. '","success_count":' .. #allocations .. ',"failed_count":' .. #failures
-    .. ',"allocations":' .. json_list(allocations) .. ',"failures":' .. json_list(failures) .. '}'
-end
-
-local function released_batch_reply(rid, releases, failures)
-  return '{"type":"released_batch","request_id":' .. cjson.encode(rid) .. ',"success_count":'
-    .. #releases .. ',"failed_count":' .. #failures .. ',"releases":' .. json_list(releases)
-    .. ',"failures":' .. json_list(failures) .. '}'
-end
-
--- An allocate request for count > 1 devices, decided whole in this step. Each device is
--- picked as a single request's would be (the strategy, the fit rules), against what the
--- quota allows after the devices picked before it, and taken out of its free pool at
--- once; all_or_nothing puts them all back when not every one was found. Then each is
--- recorded as allocate records one, the hold ("0 0 0 n") settled in one write, and one
--- AllocatedBatch answers. A user blocked since admission, or a request quota never
--- admitted, gets one Failed, as a single request does.
-local function allocate_batch(row)
-  local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
-  local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
-  local idem_key = k_user(P, uid, 'req:' .. rid)
-  local first = redis.call('GET', idem_key)
-  if first then send_reply(reply_to, first, reply_ttl) return end
-  STATE_FIELDS[1] = 'hold:' .. rid
-  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
-  if not s[1] then
-    local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
-    send_reply(reply_to, json, reply_ttl)
-    n_failed = n_failed + 1
-    return
-  end
-  local used = usage_at(s, 2)
-  local held = tonumber(string.match(s[1], ' (%d+)$')) or 1
-  local function settle(n, cpu, mem, sto, ...)
-    redis.call('HDEL', k_state(P, uid), 'hold:' .. rid)
-    add_usage(P, uid, used, n - held, cpu, mem, sto, ...)
-  end
-  local blocked = s[11] and BLOCKED[s[11]]
-  if blocked then
-    settle(0, 0, 0, 0)
-    local msg = blocked_message(blocked, s[11], uid)
-    local json = failed_reply(rid, blocked, msg, nil)
-    send_reply(reply_to, json, reply_ttl)
-    redis.call('SET', idem_key, json, 'EX', idem_ttl)
-    emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
-    n_failed = n_failed + 1
-    return
-  end
-  local want = row.best_effort and math.min(held, row.count) or row.count
-  book_until = now + row.duration_seconds * 1000
-  local picks, taken = {}, {used[1], used[2], used[3], used[4]}
-  local short, short_msg = nil, nil
-  for _ = 1, want do
-    local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, taken)
-    local dev, dev_pool, score, d = pick(uid, row.pool, row.model, min_cpu, min_mem, cap_cpu,
-      cap_mem, cap_sto)
-    if not dev then
-      short, short_msg = no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
-      break
-    end
-    redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
-    local cpu = math.floor(score / CPU_SCALE)
-    local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
-    picks[#picks + 1] = {dev, dev_pool, score, d, cpu, mem, sto}
-    taken = {taken[1] + 1, taken[2] + cpu, taken[3] + mem, taken[4] + sto}
-  end
-  if not row.best_effort and #picks < row.count then
-    short_msg = 'All or nothing: ' .. #picks .. ' of ' .. row.count .. ' devices fit; ' .. short_msg
-    for _, p in ipairs(picks) do redis.call('ZADD', k_pool(P, 'free:' .. p[2]), p[3], p[1]) end
-    picks = {}
-  end
-  local seconds = row.duration_seconds
-  local expires, minutes = now + seconds * 1000, math.ceil(seconds / 60)
-  local allocations, fields, tot = {}, {}, {0, 0, 0}
-  for i, p in ipairs(picks) do
-    local dev, dev_pool, d, cpu, mem, sto = p[1], p[2], p[4], p[5], p[6], p[7]
-    local aid = allocation_uuid(uid, rid .. '#' .. i)
-    redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
-    redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
-      'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
-      'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
-      'storage_mb', sto, 'pool', dev_pool, 'version', 1)
-    redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
-    count_stat('allocated')
-    host_active_add(P, d[6], 1)
-    fields[#fields + 1], fields[#fields + 2] = 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto
-    tot = {tot[1] + cpu, tot[2] + mem, tot[3] + sto}
-    allocations[i] = allocated_reply(rid, aid, dev, d, uid, now, expires)
-    emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
-      minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
-    n_alloc = n_alloc + 1
-  end
-  if #picks > 0 then
-    local last = picks[#picks]
-    fields[#fields + 1], fields[#fields + 2] = 'last_device', last[1]
-    fields[#fields + 1], fields[#fields + 2] = 'last_host', last[4][6] or ''
-  end
-  settle(#picks, tot[1], tot[2], tot[3], unpack(fields))
-  local failures = {}
-  for i = #picks + 1, row.count do
-    if i > want then  -- best effort, beyond what the device quota had room for
-      failures[#failures + 1] = failed_reply(rid, 'quota_exceeded',
-        'Device quota exceeded: room for ' .. want .. ' of ' .. row.count .. ' devices', nil)
-    else
-      failures[#failures + 1] = failed_reply(rid, short, short_msg, nil)
-    end
-  end
-  local mode = row.best_effort and 'best_effort' or 'all_or_nothing'
-  local json = allocated_batch_reply(rid, mode, allocations, failures)
-  send_reply(reply_to, json, reply_ttl)
-  redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  if #picks == 0 then  -- refused as a whole
-    local reason = short or 'quota_exceeded'
-    emit_change(changes, rejected_change(rid, uid, tenant, reason,
-      short_msg or 'Device quota exceeded', now))
-    n_failed = n_failed + 1
-  end
 end
 
 -- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
@@ -644,143 +496,306 @@ local function release(row)
   redis.call('SET', idem_key, json, 'EX', idem_ttl)
 end
 
--- A release request naming several allocations: each released as a release by its id
--- would be (already closed ones answer already_released), one ReleasedBatch answers.
-local function release_batch(row)
-  local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
-  local idem_key = k_pool(P, 'req:' .. rid)
-  local first = redis.call('GET', idem_key)
-  if first then send_reply(reply_to, first, reply_ttl) return end
-  local releases, failures = {}, {}
-  for _, aid in ipairs(row.allocation_ids) do
-    local a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
-    if not a[1] then
-      failures[#failures + 1] = failed_reply(rid, 'not_found', 'Allocation ' .. aid .. ' not found', nil)
-    elseif uid and a[2] ~= uid then
-      failures[#failures + 1] = failed_reply(rid, 'not_owner',
-        'Allocation ' .. aid .. ' belongs to another user', nil)
-    elseif a[5] ~= 'allocated' then
-      releases[#releases + 1] = released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
-        tonumber(a[15]), true, a[5])
+-- --- the other rows ----------------------------------------------------------------------
+
+-- The handlers of the rows other than allocate and release (cancel, batches, renew, the
+-- reservation rows, refuse, dead), built at the first such row of a call, as the
+-- strategies are.
+local rare_lib = nil
+local function rare_rows()
+  if rare_lib then return rare_lib end
+
+  -- A cancel request: the user's waiting request leaves the queue with `failed` reason
+  -- `cancelled` (its hold given back); this request is answered `cancelled`, or
+  -- `not_found` when that request is not waiting. Kept by request id, as a release.
+  local function cancel(row)
+    local rid, reply_to = row.request_id, row.reply_to
+    local idem_key = k_pool(P, 'req:' .. rid)
+    local first = redis.call('GET', idem_key)
+    if first then send_reply(reply_to, first, reply_ttl) return end
+    local raw = redis.call('HGET', k_pool(P, 'waiters'),
+      queue_member(row.user_id, row.cancel_request_id))
+    local json
+    if raw then
+      fail_waiter(P, changes, now, cjson.decode(raw), 'cancelled',
+        'Cancelled by request ' .. rid)
+      json = cjson.encode({type = 'cancelled', request_id = rid,
+        cancel_request_id = row.cancel_request_id})
     else
-      local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
-        'released')
-      releases[#releases + 1] = released_reply(rid, aid, rec.device_id, rec.user_id, now,
-        rec.duration_seconds, false, 'released')
-      n_release = n_release + 1
+      json = failed_reply(rid, 'not_found', 'Request ' .. row.cancel_request_id
+        .. ' of user ' .. row.user_id .. ' is not waiting', nil)
+      n_failed = n_failed + 1
     end
-  end
-  local json = released_batch_reply(rid, releases, failures)
-  send_reply(reply_to, json, reply_ttl)
-  redis.call('SET', idem_key, json, 'EX', idem_ttl)
-end
-
--- Renewed: the allocation's new end.
-local function renewed_reply(rid, aid, uid, device_id, expires, previous, total_minutes)
-  return cjson.encode({type = 'renewed', request_id = rid, allocation_id = aid, user_id = uid,
-    device_id = device_id, expires_at_ms = expires, previous_expires_at_ms = previous,
-    duration_minutes = total_minutes})
-end
-
--- Extend an active allocation, atomically with its checks; refusals are typed and kept
--- under the request id like every answer (a repeated request gets the first one).
-local function renew(row)
-  local rid, uid, reply_to, aid = row.request_id, row.user_id, row.reply_to, row.allocation_id
-  local idem_key = k_user(P, uid, 'req:' .. rid)
-  local first = redis.call('GET', idem_key)
-  if first then send_reply(reply_to, first, reply_ttl) return end
-  local function refuse(reason, msg)
-    local json = failed_reply(rid, reason, msg, nil)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
-    emit_change(changes, rejected_change(rid, uid, nil, reason, msg, now))
-    n_failed = n_failed + 1
   end
-  local akey = k_pool(P, 'alloc:' .. aid)
-  local a = redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
-  if not a[1] then return refuse('not_found', 'Allocation ' .. aid .. ' not found') end
-  if a[2] ~= uid then
-    return refuse('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
-  end
-  local old_exp = tonumber(a[7])
-  if a[5] ~= 'allocated' or old_exp <= now then
-    return refuse('not_active', 'Allocation ' .. aid .. ' is not active (' ..
-      (a[5] == 'allocated' and 'expired' or a[5]) .. ')')
-  end
-  local u = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
-  local blocked = u[1] and BLOCKED[u[1]]
-  if blocked then
-    return refuse(blocked, blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
-      or blocked == 'user_suspended' and 'User ' .. uid .. ' is suspended'
-      or 'Quota is ' .. u[1])
-  end
-  local new_exp = old_exp + row.extend_seconds * 1000
-  if u[2] and u[2] ~= '' and new_exp > tonumber(u[2]) then
-    return refuse('exceeds_quota_expiry', 'Renewal would end at ' .. new_exp ..
-      ', after the quota expires at ' .. u[2])
-  end
-  local allocated_at = tonumber(a[6])
-  if new_exp - allocated_at > row.max_total_s * 1000 then
-    return refuse('exceeds_max_duration', 'Renewal would make the allocation last ' ..
-      math.ceil((new_exp - allocated_at) / 1000) .. ' s, more than ' .. row.max_total_s .. ' s')
-  end
-  local booked_id, booked_at = booking_in(P, a[1], old_exp, new_exp)
-  if booked_id then
-    return refuse('reserved', 'Device ' .. a[1] .. ' is reserved from ' .. booked_at ..
-      ' (reservation ' .. booked_id .. '): a renewal may run until then')
-  end
-  local minutes = math.ceil((new_exp - allocated_at) / 60000)
-  local version = tonumber(a[13]) + 1
-  redis.call('HSET', akey, 'expires_at_ms', new_exp, 'duration_minutes', minutes,
-    'version', version)
-  redis.call('ZADD', k_pool(P, 'expiry'), new_exp, aid)
-  local json = renewed_reply(rid, aid, uid, a[1], new_exp, old_exp, minutes)
-  send_reply(reply_to, json, reply_ttl)
-  redis.call('SET', idem_key, json, 'EX', idem_ttl)
-  local rec = allocation_change(aid, a[1], uid, a[3], a[4], 'allocated', allocated_at, new_exp,
-    minutes, tonumber(a[9]), tonumber(a[10]), tonumber(a[11]), a[12], version, now, nil, nil)
-  rec.kind = 'allocation_renewed'
-  rec.previous_expires_at_ms = old_exp
-  rec.extended_seconds = row.extend_seconds
-  rec.renew_request_id = rid
-  emit_change(changes, rec)
-  bookings().claim_by_use(P, changes, now, aid)  -- renewing a reservation's allocation claims it
-end
 
--- The reservation rows (bookings.lua), with what they need of this call.
-local RSV = {P = P, now = now, changes = changes, idem_ttl = idem_ttl, reply_ttl = reply_ttl,
-  released_ttl = released_ttl, epoch = epoch}
-local function counted(name)
-  return function(row)
-    if bookings()[name](RSV, row) then n_failed = n_failed + 1 end
+  local function json_list(items) return '[' .. table.concat(items, ',') .. ']' end
+
+  -- AllocatedBatch / ReleasedBatch: item replies (JSON each) joined as they are.
+  local function allocated_batch_reply(rid, mode, allocations, failures)
+    return '{"type":"allocated_batch","request_id":' .. cjson.encode(rid) .. ',"mode":"' .. mode
+      .. '","success_count":' .. #allocations .. ',"failed_count":' .. #failures
+      .. ',"allocations":' .. json_list(allocations) .. ',"failures":' .. json_list(failures) .. '}'
   end
+
+  local function released_batch_reply(rid, releases, failures)
+    return '{"type":"released_batch","request_id":' .. cjson.encode(rid) .. ',"success_count":'
+      .. #releases .. ',"failed_count":' .. #failures .. ',"releases":' .. json_list(releases)
+      .. ',"failures":' .. json_list(failures) .. '}'
+  end
+
+  -- An allocate request for count > 1 devices, decided whole in this step. Each device is
+  -- picked as a single request's would be (the strategy, the fit rules), against what the
+  -- quota allows after the devices picked before it, and taken out of its free pool at
+  -- once; all_or_nothing puts them all back when not every one was found. Then each is
+  -- recorded as allocate records one, the hold ("0 0 0 n") settled in one write, and one
+  -- AllocatedBatch answers. A user blocked since admission, or a request quota never
+  -- admitted, gets one Failed, as a single request does.
+  local function allocate_batch(row)
+    local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
+    local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
+    local idem_key = k_user(P, uid, 'req:' .. rid)
+    local first = redis.call('GET', idem_key)
+    if first then send_reply(reply_to, first, reply_ttl) return end
+    STATE_FIELDS[1] = 'hold:' .. rid
+    local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
+    if not s[1] then
+      local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
+      send_reply(reply_to, json, reply_ttl)
+      n_failed = n_failed + 1
+      return
+    end
+    local used = usage_at(s, 2)
+    local held = tonumber(string.match(s[1], ' (%d+)$')) or 1
+    local function settle(n, cpu, mem, sto, ...)
+      redis.call('HDEL', k_state(P, uid), 'hold:' .. rid)
+      add_usage(P, uid, used, n - held, cpu, mem, sto, ...)
+    end
+    local blocked = s[11] and BLOCKED[s[11]]
+    if blocked then
+      settle(0, 0, 0, 0)
+      local msg = blocked_message(blocked, s[11], uid)
+      local json = failed_reply(rid, blocked, msg, nil)
+      send_reply(reply_to, json, reply_ttl)
+      redis.call('SET', idem_key, json, 'EX', idem_ttl)
+      emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
+      n_failed = n_failed + 1
+      return
+    end
+    local want = row.best_effort and math.min(held, row.count) or row.count
+    book_until = now + row.duration_seconds * 1000
+    local picks, taken = {}, {used[1], used[2], used[3], used[4]}
+    local short, short_msg = nil, nil
+    for _ = 1, want do
+      local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, taken)
+      local dev, dev_pool, score, d = pick(uid, row.pool, row.model, min_cpu, min_mem, cap_cpu,
+        cap_mem, cap_sto)
+      if not dev then
+        short, short_msg = no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
+        break
+      end
+      redis.call('ZREM', k_pool(P, 'free:' .. dev_pool), dev)
+      local cpu = math.floor(score / CPU_SCALE)
+      local mem, sto = score - cpu * CPU_SCALE, tonumber(d[1])
+      picks[#picks + 1] = {dev, dev_pool, score, d, cpu, mem, sto}
+      taken = {taken[1] + 1, taken[2] + cpu, taken[3] + mem, taken[4] + sto}
+    end
+    if not row.best_effort and #picks < row.count then
+      short_msg = 'All or nothing: ' .. #picks .. ' of ' .. row.count .. ' devices fit; ' .. short_msg
+      for _, p in ipairs(picks) do redis.call('ZADD', k_pool(P, 'free:' .. p[2]), p[3], p[1]) end
+      picks = {}
+    end
+    local seconds = row.duration_seconds
+    local expires, minutes = now + seconds * 1000, math.ceil(seconds / 60)
+    local allocations, fields, tot = {}, {}, {0, 0, 0}
+    for i, p in ipairs(picks) do
+      local dev, dev_pool, d, cpu, mem, sto = p[1], p[2], p[4], p[5], p[6], p[7]
+      local aid = allocation_uuid(uid, rid .. '#' .. i)
+      redis.call('HSET', k_pool(P, 'dev:' .. dev), 'status', 'allocated', 'alloc', aid)
+      redis.call('HSET', k_pool(P, 'alloc:' .. aid), 'device_id', dev, 'user_id', uid,
+        'tenant_id', tenant or '', 'request_id', rid, 'status', 'allocated', 'allocated_at_ms', now,
+        'expires_at_ms', expires, 'duration_minutes', minutes, 'cpu_cores', cpu, 'memory_mb', mem,
+        'storage_mb', sto, 'pool', dev_pool, 'version', 1)
+      redis.call('ZADD', k_pool(P, 'expiry'), expires, aid)
+      count_stat('allocated')
+      host_active_add(P, d[6], 1)
+      fields[#fields + 1], fields[#fields + 2] = 'alloc:' .. aid, cpu .. ' ' .. mem .. ' ' .. sto
+      tot = {tot[1] + cpu, tot[2] + mem, tot[3] + sto}
+      allocations[i] = allocated_reply(rid, aid, dev, d, uid, now, expires)
+      emit_change(changes, allocation_change(aid, dev, uid, tenant, rid, 'allocated', now, expires,
+        minutes, cpu, mem, sto, dev_pool, 1, now, nil, nil))
+      n_alloc = n_alloc + 1
+    end
+    if #picks > 0 then
+      local last = picks[#picks]
+      fields[#fields + 1], fields[#fields + 2] = 'last_device', last[1]
+      fields[#fields + 1], fields[#fields + 2] = 'last_host', last[4][6] or ''
+    end
+    settle(#picks, tot[1], tot[2], tot[3], unpack(fields))
+    local failures = {}
+    for i = #picks + 1, row.count do
+      if i > want then  -- best effort, beyond what the device quota had room for
+        failures[#failures + 1] = failed_reply(rid, 'quota_exceeded',
+          'Device quota exceeded: room for ' .. want .. ' of ' .. row.count .. ' devices', nil)
+      else
+        failures[#failures + 1] = failed_reply(rid, short, short_msg, nil)
+      end
+    end
+    local mode = row.best_effort and 'best_effort' or 'all_or_nothing'
+    local json = allocated_batch_reply(rid, mode, allocations, failures)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    if #picks == 0 then  -- refused as a whole
+      local reason = short or 'quota_exceeded'
+      emit_change(changes, rejected_change(rid, uid, tenant, reason,
+        short_msg or 'Device quota exceeded', now))
+      n_failed = n_failed + 1
+    end
+  end
+
+  -- A release request naming several allocations: each released as a release by its id
+  -- would be (already closed ones answer already_released), one ReleasedBatch answers.
+  local function release_batch(row)
+    local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
+    local idem_key = k_pool(P, 'req:' .. rid)
+    local first = redis.call('GET', idem_key)
+    if first then send_reply(reply_to, first, reply_ttl) return end
+    local releases, failures = {}, {}
+    for _, aid in ipairs(row.allocation_ids) do
+      local a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+      if not a[1] then
+        failures[#failures + 1] = failed_reply(rid, 'not_found', 'Allocation ' .. aid .. ' not found', nil)
+      elseif uid and a[2] ~= uid then
+        failures[#failures + 1] = failed_reply(rid, 'not_owner',
+          'Allocation ' .. aid .. ' belongs to another user', nil)
+      elseif a[5] ~= 'allocated' then
+        releases[#releases + 1] = released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
+          tonumber(a[15]), true, a[5])
+      else
+        local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
+          'released')
+        releases[#releases + 1] = released_reply(rid, aid, rec.device_id, rec.user_id, now,
+          rec.duration_seconds, false, 'released')
+        n_release = n_release + 1
+      end
+    end
+    local json = released_batch_reply(rid, releases, failures)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  end
+
+  -- Renewed: the allocation's new end.
+  local function renewed_reply(rid, aid, uid, device_id, expires, previous, total_minutes)
+    return cjson.encode({type = 'renewed', request_id = rid, allocation_id = aid, user_id = uid,
+      device_id = device_id, expires_at_ms = expires, previous_expires_at_ms = previous,
+      duration_minutes = total_minutes})
+  end
+
+  -- Extend an active allocation, atomically with its checks; refusals are typed and kept
+  -- under the request id like every answer (a repeated request gets the first one).
+  local function renew(row)
+    local rid, uid, reply_to, aid = row.request_id, row.user_id, row.reply_to, row.allocation_id
+    local idem_key = k_user(P, uid, 'req:' .. rid)
+    local first = redis.call('GET', idem_key)
+    if first then send_reply(reply_to, first, reply_ttl) return end
+    local function refuse(reason, msg)
+      local json = failed_reply(rid, reason, msg, nil)
+      send_reply(reply_to, json, reply_ttl)
+      redis.call('SET', idem_key, json, 'EX', idem_ttl)
+      emit_change(changes, rejected_change(rid, uid, nil, reason, msg, now))
+      n_failed = n_failed + 1
+    end
+    local akey = k_pool(P, 'alloc:' .. aid)
+    local a = redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
+    if not a[1] then return refuse('not_found', 'Allocation ' .. aid .. ' not found') end
+    if a[2] ~= uid then
+      return refuse('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
+    end
+    local old_exp = tonumber(a[7])
+    if a[5] ~= 'allocated' or old_exp <= now then
+      return refuse('not_active', 'Allocation ' .. aid .. ' is not active (' ..
+        (a[5] == 'allocated' and 'expired' or a[5]) .. ')')
+    end
+    local u = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
+    local blocked = u[1] and BLOCKED[u[1]]
+    if blocked then
+      return refuse(blocked, blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
+        or blocked == 'user_suspended' and 'User ' .. uid .. ' is suspended'
+        or 'Quota is ' .. u[1])
+    end
+    local new_exp = old_exp + row.extend_seconds * 1000
+    if u[2] and u[2] ~= '' and new_exp > tonumber(u[2]) then
+      return refuse('exceeds_quota_expiry', 'Renewal would end at ' .. new_exp ..
+        ', after the quota expires at ' .. u[2])
+    end
+    local allocated_at = tonumber(a[6])
+    if new_exp - allocated_at > row.max_total_s * 1000 then
+      return refuse('exceeds_max_duration', 'Renewal would make the allocation last ' ..
+        math.ceil((new_exp - allocated_at) / 1000) .. ' s, more than ' .. row.max_total_s .. ' s')
+    end
+    local booked_id, booked_at = booking_in(P, a[1], old_exp, new_exp)
+    if booked_id then
+      return refuse('reserved', 'Device ' .. a[1] .. ' is reserved from ' .. booked_at ..
+        ' (reservation ' .. booked_id .. '): a renewal may run until then')
+    end
+    local minutes = math.ceil((new_exp - allocated_at) / 60000)
+    local version = tonumber(a[13]) + 1
+    redis.call('HSET', akey, 'expires_at_ms', new_exp, 'duration_minutes', minutes,
+      'version', version)
+    redis.call('ZADD', k_pool(P, 'expiry'), new_exp, aid)
+    local json = renewed_reply(rid, aid, uid, a[1], new_exp, old_exp, minutes)
+    send_reply(reply_to, json, reply_ttl)
+    redis.call('SET', idem_key, json, 'EX', idem_ttl)
+    local rec = allocation_change(aid, a[1], uid, a[3], a[4], 'allocated', allocated_at, new_exp,
+      minutes, tonumber(a[9]), tonumber(a[10]), tonumber(a[11]), a[12], version, now, nil, nil)
+    rec.kind = 'allocation_renewed'
+    rec.previous_expires_at_ms = old_exp
+    rec.extended_seconds = row.extend_seconds
+    rec.renew_request_id = rid
+    emit_change(changes, rec)
+    bookings().claim_by_use(P, changes, now, aid)  -- renewing a reservation's allocation claims it
+  end
+
+  -- The reservation rows (bookings.lua), with what they need of this call.
+  local RSV = {P = P, now = now, changes = changes, idem_ttl = idem_ttl, reply_ttl = reply_ttl,
+    released_ttl = released_ttl, epoch = epoch}
+  local function counted(name)
+    return function(row)
+      if bookings()[name](RSV, row) then n_failed = n_failed + 1 end
+    end
+  end
+
+  rare_lib = {
+    allocate_batch = allocate_batch,
+    release_batch = release_batch,
+    renew = renew,
+    cancel = cancel,
+    reserve = counted('reserve'),
+    cancel_reservation = counted('cancel_reservation'),
+    claim_reservation = counted('claim_reservation'),
+    refuse = function(row)
+      -- a release sent straight here that did not validate (select.py direct_item): the
+      -- answer quota gives such a request (not kept as the request id's answer)
+      local json = failed_reply(row.request_id, row.reason, row.message, nil)
+      send_reply(row.reply_to, json, reply_ttl)
+      emit_change(changes, rejected_change(row.request_id, row.user_id, row.tenant_id,
+        row.reason, row.message, now))
+      n_failed = n_failed + 1
+    end,
+    dead = function(row)
+      redis.call('XADD', dead, '*', 'd', row.letter)
+      n_dead = n_dead + 1
+    end,
+  }
+  return rare_lib
 end
 
 if CALL.hold_replies then held_replies = KEY.replies_held end
-local acks = each_row(CALL.items, {
-  allocate = allocate,
-  release = release,
-  allocate_batch = allocate_batch,
-  release_batch = release_batch,
-  renew = renew,
-  cancel = cancel,
-  reserve = counted('reserve'),
-  cancel_reservation = counted('cancel_reservation'),
-  claim_reservation = counted('claim_reservation'),
-  refuse = function(row)
-    -- a release sent straight here that did not validate (select.py direct_item): the
-    -- answer quota gives such a request (not kept as the request id's answer)
-    local json = failed_reply(row.request_id, row.reason, row.message, nil)
-    send_reply(row.reply_to, json, reply_ttl)
-    emit_change(changes, rejected_change(row.request_id, row.user_id, row.tenant_id,
-      row.reason, row.message, now))
-    n_failed = n_failed + 1
-  end,
-  dead = function(row)
-    redis.call('XADD', dead, '*', 'd', row.letter)
-    n_dead = n_dead + 1
-  end,
+local handlers = setmetatable({allocate = allocate, release = release}, {
+  __index = function(_, op) return rare_rows()[op] end,
 })
+local acks = each_row(CALL.items, handlers)
 ack_all(KEY.admitted, group, acks)
 flush_stats(P)
 return {n_alloc, n_release, n_failed, n_dead, held_list}
