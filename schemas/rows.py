@@ -643,6 +643,10 @@ class JobClaim(Struct, kw_only=True):
     the current interval, so a new worker does not purge or snapshot at once)."""
     max_retries: int
     timeout_ms: int
+    lease_ms: int | None = None
+    """The claim's deadline is now + lease_ms (the run renews it while it works: a dead
+    worker's claim is found stale a lease after its last renewal); None: now +
+    timeout_ms."""
     manual: bool = False
 
 
@@ -652,6 +656,15 @@ class JobFinish(Struct, kw_only=True):
     name: str
     execution_id: str
     status: str
+
+
+class JobRenew(Struct, kw_only=True):
+    """The run ``execution_id`` of job ``name`` is alive: its claim's deadline moves to
+    now + ``lease_ms``."""
+
+    name: str
+    execution_id: str
+    lease_ms: int
 
 
 class JobControl(Struct, kw_only=True, omit_defaults=True):
@@ -668,12 +681,14 @@ class JobControl(Struct, kw_only=True, omit_defaults=True):
 
 
 class JobsCall(Struct, kw_only=True, omit_defaults=True):
-    """One of: ``claim`` (the jobs to claim, in order), ``finish``, ``control``."""
+    """One of: ``claim`` (the jobs to claim, in order), ``finish``, ``renew``,
+    ``control``."""
 
     prefix: str
     now_ms: int
     claim: list[JobClaim] | None = None
     finish: JobFinish | None = None
+    renew: JobRenew | None = None
     control: JobControl | None = None
 
 

@@ -38,7 +38,16 @@ import asyncpg
 from pipeline.connections import REDIS_DOWN, text
 from pipeline.trim import trim
 from schemas.messages import JobRunResult
-from schemas.rows import ExpireCall, ExpireKeys, JobClaim, JobControl, JobFinish, JobsCall, JobsKeys
+from schemas.rows import (
+    ExpireCall,
+    ExpireKeys,
+    JobClaim,
+    JobControl,
+    JobFinish,
+    JobRenew,
+    JobsCall,
+    JobsKeys,
+)
 from stages import metrics
 from stages.context import StageContext
 from stages.reservations import activate_reservations, cancel_no_shows, complete_reservations
@@ -57,12 +66,11 @@ PURGE_BATCH = 10_000
 ERROR_MAX = 2_000
 """Characters of a run's error kept."""
 KILLED = "worker died: still running past its timeout"
-END_RETRY_S = 60.0
-"""How long a run keeps trying to end its claim while Redis is away (a restart, a
-failover): a claim left behind holds the job off until its deadline (the job's timeout,
-300 s by default), and an expire held off that long leaves ended allocations open."""
 END_BACKOFF_S = (0.05, 2.0)
-"""The first and the longest pause between two tries to end a claim."""
+"""The first and the longest pause between two tries to end a claim while Redis is away
+(a restart, a failover); it tries for a lease (``DEVSCHED_JOB_LEASE_S``): past it the
+claim is stale anyway. A claim left behind holds the job off until it goes stale, and
+an expire held off leaves ended allocations open."""
 """The error of a run found holding its claim past the deadline."""
 
 
@@ -289,7 +297,8 @@ def claim_of(job: Job, settings: Settings, now_ms: int, *, manual: bool = False)
                     interval_ms=job.default_interval_ms(settings),
                     first_run_ms=job.first_run_ms(settings, now_ms),
                     max_retries=settings.job_max_retries,
-                    timeout_ms=settings.job_timeout_s * 1000, manual=manual)
+                    timeout_ms=settings.job_timeout_s * 1000,
+                    lease_ms=settings.job_lease_s * 1000, manual=manual)
 
 
 def control_of(job: Job, settings: Settings, now_ms: int, action: str,
@@ -368,14 +377,23 @@ async def execute(ctx: StageContext, job: Job, execution_id: str, attempt: int,
     await _record(ctx, f"start {job.name}", START, eid, job.name, ts(started), attempt, manual)
     t0 = time.monotonic()
     processed, error = 0, None
+    run = asyncio.ensure_future(asyncio.wait_for(job.run(ctx), ctx.settings.job_timeout_s))
+    keeper = asyncio.create_task(keep_claim(ctx, job.name, execution_id, run))
     try:
-        processed = await asyncio.wait_for(job.run(ctx), ctx.settings.job_timeout_s)
+        processed = await run
         status = "succeeded"
     except TimeoutError:
         status, error = "failed", f"timed out after {ctx.settings.job_timeout_s} s"
+    except asyncio.CancelledError:
+        if not keeper.done():  # this worker is stopping: so is its run
+            raise
+        status, error = "failed", "claim lost: not renewed in time, taken over"
+        log.warning("job run stopped: %s", error, extra={"job": job.name})
     except Exception as exc:  # noqa: BLE001  the run failed: recorded and retried
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
         log.warning("job run failed: %s", error, extra={"job": job.name})
+    finally:
+        keeper.cancel()
     duration = int((time.monotonic() - t0) * 1000)
     metrics.JOB_RUNS.labels(job.name, status).inc()
     await _record(ctx, f"end {job.name}", END, eid, job.name, ts(started),
@@ -387,13 +405,34 @@ async def execute(ctx: StageContext, job: Job, execution_id: str, attempt: int,
     return RunOutcome(job.name, execution_id, started, status, processed, error, duration)
 
 
+async def keep_claim(ctx: StageContext, name: str, execution_id: str,
+                     run: asyncio.Future[int]) -> None:
+    """Renew the run's claim every third of the lease while it works; should the claim
+    have been taken over (this worker could not renew it for a lease: another runs the
+    job now), stop the run. A renewal Redis does not answer is tried again at the next
+    third."""
+    lease_ms = ctx.settings.job_lease_s * 1000
+    while not run.done():
+        await asyncio.sleep(lease_ms / 3000)
+        try:
+            [outcome] = await jobs_script(ctx, JobsCall(
+                prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
+                renew=JobRenew(name=name, execution_id=execution_id, lease_ms=lease_ms)))
+        except REDIS_DOWN as exc:
+            log.warning("job claim not renewed: %s", exc, extra={"job": name})
+            continue
+        if text(outcome) == "lost":
+            run.cancel()
+            return
+
+
 async def end_claim(ctx: StageContext, finish: JobFinish) -> Any:
     """End the run's claim (jobs.lua ``finish``), trying again while Redis is away for
-    up to ``END_RETRY_S``; jobs.lua's answer, or None when Redis stayed away (the claim
-    then runs out at its deadline and the run is retried). Ending is idempotent: a
-    claim already ended, or one a failover lost, is left as it is."""
+    up to a lease; jobs.lua's answer, or None when Redis stayed away (the claim then
+    goes stale and the run is retried). Ending is idempotent: a claim already ended, or
+    one a failover lost, is left as it is."""
     pause, longest = END_BACKOFF_S
-    give_up = time.monotonic() + END_RETRY_S
+    give_up = time.monotonic() + ctx.settings.job_lease_s
     while True:
         try:
             return await jobs_script(ctx, JobsCall(prefix=ctx.settings.prefix,

@@ -1,7 +1,10 @@
 """The stages' Lua scripts, each declared once with its keys and call types.
 
 Each script is ``stages/lua/common.lua`` (shared helpers and the builders of the
-messages two scripts emit) followed by its own file, both package data; the keys
+messages two scripts emit), ``allocations.lua`` (the helpers of giving, taking back and
+moving devices: every script but quota's, which needs none of them), ``call.lua`` (the
+line where a Redis Function's per-call part begins, and the reset of the helpers'
+state) and its own file, all package data; the keys
 and call types live in ``schemas/rows.py`` and ``pipeline.scripts`` generates the
 preamble that gives the script ``KEY`` and ``CALL`` by name. A call site passes
 a keys NamedTuple and a call Struct: ``await QUOTA(redis, QuotaKeys(...),
@@ -34,24 +37,27 @@ from schemas.rows import (
     SelectKeys,
 )
 
-QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "quota.lua"))
+DEVICE_SIDE = ("common.lua", "allocations.lua", "call.lua")
+"""The helpers of every script but quota's, then the per-call marker."""
+
+QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "call.lua", "quota.lua"))
 """Admit or refuse a batch of requests and ack them (user keys)."""
 SELECT = Script("select", SelectKeys, SelectCall,
-                lua_source("stages", "common.lua", "bookings.lua", "select.lua"))
+                lua_source("stages", *DEVICE_SIDE, "bookings.lua", "select.lua"))
 """Allocate or release for a batch of admitted requests (reservations too), reply, ack."""
-EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", "common.lua", "expire.lua"))
+EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", *DEVICE_SIDE, "expire.lua"))
 """Close allocations past their expires-at."""
-ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", "common.lua", "admin.lua"))
+ADMIN = Script("admin", AdminKeys, AdminCall, lua_source("stages", *DEVICE_SIDE, "admin.lua"))
 """Add or update a device; set a user's quota."""
 REBUILD = Script("rebuild", RebuildKeys, RebuildCall,
-                 lua_source("stages", "common.lua", "rebuild.lua"))
+                 lua_source("stages", *DEVICE_SIDE, "rebuild.lua"))
 """Write a chunk of the live state loaded from PostgreSQL (devsched rebuild)."""
 
-EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", "common.lua", "events.lua"))
+EVENTS = Script("events", EventsKeys, EventsCall, lua_source("stages", *DEVICE_SIDE, "events.lua"))
 """Apply a batch of events from other systems, record their changes, ack."""
 
 RESERVATIONS = Script("reservations", ReservationsKeys, ReservationsCall,
-                      lua_source("stages", "common.lua", "bookings.lua", "reservations.lua"))
+                      lua_source("stages", *DEVICE_SIDE, "bookings.lua", "reservations.lua"))
 """Activate due reservations, end no-shows, complete the ended (the reservations jobs)."""
 
 JOBS = Script("jobs", JobsKeys, JobsCall, lua_source("stages", "jobs.lua"))

@@ -76,7 +76,12 @@ class Settings(RuntimeSettings):
     job_max_retries: int = env("DEVSCHED_JOB_MAX_RETRIES", 3, minimum=0)
     """A failed or killed scheduled run is retried this many times (at the next ticks)."""
     job_timeout_s: int = env("DEVSCHED_JOB_TIMEOUT_S", 300, minimum=1)
-    """A run longer than this fails; a claim held this long belongs to a dead worker."""
+    """A run longer than this fails."""
+    job_lease_s: int = env("DEVSCHED_JOB_LEASE_S", 15, minimum=3)
+    """A run's claim holds this long unless renewed; the run renews it every third of
+    it, so a claim not renewed this long belongs to a dead worker (recorded failed,
+    retried): a worker killed in the middle of expire holds expiry off this long, not
+    the job's timeout."""
     max_allocation_s: int = env("DEVSCHED_MAX_ALLOCATION_S", 2_592_000, minimum=1)
     """A renewal may not make an allocation last longer than this in all, from its
     allocated-at (default 30 days)."""

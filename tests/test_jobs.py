@@ -3,8 +3,9 @@
 With the injected clock (no sleeping): a run of expire through the running pipeline
 leaves an execution row with its figures and the job's info; pause stops scheduled
 runs and resume brings them back; set-interval moves the next run; a run whose worker
-died (its `running` execution and claim left past the timeout) is recorded failed and
-retried once, and with max retries 1 a second death gives up until the next period;
+died (its `running` execution and claim left unrenewed past the lease) is recorded failed
+and retried once, while a live run renews its claim and keeps it past the lease, and a run
+whose claim was taken over stops; a run ends its claim once Redis is back, and with max retries 1 a second death gives up until the next period;
 two timers workers handling the same ticks run each job once per period; the purge
 deletes old closed rows and never an active one; the snapshot writes one row per
 period; `devsched jobs run expire --json` answers with the six fields (and a repeated
@@ -151,12 +152,12 @@ async def leave_dead_run(ctx: StageContext, pg: asyncpg.Pool) -> str:
 async def test_a_killed_run_is_recorded_failed_and_retried_once(
     jctx: StageContext, pg: asyncpg.Pool, clock: ManualClock, settings: Settings,
 ) -> None:
-    ctx = replace(jctx, settings=replace(settings, job_max_retries=1, job_timeout_s=30))
+    ctx = replace(jctx, settings=replace(settings, job_max_retries=1, job_lease_s=30))
     dead = await leave_dead_run(ctx, pg)
     clock.advance(settings.tick_ms)
-    assert ran(await run_due(ctx), "expire") == 0  # its claim is still within the timeout
+    assert ran(await run_due(ctx), "expire") == 0  # its claim is still within the lease
 
-    clock.advance(30_000)
+    clock.advance(30_000)  # not renewed for a lease: stale (the timeout, 300 s, plays no part)
     [retry] = [o for o in await run_due(ctx) if o.job == "expire"]
     assert retry.status == "succeeded"
     rows = {str(r["id"]): r for r in await executions(pg, "expire")}
@@ -428,3 +429,63 @@ async def test_a_run_ends_its_claim_once_redis_is_back(
     assert state["running"] is None and state["last_status"] == "succeeded"
     jctx.clock.advance(settings.tick_ms)
     assert ran(await run_due(jctx), "expire") == 1  # not held off by a claim left behind
+
+
+async def test_a_long_run_renews_its_claim_and_keeps_it_past_the_lease(
+    jctx: StageContext, settings: Settings, clock: ManualClock,
+) -> None:
+    """A run that works for twice the lease (the injected clock moves 2 s three times, a
+    renewal, every third of the 3 s lease in real time, comes between) still holds its
+    claim: a manual run of the job asked for meanwhile finds it busy, and the run ends
+    its own claim."""
+    s = replace(settings, job_lease_s=3)
+    ctx = replace(jctx, settings=s)
+    asked: list[str] = []
+
+    async def long_run(_: StageContext) -> int:
+        for _ in range(3):
+            clock.advance(2_000)
+            await asyncio.sleep(1.2)
+        [(_, outcome, _, _, _, _)] = await claim(ctx, [claim_of(job, s, clock.now_ms(),
+                                                                manual=True)])
+        asked.append(outcome)
+        return 1
+
+    job = replace(JOBS["expire"], run=long_run)
+    [(_, outcome, eid, attempt, _, _)] = await claim(ctx, [claim_of(job, s, clock.now_ms())])
+    assert outcome == "run"
+    done = await execute(ctx, job, eid, attempt, False)
+    assert asked == ["busy"]
+    assert (done.status, done.processed) == ("succeeded", 1)
+    state = await job_state(jctx.redis, s, "expire")
+    assert state["running"] is None and state["last_status"] == "succeeded"
+
+
+async def test_a_run_whose_claim_was_taken_over_stops(
+    jctx: StageContext, settings: Settings, clock: ManualClock,
+) -> None:
+    """A run that could not renew its claim for a lease (here: the injected clock jumps
+    past it before the first renewal) finds at its next renewal that another took the
+    job over, and stops, recorded failed; the claim stays the new run's."""
+    s = replace(settings, job_lease_s=3)
+    ctx = replace(jctx, settings=s)
+    started = asyncio.Event()
+
+    async def stuck(_: StageContext) -> int:
+        started.set()
+        await asyncio.Event().wait()
+        return 0
+
+    job = replace(JOBS["expire"], run=stuck)
+    [(_, outcome, eid, attempt, _, _)] = await claim(ctx, [claim_of(job, s, clock.now_ms())])
+    assert outcome == "run"
+    running = asyncio.create_task(execute(ctx, job, eid, attempt, False))
+    await asyncio.wait_for(started.wait(), EVENT_TIMEOUT_S)
+    clock.advance(4_000)
+    [(_, took, other, _, stale, _)] = await claim(ctx, [claim_of(job, s, clock.now_ms(),
+                                                                 manual=True)])
+    assert (took, stale) == ("run", eid)
+    done = await asyncio.wait_for(running, EVENT_TIMEOUT_S)
+    assert done.status == "failed" and done.error is not None and "claim lost" in done.error
+    state = await job_state(jctx.redis, s, "expire")
+    assert state["running"] == other

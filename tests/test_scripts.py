@@ -290,7 +290,7 @@ async def test_a_lost_function_is_loaded_again(redis: Redis) -> None:
 
 async def test_state_above_the_marker_is_the_library_s_and_outlives_a_call(
         redis: Redis) -> None:
-    """Why common.lua resets its per-call state below the marker (begin_call): under
+    """Why the helpers' per-call state is reset below the marker (begin_call): under
     Functions a table above it is made once, at load, and kept between calls."""
     script = probe("local seen = {}\n-- @per-call\n"
                    "seen[#seen + 1] = CALL.name\nreturn #seen")
@@ -302,10 +302,14 @@ async def test_state_above_the_marker_is_the_library_s_and_outlives_a_call(
 async def test_the_stage_scripts_load_as_functions_and_reset_their_call_state(
         redis: Redis) -> None:
     """Every stage script loads (as a library on Redis 7: nothing above the marker may
-    call a global there), and common.lua's begin_call sits right below its marker."""
+    call a global there), and begin_call (call.lua) sits right below its one marker;
+    quota's source has none of allocations.lua (its calls do not make those helpers)."""
     from stages.scripts import ALL
 
     for script in ALL:
         await script.load(redis)
         assert script.functions is await _has_functions(redis)
-    assert "-- @per-call\nbegin_call()" in SELECT.body and QUOTA.body.count("-- @per-call") == 1
+    for script in (SELECT, QUOTA):
+        assert script.body.count("\n-- @per-call\nbegin_call()\n") == 1
+    assert "local function give_device" in SELECT.body
+    assert "local function give_device" not in QUOTA.body

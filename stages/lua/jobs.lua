@@ -4,17 +4,21 @@
 -- What it guarantees, atomically per call:
 --  * claim: a scheduled run of a job is claimed at most once per period. A job is due
 --    when it is not paused, holds no claim and now >= next_run_ms; claiming it sets the
---    claim (running = the execution id, deadline = now + timeout) and moves next_run_ms to
+--    claim (running = the execution id, deadline = now + lease, or now + timeout without
+--    a lease) and moves next_run_ms to
 --    the start of the next period (interval boundaries), so a second worker handling the
 --    same tick, or a redelivered tick, finds it not due. A claim past its deadline belongs
 --    to a worker that died: it is reported (stale) and the run retried under a new claim,
 --    up to max_retries; past them the job gives up until its next period. A manual claim
 --    ignores paused and next_run_ms but never takes a live claim (busy).
+--  * renew: the run holding the claim is alive: its deadline moves to now + lease (a claim
+--    taken over as stale is left alone: lost);
 --  * finish: ends the claim it names (a claim taken over as stale is left alone: lost);
 --    a failed scheduled run is due again at once until it has failed max_retries times.
 --  * control: pause, resume, set_interval (next run one new interval from now).
 -- Returns, claim: per job {name, outcome, execution_id, attempt, stale_id, stale_started_ms}
 -- (outcome: run, retry, gave_up, busy, paused, not_due); finish: {ok|lost, hash...};
+-- renew: {ok|lost};
 -- control: {hash...}.
 local P, now = CALL.prefix, CALL.now_ms
 
@@ -49,7 +53,7 @@ if CALL.claim then
     local interval, next_run = tonumber(h[1]), tonumber(h[2])
     local running, deadline = h[4] or '', tonumber(h[5] or '0') or 0
     local retries, max_retries = tonumber(h[6] or '0') or 0, tonumber(h[7])
-    local timeout = tonumber(h[8])
+    local timeout = j.lease_ms or tonumber(h[8])  -- how long a claim holds unrenewed
     local outcome, eid, attempt, stale, stale_started = 'not_due', '', 0, '', 0
     if running ~= '' and now <= deadline then
       outcome = 'busy'
@@ -88,6 +92,14 @@ if CALL.claim then
     out[#out + 1] = {j.name, outcome, eid, attempt, stale, stale_started}
   end
   return out
+end
+
+if CALL.renew then
+  local r = CALL.renew
+  local key = job_key(r.name)
+  if redis.call('HGET', key, 'running') ~= r.execution_id then return {'lost'} end
+  redis.call('HSET', key, 'deadline_ms', int(now + r.lease_ms))
+  return {'ok'}
 end
 
 if CALL.finish then
