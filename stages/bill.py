@@ -33,7 +33,7 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
 LEFT JOIN LATERAL (SELECT sum(duration_seconds)::int AS s FROM billing_ledger l
                    WHERE l.allocation_id = u.id AND l.kind = 'interim') i ON TRUE
 ORDER BY 1
-ON CONFLICT (allocation_id) WHERE kind = 'final' DO NOTHING
+ON CONFLICT DO NOTHING
 """
 """The final row bills what the allocation's interim rows (stages/schedules.py) have not:
 its exact length minus their sum (never below 0: an interim row can only cover past the
