@@ -745,7 +745,19 @@ class BatchClaim(Struct, kw_only=True, omit_defaults=True):
     execution_prefix: str
     limit: int
     timeout_ms: int
+    lease_ms: int | None = None
+    """A claim's deadline is now + lease_ms (the run renews it while it works, BatchRenew);
+    None: now + timeout_ms."""
     schedule: str | None = None
+
+
+class BatchRenew(Struct, kw_only=True):
+    """The run ``execution_id`` of batch ``batch`` is alive: its claim's deadline moves to
+    now + ``lease_ms``."""
+
+    batch: str
+    execution_id: str
+    lease_ms: int
 
 
 class TenantFailure(Struct, kw_only=True):
@@ -819,7 +831,7 @@ class ScheduleRestore(Struct, kw_only=True, omit_defaults=True):
 
 
 class SchedulesCall(Struct, kw_only=True, omit_defaults=True):
-    """One of: ``tenants``, ``override``, ``claim``, ``finish``, ``retry_claim``,
+    """One of: ``tenants``, ``override``, ``claim``, ``renew``, ``finish``, ``retry_claim``,
     ``retry_finish``, ``control``, ``restore``, ``dump``. Every call carries the tiers, the batch
     capacity, the stagger and the retry policy, so that the schedules of every tier exist
     and expired overrides are settled first."""
@@ -838,6 +850,7 @@ class SchedulesCall(Struct, kw_only=True, omit_defaults=True):
     tenants: list[TenantOp] | None = None
     override: TenantOverride | None = None
     claim: BatchClaim | None = None
+    renew: BatchRenew | None = None
     finish: BatchFinish | None = None
     retry_claim: RetryClaim | None = None
     retry_finish: RetryFinish | None = None

@@ -405,25 +405,34 @@ async def execute(ctx: StageContext, job: Job, execution_id: str, attempt: int,
     return RunOutcome(job.name, execution_id, started, status, processed, error, duration)
 
 
-async def keep_claim(ctx: StageContext, name: str, execution_id: str,
-                     run: asyncio.Future[int]) -> None:
-    """Renew the run's claim every third of the lease while it works; should the claim
-    have been taken over (this worker could not renew it for a lease: another runs the
-    job now), stop the run. A renewal Redis does not answer is tried again at the next
-    third."""
+async def hold_lease(ctx: StageContext, name: str, renew: Callable[[int], Awaitable[bool]],
+                     run: asyncio.Future[Any]) -> None:
+    """Renew a run's claim (``renew(lease_ms)``: False when the claim was taken over)
+    every third of ``DEVSCHED_JOB_LEASE_S`` while the run works; should the claim have
+    been taken over (this worker could not renew it for a lease: another runs it now),
+    stop the run. A renewal Redis does not answer is tried again at the next third."""
     lease_ms = ctx.settings.job_lease_s * 1000
     while not run.done():
         await asyncio.sleep(lease_ms / 3000)
         try:
-            [outcome] = await jobs_script(ctx, JobsCall(
-                prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
-                renew=JobRenew(name=name, execution_id=execution_id, lease_ms=lease_ms)))
+            kept = await renew(lease_ms)
         except REDIS_DOWN as exc:
             log.warning("job claim not renewed: %s", exc, extra={"job": name})
             continue
-        if text(outcome) == "lost":
+        if not kept:
             run.cancel()
             return
+
+
+async def keep_claim(ctx: StageContext, name: str, execution_id: str,
+                     run: asyncio.Future[Any]) -> None:
+    """:func:`hold_lease` of a tracked job's claim (jobs.lua ``renew``)."""
+    async def renew(lease_ms: int) -> bool:
+        [outcome] = await jobs_script(ctx, JobsCall(
+            prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
+            renew=JobRenew(name=name, execution_id=execution_id, lease_ms=lease_ms)))
+        return text(outcome) == "ok"
+    await hold_lease(ctx, name, renew, run)
 
 
 async def end_claim(ctx: StageContext, finish: JobFinish) -> Any:

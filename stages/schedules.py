@@ -48,6 +48,7 @@ placed anew in its schedules' batches (:func:`restore`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -66,6 +67,7 @@ from schemas.messages import UsageEntry
 from schemas.rows import (
     BatchClaim,
     BatchFinish,
+    BatchRenew,
     PlanTier,
     RetryClaim,
     RetryFinish,
@@ -477,7 +479,7 @@ async def claim_batches(ctx: StageContext, schedule: str | None = None) -> list[
     prefix = str(uuid.uuid4())[:-4]
     answer = await call(ctx.redis, s, now, claim=BatchClaim(
         execution_prefix=prefix, limit=CLAIM_LIMIT, timeout_ms=s.job_timeout_s * 1000,
-        schedule=schedule))
+        lease_ms=s.job_lease_s * 1000, schedule=schedule))
     runs = []
     for ref, sid, kind, interval, period_end, eid, stale, stale_started, members in answer:
         if text(stale):
@@ -500,7 +502,7 @@ def _uuid(execution_id: str) -> uuid.UUID:
 async def run_batch(ctx: StageContext, run: BatchRun, *, manual: bool = False) -> BatchOutcome:
     """Run every tenant of a claimed batch, record the run, end the claim; the tenants
     that failed go to the retry queue in the same call that ends it."""
-    from stages.jobs import END, START, _record, ts
+    from stages.jobs import END, START, _record, hold_lease, ts
 
     name = f"schedule:{run.batch}"
     eid = _uuid(run.execution_id)
@@ -508,19 +510,50 @@ async def run_batch(ctx: StageContext, run: BatchRun, *, manual: bool = False) -
     await _record(ctx, f"start {name}", START, eid, name, ts(started), 0, manual)
     t0 = time.monotonic()
     processed, failed = 0, []
-    for tenant in run.tenants:
-        try:
-            processed += await run_tenant(ctx, run.kind, tenant, run.interval_ms,
-                                          run.period_end_ms)
-        except Exception as exc:  # noqa: BLE001  the tenant goes to the retry queue
-            error = f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
-            failed.append((tenant, error))
-            log.warning("tenant run failed: %s", error,
-                        extra={"tenant_id": tenant, "batch": run.batch})
+
+    ran: list[str] = []
+
+    async def tenants() -> None:
+        nonlocal processed
+        for tenant in run.tenants:
+            try:
+                processed += await run_tenant(ctx, run.kind, tenant, run.interval_ms,
+                                              run.period_end_ms)
+                ran.append(tenant)
+            except Exception as exc:  # noqa: BLE001  the tenant goes to the retry queue
+                error = f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
+                failed.append((tenant, error))
+                log.warning("tenant run failed: %s", error,
+                            extra={"tenant_id": tenant, "batch": run.batch})
+
+    async def renew(lease_ms: int) -> bool:
+        [outcome] = await call(ctx.redis, ctx.settings, ctx.clock.now_ms(), renew=BatchRenew(
+            batch=run.batch, execution_id=run.execution_id, lease_ms=lease_ms))
+        return text(outcome) == "ok"
+
+    work = asyncio.ensure_future(asyncio.wait_for(tenants(), ctx.settings.job_timeout_s))
+    keeper = asyncio.create_task(hold_lease(ctx, name, renew, work))
+    stopped = None
+    try:
+        await work
+    except TimeoutError:
+        stopped = f"timed out after {ctx.settings.job_timeout_s} s"
+    except asyncio.CancelledError:
+        if not keeper.done():  # this worker is stopping: so is its run
+            raise
+        stopped = "claim lost: not renewed in time, taken over"
+    finally:
+        keeper.cancel()
+    if stopped:
+        log.warning("batch run stopped: %s", stopped, extra={"batch": run.batch})
+        # the tenants it did not get to go to the retry queue (when the claim was taken
+        # over, the finish below finds it lost and queues nothing: the new run has them)
+        seen = set(ran) | {t for t, _ in failed}
+        failed += [(t, stopped) for t in run.tenants if t not in seen]
     duration = int((time.monotonic() - t0) * 1000)
-    status = "failed" if failed else "succeeded"
+    status = "failed" if failed or stopped else "succeeded"
     summary = (f"{len(failed)} of {len(run.tenants)} tenants failed; first: {failed[0][0]}: "
-               f"{failed[0][1]}"[:ERROR_MAX] if failed else None)
+               f"{failed[0][1]}"[:ERROR_MAX] if failed else stopped)
     metrics.JOB_RUNS.labels("schedule", status).inc()
     metrics.SCHEDULE_TENANT_RUNS.labels(run.kind, "succeeded").inc(len(run.tenants) - len(failed))
     metrics.SCHEDULE_TENANT_RUNS.labels(run.kind, "failed").inc(len(failed))

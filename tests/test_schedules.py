@@ -621,8 +621,8 @@ async def test_trigger_runs_every_batch_of_a_schedule_once(
 async def test_a_batch_run_whose_worker_died_is_run_again_in_its_period_once(
     sctx: StageContext, pg: asyncpg.Pool,
 ) -> None:
-    """A batch claimed by a worker that died (its claim held past DEVSCHED_JOB_TIMEOUT_S)
-    is recorded failed and run again at the next tick, for the SAME period, so that
+    """A batch claimed by a worker that died (its claim not renewed for
+    DEVSCHED_JOB_LEASE_S) is recorded failed and run again at the next tick, for the SAME period, so that
     period's usage report is written, not missed until the batch next falls due. Only
     once: a re-run that dies too puts the batch's tenants in the retry queue for that
     period, and the retry writes the report."""
@@ -630,7 +630,7 @@ async def test_a_batch_run_whose_worker_died_is_run_again_in_its_period_once(
 
     s, clock = sctx.settings, sctx.clock
     assert isinstance(clock, ManualClock)
-    timeout = s.job_timeout_s * 1000
+    timeout = s.job_lease_s * 1000  # a dead worker's claim goes stale a lease after it
     await set_tenant(sctx.redis, s, clock.now_ms(), "dying", "enterprise")  # every 15 min
     name = "schedule:usage_report:15m#0"
 
@@ -656,7 +656,7 @@ async def test_a_batch_run_whose_worker_died_is_run_again_in_its_period_once(
     clock.advance(15 * MIN)  # the batch falls due; its worker claims it and dies
     [first] = await claim_usage()
     period = first.period_end_ms
-    clock.advance(timeout - 1_000)  # inside the timeout: nothing is run again
+    clock.advance(timeout - 1_000)  # inside the lease: nothing is run again
     assert await claim_usage() == []
     clock.advance(2_000)  # past it, inside the same period: run again, for that period
     [again] = await claim_usage()
@@ -684,3 +684,43 @@ async def test_a_batch_run_whose_worker_died_is_run_again_in_its_period_once(
     assert await run_retries(sctx) == [("usage_report|dying", "done")]
     assert await reports(second.period_end_ms) == 1  # that period's report, by the retry
     assert [st for st, _ in await executions()] == ["failed", "succeeded", "failed", "failed"]
+
+
+async def test_a_long_batch_run_renews_its_claim_and_is_not_run_twice(
+    sctx: StageContext, pg: asyncpg.Pool, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A batch run that works for twice the lease (its one tenant's run is slow: the
+    injected clock moves 2 s three times while a renewal, every third of the 3 s lease in
+    real time, comes between) keeps its claim: a manual trigger of its schedule meanwhile
+    claims nothing, and the run ends succeeded with the period's report written once."""
+    import stages.schedules as sched
+    from stages.schedules import claim_batches, run_batch
+
+    s = replace(sctx.settings, job_lease_s=3)
+    ctx = replace(sctx, settings=s)
+    clock = ctx.clock
+    assert isinstance(clock, ManualClock)
+    await set_tenant(ctx.redis, s, clock.now_ms(), "slow", "enterprise")
+    clock.advance(15 * MIN)
+    runs = [r for r in await claim_batches(ctx) if r.kind == "usage_report"]
+    [run] = runs
+    asked: list[int] = []
+    real_run_tenant = sched.run_tenant
+
+    async def slow(*args: Any) -> int:
+        for _ in range(3):
+            clock.advance(2_000)
+            await asyncio.sleep(1.2)
+        asked.append(len(await claim_batches(ctx, run.batch.split("#")[0])))
+        return await real_run_tenant(*args)
+
+    monkeypatch.setattr(sched, "run_tenant", slow)
+    outcome = await run_batch(ctx, run)
+    assert asked == [0]  # busy: the live run's claim was renewed past the lease
+    assert outcome.status == "succeeded"
+    async with pg.acquire() as conn:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM usage_reports WHERE tenant_id = 'slow'") >= 1
+        statuses = [r["status"] for r in await conn.fetch(
+            "SELECT status FROM job_executions WHERE job_name = $1", f"schedule:{run.batch}")]
+    assert statuses == ["succeeded"]

@@ -17,7 +17,8 @@
 --    deadline belongs to a dead worker (the set `running` holds each claim by deadline):
 --    the next scheduled claim reports it stale and claims the batch again for the SAME
 --    period (its period_end_ms), once; a re-run found dead too puts the batch's tenants in
---    the retry queue for that period instead;
+--    the retry queue for that period instead; a claim's deadline is a lease (lease_ms)
+--    its run renews (renew: {ok|lost}) while it works;
 --  * write-behind: every change of a tenant (created, plan changed, override set, cleared
 --    or run out, event version, deleted) adds a TenantChange to the changes stream, and
 --    every pause or resume a ScheduleChange, in the step that makes it, each with the next
@@ -343,7 +344,7 @@ if CALL.claim then
       elseif b[5] ~= '1' then
         seq = seq + 1
         local eid = c.execution_prefix .. int(seq)
-        take(ref, eid, c.timeout_ms, b[6] == '1', num(b[4]), true)
+        take(ref, eid, c.lease_ms or c.timeout_ms, b[6] == '1', num(b[4]), true)
         out[#out + 1] = claimed(ref, eid, num(b[4]), b[1], b[3] or '0')
       else
         redis.call('HSET', bkey, 'running', '', 'last_status', 'failed')
@@ -379,7 +380,7 @@ if CALL.claim then
     elseif c.schedule then
       seq = seq + 1
       local eid = c.execution_prefix .. int(seq)
-      take(ref, eid, c.timeout_ms, true, now, false)
+      take(ref, eid, c.lease_ms or c.timeout_ms, true, now, false)
       out[#out + 1] = claimed(ref, eid, now, stale, stale_started)
     elseif redis.call('HGET', skey, 'paused') ~= '1' then
       local iv = num(redis.call('HGET', skey, 'interval_ms'))
@@ -389,13 +390,22 @@ if CALL.claim then
       redis.call('ZADD', K('due'), nr, ref)
       seq = seq + 1
       local eid = c.execution_prefix .. int(seq)
-      take(ref, eid, c.timeout_ms, false, due, false)
+      take(ref, eid, c.lease_ms or c.timeout_ms, false, due, false)
       out[#out + 1] = claimed(ref, eid, due, stale, stale_started)
     elseif stale ~= '' then
       out[#out + 1] = {ref, sid, '', '', '0', '', stale, stale_started, {}}
     end
   end
   return out
+end
+
+if CALL.renew then
+  local r = CALL.renew
+  local bkey = K('batch:' .. r.batch)
+  if redis.call('HGET', bkey, 'running') ~= r.execution_id then return {'lost'} end
+  redis.call('HSET', bkey, 'deadline_ms', int(now + r.lease_ms))
+  redis.call('ZADD', K('running'), now + r.lease_ms, r.batch)
+  return {'ok'}
 end
 
 if CALL.finish then
