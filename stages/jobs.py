@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -65,6 +65,8 @@ PURGE_BATCH = 10_000
 """Rows one purge statement deletes (a purge repeats until fewer are left)."""
 ERROR_MAX = 2_000
 """Characters of a run's error kept."""
+T = TypeVar("T")
+
 KILLED = "worker died: still running past its timeout"
 END_BACKOFF_S = (0.05, 2.0)
 """The first and the longest pause between two tries to end a claim while Redis is away
@@ -377,23 +379,19 @@ async def execute(ctx: StageContext, job: Job, execution_id: str, attempt: int,
     await _record(ctx, f"start {job.name}", START, eid, job.name, ts(started), attempt, manual)
     t0 = time.monotonic()
     processed, error = 0, None
-    run = asyncio.ensure_future(asyncio.wait_for(job.run(ctx), ctx.settings.job_timeout_s))
-    keeper = asyncio.create_task(keep_claim(ctx, job.name, execution_id, run))
+
+    async def renew(lease_ms: int) -> bool:
+        [outcome] = await jobs_script(ctx, JobsCall(
+            prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
+            renew=JobRenew(name=job.name, execution_id=execution_id, lease_ms=lease_ms)))
+        return text(outcome) == "ok"
+
     try:
-        processed = await run
-        status = "succeeded"
-    except TimeoutError:
-        status, error = "failed", f"timed out after {ctx.settings.job_timeout_s} s"
-    except asyncio.CancelledError:
-        if not keeper.done():  # this worker is stopping: so is its run
-            raise
-        status, error = "failed", "claim lost: not renewed in time, taken over"
-        log.warning("job run stopped: %s", error, extra={"job": job.name})
+        done, error = await run_leased(ctx, job.name, renew, job.run(ctx))
+        processed, status = done or 0, "failed" if error else "succeeded"
     except Exception as exc:  # noqa: BLE001  the run failed: recorded and retried
         status, error = "failed", f"{type(exc).__name__}: {exc}"[:ERROR_MAX]
         log.warning("job run failed: %s", error, extra={"job": job.name})
-    finally:
-        keeper.cancel()
     duration = int((time.monotonic() - t0) * 1000)
     metrics.JOB_RUNS.labels(job.name, status).inc()
     await _record(ctx, f"end {job.name}", END, eid, job.name, ts(started),
@@ -424,15 +422,26 @@ async def hold_lease(ctx: StageContext, name: str, renew: Callable[[int], Awaita
             return
 
 
-async def keep_claim(ctx: StageContext, name: str, execution_id: str,
-                     run: asyncio.Future[Any]) -> None:
-    """:func:`hold_lease` of a tracked job's claim (jobs.lua ``renew``)."""
-    async def renew(lease_ms: int) -> bool:
-        [outcome] = await jobs_script(ctx, JobsCall(
-            prefix=ctx.settings.prefix, now_ms=ctx.clock.now_ms(),
-            renew=JobRenew(name=name, execution_id=execution_id, lease_ms=lease_ms)))
-        return text(outcome) == "ok"
-    await hold_lease(ctx, name, renew, run)
+async def run_leased(ctx: StageContext, name: str, renew: Callable[[int], Awaitable[bool]],
+                     work: Awaitable[T]) -> tuple[T | None, str | None]:
+    """Run ``work`` (a tracked job's or a schedule batch's) within
+    ``DEVSCHED_JOB_TIMEOUT_S`` while :func:`hold_lease` renews its claim: (its result,
+    None), or (None, why it stopped: timed out, or its claim taken over). Any other
+    failure of ``work`` is raised."""
+    run = asyncio.ensure_future(asyncio.wait_for(work, ctx.settings.job_timeout_s))
+    keeper = asyncio.create_task(hold_lease(ctx, name, renew, run))
+    try:
+        return await run, None
+    except TimeoutError:
+        return None, f"timed out after {ctx.settings.job_timeout_s} s"
+    except asyncio.CancelledError:
+        if not keeper.done():  # this worker is stopping: so is its run
+            raise
+        stopped = "claim lost: not renewed in time, taken over"
+        log.warning("run stopped: %s", stopped, extra={"job": name})
+        return None, stopped
+    finally:
+        keeper.cancel()
 
 
 async def end_claim(ctx: StageContext, finish: JobFinish) -> Any:

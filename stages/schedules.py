@@ -48,7 +48,6 @@ placed anew in its schedules' batches (:func:`restore`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
@@ -502,7 +501,7 @@ def _uuid(execution_id: str) -> uuid.UUID:
 async def run_batch(ctx: StageContext, run: BatchRun, *, manual: bool = False) -> BatchOutcome:
     """Run every tenant of a claimed batch, record the run, end the claim; the tenants
     that failed go to the retry queue in the same call that ends it."""
-    from stages.jobs import END, START, _record, hold_lease, ts
+    from stages.jobs import END, START, _record, run_leased, ts
 
     name = f"schedule:{run.batch}"
     eid = _uuid(run.execution_id)
@@ -531,21 +530,8 @@ async def run_batch(ctx: StageContext, run: BatchRun, *, manual: bool = False) -
             batch=run.batch, execution_id=run.execution_id, lease_ms=lease_ms))
         return text(outcome) == "ok"
 
-    work = asyncio.ensure_future(asyncio.wait_for(tenants(), ctx.settings.job_timeout_s))
-    keeper = asyncio.create_task(hold_lease(ctx, name, renew, work))
-    stopped = None
-    try:
-        await work
-    except TimeoutError:
-        stopped = f"timed out after {ctx.settings.job_timeout_s} s"
-    except asyncio.CancelledError:
-        if not keeper.done():  # this worker is stopping: so is its run
-            raise
-        stopped = "claim lost: not renewed in time, taken over"
-    finally:
-        keeper.cancel()
+    _, stopped = await run_leased(ctx, name, renew, tenants())
     if stopped:
-        log.warning("batch run stopped: %s", stopped, extra={"batch": run.batch})
         # the tenants it did not get to go to the retry queue (when the claim was taken
         # over, the finish below finds it lost and queues nothing: the new run has them)
         seen = set(ran) | {t for t, _ in failed}

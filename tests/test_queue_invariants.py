@@ -454,9 +454,10 @@ class RateMachine(RuleBasedStateMachine):
                 for b in self._buckets(user):
                     self.passed.setdefault(b, []).append(now)
             else:
-                # retry_after_ms is the bucket's arithmetic on the injected clock (no time is
-                # measured): a refusal must name a wait, which retry_after_the_refusal then replays
-                assert refusal.retry_after_ms is not None and refusal.retry_after_ms > 0, refusal
+                # a refusal must name a wait (the bucket's arithmetic on the injected clock);
+                # retry_after_the_refusal replays it: a request at that instant is admitted,
+                # so a wait of 0 (the same instant, the same empty bucket) would fail there
+                assert refusal.retry_after_ms is not None, refusal
                 self.refused[user] = (now, refusal.retry_after_ms, self._taken(user))
         return refusals
 

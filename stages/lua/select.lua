@@ -379,6 +379,28 @@ local function enqueue(row, member)
     priority), reply_ttl)
 end
 
+-- The user's state read for an admitted request (STATE_FIELDS, its hold first), or nil
+-- when quota never admitted it (answered invalid_request, not kept under its id).
+local function admitted_state(rid, uid, reply_to)
+  STATE_FIELDS[1] = 'hold:' .. rid
+  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
+  if s[1] then return s end
+  send_reply(reply_to, failed_reply(rid, 'invalid_request',
+    'Request ' .. rid .. ' was not admitted by quota', nil), reply_ttl)
+  n_failed = n_failed + 1
+  return nil
+end
+
+-- Refuse an admitted request: Failed answered and kept under its id, the rejection
+-- recorded.
+local function refuse_kept(rid, uid, tenant, reply_to, idem_key, reason, msg)
+  local json = failed_reply(rid, reason, msg, nil)
+  send_reply(reply_to, json, reply_ttl)
+  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  emit_change(changes, rejected_change(rid, uid, tenant, reason, msg, now))
+  n_failed = n_failed + 1
+end
+
 local function allocate(row)
   local rid, uid, tenant, reply_to = row.request_id, row.user_id, row.tenant_id, row.reply_to
   local min_cpu, min_mem = row.min_cpu_cores, row.min_memory_mb
@@ -400,25 +422,14 @@ local function allocate(row)
       return
     end
   end
-  STATE_FIELDS[1] = 'hold:' .. rid
-  local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
-  if not s[1] then
-    local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
-    send_reply(reply_to, json, reply_ttl)
-    n_failed = n_failed + 1
-    return
-  end
+  local s = admitted_state(rid, uid, reply_to)
+  if not s then return end
   local used = usage_at(s, 2)
   local blocked = s[11] and BLOCKED[s[11]]
   if blocked then
     settle_hold(P, uid, rid, hold, used, nil, nil, nil)
-    local msg = blocked_message(blocked, s[11], uid)
-    local json = failed_reply(rid, blocked, msg, nil)
-    send_reply(reply_to, json, reply_ttl)
-    redis.call('SET', idem_key, json, 'EX', idem_ttl)
-    emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
-    n_failed = n_failed + 1
-    return
+    return refuse_kept(rid, uid, tenant, reply_to, idem_key, blocked,
+      blocked_message(blocked, s[11], uid))
   end
   local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
   book_until = now + row.duration_seconds * 1000
@@ -434,12 +445,7 @@ local function allocate(row)
         .. CALL.queue_max_per_user .. ')'
     end
     settle_hold(P, uid, rid, hold, used, nil, nil, nil)
-    local json = failed_reply(rid, reason, msg, nil)
-    send_reply(reply_to, json, reply_ttl)
-    redis.call('SET', idem_key, json, 'EX', idem_ttl)
-    emit_change(changes, rejected_change(rid, uid, tenant, reason, msg, now))
-    n_failed = n_failed + 1
-    return
+    return refuse_kept(rid, uid, tenant, reply_to, idem_key, reason, msg)
   end
   -- the free pool's score is fit_score(cpu, memory); d is storage, model, name, adb host,
   -- port, host
@@ -558,14 +564,8 @@ local function rare_rows()
     local idem_key = k_user(P, uid, 'req:' .. rid)
     local first = redis.call('GET', idem_key)
     if first then send_reply(reply_to, first, reply_ttl) return end
-    STATE_FIELDS[1] = 'hold:' .. rid
-    local s = redis.call('HMGET', k_state(P, uid), unpack(STATE_FIELDS))
-    if not s[1] then
-      local json = failed_reply(rid, 'invalid_request', 'Request ' .. rid .. ' was not admitted by quota', nil)
-      send_reply(reply_to, json, reply_ttl)
-      n_failed = n_failed + 1
-      return
-    end
+    local s = admitted_state(rid, uid, reply_to)
+    if not s then return end
     local used = usage_at(s, 2)
     local held = tonumber(string.match(s[1], ' (%d+)$')) or 1
     local function settle(n, cpu, mem, sto, ...)
@@ -575,13 +575,8 @@ local function rare_rows()
     local blocked = s[11] and BLOCKED[s[11]]
     if blocked then
       settle(0, 0, 0, 0)
-      local msg = blocked_message(blocked, s[11], uid)
-      local json = failed_reply(rid, blocked, msg, nil)
-      send_reply(reply_to, json, reply_ttl)
-      redis.call('SET', idem_key, json, 'EX', idem_ttl)
-      emit_change(changes, rejected_change(rid, uid, tenant, blocked, msg, now))
-      n_failed = n_failed + 1
-      return
+      return refuse_kept(rid, uid, tenant, reply_to, idem_key, blocked,
+        blocked_message(blocked, s[11], uid))
     end
     local want = row.best_effort and math.min(held, row.count) or row.count
     book_until = now + row.duration_seconds * 1000
@@ -700,11 +695,7 @@ local function rare_rows()
     local first = redis.call('GET', idem_key)
     if first then send_reply(reply_to, first, reply_ttl) return end
     local function refuse(reason, msg)
-      local json = failed_reply(rid, reason, msg, nil)
-      send_reply(reply_to, json, reply_ttl)
-      redis.call('SET', idem_key, json, 'EX', idem_ttl)
-      emit_change(changes, rejected_change(rid, uid, nil, reason, msg, now))
-      n_failed = n_failed + 1
+      return refuse_kept(rid, uid, nil, reply_to, idem_key, reason, msg)
     end
     local akey = k_pool(P, 'alloc:' .. aid)
     local a = redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
@@ -720,9 +711,7 @@ local function rare_rows()
     local u = redis.call('HMGET', k_state(P, uid), 'status', 'expires_at_ms')
     local blocked = u[1] and BLOCKED[u[1]]
     if blocked then
-      return refuse(blocked, blocked == 'billing_overdue' and 'Billing overdue for user ' .. uid
-        or blocked == 'user_suspended' and 'User ' .. uid .. ' is suspended'
-        or 'Quota is ' .. u[1])
+      return refuse(blocked, blocked_message(blocked, u[1], uid))
     end
     local new_exp = old_exp + row.extend_seconds * 1000
     if u[2] and u[2] ~= '' and new_exp > tonumber(u[2]) then
