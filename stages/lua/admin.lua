@@ -40,8 +40,8 @@ if dev then
   local old = redis.call('HMGET', dkey, 'status', 'pool', 'alloc', 'host')
   if old[2] and old[2] ~= pool then redis.call('ZREM', k_pool(P, 'free:' .. old[2]), id) end
   if old[3] and old[3] ~= '' and old[4] ~= dev.host then  -- a held device moves host
-    host_active_now(P, old[4], -1)
-    host_active_now(P, dev.host, 1)
+    moves().host_now(P, old[4], -1)
+    moves().host_now(P, dev.host, 1)
   end
   local version = redis.call('HINCRBY', dkey, 'version', 1)
   redis.call('HSET', dkey, 'id', id, 'name', dev.name, 'pool', pool, 'model', dev.model,
@@ -53,7 +53,7 @@ if dev then
   redis.call('HSET', dkey, 'status', status)
   if not old[3] then redis.call('HSET', dkey, 'alloc', '') end
   redis.call('SADD', k_pool(P, 'pools'), pool)
-  list_device(P, id)
+  moves().list(P, id)
   if status == 'available' then
     redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(dev.cpu_cores, dev.memory_mb), id)
   end

@@ -11,26 +11,40 @@
 -- host_active_add (added up per host, written once by flush_stats: one write per host
 -- and call, not per allocation; host_pending gives a count in the middle of a call),
 -- admin.lua and events.lua moving a held device to another host through
--- host_active_now; rebuild.lua recomputes it.
-local host_counts = {}
+-- moves().host_now; rebuild.lua recomputes it.
+local host_counts  -- set by begin_call
 local function host_active_add(P, host, n)
   if host and host ~= '' then host_counts[host] = (host_counts[host] or 0) + n end
 end
 local function host_pending(host) return host_counts[host] or 0 end
-local function host_active_now(P, host, n)
-  if host and host ~= '' then redis.call('HINCRBY', k_pool(P, 'host_active'), host, n) end
-end
 
--- The devices listed (P:{pool}:devices, a set) and the same ids sorted
--- (P:{pool}:device_ids, every score 0, so in id order: what `devices list` pages through
--- with a cursor). Every script that lists or unlists a device does it through these.
-local function list_device(P, id)
-  redis.call('SADD', k_pool(P, 'devices'), id)
-  redis.call('ZADD', k_pool(P, 'device_ids'), 0, id)
-end
-local function unlist_device(P, id)
-  redis.call('SREM', k_pool(P, 'devices'), id)
-  redis.call('ZREM', k_pool(P, 'device_ids'), id)
+-- What moves a device in or out of the listings or between hosts (admin.lua, events.lua,
+-- rebuild.lua; never select's calls), built at its first use in a call (under EVALSHA
+-- every helper defined at the top is made again at every call, so the rare ones are
+-- made only when needed):
+--   host_now(P, host, n): the host's active allocations count now (a held device moved
+--     to another host);
+--   list(P, id) / unlist(P, id): the devices listed (P:{pool}:devices, a set) and the
+--     same ids sorted (P:{pool}:device_ids, every score 0, so in id order: what
+--     `devices list` pages through with a cursor). Every script that lists or unlists a
+--     device does it through these.
+local moves_lib = nil
+local function moves()
+  if moves_lib then return moves_lib end
+  moves_lib = {
+    host_now = function(P, host, n)
+      if host and host ~= '' then redis.call('HINCRBY', k_pool(P, 'host_active'), host, n) end
+    end,
+    list = function(P, id)
+      redis.call('SADD', k_pool(P, 'devices'), id)
+      redis.call('ZADD', k_pool(P, 'device_ids'), 0, id)
+    end,
+    unlist = function(P, id)
+      redis.call('SREM', k_pool(P, 'devices'), id)
+      redis.call('ZREM', k_pool(P, 'device_ids'), id)
+    end,
+  }
+  return moves_lib
 end
 
 -- The counters (common.lua) and the active allocations per host, written once at the
@@ -184,172 +198,193 @@ end
 
 local function queue_member(uid, rid) return uid .. ' ' .. rid end
 
--- The class of a waiter (its record, or an allocate row): what a device must be for it.
-local function waiter_class(w)
-  return (w.pool or '') .. '|' .. w.min_cpu_cores .. '|' .. w.min_memory_mb .. '|'
-    .. (w.model or '')
-end
-
--- The record a waiter keeps (P:{pool}:waiters), from an allocate row (or a rebuilt
--- waiter, which has the same fields) waiting from queued_at until wait_until.
-local function waiter_record(row, priority, queued_at, wait_until, idem_ttl, reply_ttl)
-  return cjson.encode({request_id = row.request_id, user_id = row.user_id,
-    tenant_id = row.tenant_id, reply_to = row.reply_to, min_cpu_cores = row.min_cpu_cores,
-    min_memory_mb = row.min_memory_mb, duration_seconds = row.duration_seconds,
-    pool = row.pool, model = row.model, hold = row.hold, allocation_id = row.allocation_id,
-    replace_on_failure = row.replace_on_failure, priority = priority,
-    wait_seconds = row.wait_seconds, queued_at_ms = queued_at, wait_until_ms = wait_until,
-    idem_ttl = idem_ttl, reply_ttl = reply_ttl})
-end
-
--- WaiterChange: a request joined the queue (status 'waiting', with all it needs to wait
--- again after a rebuild) or left it (status 'left', with why). The version orders the two
--- per request (the joining's time, doubled; leaving adds one).
-local function waiter_change(w, score, status, reason, now)
-  local left = status == 'left'
-  return {kind = 'waiter', user_id = w.user_id, request_id = w.request_id, status = status,
-    version = w.queued_at_ms * 2 + (left and 1 or 0), at_ms = now, reason = opt(reason),
-    queue_score = score, queued_at_ms = w.queued_at_ms, wait_until_ms = w.wait_until_ms,
-    priority = w.priority, wait_seconds = w.wait_seconds,
-    tenant_id = opt(w.tenant_id), reply_to = w.reply_to, min_cpu_cores = w.min_cpu_cores,
-    min_memory_mb = w.min_memory_mb, duration_seconds = w.duration_seconds,
-    pool = opt(w.pool), model = opt(w.model), hold = w.hold, allocation_id = w.allocation_id,
-    replace_on_failure = w.replace_on_failure and true or false,
-    idem_ttl_s = w.idem_ttl, reply_ttl_s = w.reply_ttl}
-end
-
--- Put a waiter in the queue with `score`, `w` its record (a table) and `record` the same
--- as JSON; its user's 'waiting' count goes up. Records the joining on `changes` (nil: not
--- recorded, a rebuild putting back what PostgreSQL has).
-local function join_queue(P, changes, now, member, score, w, record)
-  local n = queue_count(P)  -- read before the ZADD it counts
-  local cls = waiter_class(w)
-  redis.call('ZADD', k_pool(P, 'queue'), score, member)
-  redis.call('HSET', k_pool(P, 'waiters'), member, record)
-  redis.call('ZADD', k_pool(P, 'queue_deadline'), w.wait_until_ms, member)
-  redis.call('ZADD', k_pool(P, 'wq:' .. cls), score, member)
-  redis.call('SADD', k_pool(P, 'wq_classes'), cls)
-  redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', 1)
-  queue_n = n + 1
-  if changes then emit_change(changes, waiter_change(w, score, 'waiting', nil, now)) end
-end
-
--- Out of one class's index (the class leaves the set of classes when it has no waiter).
-local function unindex(P, cls, member)
-  local key = k_pool(P, 'wq:' .. cls)
-  if redis.call('ZREM', key, member) == 1 and redis.call('EXISTS', key) == 0 then
-    redis.call('SREM', k_pool(P, 'wq_classes'), cls)
+-- The wait queue's helpers, built at their first use in a call (queue()): a call that
+-- meets no waiter makes none of them (under EVALSHA every helper defined at the top is
+-- made again at every call):
+--   record(row, priority, queued_at, wait_until, idem_ttl, reply_ttl): a waiter's record;
+--   join(P, changes, now, member, score, w, record), leave(P, changes, now, member, w,
+--     reason), fail(P, changes, now, w, reason, message), time_out(P, changes, now, w);
+--   offer(P, changes, now, dev): see offer_device.
+local queue_lib = nil
+local function queue()
+  if queue_lib then return queue_lib end
+  -- The class of a waiter (its record, or an allocate row): what a device must be for it.
+  local function waiter_class(w)
+    return (w.pool or '') .. '|' .. w.min_cpu_cores .. '|' .. w.min_memory_mb .. '|'
+      .. (w.model or '')
   end
-end
 
--- Take the waiter `w` (its record) out of the queue for `reason` (allocated, timed_out,
--- cancelled, ...), recorded on `changes`; its hold stays with the caller to settle.
-local function leave_queue(P, changes, now, member, w, reason)
-  local n = queue_count(P)  -- read before the ZREM it counts
-  local score = redis.call('ZSCORE', k_pool(P, 'queue'), member)
-  if score then
-    redis.call('ZREM', k_pool(P, 'queue'), member)
-    queue_n = n - 1
-    redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', -1)
+  -- The record a waiter keeps (P:{pool}:waiters), from an allocate row (or a rebuilt
+  -- waiter, which has the same fields) waiting from queued_at until wait_until.
+  local function waiter_record(row, priority, queued_at, wait_until, idem_ttl, reply_ttl)
+    return cjson.encode({request_id = row.request_id, user_id = row.user_id,
+      tenant_id = row.tenant_id, reply_to = row.reply_to, min_cpu_cores = row.min_cpu_cores,
+      min_memory_mb = row.min_memory_mb, duration_seconds = row.duration_seconds,
+      pool = row.pool, model = row.model, hold = row.hold, allocation_id = row.allocation_id,
+      replace_on_failure = row.replace_on_failure, priority = priority,
+      wait_seconds = row.wait_seconds, queued_at_ms = queued_at, wait_until_ms = wait_until,
+      idem_ttl = idem_ttl, reply_ttl = reply_ttl})
   end
-  redis.call('HDEL', k_pool(P, 'waiters'), member)
-  redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
-  unindex(P, waiter_class(w), member)
-  emit_change(changes, waiter_change(w, tonumber(score) or 0, 'left', reason, now))
+
+  -- WaiterChange: a request joined the queue (status 'waiting', with all it needs to wait
+  -- again after a rebuild) or left it (status 'left', with why). The version orders the two
+  -- per request (the joining's time, doubled; leaving adds one).
+  local function waiter_change(w, score, status, reason, now)
+    local left = status == 'left'
+    return {kind = 'waiter', user_id = w.user_id, request_id = w.request_id, status = status,
+      version = w.queued_at_ms * 2 + (left and 1 or 0), at_ms = now, reason = opt(reason),
+      queue_score = score, queued_at_ms = w.queued_at_ms, wait_until_ms = w.wait_until_ms,
+      priority = w.priority, wait_seconds = w.wait_seconds,
+      tenant_id = opt(w.tenant_id), reply_to = w.reply_to, min_cpu_cores = w.min_cpu_cores,
+      min_memory_mb = w.min_memory_mb, duration_seconds = w.duration_seconds,
+      pool = opt(w.pool), model = opt(w.model), hold = w.hold, allocation_id = w.allocation_id,
+      replace_on_failure = w.replace_on_failure and true or false,
+      idem_ttl_s = w.idem_ttl, reply_ttl_s = w.reply_ttl}
+  end
+
+  -- Put a waiter in the queue with `score`, `w` its record (a table) and `record` the same
+  -- as JSON; its user's 'waiting' count goes up. Records the joining on `changes` (nil: not
+  -- recorded, a rebuild putting back what PostgreSQL has).
+  local function join_queue(P, changes, now, member, score, w, record)
+    local n = queue_count(P)  -- read before the ZADD it counts
+    local cls = waiter_class(w)
+    redis.call('ZADD', k_pool(P, 'queue'), score, member)
+    redis.call('HSET', k_pool(P, 'waiters'), member, record)
+    redis.call('ZADD', k_pool(P, 'queue_deadline'), w.wait_until_ms, member)
+    redis.call('ZADD', k_pool(P, 'wq:' .. cls), score, member)
+    redis.call('SADD', k_pool(P, 'wq_classes'), cls)
+    redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', 1)
+    queue_n = n + 1
+    if changes then emit_change(changes, waiter_change(w, score, 'waiting', nil, now)) end
+  end
+
+  -- Out of one class's index (the class leaves the set of classes when it has no waiter).
+  local function unindex(P, cls, member)
+    local key = k_pool(P, 'wq:' .. cls)
+    if redis.call('ZREM', key, member) == 1 and redis.call('EXISTS', key) == 0 then
+      redis.call('SREM', k_pool(P, 'wq_classes'), cls)
+    end
+  end
+
+  -- Take the waiter `w` (its record) out of the queue for `reason` (allocated, timed_out,
+  -- cancelled, ...), recorded on `changes`; its hold stays with the caller to settle.
+  local function leave_queue(P, changes, now, member, w, reason)
+    local n = queue_count(P)  -- read before the ZREM it counts
+    local score = redis.call('ZSCORE', k_pool(P, 'queue'), member)
+    if score then
+      redis.call('ZREM', k_pool(P, 'queue'), member)
+      queue_n = n - 1
+      redis.call('HINCRBY', k_state(P, w.user_id), 'waiting', -1)
+    end
+    redis.call('HDEL', k_pool(P, 'waiters'), member)
+    redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
+    unindex(P, waiter_class(w), member)
+    emit_change(changes, waiter_change(w, tonumber(score) or 0, 'left', reason, now))
+  end
+
+  -- End a wait with a failure: out of the queue, its hold given back, the failure its
+  -- final reply (kept for its request id) and recorded as a rejection.
+  local function fail_waiter(P, changes, now, w, reason, message)
+    local rid, uid = w.request_id, w.user_id
+    leave_queue(P, changes, now, queue_member(uid, rid), w, reason)
+    settle_hold(P, uid, rid, w.hold, read_usage(P, uid), nil, nil, nil)
+    local json = failed_reply(rid, reason, message, nil)
+    send_reply(w.reply_to, json, w.reply_ttl)
+    redis.call('SET', k_user(P, uid, 'req:' .. rid), json, 'EX', w.idem_ttl)
+    emit_change(changes, rejected_change(rid, uid, w.tenant_id, reason, message, now))
+  end
+
+  local function time_out_waiter(P, changes, now, w)
+    fail_waiter(P, changes, now, w, 'timed_out',
+      'No fitting device within ' .. w.wait_seconds .. ' s')
+  end
+
+  -- Offer the device `dev`, just made free, to the queue: the first waiter in queue order
+  -- that it fits (and whose allocation would end before the device's next booking) gets
+  -- it (waiters past their wait, or whose user is blocked now, are
+  -- answered on the way). Returns true when a waiter got it. Costs nothing more than one
+  -- ZCARD per script call while nobody waits. With waiters, it reads the set of classes,
+  -- then the head of each class the device fits, and walks those heads in queue order (a
+  -- merge): a class the device does not fit is never read, so a deep queue of waiters it
+  -- cannot serve costs one SMEMBERS entry per class, not a read per waiter; a waiter passed
+  -- over for its user's quota moves its class's head one further.
+  local function offer(P, changes, now, dev)
+    local d = redis.call('HMGET', k_pool(P, 'dev:' .. dev), 'storage_mb', 'model', 'name',
+      'adb_host', 'adb_port', 'host', 'cpu_cores', 'memory_mb', 'pool', 'status')
+    if d[10] ~= 'available' then return false end
+    local cpu, mem, sto, pool = tonumber(d[7]), tonumber(d[8]), tonumber(d[1]), d[9]
+    local heads = {}
+    for _, cls in ipairs(redis.call('SMEMBERS', k_pool(P, 'wq_classes'))) do
+      local c_pool, c_cpu, c_mem, c_model = string.match(cls, '^([^|]*)|(%d+)|(%d+)|(.*)$')
+      if c_pool and (c_pool == '' or c_pool == pool) and (c_model == '' or c_model == d[2])
+          and cpu >= tonumber(c_cpu) and mem >= tonumber(c_mem) then
+        heads[#heads + 1] = {cls = cls, key = k_pool(P, 'wq:' .. cls), at = 0}
+      end
+    end
+    local function read_head(h)
+      local r = redis.call('ZRANGE', h.key, h.at, h.at, 'WITHSCORES')
+      h.member, h.score = r[1], tonumber(r[2])
+    end
+    for _, h in ipairs(heads) do read_head(h) end
+    while true do
+      local h = nil
+      for _, c in ipairs(heads) do
+        if c.member and (not h or c.score < h.score
+            or (c.score == h.score and c.member < h.member)) then
+          h = c
+        end
+      end
+      if not h then return false end
+      local member = h.member
+      local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
+      local w = raw and cjson.decode(raw)
+      if not w then
+        -- no record: nothing to answer (queue_n was read at the top of this call)
+        queue_n = queue_n - redis.call('ZREM', k_pool(P, 'queue'), member)
+        unindex(P, h.cls, member)
+      elseif w.wait_until_ms <= now then
+        time_out_waiter(P, changes, now, w)
+      elseif booking_in(P, dev, now, now + w.duration_seconds * 1000) then
+        h.at = h.at + 1  -- it would run into the device's next booking: the next of its class
+        member = nil
+      else
+        STATE_FIELDS[1] = 'hold:' .. w.request_id
+        local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))
+        local blocked = s[11] and BLOCKED[s[11]]
+        if not s[1] then
+          fail_waiter(P, changes, now, w, 'cancelled', 'The quota hold of the waiting request is gone')
+        elseif blocked then
+          fail_waiter(P, changes, now, w, blocked, blocked_message(blocked, s[11], w.user_id))
+        else
+          local used = usage_at(s, 2)
+          local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
+          if cpu <= cap_cpu and mem <= cap_mem and sto <= cap_sto then
+            leave_queue(P, changes, now, member, w, 'allocated')
+            give_device(P, changes, now, w, dev, pool, cpu, mem, sto, d, used, w.idem_ttl,
+              w.reply_ttl)
+            return true
+          end
+          h.at = h.at + 1  -- passed over (its user's quota): the next of its class
+          member = nil
+        end
+      end
+      if h.member == member and redis.call('ZSCORE', h.key, member) then
+        h.at = h.at + 1  -- still indexed (never expected): step over it rather than loop
+      end
+      read_head(h)
+    end
+  end
+
+  queue_lib = {record = waiter_record, join = join_queue, leave = leave_queue, fail = fail_waiter,
+    time_out = time_out_waiter, offer = offer}
+  return queue_lib
 end
 
--- End a wait with a failure: out of the queue, its hold given back, the failure its
--- final reply (kept for its request id) and recorded as a rejection.
-local function fail_waiter(P, changes, now, w, reason, message)
-  local rid, uid = w.request_id, w.user_id
-  leave_queue(P, changes, now, queue_member(uid, rid), w, reason)
-  settle_hold(P, uid, rid, w.hold, read_usage(P, uid), nil, nil, nil)
-  local json = failed_reply(rid, reason, message, nil)
-  send_reply(w.reply_to, json, w.reply_ttl)
-  redis.call('SET', k_user(P, uid, 'req:' .. rid), json, 'EX', w.idem_ttl)
-  emit_change(changes, rejected_change(rid, uid, w.tenant_id, reason, message, now))
-end
-
-local function time_out_waiter(P, changes, now, w)
-  fail_waiter(P, changes, now, w, 'timed_out',
-    'No fitting device within ' .. w.wait_seconds .. ' s')
-end
-
--- Offer the device `dev`, just made free, to the queue: the first waiter in queue order
--- that it fits (and whose allocation would end before the device's next booking) gets
--- it (waiters past their wait, or whose user is blocked now, are
--- answered on the way). Returns true when a waiter got it. Costs nothing more than one
--- ZCARD per script call while nobody waits. With waiters, it reads the set of classes,
--- then the head of each class the device fits, and walks those heads in queue order (a
--- merge): a class the device does not fit is never read, so a deep queue of waiters it
--- cannot serve costs one SMEMBERS entry per class, not a read per waiter; a waiter passed
--- over for its user's quota moves its class's head one further.
+-- Offer the device `dev`, just made free, to the first waiter it fits (queue().offer);
+-- one ZCARD per call while nobody waits, and then no queue helper is made at all.
 local function offer_device(P, changes, now, dev)
   if queue_count(P) == 0 then return false end
-  local d = redis.call('HMGET', k_pool(P, 'dev:' .. dev), 'storage_mb', 'model', 'name',
-    'adb_host', 'adb_port', 'host', 'cpu_cores', 'memory_mb', 'pool', 'status')
-  if d[10] ~= 'available' then return false end
-  local cpu, mem, sto, pool = tonumber(d[7]), tonumber(d[8]), tonumber(d[1]), d[9]
-  local heads = {}
-  for _, cls in ipairs(redis.call('SMEMBERS', k_pool(P, 'wq_classes'))) do
-    local c_pool, c_cpu, c_mem, c_model = string.match(cls, '^([^|]*)|(%d+)|(%d+)|(.*)$')
-    if c_pool and (c_pool == '' or c_pool == pool) and (c_model == '' or c_model == d[2])
-        and cpu >= tonumber(c_cpu) and mem >= tonumber(c_mem) then
-      heads[#heads + 1] = {cls = cls, key = k_pool(P, 'wq:' .. cls), at = 0}
-    end
-  end
-  local function read_head(h)
-    local r = redis.call('ZRANGE', h.key, h.at, h.at, 'WITHSCORES')
-    h.member, h.score = r[1], tonumber(r[2])
-  end
-  for _, h in ipairs(heads) do read_head(h) end
-  while true do
-    local h = nil
-    for _, c in ipairs(heads) do
-      if c.member and (not h or c.score < h.score
-          or (c.score == h.score and c.member < h.member)) then
-        h = c
-      end
-    end
-    if not h then return false end
-    local member = h.member
-    local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
-    local w = raw and cjson.decode(raw)
-    if not w then
-      -- no record: nothing to answer (queue_n was read at the top of this call)
-      queue_n = queue_n - redis.call('ZREM', k_pool(P, 'queue'), member)
-      unindex(P, h.cls, member)
-    elseif w.wait_until_ms <= now then
-      time_out_waiter(P, changes, now, w)
-    elseif booking_in(P, dev, now, now + w.duration_seconds * 1000) then
-      h.at = h.at + 1  -- it would run into the device's next booking: the next of its class
-      member = nil
-    else
-      STATE_FIELDS[1] = 'hold:' .. w.request_id
-      local s = redis.call('HMGET', k_state(P, w.user_id), unpack(STATE_FIELDS))
-      local blocked = s[11] and BLOCKED[s[11]]
-      if not s[1] then
-        fail_waiter(P, changes, now, w, 'cancelled', 'The quota hold of the waiting request is gone')
-      elseif blocked then
-        fail_waiter(P, changes, now, w, blocked, blocked_message(blocked, s[11], w.user_id))
-      else
-        local used = usage_at(s, 2)
-        local cap_cpu, cap_mem, cap_sto = quota_caps(s, 6, used)
-        if cpu <= cap_cpu and mem <= cap_mem and sto <= cap_sto then
-          leave_queue(P, changes, now, member, w, 'allocated')
-          give_device(P, changes, now, w, dev, pool, cpu, mem, sto, d, used, w.idem_ttl,
-            w.reply_ttl)
-          return true
-        end
-        h.at = h.at + 1  -- passed over (its user's quota): the next of its class
-        member = nil
-      end
-    end
-    if h.member == member and redis.call('ZSCORE', h.key, member) then
-      h.at = h.at + 1  -- still indexed (never expected): step over it rather than loop
-    end
-    read_head(h)
-  end
+  return queue().offer(P, changes, now, dev)
 end
 
 -- The allocation fields close_allocation reads, in this order.

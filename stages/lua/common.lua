@@ -14,8 +14,7 @@ local function opt(v) if v == nil or v == false or v == '' then return cjson.nul
 -- DEVSCHED_REPLICAS_TO_ACK > 0), the reply goes there instead (s = its stream, d = the
 -- reply, t = the TTL) and its id and stream are listed in `held_list`: the stage
 -- delivers it after WAIT (pipeline/replication.py, deliver_held.lua).
-local reply_ttl_set = {}
-local held_replies, held_list = false, {}
+local reply_ttl_set, held_replies, held_list  -- set by begin_call (call.lua) at every call
 local function send_reply(stream, json, ttl_s)
   if stream == nil or stream == '' then return end
   if held_replies then
@@ -34,7 +33,7 @@ end
 -- Counters of the pool's stats hash, added up during a script call and written once
 -- at its end by flush_stats (every script that counts, or calls host_active_add, must
 -- call it last; allocations.lua's flush_stats writes the host counts too).
-local stat_counts = {}
+local stat_counts  -- set by begin_call
 local function count_stat(name)
   stat_counts[name] = (stat_counts[name] or 0) + 1
 end

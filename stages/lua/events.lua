@@ -185,9 +185,9 @@ local function apply_device(row)
     redis.call('ZREM', k_pool(P, 'free:' .. pool), id)
     -- listed unless deleted: the newest event alone says whether the device exists
     if t == 'device.deleted' then
-      unlist_device(P, id)
+      moves().unlist(P, id)
     else
-      list_device(P, id)
+      moves().list(P, id)
     end
     if alloc ~= '' then
       rec = replace_allocation(alloc, id, down[2], row) or end_allocation(alloc, down[2])
@@ -196,8 +196,8 @@ local function apply_device(row)
     if t == 'device.created' then
       if pool and pool ~= row.pool then redis.call('ZREM', k_pool(P, 'free:' .. pool), id) end
       if alloc ~= '' and d[5] ~= row.host then  -- a held device moves host
-        host_active_now(P, d[5], -1)
-        host_active_now(P, row.host, 1)
+        moves().host_now(P, d[5], -1)
+        moves().host_now(P, row.host, 1)
       end
       pool = row.pool
       redis.call('HSET', dkey, 'id', id, 'name', row.name or id, 'pool', pool,
@@ -215,7 +215,7 @@ local function apply_device(row)
       redis.call('ZADD', k_pool(P, 'free:' .. pool), fit_score(tonumber(size[1]), tonumber(size[2])),
         id)
     end
-    list_device(P, id)
+    moves().list(P, id)
     -- free again: the first waiter it fits gets it, in this step
     if alloc == '' then offer_device(P, changes, now, id) end
   end

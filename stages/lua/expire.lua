@@ -15,7 +15,7 @@ local late = redis.call('ZRANGEBYSCORE', k_pool(P, 'queue_deadline'), '-inf', no
 for _, member in ipairs(late) do
   local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
   if raw then
-    time_out_waiter(P, KEY.changes, now, cjson.decode(raw))
+    queue().time_out(P, KEY.changes, now, cjson.decode(raw))
   else
     redis.call('ZREM', k_pool(P, 'queue_deadline'), member)
   end

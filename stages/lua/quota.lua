@@ -58,50 +58,55 @@ local function num(v) return tonumber(v) or 0 end
 -- most one tenant token for one refill period.
 local rate = CALL.rate
 
--- Buckets count thousandths of a token (whole numbers: exact waits), per_s of which
--- come back per millisecond.
-local function bucket_tokens(key, per_s, burst)
-  local b = redis.call('HMGET', key, 'tokens', 'at_ms')
-  local milli, at = tonumber(b[1]), tonumber(b[2])
-  if not milli then return burst * 1000 end
-  if now > at then milli = math.min(burst * 1000, milli + math.floor((now - at) * per_s)) end
-  return milli
-end
-
-local function bucket_keep(key, milli, per_s, burst)
-  redis.call('HSET', key, 'tokens', milli, 'at_ms', now)
-  redis.call('PEXPIRE', key, math.ceil((burst * 1000 - milli) / per_s) + 60000)
-end
-
--- Milliseconds until a bucket holding `milli` has a whole token.
-local function wait_ms(milli, per_s) return math.ceil((1000 - milli) / per_s - 1e-9) end
-
--- nil when the request may go on (its tokens taken), else (retry_after_ms, whose limit).
-local function take_tokens(uid, tenant)
-  local ukey, u, tkey, t
-  local wait, who = 0, nil
-  if rate.user_per_s then
-    ukey = k_user(P, uid, 'rate')
-    u = bucket_tokens(ukey, rate.user_per_s, rate.user_burst)
-    if u < 1000 then wait, who = wait_ms(u, rate.user_per_s), 'user ' .. uid end
+-- Made only in a call with a limit on (under EVALSHA every function defined at the top
+-- is made again at every call).
+local take_tokens, rate_limited_reply
+if rate then
+  -- Buckets count thousandths of a token (whole numbers: exact waits), per_s of which
+  -- come back per millisecond.
+  local function bucket_tokens(key, per_s, burst)
+    local b = redis.call('HMGET', key, 'tokens', 'at_ms')
+    local milli, at = tonumber(b[1]), tonumber(b[2])
+    if not milli then return burst * 1000 end
+    if now > at then milli = math.min(burst * 1000, milli + math.floor((now - at) * per_s)) end
+    return milli
   end
-  if rate.tenant_per_s and tenant then
-    tkey = P .. ':{t:' .. tenant .. '}:rate'
-    t = bucket_tokens(tkey, rate.tenant_per_s, rate.tenant_burst)
-    if t < 1000 and wait_ms(t, rate.tenant_per_s) > wait then
-      wait, who = wait_ms(t, rate.tenant_per_s), 'tenant ' .. tenant
+
+  local function bucket_keep(key, milli, per_s, burst)
+    redis.call('HSET', key, 'tokens', milli, 'at_ms', now)
+    redis.call('PEXPIRE', key, math.ceil((burst * 1000 - milli) / per_s) + 60000)
+  end
+
+  -- Milliseconds until a bucket holding `milli` has a whole token.
+  local function wait_ms(milli, per_s) return math.ceil((1000 - milli) / per_s - 1e-9) end
+
+  -- nil when the request may go on (its tokens taken), else (retry_after_ms, whose limit).
+  function take_tokens(uid, tenant)
+    local ukey, u, tkey, t
+    local wait, who = 0, nil
+    if rate.user_per_s then
+      ukey = k_user(P, uid, 'rate')
+      u = bucket_tokens(ukey, rate.user_per_s, rate.user_burst)
+      if u < 1000 then wait, who = wait_ms(u, rate.user_per_s), 'user ' .. uid end
     end
+    if rate.tenant_per_s and tenant then
+      tkey = P .. ':{t:' .. tenant .. '}:rate'
+      t = bucket_tokens(tkey, rate.tenant_per_s, rate.tenant_burst)
+      if t < 1000 and wait_ms(t, rate.tenant_per_s) > wait then
+        wait, who = wait_ms(t, rate.tenant_per_s), 'tenant ' .. tenant
+      end
+    end
+    if who then return wait, who end
+    if ukey then bucket_keep(ukey, u - 1000, rate.user_per_s, rate.user_burst) end
+    if tkey then bucket_keep(tkey, t - 1000, rate.tenant_per_s, rate.tenant_burst) end
+    return nil
   end
-  if who then return wait, who end
-  if ukey then bucket_keep(ukey, u - 1000, rate.user_per_s, rate.user_burst) end
-  if tkey then bucket_keep(tkey, t - 1000, rate.tenant_per_s, rate.tenant_burst) end
-  return nil
-end
 
--- Failed with reason rate_limited (the one reply only quota sends).
-local function rate_limited_reply(rid, message, retry_after)
-  return cjson.encode({type = 'failed', request_id = rid, reason = 'rate_limited',
-    message = message, remaining_devices = cjson.null, retry_after_ms = retry_after})
+  -- Failed with reason rate_limited (the one reply only quota sends).
+  function rate_limited_reply(rid, message, retry_after)
+    return cjson.encode({type = 'failed', request_id = rid, reason = 'rate_limited',
+      message = message, remaining_devices = cjson.null, retry_after_ms = retry_after})
+  end
 end
 
 local function admit(row)

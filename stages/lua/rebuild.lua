@@ -104,9 +104,9 @@ local function write_user(u)
   end
   -- then into the queue, in the place each had (not recorded again: PostgreSQL has it)
   for _, w in ipairs(u.waiters or {}) do
-    local record = waiter_record(w, w.priority, w.queued_at_ms, w.wait_until_ms, w.idem_ttl,
+    local record = queue().record(w, w.priority, w.queued_at_ms, w.wait_until_ms, w.idem_ttl,
       w.reply_ttl)
-    join_queue(P, nil, CALL.now_ms, queue_member(w.user_id, w.request_id), w.queue_score,
+    queue().join(P, nil, CALL.now_ms, queue_member(w.user_id, w.request_id), w.queue_score,
       cjson.decode(record), record)
   end
 end
@@ -126,7 +126,7 @@ local function write_device(d)
   local dkey = k_pool(P, 'dev:' .. d.device_id)
   local old = redis.call('HMGET', dkey, 'pool', 'alloc', 'host')
   if old[1] then redis.call('ZREM', k_pool(P, 'free:' .. old[1]), d.device_id) end
-  if old[2] and old[2] ~= '' then host_active_now(P, old[3], -1) end  -- replaced below
+  if old[2] and old[2] ~= '' then moves().host_now(P, old[3], -1) end  -- replaced below
   redis.call('DEL', dkey)
   local holder, status = '', d.status
   if active(d.allocation_id) and
@@ -139,7 +139,7 @@ local function write_device(d)
     'host', d.host, 'adb_host', d.adb_host, 'adb_port', d.adb_port, 'cpu_cores', d.cpu_cores,
     'memory_mb', d.memory_mb, 'storage_mb', d.storage_mb, 'status', status, 'alloc', holder,
     'version', d.version)
-  if holder ~= '' then host_active_now(P, d.host, 1) end
+  if holder ~= '' then moves().host_now(P, d.host, 1) end
   if d.last_allocation_id then
     redis.call('HSET', dkey, 'last_alloc', d.last_allocation_id)
   end
@@ -150,7 +150,7 @@ local function write_device(d)
     redis.call('ZREM', free, d.device_id)
   end
   redis.call('SADD', k_pool(P, 'pools'), d.pool)
-  list_device(P, d.device_id)
+  moves().list(P, d.device_id)
   -- free, it goes to the first restored waiter it fits (the users came first)
   if status == 'available' then offer_device(P, KEY.changes, CALL.now_ms, d.device_id) end
 end

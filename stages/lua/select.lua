@@ -73,16 +73,15 @@ end
 
 -- The id of a new allocation (stages.select.allocation_id computes the same): a UUID
 -- (version 5 layout) from the SHA-1 of "epoch/user/request id/now". What does not
--- change within the call is joined once; the variant digit comes from a table.
+-- change within the call is joined once; the variant digit (8, 9, a or b from the
+-- digest's 17th hex digit, its two high bits set to 10) is read from a string.
 local id_head, id_tail = epoch .. '/', '/' .. now
-local VARIANT = {['0'] = '8', ['1'] = '9', ['2'] = 'a', ['3'] = 'b', ['4'] = '8', ['5'] = '9',
-  ['6'] = 'a', ['7'] = 'b', ['8'] = '8', ['9'] = '9', a = 'a', b = 'b', c = '8', d = '9',
-  e = 'a', f = 'b'}
 local sub = string.sub
 local function allocation_uuid(uid, rid)
   local h = redis.sha1hex(id_head .. uid .. '/' .. rid .. id_tail)
+  local v = tonumber(sub(h, 17, 17), 16) % 4 + 1
   return sub(h, 1, 8) .. '-' .. sub(h, 9, 12) .. '-5' .. sub(h, 14, 16) .. '-'
-    .. VARIANT[sub(h, 17, 17)] .. sub(h, 18, 20) .. '-' .. sub(h, 21, 32)
+    .. sub('89ab', v, v) .. sub(h, 18, 20) .. '-' .. sub(h, 21, 32)
 end
 
 local PAGE = 8
@@ -356,27 +355,24 @@ local function no_device(min_cpu, min_mem, cap_cpu, cap_mem, cap_sto)
     'No available device with at least ' .. min_cpu .. ' CPU cores and ' .. min_mem .. ' MB'
 end
 
--- Queued: the notice a waiting request gets (its final reply comes later).
-local function queued_reply(rid, position, wait_until, priority)
-  return cjson.encode({type = 'queued', request_id = rid, position = position,
-    wait_until_ms = wait_until, priority = priority})
-end
-
--- The waiter's place in the queue, 1 first.
-local function queue_position(member)
-  return (redis.call('ZRANK', k_pool(P, 'queue'), member) or 0) + 1
+-- Answer `queued`, the notice a waiting request gets (its final reply comes later), with
+-- its place in the queue (1 first).
+local function send_queued(reply_to, rid, member, wait_until, priority)
+  local position = (redis.call('ZRANK', k_pool(P, 'queue'), member) or 0) + 1
+  send_reply(reply_to, cjson.encode({type = 'queued', request_id = rid, position = position,
+    wait_until_ms = wait_until, priority = priority}), reply_ttl)
 end
 
 -- Queue an admitted request that found no fitting device (the wait queue is described in
--- common.lua): its hold stays, it is answered `queued` with its position.
+-- allocations.lua): its hold stays, it is answered `queued` with its position.
 local function enqueue(row, member)
   local priority = row.priority or 0
   local wait_until = now + row.wait_seconds * 1000
   local score = now - priority * CALL.queue_aging_step_ms
-  local record = waiter_record(row, priority, now, wait_until, idem_ttl, reply_ttl)
-  join_queue(P, changes, now, member, score, cjson.decode(record), record)
-  send_reply(row.reply_to, queued_reply(row.request_id, queue_position(member), wait_until,
-    priority), reply_ttl)
+  local q = queue()
+  local record = q.record(row, priority, now, wait_until, idem_ttl, reply_ttl)
+  q.join(P, changes, now, member, score, cjson.decode(record), record)
+  send_queued(row.reply_to, row.request_id, member, wait_until, priority)
 end
 
 -- The user's state read for an admitted request (STATE_FIELDS, its hold first), or nil
@@ -417,8 +413,7 @@ local function allocate(row)
     local raw = redis.call('HGET', k_pool(P, 'waiters'), member)
     if raw then
       local w = cjson.decode(raw)
-      send_reply(reply_to, queued_reply(rid, queue_position(member), w.wait_until_ms,
-        w.priority), reply_ttl)
+      send_queued(reply_to, rid, member, w.wait_until_ms, w.priority)
       return
     end
   end
@@ -523,7 +518,7 @@ local function rare_rows()
       queue_member(row.user_id, row.cancel_request_id))
     local json
     if raw then
-      fail_waiter(P, changes, now, cjson.decode(raw), 'cancelled',
+      queue().fail(P, changes, now, cjson.decode(raw), 'cancelled',
         'Cancelled by request ' .. rid)
       json = cjson.encode({type = 'cancelled', request_id = rid,
         cancel_request_id = row.cancel_request_id})
