@@ -72,8 +72,8 @@ def _client(redis_url: str) -> aioredis.Redis:
     return fast_packing(aioredis.Redis.from_url(redis_url, socket_timeout=SOCKET_TIMEOUT_S))
 
 
-def _streams(prefix: str) -> list[str]:
-    return [f"{prefix}:s{i}" for i in range(HOPS)]
+def _streams(prefix: str, hops: int = HOPS) -> list[str]:
+    return [f"{prefix}:s{i}" for i in range(hops)]
 
 
 Entry = tuple[bytes, dict[Any, Any]]
@@ -97,10 +97,10 @@ async def _wait_briefly(event: asyncio.Event) -> None:
 
 
 async def _hop(redis_url: str, prefix: str, hop: int, consumer: str,
-               stop: multiprocessing.synchronize.Event, batch: int) -> None:
-    streams = _streams(prefix)
+               stop: multiprocessing.synchronize.Event, batch: int, hops: int = HOPS) -> None:
+    streams = _streams(prefix, hops)
     source = streams[hop]
-    target = streams[hop + 1] if hop + 1 < HOPS else None
+    target = streams[hop + 1] if hop + 1 < hops else None
     client = _client(redis_url)
     try:
         while not stop.is_set():
@@ -129,6 +129,23 @@ def _worker_main(redis_url: str, prefix: str, hop: int, index: int,
         raise
 
 
+def _shared_main(redis_url: str, prefix: str, hops: int,
+                 stop: multiprocessing.synchronize.Event, batch: int) -> None:
+    """Every hop in this one process, each a task with its own connection (the layout of
+    `devsched run`'s request path: quota and select in one event loop)."""
+    import uvloop
+
+    async def all_hops() -> None:
+        await asyncio.gather(*(_hop(redis_url, prefix, hop, f"hop{hop}-0", stop, batch, hops)
+                               for hop in range(hops)))
+
+    try:
+        uvloop.run(all_hops())
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
 @dataclass
 class Chain:
     """A running chain: its key prefix and worker processes."""
@@ -139,18 +156,26 @@ class Chain:
     workers: list[multiprocessing.process.BaseProcess] = field(default_factory=list)
 
 
-async def start_chain(redis_url: str, workers_per_hop: int = 1, batch: int = BATCH) -> Chain:
-    """Create the streams and groups, start ``workers_per_hop`` processes per hop."""
+async def start_chain(redis_url: str, workers_per_hop: int = 1, batch: int = BATCH, *,
+                      hops: int = HOPS, one_process: bool = False) -> Chain:
+    """Create the streams and groups, start ``workers_per_hop`` processes per hop (or, with
+    ``one_process``, one process running every hop)."""
     prefix = f"bench:ceiling:{uuid.uuid4().hex[:8]}"
     client = _client(redis_url)
     try:
-        for stream in _streams(prefix):
+        for stream in _streams(prefix, hops):
             await client.xgroup_create(stream, GROUP, id="$", mkstream=True)
     finally:
         await client.aclose()
     ctx = multiprocessing.get_context("spawn")
     chain = Chain(redis_url, prefix, ctx.Event())
-    for hop in range(HOPS):
+    if one_process:
+        proc = ctx.Process(target=_shared_main, args=(redis_url, prefix, hops, chain.stop, batch),
+                           name="ceiling-hops", daemon=True)
+        proc.start()
+        chain.workers.append(proc)
+        return chain
+    for hop in range(hops):
         for index in range(workers_per_hop):
             proc = ctx.Process(target=_worker_main,
                                args=(redis_url, prefix, hop, index, chain.stop, batch),

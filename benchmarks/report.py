@@ -126,10 +126,15 @@ def render_table(doc: dict[str, Any]) -> str:
     if table:
         lines.append("allocate, per request (ms), pipeline vs baseline at the same rate "
                      "(ratio < 1: the pipeline answers faster; floor: pipeline p99 over the "
-                     "bare chain's p99):")
+                     "bare chain's p99; request path with no logic: the pipeline's two hops, "
+                     "one process, no scripts):")
         for entry in table:
             floor = (f", floor {_fmt(entry['floor_ratio'], 2)}"
                      if entry.get("floor_ratio") is not None else "")
+            if entry.get("request_path_floor_p50_ms") is not None:
+                floor += (f"; request path with no logic p50 "
+                          f"{_fmt(entry['request_path_floor_p50_ms'], 2)}, p99 "
+                          f"{_fmt(entry.get('request_path_floor_p99_ms'), 2)}")
             lines.append(
                 f"  {_fmt(entry['offered_per_s'], 0):>6}/s  p50 "
                 f"{_fmt(entry.get('pipeline_allocate_p50_ms'), 2)} vs "

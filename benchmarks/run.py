@@ -265,7 +265,35 @@ async def measure_ceiling(plan: Plan, redis_url: str) -> dict[str, Any]:
     finally:
         await ceiling.stop_chain(chain)
     return {"max_msgs_per_s": round(best, 1), "hops": ceiling.HOPS, "workers_per_hop": 1,
-            "batch": ceiling.BATCH, "latency": rows}
+            "batch": ceiling.BATCH, "latency": rows,
+            "request_path_floor": await measure_request_path_floor(plan, redis_url)}
+
+
+FLOOR_HOPS = 2
+"""Worker hops of an allocate in the pipeline: quota (requests -> admitted) and select
+(admitted -> the producer's reply stream)."""
+
+
+async def measure_request_path_floor(plan: Plan, redis_url: str) -> dict[str, Any]:
+    """The request path's plumbing with no logic: the chain with the pipeline's two hops,
+    both in one process (a task and a connection each, as `devsched run` serves quota and
+    select), at the low-load rates and the target rate. What an allocate's latency cannot
+    go below on this machine with this stage flow: every allocate crosses these two hops
+    and the reply stream, whatever its scripts cost."""
+    chain = await ceiling.start_chain(redis_url, hops=FLOOR_HOPS, one_process=True)
+    rows = []
+    try:
+        await asyncio.sleep(0.5)  # let the hops connect
+        factory = CycleFactory(ceiling.make_cycle, (redis_url, chain.prefix))
+        for rate in (*LOW_LOAD_RATES, TARGET_RATE):
+            result = await loadgen.run_open(factory, rate, plan.duration_s,
+                                            processes=plan.producers, drain_s=plan.drain_s)
+            report.progress(f"request path floor @ {rate:,.0f}/s: {_describe(result)}")
+            rows.append(_row(result))
+    finally:
+        await ceiling.stop_chain(chain)
+    return {"hops": FLOOR_HOPS, "layout": "one process, a task and a connection per hop",
+            "latency": rows}
 
 
 async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
@@ -536,6 +564,12 @@ def side_by_side(doc: dict[str, Any]) -> list[dict[str, Any]]:
         if chain is not None:
             entry["bare_chain_p99_ms"] = chain["p99_ms"]
             entry["floor_ratio"] = _ratio(entry["pipeline_allocate_p99_ms"], chain["p99_ms"])
+        floor = _at((doc.get("ceiling") or {}).get("request_path_floor"), rate)
+        if floor is not None:
+            # the pipeline's own two hops with no logic: a p50 target below this one is
+            # out of reach of any stage logic with this flow on this machine
+            entry["request_path_floor_p50_ms"] = floor["p50_ms"]
+            entry["request_path_floor_p99_ms"] = floor["p99_ms"]
         rows.append(entry)
     return rows
 
@@ -586,6 +620,7 @@ def targets(doc: dict[str, Any]) -> dict[str, Any]:
             "pipeline_allocate_p99_ms": entry.get("pipeline_allocate_p99_ms"),
             "baseline_allocate_p50_ms": entry.get("baseline_allocate_p50_ms"),
             "baseline_allocate_p99_ms": entry.get("baseline_allocate_p99_ms"),
+            "request_path_floor_p50_ms": entry.get("request_path_floor_p50_ms"),
             "met": p50 is not None and p99 is not None and p50 <= 1.0 and p99 <= 1.0}
     floor_ratio = by_rate.get(TARGET_RATE, {}).get("floor_ratio")
     if floor_ratio is not None:

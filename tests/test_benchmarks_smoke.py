@@ -186,6 +186,30 @@ async def test_ceiling_chain_carries_messages_through_three_hops(servers: Server
         await client.aclose()
 
 
+async def test_request_path_floor_runs_both_hops_in_one_process(servers: ServerUrls) -> None:
+    """The floor chain (the pipeline's two hops, one process) answers every message once
+    through both hops, and its keys are gone after it stops."""
+    url = servers.redis_url
+    chain = await ceiling.start_chain(url, hops=run.FLOOR_HOPS, one_process=True)
+    try:
+        assert len(chain.workers) == 1
+        result = await run_open(CycleFactory(ceiling.make_cycle, (url, chain.prefix)),
+                                200, 1.0, request_timeout_s=LONG_DRAIN_S, drain_s=LONG_DRAIN_S)
+        assert result.ok == result.count == 200
+        client = aioredis.Redis.from_url(url)
+        try:
+            # two hop streams, each entry added once and acked by its group
+            for stream in (f"{chain.prefix}:s0", f"{chain.prefix}:s1"):
+                assert await client.xlen(stream) == 200
+                groups = await client.xinfo_groups(stream)
+                assert [g["pending"] for g in groups] == [0]
+            assert await client.exists(f"{chain.prefix}:s2") == 0
+        finally:
+            await client.aclose()
+    finally:
+        await ceiling.stop_chain(chain)
+
+
 async def test_a_system_that_is_not_implemented_is_reported_as_skipped() -> None:
     async def not_ready() -> dict[str, object]:
         raise NotImplementedError("later")
@@ -250,6 +274,17 @@ def test_targets_compare_allocate_per_request_with_the_baseline_at_the_same_rate
     assert "floor_ratio" not in table[250]
     text = report.render_table({"ratios": doc["ratios"], "targets": got})
     assert "floor_ratio_at_1000_per_s NOT met" in text and "(0.71x)" in text
+    assert "request_path_floor_p50_ms" not in table[250]  # no floor measured: none claimed
+    doc["ceiling"]["request_path_floor"] = {"latency": [
+        {"offered_per_s": 250, "p50_ms": 0.45, "p99_ms": 0.9}]}
+    got = run.targets(doc)
+    table = {e["offered_per_s"]: e for e in got["allocate_by_rate"]}
+    assert (table[250]["request_path_floor_p50_ms"], table[250]["request_path_floor_p99_ms"]) \
+        == (0.45, 0.9)
+    assert got["allocate_vs_baseline_at_250_per_s"]["request_path_floor_p50_ms"] == 0.45
+    assert "request_path_floor_p50_ms" not in table[500]
+    text = report.render_table({"ratios": doc["ratios"], "targets": got})
+    assert "request path with no logic p50 0.45, p99 0.90" in text
 
 
 async def test_the_generator_never_sends_before_the_intended_instant() -> None:
