@@ -13,6 +13,8 @@ expiry counts in ``scheduler_auto_release_total{reason="expired"}``.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from dataclasses import replace
 
 import pytest
@@ -61,6 +63,21 @@ def figures() -> dict[tuple[str, str], float]:
     return out
 
 
+async def settled_figures() -> dict[tuple[str, str], float]:
+    """The figures once they hold still for 0.2 s: a worker counts a batch after handling
+    it, so the reply to a request (a control command, a tick waited for) can arrive just
+    before its stage counts it; read at that moment, the count would land in the next
+    reading."""
+    deadline = time.monotonic() + EVENT_TIMEOUT_S
+    last = figures()
+    while True:
+        await asyncio.sleep(0.2)
+        now = figures()
+        if now == last or time.monotonic() > deadline:
+            return now
+        last = now
+
+
 async def dead_letters(redis: Redis, keys: Keys, n: int) -> bool:
     return await redis.xlen(keys.dead) >= n
 
@@ -71,7 +88,7 @@ async def test_stage_counters_and_expiries_after_a_known_load(
     await tick_through_timers(redis, settings, clock)  # the ticker's first tick, handled
     # the changes stream is counted below: the trim job must leave it whole
     await control(redis, None, settings, clock, "trim", "pause")
-    before = figures()
+    before = await settled_figures()
 
     await seed(redis, keys, clock, devices=[DeviceSpec(id=f"d{i}") for i in range(3)],
                quotas=[QuotaSpec(user_id="u1")])
@@ -91,7 +108,7 @@ async def test_stage_counters_and_expiries_after_a_known_load(
     await redis.xadd(keys.changes, {"d": b"not a change"})
     await wait_until(lambda: dead_letters(redis, keys, len(WRITE_BEHIND)))
     await wait_until(lambda: write_behind_drained(redis, keys))
-    after = figures()
+    after = await settled_figures()
 
     letters = [dead_decoder.decode(f[b"d"]) for _, f in await redis.xrange(keys.dead)]
     assert sorted(letter.stage for letter in letters) == sorted(WRITE_BEHIND)
