@@ -276,9 +276,15 @@ def _pg_ended(rows: dict[str, asyncpg.Record], aid: str) -> int | None:
 
 
 def overlaps(allocs: list[Alloc]) -> list[tuple[Alloc, Alloc]]:
-    """Pairs of allocations of one device whose intervals [start, end) overlap."""
+    """Pairs of allocations of one device whose intervals [start, end) overlap. An empty
+    interval (end = start) holds the device for no time and overlaps nothing: that is how
+    `rebuild --reconcile` closes an allocation lost with a failed primary whose device
+    was given again since (stages/tools/reconcile.py), e.g. one the old primary made on
+    a device whose release the promoted replica never got."""
     by_device: dict[str, list[Alloc]] = {}
     for a in allocs:
+        if a.end_ms == a.start_ms:
+            continue
         by_device.setdefault(a.device_id, []).append(a)
     found = []
     for items in by_device.values():
