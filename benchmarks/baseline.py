@@ -44,6 +44,7 @@ from typing import Any
 import asyncpg
 
 from benchmarks.loadgen import CycleParts, mark, producer_seed
+from pipeline.connections import keep_session
 
 SCHEMA = "bench_baseline"
 """Every table of the baseline lives here; dropping it removes the baseline."""
@@ -272,8 +273,11 @@ def make_cycle(database_url: str, pool_size: int, users: int = DEFAULT_USERS,
         _quiet_cancelled_transactions()
         settings = {} if synchronous_commit is None else {
             "synchronous_commit": synchronous_commit}
+        # released as the pipeline's pool releases (pipeline.connections.pg_pool): no
+        # reset query after each cycle, so neither side pays that round trip
         state["pool"] = await asyncpg.create_pool(
-            database_url, min_size=pool_size, max_size=pool_size, server_settings=settings)
+            database_url, min_size=pool_size, max_size=pool_size, server_settings=settings,
+            reset=keep_session)
 
     async def cycle(i: int) -> str | None:
         user_id = rng.randint(1, users)

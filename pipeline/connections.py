@@ -347,7 +347,19 @@ def blocking_reader(settings: RuntimeSettings) -> Redis:
     return fast_packing(client)
 
 
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """A connection's way back to the pool: nothing past what asyncpg always does (a
+    transaction left open is rolled back, listeners dropped)."""
+
+
 async def pg_pool(settings: RuntimeSettings, *, min_size: int = 1, max_size: int = 4) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size)
+    """A pool of PostgreSQL connections. A connection goes back to the pool without
+    asyncpg's reset query (``SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    RESET ALL``), a round trip after every batch: nothing here leaves session state on a
+    pooled connection (locks are transaction-scoped, no LISTEN, SET or held cursor; the
+    migrations' session lock is on a connection of their own), and an open transaction
+    is still rolled back (asyncpg does that before ``reset``)."""
+    pool = await asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size,
+                                     reset=keep_session)
     assert pool is not None
     return pool

@@ -20,7 +20,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from pipeline.connections import FastConnection, FastUnixConnection, RawChannel, redis_client
+from pipeline.connections import (
+    FastConnection,
+    FastUnixConnection,
+    RawChannel,
+    pg_pool,
+    redis_client,
+)
 from pipeline.scripts import Script
 from stages.settings import Settings
 
@@ -97,3 +103,24 @@ async def test_a_script_on_a_raw_channel_loads_itself_after_a_flush(client: Redi
         assert await script(channel, EchoKeys(suffix="!"), EchoCall(text="hi")) == b"hi!"
     finally:
         await channel.close()
+
+async def test_a_pooled_postgresql_connection_comes_back_without_the_reset_round_trip(
+    settings: Settings,
+) -> None:
+    pool = await pg_pool(settings, min_size=1, max_size=1)
+    try:
+        async with pool.acquire() as conn:
+            backend = await conn.fetchval("SELECT pg_backend_pid()")
+            await conn.execute("SET application_name = 'kept'")
+            # a transaction left open by hand, not by a context manager
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMP TABLE left_open (x int)")
+        async with pool.acquire() as conn:
+            # the same session: asyncpg's reset query (RESET ALL among others) did not run,
+            # so the setting stays; the open transaction was rolled back all the same
+            assert await conn.fetchval("SELECT pg_backend_pid()") == backend
+            assert await conn.fetchval("SHOW application_name") == "kept"
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+    finally:
+        await pool.close()
