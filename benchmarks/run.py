@@ -336,7 +336,8 @@ async def measure_system(plan: Plan, system: System) -> dict[str, Any]:
             measure, fixed, start_rate=plan.rates[0],
             upper_bound=UPPER_BOUND_FACTOR * best_rate if best_rate > 0 else None,
             max_points=plan.search_points, bisections=plan.bisections, deadline=deadline,
-            point_cost_s=plan.duration_s + plan.drain_s + POINT_OVERHEAD_S)
+            point_cost_s=plan.duration_s + plan.drain_s + POINT_OVERHEAD_S,
+            min_points=plan.bisections)
         extras = await system.extra() if system.extra is not None else {}
     finally:
         await system.close()

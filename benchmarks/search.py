@@ -14,8 +14,10 @@ The search, given the points already measured (the fixed rates):
    (when nothing passed, this walks down from the lowest failure).
 
 Bounds: at most ``max_points`` new measurements, none started once the
-deadline would be passed, and bisection stops when the bracket is within
-``MIN_BRACKET_RATIO``. Rates are rounded to ``RATE_QUANTUM``.
+deadline would be passed (except the first ``min_points``, made whatever the time:
+a search the measurements before it left no time for would otherwise answer the
+highest fixed rate that passed, a factor of two off), and bisection stops when the
+bracket is within ``MIN_BRACKET_RATIO``. Rates are rounded to ``RATE_QUANTUM``.
 """
 
 from __future__ import annotations
@@ -69,8 +71,10 @@ async def find_max_sustainable(
     bisections: int,
     deadline: float,
     point_cost_s: float,
+    min_points: int = 0,
 ) -> SearchOutcome:
-    """Step up then bisect; ``deadline`` is a ``time.monotonic()`` instant."""
+    """Step up then bisect; ``deadline`` is a ``time.monotonic()`` instant, which stops
+    no probe before ``min_points`` were made."""
     results = list(known)
     outcome = SearchOutcome(max_rate=0.0)
 
@@ -84,7 +88,7 @@ async def find_max_sustainable(
         if len(outcome.probes) >= max_points:
             outcome.bounded_by = "points"
             return False
-        if time.monotonic() + point_cost_s > deadline:
+        if len(outcome.probes) >= min_points and time.monotonic() + point_cost_s > deadline:
             outcome.bounded_by = "deadline"
             return False
         return True

@@ -130,6 +130,26 @@ async def test_search_stops_at_the_point_budget() -> None:
     assert outcome.bounded_by == "points"
 
 
+async def test_search_makes_its_first_points_past_the_deadline() -> None:
+    # the fixed points used the whole budget: the search still brackets the answer
+    capacity = 700.0
+
+    async def measure(rate: float) -> LoadResult:
+        return _point(rate, rate <= capacity)
+
+    outcome = await search.find_max_sustainable(
+        measure, [_point(500, True), _point(1000, False)], start_rate=500, upper_bound=None,
+        max_points=4, bisections=3, deadline=time.monotonic() - 1, point_cost_s=5,
+        min_points=3)
+    assert [r.offered_per_s for r in outcome.probes] == [750, 620, 680]
+    assert outcome.max_rate == 680
+    assert outcome.bounded_by == ""
+    late = await search.find_max_sustainable(
+        measure, [_point(500, True), _point(1000, False)], start_rate=500, upper_bound=None,
+        max_points=4, bisections=3, deadline=time.monotonic() - 1, point_cost_s=5)
+    assert late.max_rate == 500 and late.probes == [] and late.bounded_by == "deadline"
+
+
 async def test_baseline_cycles_leave_every_device_free(servers: ServerUrls) -> None:
     await baseline.create(servers.database_url, devices=20, users=5)
     try:
