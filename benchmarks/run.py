@@ -20,7 +20,7 @@ The pipeline is skipped, and the report says so, while its hook raises
 ``NotImplementedError``. A system that fails is reported as failed and the
 others still run.
 
-Bounds: ``--quick`` finishes in under 2 minutes, full mode in about 15; every
+Bounds: ``--quick`` finishes in 2-3 minutes on 2 cores, full mode in about 15; every
 load run ends by itself (see loadgen), and the search stops at a per-system
 deadline. Output: progress lines, a table, ``<out>/bench-<stamp>.json`` and
 ``.png``; with ``--json`` the last line printed is the whole report as one
@@ -134,7 +134,7 @@ def parse_args(argv: list[str]) -> Plan:
         prog="devsched bench",
         description="Measure the pipeline against the PostgreSQL baseline and the Redis ceiling.")
     parser.add_argument("--quick", action="store_true",
-                        help="short points and fewer rates; finishes in under 2 minutes")
+                        help="short points and fewer rates; finishes in 2-3 minutes")
     parser.add_argument("--json", action="store_true",
                         help="print the whole report as one JSON line, last")
     parser.add_argument("--out", type=Path, default=Path("bench-results"),
