@@ -25,7 +25,7 @@ from redis.exceptions import ResponseError
 
 import sql
 from pipeline.clock import ManualClock
-from pipeline.connections import redis_client
+from pipeline.connections import pg_pool, redis_client
 from pipeline.embedded import ServerUrls, ensure_servers, stop_servers
 from pipeline.migrate import migrate
 from pipeline.worker import groups_caught_up
@@ -104,8 +104,7 @@ async def redis(settings: Settings, clock: ManualClock) -> AsyncIterator[Redis]:
 
 @pytest_asyncio.fixture
 async def pg(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4)
-    assert pool is not None
+    pool = await pg_pool(settings)  # the stages' own pool, as `devsched run` makes it
     await empty_tables(pool)
     yield pool
     await pool.close()

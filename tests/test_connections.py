@@ -104,6 +104,7 @@ async def test_a_script_on_a_raw_channel_loads_itself_after_a_flush(client: Redi
     finally:
         await channel.close()
 
+
 async def test_a_pooled_postgresql_connection_comes_back_without_the_reset_round_trip(
     settings: Settings,
 ) -> None:

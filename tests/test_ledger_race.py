@@ -18,8 +18,7 @@ import asyncio
 import random
 import uuid
 
-import asyncpg
-
+from pipeline.connections import pg_pool
 from schemas.messages import AllocationChange
 from stages.bill import write_ledger
 from stages.settings import Settings
@@ -39,8 +38,7 @@ def closed(aid: str) -> AllocationChange:
 async def test_concurrent_writers_of_the_same_final_rows_write_each_once_without_an_error(
     settings: Settings,
 ) -> None:
-    pg = await asyncpg.create_pool(settings.database_url, min_size=WRITERS, max_size=WRITERS)
-    assert pg is not None
+    pg = await pg_pool(settings, min_size=WRITERS, max_size=WRITERS)
     rng = random.Random(7)
     failures: list[BaseException] = []
     drawn: set[str] = set()
