@@ -427,9 +427,21 @@ async def test_interim_entries_reach_the_billing_export_with_their_own_entry_ids
         kinds = sorted(e["kind"] for e in entries.values())
         assert kinds == ["final", "interim", "interim"]
         assert {e["allocation_id"] for e in entries.values()} == {got.allocation_id}
-        async with pg.acquire() as conn:
-            exact = await conn.fetchval("SELECT duration_seconds FROM device_allocations"
-                                        " WHERE id = $1", got.allocation_id)
+
+        async def length() -> int | None:
+            async with pg.acquire() as conn:
+                value: int | None = await conn.fetchval(
+                    "SELECT duration_seconds FROM device_allocations WHERE id = $1",
+                    got.allocation_id)
+                return value
+
+        async def persisted() -> bool:
+            # persist and bill read the changes stream as separate groups: the ledger can
+            # be exported before persist has written the release to the allocation's row
+            return await length() is not None
+
+        await wait_until(persisted)
+        exact = await length()
         assert sum(e["billed_seconds"] for e in entries.values()) == exact
     finally:
         stop.set()
