@@ -15,9 +15,11 @@ from schemas.messages import (
     Released,
     notification_decoder,
 )
+from stages.select import allocation_id
 from stages.settings import Settings
+from stages.state import mark_state
 from stages.timers import expire_due
-from stages.tools.admin import user_state, write_behind_drained
+from stages.tools.admin import add_devices, user_state, write_behind_drained
 from stages.tools.audit import audit
 from stages.tools.client import Client
 from tests.conftest import EVENT_TIMEOUT_S, RunningPipeline, seed, wait_until
@@ -135,3 +137,26 @@ async def test_expiry_releases_as_expired_at_expires_at(
 async def expire_due_now(redis: Redis, settings: Settings, clock: ManualClock) -> int:
     from stages.context import StageContext
     return await expire_due(StageContext(redis=redis, settings=settings, clock=clock))
+
+
+async def test_select_takes_its_call_state_afresh_at_every_call(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    """select.lua's helpers sit above its per-call marker: on Redis 7 they are made once, when
+    the library loads, and read what a call works with (the pools, the state's epoch, the
+    strategy) from variables set again at every call. A pool added and an epoch replaced
+    between two calls are seen by the second (a value kept from the first call would give
+    the device of the old pool, or an id made from the old epoch)."""
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="a", pool="p1", cpu_cores=2)],
+               quotas=[QuotaSpec(user_id="u")])
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        first = await client.allocate("u", min_cpu_cores=2)
+        assert isinstance(first, Allocated) and first.device.id == "a"
+        await add_devices(redis, keys, clock, [DeviceSpec(id="b", pool="p2", cpu_cores=2)])
+        epoch = await mark_state(redis, keys, by="test", now_ms=clock.now_ms(),
+                                 epoch="replaced")
+        second = await client.allocate("u", min_cpu_cores=2, request_id="second")
+        assert isinstance(second, Allocated) and second.device.id == "b"
+        assert second.allocation_id == allocation_id(epoch, "u", "second", clock.now_ms())
+        assert allocation_id(epoch, "u", "second", clock.now_ms()) != allocation_id(
+            "other", "u", "second", clock.now_ms())

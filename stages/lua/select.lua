@@ -55,13 +55,13 @@
 -- Returns {allocated, released, failed, dead-lettered, held} (a renewal counts in none;
 -- held: {id, reply stream, ...} of the replies held, empty without hold_replies); nil, having changed and acked
 -- nothing, when the state marker has no epoch (Redis holds no live state).
-local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
-local idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
-  CALL.released_ttl_s
-local changes, dead = KEY.changes, KEY.dead
-local epoch = redis.call('HGET', KEY.state, 'epoch')
-if not epoch then return false end  -- no live state: change and ack nothing (stages/state.py)
-local n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
+
+-- What one call works with, and its counts. They are declared here, above the per-call
+-- marker (at the end of this file), so that on Redis 7 the functions below are made once,
+-- when the library loads, rather than at every call (a script's closures are most of
+-- what an empty call costs); each one is set afresh at every call, below the marker.
+local P, group, now, idem_ttl, reply_ttl, released_ttl, changes, dead, epoch
+local n_alloc, n_release, n_failed, n_dead
 
 -- The replies only select sends (the other messages are built in common.lua).
 -- Released: `already` when the allocation was closed before (ended as `status`).
@@ -75,9 +75,9 @@ end
 -- (version 5 layout) from the SHA-1 of "epoch/user/request id/now". What does not
 -- change within the call is joined once; the variant digit (8, 9, a or b from the
 -- digest's 17th hex digit, its two high bits set to 10) is read from a string.
-local id_head, id_tail = epoch .. '/', '/' .. now
-local sub = string.sub
+local id_head, id_tail  -- epoch .. '/' and '/' .. now, set per call
 local function allocation_uuid(uid, rid)
+  local sub = string.sub
   local h = redis.sha1hex(id_head .. uid .. '/' .. rid .. id_tail)
   local v = tonumber(sub(h, 17, 17), 16) % 4 + 1
   return sub(h, 1, 8) .. '-' .. sub(h, 9, 12) .. '-5' .. sub(h, 14, 16) .. '-'
@@ -451,7 +451,9 @@ local function allocate(row)
 end
 
 -- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
-local RELEASE_FIELDS = {unpack(ALLOC_FIELDS)}
+-- (a loop: a library's top level, run at load, reaches no globals such as unpack)
+local RELEASE_FIELDS = {}
+for i = 1, #ALLOC_FIELDS do RELEASE_FIELDS[i] = ALLOC_FIELDS[i] end
 RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
 
 local function release(row)
@@ -775,8 +777,23 @@ local function rare_rows()
   return rare_lib
 end
 
+local handlers = nil  -- made at the first call (setmetatable is a global: none at load)
+
+-- The line below splits this script's source (pipeline/scripts.py): on Redis 7 everything
+-- above it is the library's top level, made once at load; from it on runs at every call.
+-- @per-call
+begin_call()
+P, group, now = CALL.prefix, CALL.group, CALL.now_ms
+idem_ttl, reply_ttl, released_ttl = CALL.idempotency_ttl_s, CALL.reply_ttl_s,
+  CALL.released_ttl_s
+changes, dead = KEY.changes, KEY.dead
+epoch = redis.call('HGET', KEY.state, 'epoch')
+if not epoch then return false end  -- no live state: change and ack nothing (stages/state.py)
+n_alloc, n_release, n_failed, n_dead = 0, 0, 0, 0
+id_head, id_tail = epoch .. '/', '/' .. now
+pool_names, book_until, strategy_of, strategies_lib, rare_lib = nil, nil, nil, nil, nil
 if CALL.hold_replies then held_replies = KEY.replies_held end
-local handlers = setmetatable({allocate = allocate, release = release}, {
+handlers = handlers or setmetatable({allocate = allocate, release = release}, {
   __index = function(_, op) return rare_rows()[op] end,
 })
 local acks = each_row(CALL.items, handlers)
