@@ -4,8 +4,9 @@ Each script is ``stages/lua/common.lua`` (shared helpers and the builders of the
 messages two scripts emit), ``allocations.lua`` (the helpers of giving, taking back and
 moving devices: every script but quota's, which needs none of them), ``call.lua`` (the
 line where a Redis Function's per-call part begins, and the reset of the helpers'
-state) and its own file, all package data (select's own file holds its marker
-itself, after its functions, so that on Redis 7 they are made once per library); the keys
+state) and its own file, all package data (select's and quota's own files hold the
+marker themselves, after their functions, so that on Redis 7 those are made once per
+library); the keys
 and call types live in ``schemas/rows.py`` and ``pipeline.scripts`` generates the
 preamble that gives the script ``KEY`` and ``CALL`` by name. A call site passes
 a keys NamedTuple and a call Struct: ``await QUOTA(redis, QuotaKeys(...),
@@ -41,7 +42,7 @@ from schemas.rows import (
 DEVICE_SIDE = ("common.lua", "allocations.lua", "call.lua")
 """The helpers of every script but quota's, then the per-call marker."""
 
-QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "call.lua", "quota.lua"))
+QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "quota.lua"))
 """Admit or refuse a batch of requests and ack them (user keys)."""
 SELECT = Script("select", SelectKeys, SelectCall,
                 lua_source("stages", "common.lua", "allocations.lua", "bookings.lua",

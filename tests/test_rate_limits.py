@@ -14,12 +14,23 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
+import msgspec
 import pytest
 from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
+from pipeline.connections import text
+from pipeline.worker import Entry
 from schemas.keys import Keys
-from schemas.messages import Allocated, DeviceSpec, Failed, QuotaSpec, Released
+from schemas.messages import (
+    Allocated,
+    AllocateRequest,
+    DeviceSpec,
+    Failed,
+    QuotaSpec,
+    Released,
+    reply_decoder,
+)
 from stages.app import serve
 from stages.context import StageContext
 from stages.quota import QuotaStage
@@ -122,3 +133,36 @@ async def test_without_limits_many_requests_pass_and_write_no_bucket(
     finally:
         stop.set()
         await asyncio.wait_for(task, EVENT_TIMEOUT_S)
+
+
+async def test_a_call_without_limits_right_after_one_with_them_takes_no_token(
+    redis: Redis, settings: Settings, clock: ManualClock, keys: Keys,
+) -> None:
+    """On Redis 7 quota's functions are made once per library and read the call's limits
+    from a variable set again at every call: two quota stages with different settings
+    (two processes, one library) take turns, and a call with the limits off takes no
+    token from a bucket the call before it used, while the next limited call still
+    refuses (the bucket being empty)."""
+    await seed(redis, keys, clock, devices=DEVICES, quotas=QUOTAS)
+    limits_on = QuotaStage(StageContext(redis=redis, settings=settings, clock=clock))
+    no_limits = replace(settings, rate_user_per_s=0.0, rate_tenant_per_s=0.0)
+    limits_off = QuotaStage(StageContext(redis=redis, settings=no_limits, clock=clock))
+    await redis.xgroup_create(keys.requests, limits_on.group, id="$", mkstream=True)
+    reply_to = keys.reply("turns")
+
+    async def one_call(stage: QuotaStage, request_id: str) -> None:
+        request = AllocateRequest(request_id=request_id, user_id="alice", reply_to=reply_to)
+        await redis.xadd(keys.requests, {"d": msgspec.json.encode(request)})
+        read = await redis.xreadgroup(limits_on.group, "turns", {keys.requests: ">"}, count=1)
+        [(stream, [(entry_id, fields)])] = read
+        await stage.handle([Entry(text(stream), text(entry_id), fields)])
+
+    for n in range(3):  # alice's burst
+        await one_call(limits_on, f"on-{n}")
+    tokens = await redis.hget(keys.user_rate("alice"), "tokens")
+    await one_call(limits_off, "off")
+    assert await redis.hget(keys.user_rate("alice"), "tokens") == tokens == b"0"
+    await one_call(limits_on, "on-again")
+    assert await redis.xlen(keys.admitted) == 4
+    replies = [reply_decoder.decode(f[b"d"]) for _, f in await redis.xrange(reply_to)]
+    assert [r.reason for r in replies if isinstance(r, Failed)] == ["rate_limited"]

@@ -26,12 +26,13 @@
 -- first answer again and changes nothing. Returns {admitted, refused, dead}; nil, having
 -- changed and acked nothing, when the state marker has no epoch (Redis holds no live
 -- state: nothing is answered from nothing; stages/state.py).
-if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then return false end
-local P, group, now = CALL.prefix, CALL.group, CALL.now_ms
-local idem_ttl, reply_ttl, fail_open = CALL.idempotency_ttl_s, CALL.reply_ttl_s, CALL.fail_open
-local admitted, changes, dead = KEY.admitted, KEY.changes, KEY.dead
-local billing_check, billing_max_age = CALL.billing_check, CALL.billing_max_age_ms
-local n_admitted, n_refused, n_dead = 0, 0, 0
+
+-- What one call works with, and its counts: declared above the per-call marker (at the
+-- end of this file), so that on Redis 7 the functions below are made once, when the
+-- library loads; each is set afresh at every call, below the marker.
+local P, group, now, idem_ttl, reply_ttl, fail_open, admitted, changes, dead
+local billing_check, billing_max_age, rate
+local n_admitted, n_refused, n_dead
 
 local function refuse(rid, uid, tenant, reply_to, reason, message, remaining, idem_key)
   local json = failed_reply(rid, reason, message, remaining)
@@ -56,12 +57,12 @@ local function num(v) return tonumber(v) or 0 end
 -- then this script in the user's slot, which gives the tenant token back (a second call
 -- to the tenant's slot) when it refuses the request; a crash between the two loses at
 -- most one tenant token for one refill period.
-local rate = CALL.rate
-
--- Made only in a call with a limit on (under EVALSHA every function defined at the top
--- is made again at every call).
-local take_tokens, rate_limited_reply
-if rate then
+-- Made at the first request a limit applies to (under EVALSHA every function defined at
+-- the top is made again at every call; under Functions this is made once and kept: it
+-- reads the call's values, `rate` among them, when it runs).
+local rate_lib = nil
+local function rate_limits()
+  if rate_lib then return rate_lib end
   -- Buckets count thousandths of a token (whole numbers: exact waits), per_s of which
   -- come back per millisecond.
   local function bucket_tokens(key, per_s, burst)
@@ -81,7 +82,7 @@ if rate then
   local function wait_ms(milli, per_s) return math.ceil((1000 - milli) / per_s - 1e-9) end
 
   -- nil when the request may go on (its tokens taken), else (retry_after_ms, whose limit).
-  function take_tokens(uid, tenant)
+  local function take_tokens(uid, tenant)
     local ukey, u, tkey, t
     local wait, who = 0, nil
     if rate.user_per_s then
@@ -103,10 +104,13 @@ if rate then
   end
 
   -- Failed with reason rate_limited (the one reply only quota sends).
-  function rate_limited_reply(rid, message, retry_after)
+  local function rate_limited_reply(rid, message, retry_after)
     return cjson.encode({type = 'failed', request_id = rid, reason = 'rate_limited',
       message = message, remaining_devices = cjson.null, retry_after_ms = retry_after})
   end
+
+  rate_lib = {take_tokens = take_tokens, reply = rate_limited_reply}
+  return rate_lib
 end
 
 local function admit(row)
@@ -127,10 +131,11 @@ local function admit(row)
     return
   end
   if rate then
-    local wait, who = take_tokens(uid, tenant)
+    local limits = rate_limits()
+    local wait, who = limits.take_tokens(uid, tenant)
     if wait then
       local msg = 'Rate limit of ' .. who .. ' exceeded; retry after ' .. wait .. ' ms'
-      send_reply(reply_to, rate_limited_reply(rid, msg, wait), reply_ttl)
+      send_reply(reply_to, limits.reply(rid, msg, wait), reply_ttl)
       emit_change(changes, rejected_change(rid, uid, tenant, 'rate_limited', msg, now))
       n_refused = n_refused + 1
       return
@@ -268,7 +273,7 @@ local function renew(row)
   forward(row)
 end
 
-local acks = each_row(CALL.items, {
+local handlers = {
   admit = admit,
   renew = renew,
   reserve = renew,  -- a reservation is admitted as a renewal is (user active, quota live)
@@ -281,6 +286,18 @@ local acks = each_row(CALL.items, {
     redis.call('XADD', dead, '*', 'd', row.letter)
     n_dead = n_dead + 1
   end,
-})
+}
+
+-- The line below splits this script's source (pipeline/scripts.py): on Redis 7 everything
+-- above it is the library's top level, made once at load; from it on runs at every call.
+-- @per-call
+begin_call()
+if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then return false end
+P, group, now = CALL.prefix, CALL.group, CALL.now_ms
+idem_ttl, reply_ttl, fail_open = CALL.idempotency_ttl_s, CALL.reply_ttl_s, CALL.fail_open
+admitted, changes, dead = KEY.admitted, KEY.changes, KEY.dead
+billing_check, billing_max_age, rate = CALL.billing_check, CALL.billing_max_age_ms, CALL.rate
+n_admitted, n_refused, n_dead = 0, 0, 0
+local acks = each_row(CALL.items, handlers)
 ack_all(KEY.requests, group, acks)
 return {n_admitted, n_refused, n_dead}
