@@ -80,7 +80,7 @@ class _State:
     last_audit: dict[str, Any] = field(default_factory=dict)
 
 
-def _population(devices: int, users: int, seed: int = 7) -> tuple[list[DeviceSpec], list[QuotaSpec]]:
+def population(devices: int, users: int, seed: int = 7) -> tuple[list[DeviceSpec], list[QuotaSpec]]:
     """The baseline's population: same device sizes, same generous quotas."""
     rng = random.Random(seed)
     specs = [
@@ -110,7 +110,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
     redis = redis_client(settings)
     try:
         await mark_state(redis, keys, by="bench", now_ms=SystemClock().now_ms())  # fresh state
-        specs, quotas = _population(devices, users)
+        specs, quotas = population(devices, users)
         for i in range(0, len(specs), 500):
             await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
         for i in range(0, len(quotas), 500):

@@ -9,7 +9,7 @@ import time
 import asyncpg
 import redis.asyncio as aioredis
 
-from benchmarks import baseline, ceiling, pipeline_sut, report, run, search
+from benchmarks import baseline, ceiling, pipeline_sut, report, run, scriptcost, search
 from benchmarks.loadgen import (
     CycleFactory,
     CycleParts,
@@ -414,3 +414,25 @@ async def test_the_handoff_point_times_a_release_to_the_waiters_reply(
     table = report.render_table({"pipeline": {"queue_handoff": row, "latency": []}})
     assert f"pipeline queue hand-off (a release to the waiting request's reply), " \
            f"{result.count} cycles: p50" in table
+
+
+async def test_script_cost_goes_through_quota_and_select_and_leaves_no_keys(
+        servers: ServerUrls) -> None:
+    """Every allocate of each batch size is admitted, allocated and released through the
+    real stages, each kind is timed per row from Redis's own counts, and the tool's keys
+    are gone afterwards."""
+    doc = await scriptcost.measure(servers.redis_url, rows=12, batches=(1, 4))
+    for batch, calls in (("1", 12), ("4", 3)):
+        result = doc["batches"][batch]
+        assert result["allocated"] == 12
+        for kind in ("quota_admit", "select_allocate", "select_release"):
+            assert result[kind]["rows"] == 12 and result[kind]["calls"] == calls
+            assert result[kind]["us_per_row"] > 0
+        # an allocate takes one device off a free pool and adds its reply and change
+        assert result["select_allocate"]["commands_per_row"]["zrem"] == 1.0
+        assert result["select_release"]["commands_per_row"]["zadd"] == 1.0
+    client = aioredis.Redis.from_url(servers.redis_url)
+    try:
+        assert [key async for key in client.scan_iter(match="scriptcost*")] == []
+    finally:
+        await client.aclose()
