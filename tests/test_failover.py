@@ -73,6 +73,7 @@ import pytest
 from pipeline.clock import SystemClock
 from pipeline.connections import redis_client
 from pipeline.embedded import sentinel
+from pipeline.embedded.process import log_tail
 from schemas.keys import Keys
 from schemas.messages import (
     DeviceSpec,
@@ -129,6 +130,22 @@ def _longest_gap(times: list[float], since: float) -> float:
     after = sorted(t for t in times if t >= since)
     points = [since, *after]
     return max((b - a for a, b in itertools.pairwise(points)), default=0.0)
+
+
+ROLE_EVENTS = ("+sdown", "-sdown", "+odown", "-odown", "+switch-master", "+promoted-slave",
+               "+failover-end", "+convert-to-slave", "+slave ", "MASTER MODE enabled",
+               "Connecting to MASTER", "REPLICAOF")
+"""Lines of the servers' and Sentinels' logs that say who was primary when."""
+
+
+def what_happened(data: Path, run_log: Path) -> str:
+    """For a failing assertion: every role change and down judgement the servers and the
+    Sentinels logged (who was primary when), then the last lines of the run's log."""
+    events = [f"{log.parent.name}: {line}"
+              for log in sorted((data / "sentinel").glob("*/server.log"))
+              for line in log.read_text(errors="replace").splitlines()
+              if any(event in line for event in ROLE_EVENTS)]
+    return "\n".join(["role changes:", *events[-60:], "run log:", log_tail(run_log, 40)])
 
 
 @pytest.mark.parametrize("replicas_to_ack", [1, 0])
@@ -261,7 +278,7 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
             end = a.end_ms if a.end_ms is not None else (known.end_ms if known else None)
             existing[a.allocation_id] = replace(a, end_ms=end)
         open_ended = [a for a in existing.values() if a.end_ms is None]
-        assert not open_ended, open_ended[:5]
+        assert not open_ended, (open_ended[:5], what_happened(data, tmp_path / "run.log"))
         held_twice = overlaps(list(existing.values()))
         shared = [d for d in final["differences"] if d["field"] == "active_allocations"]
 
@@ -293,17 +310,19 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
               f"reconcile {reconciled or 'not needed'}, audit after "
               f"{final['consistent']}", flush=True)
 
-        assert not held_twice and not shared, (held_twice[:3], shared[:3])
+        assert not held_twice and not shared, (held_twice[:3], shared[:3],
+                                                what_happened(data, tmp_path / "run.log"))
         assert tally["requests"] == tally["replies"] + tally["time-outs"] - sum(
             1 for s in load.requests.values() if s.timed_out and s.replies)
         if replicas_to_ack >= 1:
-            assert not missing and not moved and not undone, (missing[:3], moved[:3],
-                                                              undone[:3])
+            assert not missing and not moved and not undone, (
+                missing[:3], moved[:3], undone[:3], what_happened(data, tmp_path / "run.log"))
             assert tally["conflicting"] == 0
         elif lagged["lag"]:
             # answered while the replica lagged: behind the filler, never replicated
             assert missing or moved or undone
-        assert final["consistent"], final["differences"][:5]
+        assert final["consistent"], (final["differences"][:5],
+                                     what_happened(data, tmp_path / "run.log"))
     finally:
         if run is not None and run.poll() is None:
             run.send_signal(signal.SIGTERM)
