@@ -36,6 +36,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from redis.asyncio import Redis
+
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
 from benchmarks.loadgen import CycleFactory, CycleParts, mark, mark_since, producer_seed
 from pipeline.clock import SystemClock
@@ -97,6 +99,17 @@ def population(devices: int, users: int, seed: int = 7) -> tuple[list[DeviceSpec
     return specs, quotas
 
 
+async def load_population(redis: Redis, keys: Keys, devices: int, users: int) -> None:
+    """A fresh live state under ``keys`` (new state marker) holding :func:`population`."""
+    clock = SystemClock()
+    await mark_state(redis, keys, by="bench", now_ms=clock.now_ms())
+    specs, quotas = population(devices, users)
+    for i in range(0, len(specs), 500):
+        await add_devices(redis, keys, clock, specs[i:i + 500])
+    for i in range(0, len(quotas), 500):
+        await set_quotas(redis, keys, clock, quotas[i:i + 500])
+
+
 async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: int, *,
                          devices: int, users: int) -> PipelineHandle:
     """Start every stage (``workers_per_stage`` processes each) on a fresh key prefix."""
@@ -109,12 +122,7 @@ async def start_pipeline(redis_url: str, database_url: str, workers_per_stage: i
     keys = Keys(settings.prefix)
     redis = redis_client(settings)
     try:
-        await mark_state(redis, keys, by="bench", now_ms=SystemClock().now_ms())  # fresh state
-        specs, quotas = population(devices, users)
-        for i in range(0, len(specs), 500):
-            await add_devices(redis, keys, SystemClock(), specs[i:i + 500])
-        for i in range(0, len(quotas), 500):
-            await set_quotas(redis, keys, SystemClock(), quotas[i:i + 500])
+        await load_population(redis, keys, devices, users)
         process = spawn_run(APP, settings, workers_per_stage)
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT_S
         while not await workers_ready(redis, keys):

@@ -35,7 +35,7 @@ import orjson
 from redis.asyncio import Redis
 
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
-from benchmarks.pipeline_sut import population
+from benchmarks.pipeline_sut import load_population
 from pipeline import embedded
 from pipeline.clock import SystemClock
 from pipeline.connections import redis_client, text
@@ -47,8 +47,7 @@ from stages.quota import QuotaStage
 from stages.scripts import ALL
 from stages.select import SelectStage
 from stages.settings import Settings
-from stages.state import mark_state
-from stages.tools.admin import add_devices, delete_keys, set_quotas
+from stages.tools.admin import delete_keys
 
 SCRIPT_COMMANDS = ("cmdstat_fcall", "cmdstat_evalsha")
 """How a script call shows in INFO commandstats (Redis 7: FCALL; 6.2: EVALSHA)."""
@@ -64,39 +63,33 @@ async def _stats(redis: Redis) -> dict[str, tuple[int, int]]:
     return {name: (int(v["calls"]), int(v["usec"])) for name, v in raw.items()}
 
 
-class _Phase:
-    """One stage's calls over a stream: µs of script per row and commands per row."""
-
-    def __init__(self, redis: Redis, stage: QuotaStage | SelectStage, batch: int) -> None:
-        self.redis, self.stage, self.batch = redis, stage, batch
-
-    async def run(self) -> dict[str, Any]:
-        script_us = rows = calls = 0
-        made: dict[str, int] = {}
-        while True:
-            read: Any = await self.redis.xreadgroup(
-                self.stage.group, "scriptcost", {s: ">" for s in self.stage.streams},
-                count=self.batch)
-            entries = [Entry(text(stream), text(entry_id), fields)
-                       for stream, items in read for entry_id, fields in items]
-            if not entries:
-                break
-            before = await _stats(self.redis)
-            await self.stage.handle(entries)
-            after = await _stats(self.redis)
-            for name, (n, us) in after.items():
-                was_n, was_us = before.get(name, (0, 0))
-                if name in SCRIPT_COMMANDS:
-                    script_us += us - was_us
-                elif name not in NOT_THE_CALL and n > was_n:
-                    made[name.removeprefix("cmdstat_")] = made.get(
-                        name.removeprefix("cmdstat_"), 0) + n - was_n
-            rows += len(entries)
-            calls += 1
-        return {"rows": rows, "calls": calls, "us_per_row": round(script_us / max(rows, 1), 1),
-                "commands_per_row": {k: round(v / rows, 2)
-                                     for k, v in sorted(made.items(), key=lambda kv: -kv[1])
-                                     if rows and v / rows >= 0.005}}
+async def _phase(redis: Redis, stage: QuotaStage | SelectStage, batch: int) -> dict[str, Any]:
+    """Calls of ``stage`` over what its stream holds, ``batch`` entries each: µs of script
+    per row and the commands the calls made per row."""
+    script_us = rows = calls = 0
+    made: dict[str, int] = {}
+    while True:
+        read: Any = await redis.xreadgroup(stage.group, "scriptcost",
+                                           {s: ">" for s in stage.streams}, count=batch)
+        entries = [Entry(text(stream), text(entry_id), fields)
+                   for stream, items in read for entry_id, fields in items]
+        if not entries:
+            break
+        before = await _stats(redis)
+        await stage.handle(entries)
+        for name, (n, us) in (await _stats(redis)).items():
+            was_n, was_us = before.get(name, (0, 0))
+            if name in SCRIPT_COMMANDS:
+                script_us += us - was_us
+            elif name not in NOT_THE_CALL and n > was_n:
+                command = name.removeprefix("cmdstat_")
+                made[command] = made.get(command, 0) + n - was_n
+        rows += len(entries)
+        calls += 1
+    return {"rows": rows, "calls": calls, "us_per_row": round(script_us / max(rows, 1), 1),
+            "commands_per_row": {k: round(v / rows, 2)
+                                 for k, v in sorted(made.items(), key=lambda kv: -kv[1])
+                                 if rows and v / rows >= 0.005}}
 
 
 async def _round(redis: Redis, settings: Settings, keys: Keys, rows: int, batch: int,
@@ -110,8 +103,8 @@ async def _round(redis: Redis, settings: Settings, keys: Keys, rows: int, batch:
             request_id=uuid.uuid4().hex, user_id=user, reply_to=reply_to,
             min_cpu_cores=rng.choice(CPU_CHOICES[:3]),
             min_memory_mb=rng.choice(MEM_CHOICES_MB[:3])))})
-    result: dict[str, Any] = {"quota_admit": await _Phase(redis, quota, batch).run(),
-              "select_allocate": await _Phase(redis, select, batch).run()}
+    result: dict[str, Any] = {"quota_admit": await _phase(redis, quota, batch),
+              "select_allocate": await _phase(redis, select, batch)}
     replies: Any = await redis.xrange(reply_to)
     allocated = [reply for reply in (reply_decoder.decode(fields[b"d"]) for _, fields in replies)
                  if isinstance(reply, Allocated)]
@@ -120,7 +113,7 @@ async def _round(redis: Redis, settings: Settings, keys: Keys, rows: int, batch:
         await redis.xadd(keys.admitted, {"d": _encoder.encode(ReleaseRequest(
             request_id=uuid.uuid4().hex, reply_to=reply_to, allocation_id=got.allocation_id,
             user_id=got.user_id))})
-    result["select_release"] = await _Phase(redis, select, batch).run()
+    result["select_release"] = await _phase(redis, select, batch)
     result["allocated"] = len(allocated)
     await redis.delete(reply_to)
     return result
@@ -135,12 +128,7 @@ async def measure(redis_url: str, rows: int, batches: tuple[int, ...]) -> dict[s
     try:
         for script in ALL:
             await script.load(redis)
-        clock = SystemClock()
-        await mark_state(redis, keys, by="scriptcost", now_ms=clock.now_ms())
-        specs, quotas = population(2000, 500)
-        for i in range(0, len(specs), 500):
-            await add_devices(redis, keys, clock, specs[i:i + 500])
-        await set_quotas(redis, keys, clock, quotas)
+        await load_population(redis, keys, devices=2000, users=500)
         for stream, group in ((keys.requests, QuotaStage.group),
                               (keys.admitted, SelectStage.group)):
             await redis.xgroup_create(stream, group, id="$", mkstream=True)

@@ -39,14 +39,15 @@ from schemas.rows import (
     SelectKeys,
 )
 
-DEVICE_SIDE = ("common.lua", "allocations.lua", "call.lua")
-"""The helpers of every script but quota's, then the per-call marker."""
+DEVICE_HELPERS = ("common.lua", "allocations.lua")
+"""The helpers of every script but quota's."""
+DEVICE_SIDE = (*DEVICE_HELPERS, "call.lua")
+"""The helpers, then the per-call marker (select.lua holds its own, after its functions)."""
 
 QUOTA = Script("quota", QuotaKeys, QuotaCall, lua_source("stages", "common.lua", "quota.lua"))
 """Admit or refuse a batch of requests and ack them (user keys)."""
 SELECT = Script("select", SelectKeys, SelectCall,
-                lua_source("stages", "common.lua", "allocations.lua", "bookings.lua",
-                           "select.lua"))
+                lua_source("stages", *DEVICE_HELPERS, "bookings.lua", "select.lua"))
 """Allocate or release for a batch of admitted requests (reservations too), reply, ack."""
 EXPIRE = Script("expire", ExpireKeys, ExpireCall, lua_source("stages", *DEVICE_SIDE, "expire.lua"))
 """Close allocations past their expires-at."""

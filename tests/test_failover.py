@@ -138,14 +138,14 @@ ROLE_EVENTS = ("+sdown", "-sdown", "+odown", "-odown", "+switch-master", "+promo
 """Lines of the servers' and Sentinels' logs that say who was primary when."""
 
 
-def what_happened(data: Path, run_log: Path) -> str:
+def what_happened(tmp_path: Path) -> str:
     """For a failing assertion: every role change and down judgement the servers and the
     Sentinels logged (who was primary when), then the last lines of the run's log."""
     events = [f"{log.parent.name}: {line}"
-              for log in sorted((data / "sentinel").glob("*/server.log"))
+              for log in sorted((tmp_path / "data" / "sentinel").glob("*/server.log"))
               for line in log.read_text(errors="replace").splitlines()
               if any(event in line for event in ROLE_EVENTS)]
-    return "\n".join(["role changes:", *events[-60:], "run log:", log_tail(run_log, 40)])
+    return "\n".join(["role changes:", *events[-60:], "run log:", log_tail(tmp_path / "run.log", 40)])
 
 
 @pytest.mark.parametrize("replicas_to_ack", [1, 0])
@@ -278,7 +278,7 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
             end = a.end_ms if a.end_ms is not None else (known.end_ms if known else None)
             existing[a.allocation_id] = replace(a, end_ms=end)
         open_ended = [a for a in existing.values() if a.end_ms is None]
-        assert not open_ended, (open_ended[:5], what_happened(data, tmp_path / "run.log"))
+        assert not open_ended, (open_ended[:5], what_happened(tmp_path))
         held_twice = overlaps(list(existing.values()))
         shared = [d for d in final["differences"] if d["field"] == "active_allocations"]
 
@@ -311,18 +311,18 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
               f"{final['consistent']}", flush=True)
 
         assert not held_twice and not shared, (held_twice[:3], shared[:3],
-                                                what_happened(data, tmp_path / "run.log"))
+                                                what_happened(tmp_path))
         assert tally["requests"] == tally["replies"] + tally["time-outs"] - sum(
             1 for s in load.requests.values() if s.timed_out and s.replies)
         if replicas_to_ack >= 1:
             assert not missing and not moved and not undone, (
-                missing[:3], moved[:3], undone[:3], what_happened(data, tmp_path / "run.log"))
+                missing[:3], moved[:3], undone[:3], what_happened(tmp_path))
             assert tally["conflicting"] == 0
         elif lagged["lag"]:
             # answered while the replica lagged: behind the filler, never replicated
             assert missing or moved or undone
         assert final["consistent"], (final["differences"][:5],
-                                     what_happened(data, tmp_path / "run.log"))
+                                     what_happened(tmp_path))
     finally:
         if run is not None and run.poll() is None:
             run.send_signal(signal.SIGTERM)

@@ -288,8 +288,7 @@ local handlers = {
   end,
 }
 
--- The line below splits this script's source (pipeline/scripts.py): on Redis 7 everything
--- above it is the library's top level, made once at load; from it on runs at every call.
+-- The per-call marker, as in call.lua (this script's functions are above it).
 -- @per-call
 begin_call()
 if redis.call('HEXISTS', KEY.state, 'epoch') == 0 then return false end

@@ -779,8 +779,7 @@ end
 
 local handlers = nil  -- made at the first call (setmetatable is a global: none at load)
 
--- The line below splits this script's source (pipeline/scripts.py): on Redis 7 everything
--- above it is the library's top level, made once at load; from it on runs at every call.
+-- The per-call marker, as in call.lua (this script's functions are above it).
 -- @per-call
 begin_call()
 P, group, now = CALL.prefix, CALL.group, CALL.now_ms
