@@ -42,7 +42,7 @@ from pipeline.embedded.sentinel import start as start_topology
 from pipeline.embedded.sentinel import stop as stop_topology
 from pipeline.migrate import migrate
 from pipeline.runner import child_env, supervise, worker_commands
-from pipeline.service import serve
+from pipeline.service import freeze_startup_heap, serve
 from pipeline.settings import RuntimeSettings
 
 
@@ -194,7 +194,7 @@ def cmd_worker(app: Application[Any, Any], args: argparse.Namespace) -> int:
     if args.nice:
         os.nice(args.nice)
     try:
-        run_coroutine(serve(app, args.stages, settings), settings)
+        run_coroutine(serve(app, args.stages, settings, on_ready=freeze_startup_heap), settings)
     except UnsafeRedisError as exc:
         return refused(exc)
     return 0
@@ -209,7 +209,7 @@ def cmd_run(app: Application[Any, Any], args: argparse.Namespace) -> int:
             run_coroutine(app.recover(settings), settings)
         names = app.running_stages(args.stages or app.stage_names, settings)
         if args.in_process:
-            run_coroutine(serve(app, names, settings), settings)
+            run_coroutine(serve(app, names, settings, on_ready=freeze_startup_heap), settings)
             return 0
         os.environ.update(child_env(settings))
         exited = None

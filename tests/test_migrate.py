@@ -95,3 +95,36 @@ async def test_a_failed_migration_leaves_no_trace_and_runs_again_next_time(
     (tmp_path / "002_second.sql").write_text("CREATE TABLE second_table (id INT);")
     assert await migrate(fresh_database, tmp_path) == ["002_second.sql"]
     assert {"first_table", "second_table"} <= await _tables(fresh_database)
+
+
+async def test_no_index_of_the_written_tables_is_the_prefix_of_another(
+    fresh_database: str,
+) -> None:
+    """The write-behind pays every index of the tables it writes at every row: none is a
+    full-table index whose columns lead another full-table index (that one serves its
+    lookups), and the lookups by device, user, tenant and status still find an index."""
+    await migrate(fresh_database, sql.migrations())
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        rows = await conn.fetch("""
+            SELECT t.relname AS tab, i.relname AS idx, x.indpred IS NOT NULL AS partial,
+                   array(SELECT a.attname FROM unnest(x.indkey) WITH ORDINALITY k(n, o)
+                         JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.n
+                         ORDER BY k.o)::text[] AS cols
+            FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+            JOIN pg_class t ON t.oid = x.indrelid
+            WHERE t.relname IN ('device_allocations', 'billing_ledger')""")
+        full = [r for r in rows if not r["partial"]]
+        for r in full:
+            longer = [s["idx"] for s in full if s["tab"] == r["tab"] and s["idx"] != r["idx"]
+                      and len(s["cols"]) > len(r["cols"])
+                      and s["cols"][:len(r["cols"])] == r["cols"]]
+            assert not longer, f"{r['idx']} {r['cols']} leads {longer}"
+        await conn.execute("SET enable_seqscan = off")
+        for column, value in (("device_id", "'d1'"), ("user_id", "'u1'"),
+                              ("tenant_id", "'t1'"), ("status", "'allocated'")):
+            plan = "\n".join(r[0] for r in await conn.fetch(
+                f"EXPLAIN SELECT id FROM device_allocations WHERE {column} = {value}"))
+            assert "Index" in plan and "Seq Scan" not in plan, plan
+    finally:
+        await conn.close()
