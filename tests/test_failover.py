@@ -148,6 +148,13 @@ def what_happened(tmp_path: Path) -> str:
     return "\n".join(["role changes:", *events[-60:], "run log:", log_tail(tmp_path / "run.log", 40)])
 
 
+def require(ok: bool, detail: str, tmp_path: Path) -> None:
+    """Fail with ``detail`` and :func:`what_happened` unless ``ok`` (pytest.fail: an
+    assertion's message would be cut short)."""
+    if not ok:
+        pytest.fail(f"{detail}\n{what_happened(tmp_path)}", pytrace=False)
+
+
 @pytest.mark.parametrize("replicas_to_ack", [1, 0])
 async def test_primary_killed_under_load_sentinel_promotes_replica(
     settings: Settings, tmp_path: Path, replicas_to_ack: int,
@@ -278,7 +285,8 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
             end = a.end_ms if a.end_ms is not None else (known.end_ms if known else None)
             existing[a.allocation_id] = replace(a, end_ms=end)
         open_ended = [a for a in existing.values() if a.end_ms is None]
-        assert not open_ended, (open_ended[:5], what_happened(tmp_path))
+        require(not open_ended, f"open after the reconcile: {open_ended[:5]}\nfirst audit: "
+                f"{first['differences'][:10]}\nreconcile: {reconciled}", tmp_path)
         held_twice = overlaps(list(existing.values()))
         shared = [d for d in final["differences"] if d["field"] == "active_allocations"]
 
@@ -310,19 +318,18 @@ async def test_primary_killed_under_load_sentinel_promotes_replica(
               f"reconcile {reconciled or 'not needed'}, audit after "
               f"{final['consistent']}", flush=True)
 
-        assert not held_twice and not shared, (held_twice[:3], shared[:3],
-                                                what_happened(tmp_path))
+        require(not held_twice and not shared, f"held twice {held_twice[:3]}, shared "
+                f"{shared[:3]}", tmp_path)
         assert tally["requests"] == tally["replies"] + tally["time-outs"] - sum(
             1 for s in load.requests.values() if s.timed_out and s.replies)
         if replicas_to_ack >= 1:
-            assert not missing and not moved and not undone, (
-                missing[:3], moved[:3], undone[:3], what_happened(tmp_path))
+            require(not missing and not moved and not undone, f"missing {missing[:3]}, moved "
+                    f"{moved[:3]}, undone {undone[:3]}", tmp_path)
             assert tally["conflicting"] == 0
         elif lagged["lag"]:
             # answered while the replica lagged: behind the filler, never replicated
             assert missing or moved or undone
-        assert final["consistent"], (final["differences"][:5],
-                                     what_happened(tmp_path))
+        require(final["consistent"], f"audit after: {final['differences'][:5]}", tmp_path)
     finally:
         if run is not None and run.poll() is None:
             run.send_signal(signal.SIGTERM)

@@ -19,9 +19,12 @@ failover.
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -32,7 +35,7 @@ from redis.asyncio import Redis
 
 from pipeline.clock import ManualClock
 from pipeline.connections import parse_sentinel_url, redis_client, text
-from pipeline.embedded import sentinel
+from pipeline.embedded import EmbeddedServerError, sentinel
 from pipeline.worker import Entry
 from schemas.keys import GROUP_QUOTA, GROUP_SELECT, Keys
 from schemas.messages import (
@@ -155,6 +158,38 @@ async def test_replies_wait_for_the_replica_and_go_out_once(
     finally:
         await steps.select.channel.close()
         await redis.aclose()
+
+
+def _priority(topo: sentinel.Topology, role: str) -> int:
+    client = sync_redis.Redis.from_url(topo.server_url(role), socket_timeout=1)
+    try:
+        return int(client.config_get("replica-priority")["replica-priority"])
+    finally:
+        client.close()
+
+
+def test_a_restarted_server_is_not_promotable_until_it_has_the_primarys_data(
+    topology: sentinel.Topology,
+) -> None:
+    """A restarted server holds its own old data set until its first sync: no Sentinel
+    may promote it before (replica-priority 0), and it gets the default once in sync. The
+    primary is stopped here so that the sync cannot happen."""
+    topo = sentinel.recorded(Path(topology.folder))
+    assert topo is not None
+    sentinel.kill(topo, "replica")
+    primary = topo.node("primary").pid
+    os.kill(primary, signal.SIGSTOP)
+    try:
+        with pytest.raises(EmbeddedServerError, match="stays at replica-priority 0"):
+            sentinel.restart(topo, "replica", sync_timeout_s=1.0)
+        topo = sentinel.recorded(Path(topology.folder))
+        assert topo is not None
+        assert _priority(topo, "replica") == 0
+    finally:
+        os.kill(primary, signal.SIGCONT)
+    sentinel.make_promotable(topo, "replica")
+    assert _replica_in_sync(topo)
+    assert _priority(topo, "replica") == sentinel.PROMOTABLE_PRIORITY
 
 
 # --- reconcile ---------------------------------------------------------------------

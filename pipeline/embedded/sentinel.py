@@ -271,23 +271,64 @@ def kill(topo: Topology, role: str) -> None:
     terminate(topo.node(role).pid, signal.SIGKILL, KILL_TIMEOUT_S)
 
 
-def restart(topo: Topology, role: str, *, fsync: str = "everysec") -> Topology:
+PROMOTABLE_PRIORITY = 100
+"""Redis' default ``replica-priority``: what a restarted server gets once it is in sync."""
+
+
+def restart(topo: Topology, role: str, *, fsync: str = "everysec",
+            sync_timeout_s: float = READY_TIMEOUT_S) -> Topology:
     """Start the data server ``role`` again (after :func:`kill`, as a supervisor would),
     as a replica of the primary the Sentinels name now, on its former port; returns
     (and records) the topology with its new pid. It rejoins with a full resync: what
-    the old primary had but never replicated is discarded, as Redis replication says."""
+    the old primary had but never replicated is discarded, as Redis replication says.
+
+    Until that sync is done the server still holds its own old data set (read back
+    from its append-only file), and a Sentinel counts a replica whose link never came up
+    as a candidate (``master_link_down_since_seconds`` is -1): a second failover in that
+    window promoted it and took the live state back to before the first (seen in
+    tests/test_failover.py: allocations answered after the first failover gone, devices
+    held twice). So it starts with ``replica-priority 0``, which no Sentinel promotes,
+    and :func:`make_promotable` gives it the default priority once it is in sync.
+    Raises ``EmbeddedServerError`` when it is not in sync within ``sync_timeout_s`` (it
+    keeps running, not promotable; call :func:`make_promotable` again)."""
     primary = current_primary_port(topo)
     if primary is None:
         raise EmbeddedServerError("no Sentinel names a primary: nothing to rejoin")
     node = topo.node(role)
     where = Path(topo.folder) / role
-    proc = spawn(_data_args(find_binary(), where, node.port, fsync, primary), cwd=where,
-                 log_path=where / "server.log")
+    args = _data_args(find_binary(), where, node.port, fsync, primary)
+    proc = spawn([*args, "--replica-priority", "0"], cwd=where, log_path=where / "server.log")
     nodes = [Node(role=n.role, pid=proc.pid, port=n.port) if n.role == role else n
              for n in topo.nodes]
     topo = msgspec.structs.replace(topo, nodes=nodes)
     _write_private(_record_path(Path(topo.folder)), _encoder.encode(topo).decode())
+    make_promotable(topo, role, sync_timeout_s)
     return topo
+
+
+def make_promotable(topo: Topology, role: str, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until the replica ``role`` has the primary's data (its link up, no sync in
+    progress), then give it Redis' default ``replica-priority`` so a Sentinel may
+    promote it; ``EmbeddedServerError`` past ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = _client(topo.node(role).port, topo.password)
+            try:
+                info = client.info("replication")
+                if (info.get("master_link_status") == "up"
+                        and not info.get("master_sync_in_progress")):
+                    client.config_set("replica-priority", PROMOTABLE_PRIORITY)
+                    return
+            finally:
+                client.close()
+        except (redis.RedisError, OSError):
+            pass  # still starting
+        if time.monotonic() > deadline:
+            raise EmbeddedServerError(
+                f"the {role} server did not get in sync with its primary within "
+                f"{timeout_s:g} s; it stays at replica-priority 0 (no Sentinel promotes it)")
+        time.sleep(0.05)
 
 
 def current_primary_port(topo: Topology) -> int | None:
