@@ -285,9 +285,8 @@ def restart(topo: Topology, role: str, *, fsync: str = "everysec",
     Until that sync is done the server still holds its own old data set (read back
     from its append-only file), and a Sentinel counts a replica whose link never came up
     as a candidate (``master_link_down_since_seconds`` is -1): a second failover in that
-    window promoted it and took the live state back to before the first (seen in
-    tests/test_failover.py: allocations answered after the first failover gone, devices
-    held twice). So it starts with ``replica-priority 0``, which no Sentinel promotes,
+    window promoted it and took the live state back to before the first (seen in a
+    failover test under load: writes answered after the first failover gone). So it starts with ``replica-priority 0``, which no Sentinel promotes,
     and :func:`make_promotable` gives it the default priority once it is in sync.
     Raises ``EmbeddedServerError`` when it is not in sync within ``sync_timeout_s`` (it
     keeps running, not promotable; call :func:`make_promotable` again)."""
