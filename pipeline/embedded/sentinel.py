@@ -187,17 +187,25 @@ def _client(port: int, secret: str) -> redis.Redis:
                        socket_connect_timeout=1.0)
 
 
+def _in_sync(topo: Topology, role: str) -> bool:
+    """The data server ``role`` is a replica whose link to its primary is up (its sync
+    done); False while it does not answer."""
+    try:
+        client = _client(topo.node(role).port, topo.password)
+        try:
+            return bool(client.info("replication").get("master_link_status") == "up")
+        finally:
+            client.close()
+    except (redis.RedisError, OSError):
+        return False
+
+
 def _ready(topo: Topology) -> bool:
     """Replica in sync with the primary, and every Sentinel knows both data servers and
     the other Sentinels."""
+    if not _in_sync(topo, "replica"):
+        return False
     try:
-        replica = _client(topo.node("replica").port, topo.password)
-        try:
-            info = replica.info("replication")
-        finally:
-            replica.close()
-        if info.get("master_link_status") != "up":
-            return False
         for node in topo.sentinels:
             sentinel = _client(node.port, topo.password)
             try:
@@ -286,8 +294,9 @@ def restart(topo: Topology, role: str, *, fsync: str = "everysec",
     from its append-only file), and a Sentinel counts a replica whose link never came up
     as a candidate (``master_link_down_since_seconds`` is -1): a second failover in that
     window promoted it and took the live state back to before the first (seen in a
-    failover test under load: writes answered after the first failover gone). So it starts with ``replica-priority 0``, which no Sentinel promotes,
-    and :func:`make_promotable` gives it the default priority once it is in sync.
+    failover test under load: writes answered after the first failover gone). So it
+    starts with ``replica-priority 0``, which no Sentinel promotes, and
+    :func:`make_promotable` gives it the default priority once it is in sync.
     Raises ``EmbeddedServerError`` when it is not in sync within ``sync_timeout_s`` (it
     keeps running, not promotable; call :func:`make_promotable` again)."""
     primary = current_primary_port(topo)
@@ -306,28 +315,21 @@ def restart(topo: Topology, role: str, *, fsync: str = "everysec",
 
 
 def make_promotable(topo: Topology, role: str, timeout_s: float = READY_TIMEOUT_S) -> None:
-    """Wait until the replica ``role`` has the primary's data (its link up, no sync in
-    progress), then give it Redis' default ``replica-priority`` so a Sentinel may
-    promote it; ``EmbeddedServerError`` past ``timeout_s``."""
+    """Wait until the replica ``role`` has the primary's data (its link up), then give it
+    Redis' default ``replica-priority`` so a Sentinel may promote it;
+    ``EmbeddedServerError`` past ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client = _client(topo.node(role).port, topo.password)
-            try:
-                info = client.info("replication")
-                if (info.get("master_link_status") == "up"
-                        and not info.get("master_sync_in_progress")):
-                    client.config_set("replica-priority", PROMOTABLE_PRIORITY)
-                    return
-            finally:
-                client.close()
-        except (redis.RedisError, OSError):
-            pass  # still starting
+    while not _in_sync(topo, role):
         if time.monotonic() > deadline:
             raise EmbeddedServerError(
                 f"the {role} server did not get in sync with its primary within "
                 f"{timeout_s:g} s; it stays at replica-priority 0 (no Sentinel promotes it)")
-        time.sleep(0.05)
+        time.sleep(POLL_S * 5)
+    client = _client(topo.node(role).port, topo.password)
+    try:
+        client.config_set("replica-priority", PROMOTABLE_PRIORITY)
+    finally:
+        client.close()
 
 
 def current_primary_port(topo: Topology) -> int | None:
