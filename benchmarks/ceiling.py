@@ -129,15 +129,34 @@ def _worker_main(redis_url: str, prefix: str, hop: int, index: int,
         raise
 
 
+BUSY_POLL_CHECK = 4_096
+"""Turns of a busy-polling loop between two looks at the stop flag."""
+
+
+async def _busy_poll(stop: multiprocessing.synchronize.Event) -> None:
+    """Keep the event loop from ever sleeping: yield to it without pause, so that the
+    process is already running when a reply arrives instead of being woken from idle.
+    Costs a whole core while the chain runs: a way to measure, not a way to run."""
+    turns = 0
+    while True:
+        await asyncio.sleep(0)
+        turns += 1
+        if turns % BUSY_POLL_CHECK == 0 and stop.is_set():
+            return
+
+
 def _shared_main(redis_url: str, prefix: str, hops: int,
-                 stop: multiprocessing.synchronize.Event, batch: int) -> None:
+                 stop: multiprocessing.synchronize.Event, batch: int,
+                 busy_poll: bool = False) -> None:
     """Every hop in this one process, each a task with its own connection (the layout of
-    `devsched run`'s request path: quota and select in one event loop)."""
+    `devsched run`'s request path: quota and select in one event loop); with
+    ``busy_poll`` the loop never sleeps (see :func:`_busy_poll`)."""
     import uvloop
 
     async def all_hops() -> None:
+        awake = [_busy_poll(stop)] if busy_poll else []
         await asyncio.gather(*(_hop(redis_url, prefix, hop, f"hop{hop}-0", stop, batch, hops)
-                               for hop in range(hops)))
+                               for hop in range(hops)), *awake)
 
     try:
         uvloop.run(all_hops())
@@ -157,9 +176,13 @@ class Chain:
 
 
 async def start_chain(redis_url: str, workers_per_hop: int = 1, batch: int = BATCH, *,
-                      hops: int = HOPS, one_process: bool = False) -> Chain:
+                      hops: int = HOPS, one_process: bool = False,
+                      busy_poll: bool = False) -> Chain:
     """Create the streams and groups, start ``workers_per_hop`` processes per hop (or, with
-    ``one_process``, one process running every hop)."""
+    ``one_process``, one process running every hop; ``busy_poll`` keeps that process from
+    sleeping between messages)."""
+    if busy_poll and not one_process:
+        raise ValueError("busy_poll is a setting of the one-process chain")
     prefix = f"bench:ceiling:{uuid.uuid4().hex[:8]}"
     client = _client(redis_url)
     try:
@@ -170,7 +193,8 @@ async def start_chain(redis_url: str, workers_per_hop: int = 1, batch: int = BAT
     ctx = multiprocessing.get_context("spawn")
     chain = Chain(redis_url, prefix, ctx.Event())
     if one_process:
-        proc = ctx.Process(target=_shared_main, args=(redis_url, prefix, hops, chain.stop, batch),
+        proc = ctx.Process(target=_shared_main,
+                           args=(redis_url, prefix, hops, chain.stop, batch, busy_poll),
                            name="ceiling-hops", daemon=True)
         proc.start()
         chain.workers.append(proc)

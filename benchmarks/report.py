@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +290,24 @@ def write_outputs(doc: dict[str, Any], out_dir: Path) -> tuple[Path, Path | None
         progress(f"plot not written: {type(exc).__name__}: {exc}")
         return json_path, None
     return json_path, png_path
+
+
+def run_redis_tool(measure: Callable[[str], Coroutine[Any, Any, dict[str, Any]]],
+                   table: Callable[[dict[str, Any]], str]) -> None:
+    """Run a tool that measures on Redis alone: ``measure(redis_url)`` on REDIS_URL, else
+    on an embedded server started here and stopped after, whatever happens; then print
+    its table and, as the last line, its JSON."""
+    import asyncio
+
+    from pipeline import embedded
+    from stages.settings import Settings
+
+    base = Settings.from_env()
+    urls, started = embedded.ensure_servers(base)
+    try:
+        doc = asyncio.run(measure(urls.redis_url))
+    finally:
+        if started:
+            embedded.stop_servers(base)
+    print(table(doc), flush=True)
+    print(orjson.dumps(doc).decode(), flush=True)

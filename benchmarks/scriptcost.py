@@ -24,19 +24,17 @@ last line printed is JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import uuid
 from dataclasses import replace
 from typing import Any
 
 import msgspec
-import orjson
 from redis.asyncio import Redis
 
+from benchmarks import report
 from benchmarks.baseline import CPU_CHOICES, MEM_CHOICES_MB
 from benchmarks.pipeline_sut import load_population
-from pipeline import embedded
 from pipeline.clock import SystemClock
 from pipeline.connections import redis_client, text
 from pipeline.worker import Entry
@@ -165,15 +163,7 @@ def main() -> None:
     batches = tuple(int(b) for b in args.batch.split(","))
     if args.rows < 1 or not batches or min(batches) < 1:
         parser.error("--rows and every --batch must be positive")
-    base = Settings.from_env()
-    urls, started = embedded.ensure_servers(base)
-    try:
-        doc = asyncio.run(measure(urls.redis_url, args.rows, batches))
-    finally:
-        if started:
-            embedded.stop_servers(base)
-    print(_table(doc), flush=True)
-    print(orjson.dumps(doc).decode(), flush=True)
+    report.run_redis_tool(lambda url: measure(url, args.rows, batches), _table)
 
 
 if __name__ == "__main__":

@@ -3,13 +3,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 
 import asyncpg
+import pytest
 import redis.asyncio as aioredis
 
-from benchmarks import baseline, ceiling, pipeline_sut, report, run, scriptcost, search
+from benchmarks import baseline, ceiling, pipeline_sut, report, run, scriptcost, search, wakeup
 from benchmarks.loadgen import (
     CycleFactory,
     CycleParts,
@@ -228,6 +230,60 @@ async def test_request_path_floor_runs_both_hops_in_one_process(servers: ServerU
             await client.aclose()
     finally:
         await ceiling.stop_chain(chain)
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+async def test_a_busy_polled_floor_never_sleeps_and_answers_like_the_sleeping_one(
+        servers: ServerUrls) -> None:
+    """The floor chain kept awake spends its idle second running (the sleeping one next
+    to nothing), answers every message through both hops, and benchmarks.wakeup reports
+    both ways at each rate with their difference and leaves no key behind."""
+    url = servers.redis_url
+    with pytest.raises(ValueError):
+        await ceiling.start_chain(url, busy_poll=True)  # several processes: not a setting
+    ticks = {}
+    for busy in (False, True):
+        chain = await ceiling.start_chain(url, hops=run.FLOOR_HOPS, one_process=True,
+                                          busy_poll=busy)
+        try:
+            await asyncio.sleep(0.5)
+            pid = chain.workers[0].pid
+            assert pid is not None
+            before = _cpu_ticks(pid)
+            await asyncio.sleep(1.0)  # no message at all
+            ticks[busy] = _cpu_ticks(pid) - before
+            result = await run_open(CycleFactory(ceiling.make_cycle, (url, chain.prefix)),
+                                    100, 0.5, request_timeout_s=LONG_DRAIN_S,
+                                    drain_s=LONG_DRAIN_S)
+            assert result.ok == result.count == 50
+        finally:
+            await ceiling.stop_chain(chain)
+    # clock ticks are 1/100 s: awake uses most of a core, asleep next to none
+    assert ticks[True] >= 30 and ticks[False] <= 10, ticks
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        chains_before = {key async for key in client.scan_iter(match="bench:ceiling:*")}
+    finally:
+        await client.aclose()
+    doc = await wakeup.measure(url, rates=(100.0,), seconds=0.5, repeat=1)
+    [row] = doc["rates"]
+    assert row["offered_per_s"] == 100.0 and doc["hops"] == run.FLOOR_HOPS
+    for way in wakeup.WAYS:
+        assert 0 < row[f"{way}_p50_ms"] <= row[f"{way}_p99_ms"]
+    assert row["wakeup_p50_ms"] == round(row["sleeping_p50_ms"] - row["awake_p50_ms"], 3)
+    assert "wake-up" in wakeup._table(doc)
+    client = aioredis.Redis.from_url(url)
+    try:
+        left = {key async for key in client.scan_iter(match="bench:ceiling:*")}
+        assert left <= chains_before  # both ways' chains deleted their keys
+    finally:
+        await client.aclose()
 
 
 async def test_a_system_that_is_not_implemented_is_reported_as_skipped() -> None:
