@@ -37,16 +37,21 @@ import os
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
-from benchmarks.loadgen import CycleParts
+from benchmarks import loadgen
+from benchmarks.loadgen import CycleFactory, CycleParts, LoadResult
 from pipeline.connections import fast_packing
 
 HOPS = 3
 """Stream hops every message crosses: s0 -> s1 -> s2 -> reply."""
+FLOOR_HOPS = 2
+"""Worker hops of an allocate in the pipeline: quota (requests -> admitted) and select
+(admitted -> the producer's reply stream)."""
 GROUP = "chain"
 """Consumer group of every hop."""
 BATCH = 256
@@ -224,6 +229,31 @@ async def stop_chain(chain: Chain) -> None:
             await client.delete(*keys)
     finally:
         await client.aclose()
+
+
+async def floor_latency(redis_url: str, rates: tuple[float, ...], duration_s: float, *,
+                        busy_poll: bool = False, processes: int = 1, drain_s: float = 5.0,
+                        on_point: Callable[[LoadResult], None] | None = None,
+                        ) -> list[LoadResult]:
+    """The request path's floor: a chain of the pipeline's ``FLOOR_HOPS`` hops, all in
+    one process (as ``devsched run`` serves quota and select; ``busy_poll`` as in
+    :func:`start_chain`), offered each of ``rates`` for ``duration_s``; one result per
+    rate, each passed to ``on_point`` as it comes (which may raise to stop)."""
+    chain = await start_chain(redis_url, hops=FLOOR_HOPS, one_process=True,
+                              busy_poll=busy_poll)
+    results = []
+    try:
+        await asyncio.sleep(0.5)  # let the hops connect
+        factory = CycleFactory(make_cycle, (redis_url, chain.prefix))
+        for rate in rates:
+            result = await loadgen.run_open(factory, rate, duration_s, processes=processes,
+                                            drain_s=drain_s)
+            if on_point is not None:
+                on_point(result)
+            results.append(result)
+    finally:
+        await stop_chain(chain)
+    return results
 
 
 # --- the saturating producer -----------------------------------------------------------

@@ -17,6 +17,7 @@ What it promises:
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 import subprocess
@@ -28,7 +29,9 @@ from typing import Any
 
 import orjson
 
+from pipeline import embedded
 from pipeline.progress import Progress
+from stages.settings import Settings
 
 _T0 = time.monotonic()
 _quiet = False
@@ -297,11 +300,6 @@ def run_redis_tool(measure: Callable[[str], Coroutine[Any, Any, dict[str, Any]]]
     """Run a tool that measures on Redis alone: ``measure(redis_url)`` on REDIS_URL, else
     on an embedded server started here and stopped after, whatever happens; then print
     its table and, as the last line, its JSON."""
-    import asyncio
-
-    from pipeline import embedded
-    from stages.settings import Settings
-
     base = Settings.from_env()
     urls, started = embedded.ensure_servers(base)
     try:

@@ -49,6 +49,7 @@ import msgspec
 import orjson
 
 from benchmarks import baseline, ceiling, loadgen, pipeline_sut, report, search
+from benchmarks.ceiling import FLOOR_HOPS
 from benchmarks.loadgen import CycleFactory, LoadResult
 
 FULL_RATES = (250.0, 500.0, 1000.0, 2000.0, 5000.0)
@@ -269,31 +270,21 @@ async def measure_ceiling(plan: Plan, redis_url: str) -> dict[str, Any]:
             "request_path_floor": await measure_request_path_floor(plan, redis_url)}
 
 
-FLOOR_HOPS = 2
-"""Worker hops of an allocate in the pipeline: quota (requests -> admitted) and select
-(admitted -> the producer's reply stream)."""
-
-
 async def measure_request_path_floor(plan: Plan, redis_url: str) -> dict[str, Any]:
     """The request path's plumbing with no logic: the chain with the pipeline's two hops,
     both in one process (a task and a connection each, as `devsched run` serves quota and
     select), at the low-load rates and the target rate. What an allocate's latency cannot
     go below on this machine with this stage flow: every allocate crosses these two hops
     and the reply stream, whatever its scripts cost."""
-    chain = await ceiling.start_chain(redis_url, hops=FLOOR_HOPS, one_process=True)
-    rows = []
-    try:
-        await asyncio.sleep(0.5)  # let the hops connect
-        factory = CycleFactory(ceiling.make_cycle, (redis_url, chain.prefix))
-        for rate in (*LOW_LOAD_RATES, TARGET_RATE):
-            result = await loadgen.run_open(factory, rate, plan.duration_s,
-                                            processes=plan.producers, drain_s=plan.drain_s)
-            report.progress(f"request path floor @ {rate:,.0f}/s: {_describe(result)}")
-            rows.append(_row(result))
-    finally:
-        await ceiling.stop_chain(chain)
+    def progress(result: LoadResult) -> None:
+        report.progress(f"request path floor @ {result.offered_per_s:,.0f}/s: "
+                        f"{_describe(result)}")
+
+    results = await ceiling.floor_latency(
+        redis_url, (*LOW_LOAD_RATES, TARGET_RATE), plan.duration_s,
+        processes=plan.producers, drain_s=plan.drain_s, on_point=progress)
     return {"hops": FLOOR_HOPS, "layout": "one process, a task and a connection per hop",
-            "latency": rows}
+            "latency": [_row(result) for result in results]}
 
 
 async def measure_system(plan: Plan, system: System) -> dict[str, Any]:

@@ -25,13 +25,13 @@ each way, whatever happens; the last line printed is JSON.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import statistics
 from typing import Any
 
-from benchmarks import ceiling, loadgen, report
-from benchmarks.loadgen import CycleFactory
-from benchmarks.run import FLOOR_HOPS, LOW_LOAD_RATES, TARGET_RATE
+from benchmarks import ceiling, report
+from benchmarks.ceiling import FLOOR_HOPS
+from benchmarks.loadgen import LoadResult
+from benchmarks.run import LOW_LOAD_RATES, TARGET_RATE
 
 WAYS = ("sleeping", "awake")
 """The hop process as it runs, and kept from sleeping (``ceiling.start_chain``'s
@@ -43,21 +43,14 @@ DRAIN_S = 2.0
 async def _way(redis_url: str, busy_poll: bool, rates: tuple[float, ...],
                seconds: float) -> dict[float, tuple[float, float]]:
     """p50 and p99 (ms) at each rate through one chain run the given way."""
-    chain = await ceiling.start_chain(redis_url, hops=FLOOR_HOPS, one_process=True,
-                                      busy_poll=busy_poll)
-    got: dict[float, tuple[float, float]] = {}
-    try:
-        await asyncio.sleep(0.5)  # let the hops connect
-        factory = CycleFactory(ceiling.make_cycle, (redis_url, chain.prefix))
-        for rate in rates:
-            result = await loadgen.run_open(factory, rate, seconds, drain_s=DRAIN_S)
-            if result.errors or result.count == 0:
-                raise RuntimeError(f"floor at {rate:g}/s: {result.count} replies, "
-                                   f"errors {result.errors}")
-            got[rate] = (result.p50_ms, result.p99_ms)
-    finally:
-        await ceiling.stop_chain(chain)
-    return got
+    def check(result: LoadResult) -> None:
+        if result.errors or result.count == 0:
+            raise RuntimeError(f"floor at {result.offered_per_s:g}/s: {result.count} "
+                               f"replies, errors {result.errors}")
+
+    results = await ceiling.floor_latency(redis_url, rates, seconds, busy_poll=busy_poll,
+                                          drain_s=DRAIN_S, on_point=check)
+    return {rate: (r.p50_ms, r.p99_ms) for rate, r in zip(rates, results, strict=True)}
 
 
 async def measure(redis_url: str, rates: tuple[float, ...], seconds: float,

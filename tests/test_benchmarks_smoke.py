@@ -12,6 +12,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from benchmarks import baseline, ceiling, pipeline_sut, report, run, scriptcost, search, wakeup
+from benchmarks.cpu import _ticks
 from benchmarks.loadgen import (
     CycleFactory,
     CycleParts,
@@ -232,12 +233,6 @@ async def test_request_path_floor_runs_both_hops_in_one_process(servers: ServerU
         await ceiling.stop_chain(chain)
 
 
-def _cpu_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
-
-
 async def test_a_busy_polled_floor_never_sleeps_and_answers_like_the_sleeping_one(
         servers: ServerUrls) -> None:
     """The floor chain kept awake spends its idle second running (the sleeping one next
@@ -254,9 +249,9 @@ async def test_a_busy_polled_floor_never_sleeps_and_answers_like_the_sleeping_on
             await asyncio.sleep(0.5)
             pid = chain.workers[0].pid
             assert pid is not None
-            before = _cpu_ticks(pid)
+            before = _ticks()[pid][0]
             await asyncio.sleep(1.0)  # no message at all
-            ticks[busy] = _cpu_ticks(pid) - before
+            ticks[busy] = _ticks()[pid][0] - before
             result = await run_open(CycleFactory(ceiling.make_cycle, (url, chain.prefix)),
                                     100, 0.5, request_timeout_s=LONG_DRAIN_S,
                                     drain_s=LONG_DRAIN_S)
