@@ -5,6 +5,12 @@ How we know:
 - the client's release never reaches the request stream (its entries are counted) and
   is answered; the same request id sent again, either way, gets the first answer;
 - a release sent the old way, on the request stream, is still forwarded and answered;
+- a release by allocation id leaves no stored answer: the allocation it closed names it
+  (``released_by``) and is kept at least as long as the idempotency window, and the same
+  request again gets its first answer from there, while another request for the same
+  allocation is answered ``already_released`` (and that answer is kept); a release by
+  device id keeps its answer, so that its request delivered again after the device went
+  to someone else answers as before and leaves the new allocation active;
 - what select gets straight from a producer is validated as quota validates it: a
   broken release, or any other kind of request, gets one ``invalid_request`` reply (or a
   dead letter when it names no reply stream of ours) and nothing is done (the allocation
@@ -77,6 +83,45 @@ async def test_a_release_goes_straight_to_select_and_is_answered_once(
         done = await client.release_many(ids, user_id="u1")
         assert isinstance(done, ReleasedBatch), done
         assert await redis.xlen(keys.requests) == before
+    await wait_until(lambda: select_idle(redis, keys))
+
+
+async def test_a_release_is_answered_again_from_the_allocation_it_closed_or_from_its_kept_answer(
+    pipeline: RunningPipeline, settings: Settings, redis: Redis, keys: Keys, clock: ManualClock,
+) -> None:
+    await seed(redis, keys, clock, devices=[DeviceSpec(id="d1")],
+               quotas=[QuotaSpec(user_id="u1")])
+    kept = f"{keys.prefix}:{{pool}}:req:"
+    async with Client(settings, timeout_s=EVENT_TIMEOUT_S) as client:
+        got = await client.allocate("u1")
+        assert isinstance(got, Allocated), got
+        rel = await client.release(allocation_id=got.allocation_id, user_id="u1",
+                                   request_id="rel-a")
+        assert isinstance(rel, Released) and not rel.already_released, rel
+        record = keys.allocation(got.allocation_id)
+        assert await redis.hget(record, "released_by") == b"rel-a"
+        assert await redis.ttl(record) >= min(settings.idempotency_ttl_s,
+                                              settings.released_ttl_s) - 5
+        assert not await redis.exists(kept + "rel-a")  # the allocation is the record
+        clock.advance(7_000)  # a later delivery answers with the first one's times
+        assert await client.release(allocation_id=got.allocation_id, user_id="u1",
+                                    request_id="rel-a") == rel
+        other = await client.release(allocation_id=got.allocation_id, request_id="rel-b")
+        assert isinstance(other, Released) and other.already_released, other
+        assert await redis.exists(kept + "rel-b")
+        assert await client.release(allocation_id=got.allocation_id,
+                                    request_id="rel-b") == other
+        # by device id: the answer is kept, the device's next holder is not released
+        second = await client.allocate("u1")
+        assert isinstance(second, Allocated) and second.device.id == "d1", second
+        by_device = await client.release(device_id="d1", request_id="rel-d")
+        assert isinstance(by_device, Released), by_device
+        assert by_device.allocation_id == second.allocation_id
+        assert await redis.exists(kept + "rel-d")
+        third = await client.allocate("u1")
+        assert isinstance(third, Allocated) and third.device.id == "d1", third
+        assert await client.release(device_id="d1", request_id="rel-d") == by_device
+        assert await redis.hget(keys.allocation(third.allocation_id), "status") == b"allocated"
     await wait_until(lambda: select_idle(redis, keys))
 
 

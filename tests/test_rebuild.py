@@ -94,14 +94,17 @@ USAGE = ("used_devices", "used_cpu", "used_mem", "used_sto")
 
 
 def restorable(state: dict[str, Any], keys: Keys) -> dict[str, Any]:
-    """What rebuild restores: all but the stored answers of releases and refusals; a user's
-    usage is written in full (a user never admitted had no usage fields: zero)."""
+    """What rebuild restores: all but the answers of releases and refusals (stored, or a
+    closed allocation's ``released_by``: PostgreSQL has neither); a user's usage is written
+    in full (a user never admitted had no usage fields: zero)."""
     out = {name: value for name, value in state.items()
            if not (":req:" in name and (name.startswith(f"{keys.prefix}:{{pool}}")
                                         or value.get("type") != "allocated"))}
     for name, value in out.items():
         if name.endswith(":user"):
             out[name] = {**dict.fromkeys(USAGE, "0"), **value}
+        elif name.startswith(keys.allocation("")):
+            out[name] = {f: v for f, v in value.items() if f != "released_by"}
     return out
 
 

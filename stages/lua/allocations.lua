@@ -398,11 +398,14 @@ local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status
 -- an event took down stays out), gives the usage back, records the change. Returns the
 -- change, or nil when the allocation is not active (so a second close is a no-op).
 -- The closed allocation keeps only what a second release answers from (device, user,
--- status, end, duration, version, end_reason) for released_ttl: the change carries the
--- whole allocation to PostgreSQL. A device it puts back in its free pool is offered to the
+-- status, end, duration, version, end_reason, released_by) for released_ttl: the change
+-- carries the whole allocation to PostgreSQL. A device it puts back in its free pool is offered to the
 -- wait queue (offer_device) in the same step.
 -- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
-local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a, reason)
+-- `by`: the id of the release request closing it (select.lua's release answers that
+-- request again from the record it keeps: released_by), else nil.
+local function close_allocation(P, changes, aid, end_ms, status, now, released_ttl, a, reason,
+                                by)
   local akey = k_pool(P, 'alloc:' .. aid)
   a = a or redis.call('HMGET', akey, unpack(ALLOC_FIELDS))
   if not a[1] or a[5] ~= 'allocated' then return nil end
@@ -412,7 +415,8 @@ local function close_allocation(P, changes, aid, end_ms, status, now, released_t
   local version = tonumber(a[13]) + 1
   redis.call('DEL', akey)
   redis.call('HSET', akey, 'device_id', a[1], 'user_id', a[2], 'status', status,
-    'released_at_ms', end_ms, 'duration_seconds', dur, 'version', version, 'end_reason', reason)
+    'released_at_ms', end_ms, 'duration_seconds', dur, 'version', version, 'end_reason', reason,
+    'released_by', by or '')
   redis.call('EXPIRE', akey, released_ttl)
   redis.call('ZREM', k_pool(P, 'expiry'), aid)
   count_stat(status)

@@ -450,22 +450,44 @@ local function allocate(row)
   n_alloc = n_alloc + 1
 end
 
--- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one.
+-- What close_allocation needs (ALLOC_FIELDS, 1-13), then the end of an already closed one
+-- and the release request that closed it, if one did (14-16).
 -- (a loop: a library's top level, run at load, reaches no globals such as unpack)
 local RELEASE_FIELDS = {}
 for i = 1, #ALLOC_FIELDS do RELEASE_FIELDS[i] = ALLOC_FIELDS[i] end
 RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
+RELEASE_FIELDS[16] = 'released_by'
 
+-- A release's answer is the same at every delivery of its request. Released by allocation
+-- id (what producers send), the allocation itself is the record: the request that closed
+-- it is answered again from the closed allocation (kept for the longer of the released and
+-- the idempotency windows), and any other answer follows from what never changes for an
+-- allocation id (its device, its user, whether and how it ended) or is kept under the
+-- request's id. So the usual release, of an active allocation, reads no stored answer and
+-- writes none. Released by device id, the device's next allocation would be a different
+-- answer: that one is kept under the request's id, read first.
 local function release(row)
   local rid, reply_to, uid = row.request_id, row.reply_to, row.user_id
   local aid, device_id = row.allocation_id, row.device_id or ''
   local idem_key = k_pool(P, 'req:' .. rid)
-  local first = redis.call('GET', idem_key)
-  if first then send_reply(reply_to, first, reply_ttl) return end
-  local function fail(reason, msg)
-    local json = failed_reply(rid, reason, msg, nil)
+  local a
+  if aid then
+    a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+    if a[16] == rid then
+      return send_reply(reply_to, released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
+        tonumber(a[15]), false, a[5]), reply_ttl)
+    end
+  end
+  if not (a and a[5] == 'allocated') then
+    local first = redis.call('GET', idem_key)
+    if first then send_reply(reply_to, first, reply_ttl) return end
+  end
+  local function answer(json)
     send_reply(reply_to, json, reply_ttl)
     redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  end
+  local function fail(reason, msg)
+    answer(failed_reply(rid, reason, msg, nil))
     n_failed = n_failed + 1
   end
   if not aid then
@@ -475,9 +497,8 @@ local function release(row)
     if not d[2] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
     aid = d[1] or ''
     if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
+    a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
   end
-  local akey = k_pool(P, 'alloc:' .. aid)
-  local a = redis.call('HMGET', akey, unpack(RELEASE_FIELDS))
   if not a[1] then return fail('not_found', 'Allocation ' .. aid .. ' not found') end
   if device_id ~= '' and a[1] ~= device_id then
     return fail('not_found', 'Allocation ' .. aid .. ' is not on device ' .. device_id)
@@ -485,18 +506,18 @@ local function release(row)
   if uid and a[2] ~= uid then
     return fail('not_owner', 'Allocation ' .. aid .. ' belongs to another user')
   end
-  local json
   if a[5] ~= 'allocated' then
-    json = released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), true, a[5])
-  else
-    local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
-      'released')
-    json = released_reply(rid, aid, rec.device_id, rec.user_id, now, rec.duration_seconds, false,
-      'released')
-    n_release = n_release + 1
+    -- closed before (it may expire before the idempotency window ends): kept
+    return answer(released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), true,
+      a[5]))
   end
-  send_reply(reply_to, json, reply_ttl)
-  redis.call('SET', idem_key, json, 'EX', idem_ttl)
+  local rec = close_allocation(P, changes, aid, now, 'released', now,
+    math.max(released_ttl, idem_ttl), a, 'released', rid)
+  local json = released_reply(rid, aid, rec.device_id, rec.user_id, now, rec.duration_seconds,
+    false, 'released')
+  n_release = n_release + 1
+  if row.allocation_id then return send_reply(reply_to, json, reply_ttl) end
+  answer(json)
 end
 
 -- --- the other rows ----------------------------------------------------------------------
