@@ -399,8 +399,8 @@ local ALLOC_FIELDS = {'device_id', 'user_id', 'tenant_id', 'request_id', 'status
 -- change, or nil when the allocation is not active (so a second close is a no-op).
 -- The closed allocation keeps only what a second release answers from (device, user,
 -- status, end, duration, version, end_reason, released_by) for released_ttl: the change
--- carries the whole allocation to PostgreSQL. A device it puts back in its free pool is offered to the
--- wait queue (offer_device) in the same step.
+-- carries the whole allocation to PostgreSQL. A device it puts back in its free pool is
+-- offered to the wait queue (offer_device) in the same step.
 -- `a` is the allocation as HMGET of ALLOC_FIELDS, when the caller has read it already.
 -- `by`: the id of the release request closing it (select.lua's release answers that
 -- request again from the record it keeps: released_by), else nil.

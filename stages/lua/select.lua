@@ -458,6 +458,15 @@ for i = 1, #ALLOC_FIELDS do RELEASE_FIELDS[i] = ALLOC_FIELDS[i] end
 RELEASE_FIELDS[14], RELEASE_FIELDS[15] = 'released_at_ms', 'duration_seconds'
 RELEASE_FIELDS[16] = 'released_by'
 
+-- An allocation as a release reads it (RELEASE_FIELDS), and the answer its closed record
+-- gives (`already`: closed before this request).
+local function release_record(aid)
+  return redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+end
+local function closed_reply(rid, aid, a, already)
+  return released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), already, a[5])
+end
+
 -- A release's answer is the same at every delivery of its request. Released by allocation
 -- id (what producers send), the allocation itself is the record: the request that closed
 -- it is answered again from the closed allocation (kept for the longer of the released and
@@ -472,10 +481,9 @@ local function release(row)
   local idem_key = k_pool(P, 'req:' .. rid)
   local a
   if aid then
-    a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
-    if a[16] == rid then
-      return send_reply(reply_to, released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
-        tonumber(a[15]), false, a[5]), reply_ttl)
+    a = release_record(aid)
+    if a[16] == rid then  -- this request closed it
+      return send_reply(reply_to, closed_reply(rid, aid, a, false), reply_ttl)
     end
   end
   if not (a and a[5] == 'allocated') then
@@ -497,7 +505,7 @@ local function release(row)
     if not d[2] then return fail('not_found', 'Device ' .. device_id .. ' not found') end
     aid = d[1] or ''
     if aid == '' then return fail('not_found', 'Device ' .. device_id .. ' has no allocation') end
-    a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+    a = release_record(aid)
   end
   if not a[1] then return fail('not_found', 'Allocation ' .. aid .. ' not found') end
   if device_id ~= '' and a[1] ~= device_id then
@@ -508,16 +516,15 @@ local function release(row)
   end
   if a[5] ~= 'allocated' then
     -- closed before (it may expire before the idempotency window ends): kept
-    return answer(released_reply(rid, aid, a[1], a[2], tonumber(a[14]), tonumber(a[15]), true,
-      a[5]))
+    return answer(closed_reply(rid, aid, a, true))
   end
   local rec = close_allocation(P, changes, aid, now, 'released', now,
     math.max(released_ttl, idem_ttl), a, 'released', rid)
   local json = released_reply(rid, aid, rec.device_id, rec.user_id, now, rec.duration_seconds,
     false, 'released')
   n_release = n_release + 1
-  if row.allocation_id then return send_reply(reply_to, json, reply_ttl) end
-  answer(json)
+  if not row.allocation_id then return answer(json) end  -- by device: kept
+  send_reply(reply_to, json, reply_ttl)
 end
 
 -- --- the other rows ----------------------------------------------------------------------
@@ -676,15 +683,14 @@ local function rare_rows()
     if first then send_reply(reply_to, first, reply_ttl) return end
     local releases, failures = {}, {}
     for _, aid in ipairs(row.allocation_ids) do
-      local a = redis.call('HMGET', k_pool(P, 'alloc:' .. aid), unpack(RELEASE_FIELDS))
+      local a = release_record(aid)
       if not a[1] then
         failures[#failures + 1] = failed_reply(rid, 'not_found', 'Allocation ' .. aid .. ' not found', nil)
       elseif uid and a[2] ~= uid then
         failures[#failures + 1] = failed_reply(rid, 'not_owner',
           'Allocation ' .. aid .. ' belongs to another user', nil)
       elseif a[5] ~= 'allocated' then
-        releases[#releases + 1] = released_reply(rid, aid, a[1], a[2], tonumber(a[14]),
-          tonumber(a[15]), true, a[5])
+        releases[#releases + 1] = closed_reply(rid, aid, a, true)
       else
         local rec = close_allocation(P, changes, aid, now, 'released', now, released_ttl, a,
           'released')
